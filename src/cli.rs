@@ -1,0 +1,176 @@
+//! The command line: `roomwire` (serve, the default) and `roomwire client ...`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use tokio::io::AsyncBufReadExt;
+
+use crate::client::{Client, ClientOptions, Event};
+use crate::proto;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "roomwire",
+    version,
+    about = "A regional edge node for real-time rooms"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a node (the default when no subcommand is given).
+    Serve(ServeArgs),
+    /// Talk to a node: join rooms, publish, chat.
+    Client(ClientArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// TOML configuration file; without it the embedded defaults serve on 127.0.0.1:8080.
+    #[arg(long, short, env = "ROOMWIRE_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Override one key, e.g. `--set server.listen='["0.0.0.0:8080"]'` (repeatable). Environment
+    /// variables ROOMWIRE__SECTION__KEY=value do the same.
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    pub overrides: Vec<String>,
+    /// Print the effective configuration as TOML and exit.
+    #[arg(long)]
+    pub print_config: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ClientArgs {
+    /// WebSocket URL of the node.
+    #[arg(long, default_value = "ws://127.0.0.1:8080/ws", env = "ROOMWIRE_URL")]
+    pub url: String,
+    /// Connection token (in the node's insecure development mode: the user id).
+    #[arg(long, default_value = "", env = "ROOMWIRE_TOKEN")]
+    pub token: String,
+    #[command(subcommand)]
+    pub action: ClientAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClientAction {
+    /// Join rooms and print every message until interrupted.
+    Join { rooms: Vec<String> },
+    /// Publish one message and print the acknowledgement.
+    Publish {
+        room: String,
+        text: String,
+        /// Client message id (default: a random one).
+        #[arg(long)]
+        id: Option<String>,
+    },
+    /// Join a room, print its messages, and publish each line typed on standard input.
+    Chat { room: String },
+}
+
+/// Runs `roomwire client ...`; returns the process exit code.
+pub async fn run_client(args: ClientArgs) -> anyhow::Result<()> {
+    let options = ClientOptions {
+        token: args.token,
+        client_name: concat!("roomwire-cli/", env!("CARGO_PKG_VERSION")).into(),
+        ..ClientOptions::default()
+    };
+    let mut client = Client::connect(&args.url, options).await?;
+    let c = client.connected();
+    eprintln!(
+        "connected: session {} as {} on node {} ({})",
+        c.session_id, c.user_id, c.node_id, c.region
+    );
+    match args.action {
+        ClientAction::Publish { room, text, id } => {
+            let id = id.unwrap_or_else(|| crate::node::random_hex(8));
+            let ack = client.publish(&room, text, &id).await?;
+            println!(
+                "published to {} as epoch {} seq {} (id {})",
+                ack.room, ack.epoch, ack.seq, ack.client_msg_id
+            );
+            client.close().await;
+        }
+        ClientAction::Join { rooms } => {
+            for room in &rooms {
+                let joined = client.join(room).await?;
+                eprintln!(
+                    "joined {} at epoch {} seq {}",
+                    joined.room, joined.epoch, joined.seq
+                );
+            }
+            while let Some(event) = client.next_event().await {
+                if print_event(&event) {
+                    break;
+                }
+            }
+        }
+        ClientAction::Chat { room } => {
+            let joined = client.join(&room).await?;
+            eprintln!(
+                "joined {} at seq {}; type a line and press enter to publish, Ctrl-D to quit",
+                joined.room, joined.seq
+            );
+            let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+            let mut counter = 0u64;
+            loop {
+                tokio::select! {
+                    line = lines.next_line() => match line? {
+                        Some(line) if line.trim().is_empty() => {}
+                        Some(line) => {
+                            counter += 1;
+                            if let Err(error) = client.publish(&room, line, &format!("cli-{counter}")).await {
+                                eprintln!("publish failed: {error}");
+                            }
+                        }
+                        None => break,
+                    },
+                    event = client.next_event() => match event {
+                        Some(event) => if print_event(&event) { break },
+                        None => break,
+                    },
+                }
+            }
+            client.close().await;
+        }
+    }
+    Ok(())
+}
+
+/// Prints one event; returns true when the session ended.
+fn print_event(event: &Event) -> bool {
+    match event {
+        Event::Message(m) => {
+            println!(
+                "[{} #{}] {}: {}",
+                m.room,
+                m.seq,
+                m.publisher,
+                String::from_utf8_lossy(&m.payload)
+            );
+            false
+        }
+        Event::GoAway(g) => {
+            eprintln!(
+                "node going away: {} (reconnect after {} ms)",
+                g.reason, g.reconnect_after_ms
+            );
+            false
+        }
+        Event::Error(e) => {
+            let code = proto::ErrorCode::try_from(e.code).map_or("UNKNOWN", |c| c.as_str_name());
+            eprintln!("error {code}: {}", e.message);
+            false
+        }
+        Event::Closed { code, reason } => {
+            eprintln!(
+                "closed ({}): {reason}",
+                code.map_or("no code".into(), |c| c.to_string())
+            );
+            true
+        }
+    }
+}

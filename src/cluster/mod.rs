@@ -1,0 +1,116 @@
+//! Where a publish goes and who sequences it.
+//!
+//! [`Bus`] is the interface between sessions and the room owners. Every room has exactly one
+//! owner, which assigns `(epoch, seq)` and then fans the encoded message out to every node with
+//! members. Standalone (no NATS configured), this node owns every room and the "mesh" is the
+//! in-process [`local::LocalBus`]; the NATS mesh implements the same operations across nodes.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::proto::ErrorCode;
+use crate::room::RoomName;
+use crate::session::SessionHandle;
+
+pub mod local;
+
+/// A message to be sequenced into a room.
+#[derive(Debug, Clone)]
+pub struct Publication {
+    pub room: RoomName,
+    pub payload: Bytes,
+    /// User id of the publisher (`$server` for the HTTP API).
+    pub publisher: Arc<str>,
+    pub client_msg_id: String,
+}
+
+/// The position the owner gave a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Sequenced {
+    pub epoch: u64,
+    pub seq: u64,
+    /// Sessions on this node the message was queued to.
+    pub local_deliveries: usize,
+}
+
+/// What the node knows of a room.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RoomInfo {
+    pub room: String,
+    /// `None` when no owner state exists (no publish or join since the idle TTL).
+    pub epoch: Option<u64>,
+    pub seq: Option<u64>,
+    pub local_members: usize,
+}
+
+/// A routing failure; the client may retry a publish with the same client message id.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BusError {
+    #[error("room owner unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl BusError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            BusError::Unavailable(_) => ErrorCode::Unavailable,
+        }
+    }
+}
+
+/// The routing layer of a node: standalone now, NATS mesh when configured.
+pub enum Bus {
+    Standalone(local::LocalBus),
+}
+
+impl Bus {
+    /// Sequences a message at the room's owner and fans it out to every member.
+    pub async fn publish(&self, publication: Publication) -> Result<Sequenced, BusError> {
+        match self {
+            Bus::Standalone(bus) => Ok(bus.publish(publication)),
+        }
+    }
+
+    /// Fans a message out without sequencing it (epoch and seq 0, no acknowledgement).
+    pub async fn publish_unreliable(&self, publication: Publication) -> usize {
+        match self {
+            Bus::Standalone(bus) => bus.publish_unreliable(publication),
+        }
+    }
+
+    /// Makes `session` a member of `room`. With a request id, a `Joined` frame carrying the
+    /// room's current position is queued to the session before any message that follows it.
+    pub async fn join(
+        &self,
+        room: &RoomName,
+        session: &Arc<SessionHandle>,
+        request_id: Option<u64>,
+    ) -> Result<(), BusError> {
+        match self {
+            Bus::Standalone(bus) => {
+                bus.join(room, session, request_id);
+                Ok(())
+            }
+        }
+    }
+
+    pub async fn leave(&self, room: &RoomName, session: &Arc<SessionHandle>) {
+        match self {
+            Bus::Standalone(bus) => bus.leave(room, session),
+        }
+    }
+
+    pub async fn room_info(&self, room: &RoomName) -> RoomInfo {
+        match self {
+            Bus::Standalone(bus) => bus.room_info(room),
+        }
+    }
+
+    /// Drops owner state of rooms idle longer than the TTL; called periodically.
+    pub fn sweep(&self, now_ms: u64) {
+        match self {
+            Bus::Standalone(bus) => bus.sweep(now_ms),
+        }
+    }
+}

@@ -1,0 +1,398 @@
+//! The node's one configuration struct.
+//!
+//! Sources, later ones winning: the embedded defaults (so `roomwire` with no arguments serves on
+//! localhost), a TOML file (`--config`), environment variables `ROOMWIRE__SECTION__KEY=value`, and
+//! command-line `--set section.key=value`. Every source is merged into one TOML tree and then
+//! deserialized with `deny_unknown_fields`, so a misspelt key is an error whichever source it came
+//! from. [`Config::validate`] runs before any port is bound.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Prefix of environment variables that override configuration keys; `__` separates sections.
+pub const ENV_PREFIX: &str = "ROOMWIRE__";
+
+/// The whole node configuration. See `regions/local.toml` for a commented example of every key.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub node: NodeConfig,
+    pub server: ServerConfig,
+    pub session: SessionConfig,
+    pub rooms: RoomsConfig,
+    pub auth: AuthConfig,
+    pub api: ApiConfig,
+    pub log: LogConfig,
+}
+
+/// Identity of this node in the mesh.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Unique node id. Empty: `<hostname>-<random>` is generated at start. A stable id lets a
+    /// restarted node take back the same share of the ring.
+    pub id: String,
+    /// Region label, reported in `Connected`, metrics and the cluster status.
+    pub region: String,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            id: String::new(),
+            region: "local".into(),
+        }
+    }
+}
+
+/// Listening sockets and connection-level limits.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// TCP addresses for HTTP and the WebSocket upgrade (`/ws`), one port for both.
+    pub listen: Vec<SocketAddr>,
+    /// Open TCP connections (HTTP and WebSocket together) at most; more are refused at accept.
+    pub max_connections: usize,
+    /// Milliseconds a new connection has to send its HTTP request headers, and then (WebSocket)
+    /// its Connect frame, before it is closed. Guards against slowloris clients.
+    pub handshake_timeout_ms: u64,
+    /// Largest HTTP request head (request line plus headers) in bytes; hyper's floor is 8192.
+    pub max_header_bytes: usize,
+    /// Largest HTTP request body (the publish API) in bytes.
+    pub max_body_bytes: usize,
+    /// Milliseconds the node waits on SIGTERM for sessions to flush and close before exiting.
+    pub drain_grace_ms: u64,
+    /// Milliseconds clients are told (in GoAway) to wait before reconnecting.
+    pub reconnect_after_ms: u32,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: vec![SocketAddr::from(([127, 0, 0, 1], 8080))],
+            max_connections: 20_000,
+            handshake_timeout_ms: 10_000,
+            max_header_bytes: 16 * 1024,
+            max_body_bytes: 256 * 1024,
+            drain_grace_ms: 10_000,
+            reconnect_after_ms: 1_000,
+        }
+    }
+}
+
+/// Per-session limits and timers.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SessionConfig {
+    /// Milliseconds between heartbeats (WebSocket ping) sent to each session.
+    pub heartbeat_interval_ms: u64,
+    /// Milliseconds without any inbound traffic (frames, pongs) before the session is closed (4002).
+    pub idle_timeout_ms: u64,
+    /// Largest inbound WebSocket message or frame, in bytes; larger closes with 1009 before the
+    /// payload is buffered. It bounds a Publish's payload too.
+    pub max_frame_bytes: usize,
+    /// Outbound frames queued per session before it is cut off as a slow consumer (4001).
+    pub send_queue_frames: usize,
+    /// Outbound bytes queued per session before it is cut off as a slow consumer (4001). With
+    /// `send_queue_frames` it bounds the memory one stuck client can hold.
+    pub send_queue_bytes: usize,
+    /// Rooms one session may have joined at once.
+    pub max_rooms: usize,
+    /// Protocol violations (bad, text or unexpected frames) answered with an Error frame before
+    /// the session is closed with 4000.
+    pub max_violations: u32,
+    /// WebSocket read buffer per connection, in bytes. tungstenite allocates it eagerly, so it is
+    /// the largest fixed cost of an idle session; its own default of 128 KiB is far too large.
+    pub ws_read_buffer_bytes: usize,
+    /// Outbound bytes gathered before a write system call; queued frames are coalesced up to it.
+    pub ws_write_buffer_bytes: usize,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval_ms: 25_000,
+            idle_timeout_ms: 60_000,
+            max_frame_bytes: 64 * 1024,
+            send_queue_frames: 1024,
+            send_queue_bytes: 4 * 1024 * 1024,
+            max_rooms: 128,
+            max_violations: 5,
+            ws_read_buffer_bytes: 4 * 1024,
+            ws_write_buffer_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// Room naming and the owner's room state.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RoomsConfig {
+    /// Longest room name in bytes.
+    pub max_name_bytes: usize,
+    /// Milliseconds a room with no members and no publishes keeps its sequencer state. A room
+    /// created again afterwards starts a new epoch, so clients never see a sequence reused.
+    pub idle_ttl_ms: u64,
+}
+
+impl Default for RoomsConfig {
+    fn default() -> Self {
+        Self {
+            max_name_bytes: 128,
+            idle_ttl_ms: 300_000,
+        }
+    }
+}
+
+/// How Connect tokens are checked.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    pub mode: AuthMode,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthMode {
+    /// Development only: no verification. A non-empty token is taken as the user id; without one
+    /// the session gets an anonymous id (`anon-<session>`).
+    #[default]
+    Insecure,
+}
+
+/// The HTTP API (`/api/v1/*`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Keys accepted in `Authorization: Bearer <key>`. Empty: a random key is generated at start
+    /// and logged once (fine for development; configure keys in production).
+    pub keys: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// A configuration that cannot be used; the node exits with code 64 before binding anything.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {source}")]
+    Parse {
+        path: String,
+        source: toml::de::Error,
+    },
+    #[error("override `{0}`: expected section.key=value")]
+    Override(String),
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Builds the configuration from an optional file, environment variables (`ROOMWIRE__*`) and
+    /// `section.key=value` overrides, then validates it.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        overrides: &[String],
+    ) -> Result<Config, ConfigError> {
+        let mut tree = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+                toml::from_str::<toml::Table>(&text).map_err(|source| ConfigError::Parse {
+                    path: path.display().to_string(),
+                    source,
+                })?
+            }
+            None => toml::Table::new(),
+        };
+        let mut env: Vec<(String, String)> = env
+            .into_iter()
+            .filter_map(|(k, v)| {
+                let key = k
+                    .strip_prefix(ENV_PREFIX)?
+                    .to_ascii_lowercase()
+                    .replace("__", ".");
+                Some((key, v))
+            })
+            .collect();
+        env.sort();
+        for (key, value) in env {
+            set_path(&mut tree, &key, &value).map_err(|()| ConfigError::Override(key))?;
+        }
+        for item in overrides {
+            let (key, value) = item
+                .split_once('=')
+                .ok_or_else(|| ConfigError::Override(item.clone()))?;
+            set_path(&mut tree, key.trim(), value.trim())
+                .map_err(|()| ConfigError::Override(item.clone()))?;
+        }
+        let config = Config::deserialize(tree).map_err(|source| ConfigError::Parse {
+            path: file.map_or("(overrides)".into(), |p| p.display().to_string()),
+            source,
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the relations between values that serde cannot: called before anything is bound.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |msg: &str| Err(ConfigError::Invalid(msg.to_string()));
+        if self.server.listen.is_empty() {
+            return bad("server.listen needs at least one address");
+        }
+        if self.server.max_connections == 0 {
+            return bad("server.max_connections must be at least 1");
+        }
+        if self.server.handshake_timeout_ms == 0 {
+            return bad("server.handshake_timeout_ms must be positive");
+        }
+        if self.server.max_header_bytes < 8192 {
+            return bad("server.max_header_bytes must be at least 8192 (hyper's minimum)");
+        }
+        let s = &self.session;
+        if s.heartbeat_interval_ms == 0 || s.idle_timeout_ms <= s.heartbeat_interval_ms {
+            return bad("session.idle_timeout_ms must exceed session.heartbeat_interval_ms (> 0)");
+        }
+        if s.max_frame_bytes < 256 {
+            return bad("session.max_frame_bytes must be at least 256");
+        }
+        if s.send_queue_frames == 0 || s.send_queue_bytes < s.max_frame_bytes {
+            return bad(
+                "session.send_queue_frames must be >= 1 and send_queue_bytes >= max_frame_bytes",
+            );
+        }
+        if s.max_rooms == 0 {
+            return bad("session.max_rooms must be at least 1");
+        }
+        if s.ws_read_buffer_bytes < 256 {
+            return bad("session.ws_read_buffer_bytes must be at least 256");
+        }
+        if !(8..=1024).contains(&self.rooms.max_name_bytes) {
+            return bad("rooms.max_name_bytes must be within 8..=1024");
+        }
+        if !self.node.id.is_empty() && !crate::room::is_name_segment(&self.node.id) {
+            return bad("node.id may hold only letters, digits and _-:@=");
+        }
+        if self.node.region.is_empty() || !crate::room::is_name_segment(&self.node.region) {
+            return bad("node.region must be non-empty and hold only letters, digits and _-:@=");
+        }
+        if self.api.keys.iter().any(|k| k.len() < 16) {
+            return bad("api.keys must each be at least 16 characters");
+        }
+        Ok(())
+    }
+
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.server.handshake_timeout_ms)
+    }
+
+    pub fn drain_grace(&self) -> Duration {
+        Duration::from_millis(self.server.drain_grace_ms)
+    }
+
+    pub fn heartbeat_interval(&self) -> Duration {
+        Duration::from_millis(self.session.heartbeat_interval_ms)
+    }
+
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.session.idle_timeout_ms)
+    }
+}
+
+/// Sets `a.b.c = value` in a TOML tree. The value is read as TOML when it parses as such (numbers,
+/// booleans, arrays such as `["127.0.0.1:8080"]`), otherwise as a plain string.
+fn set_path(tree: &mut toml::Table, key: &str, value: &str) -> Result<(), ()> {
+    let parts: Vec<&str> = key.split('.').collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        return Err(());
+    }
+    let parsed = toml::from_str::<toml::Table>(&format!("v = {value}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(value.to_string()));
+    let (last, sections) = parts.split_last().ok_or(())?;
+    let mut table = tree;
+    for section in sections {
+        let entry = table
+            .entry(section.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        table = entry.as_table_mut().ok_or(())?;
+    }
+    table.insert(last.to_string(), parsed);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn env_and_overrides_layer_over_file_values() {
+        let env = vec![
+            ("ROOMWIRE__NODE__REGION".to_string(), "eu".to_string()),
+            ("ROOMWIRE__SESSION__MAX_ROOMS".to_string(), "7".to_string()),
+            ("UNRELATED".to_string(), "x".to_string()),
+        ];
+        let overrides = vec!["session.max_rooms=9".to_string()];
+        let config = Config::load(None, env, &overrides).unwrap();
+        assert_eq!(config.node.region, "eu");
+        assert_eq!(config.session.max_rooms, 9);
+    }
+
+    #[test]
+    fn listen_list_parses_from_an_override() {
+        let overrides = vec![r#"server.listen=["127.0.0.1:0", "[::1]:0"]"#.to_string()];
+        let config = Config::load(None, Vec::new(), &overrides).unwrap();
+        assert_eq!(config.server.listen.len(), 2);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_relations_are_refused() {
+        let err = Config::load(None, Vec::new(), &["session.max_romos=1".into()]).unwrap_err();
+        assert!(err.to_string().contains("max_romos"), "{err}");
+        let err = Config::load(
+            None,
+            Vec::new(),
+            &[
+                "session.heartbeat_interval_ms=5000".into(),
+                "session.idle_timeout_ms=1000".into(),
+            ],
+        )
+        .unwrap_err();
+        assert!(matches!(err, ConfigError::Invalid(_)), "{err}");
+    }
+
+    #[test]
+    fn the_region_example_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("regions/local.toml");
+        Config::load(Some(&path), Vec::new(), &[]).unwrap();
+    }
+}

@@ -1,0 +1,115 @@
+//! Local fan-out: which sessions on this node are members of which room, and the push of one
+//! encoded frame into each member's send queue.
+//!
+//! The frame arrives encoded once ([`bytes::Bytes`]); each member gets a reference-counted clone,
+//! never a copy. Pushing never waits: a member whose queue is full is cut off as a slow consumer
+//! (see [`SessionHandle::push`]) and the others are unaffected.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::{Arc, RwLock};
+
+use bytes::Bytes;
+use indexmap::IndexMap;
+
+use crate::metrics::Metrics;
+use crate::room::RoomName;
+use crate::session::SessionHandle;
+
+/// Shards of the room table: joins and leaves in one shard do not wait on fan-out in another.
+const SHARDS: usize = 64;
+
+type Members = IndexMap<u64, Arc<SessionHandle>>;
+
+/// The node's local membership table.
+pub struct Hub {
+    shards: Box<[RwLock<HashMap<RoomName, Members>>]>,
+    hasher: RandomState,
+    metrics: Arc<Metrics>,
+}
+
+/// What a removal changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Removed {
+    pub was_member: bool,
+    /// The room has no member left on this node (the mesh drops its interest then).
+    pub room_empty: bool,
+}
+
+impl Hub {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+            hasher: RandomState::new(),
+            metrics,
+        }
+    }
+
+    fn shard(&self, room: &RoomName) -> &RwLock<HashMap<RoomName, Members>> {
+        &self.shards[self.hasher.hash_one(room) as usize % SHARDS]
+    }
+
+    /// Adds a member; returns `true` when the session was not a member before.
+    pub fn add(&self, room: &RoomName, session: &Arc<SessionHandle>) -> bool {
+        let mut shard = self.shard(room).write().expect("hub lock poisoned");
+        let members = shard.entry(room.clone()).or_insert_with(|| {
+            self.metrics.local_rooms.inc();
+            Members::new()
+        });
+        members.insert(session.key, session.clone()).is_none()
+    }
+
+    pub fn remove(&self, room: &RoomName, session_key: u64) -> Removed {
+        let mut shard = self.shard(room).write().expect("hub lock poisoned");
+        let Some(members) = shard.get_mut(room) else {
+            return Removed {
+                was_member: false,
+                room_empty: true,
+            };
+        };
+        let was_member = members.swap_remove(&session_key).is_some();
+        let room_empty = members.is_empty();
+        if room_empty {
+            shard.remove(room);
+            self.metrics.local_rooms.dec();
+        }
+        Removed {
+            was_member,
+            room_empty,
+        }
+    }
+
+    /// Queues `frame` to every local member of `room`; returns how many members it reached.
+    pub fn deliver(&self, room: &RoomName, frame: &Bytes) -> usize {
+        let shard = self.shard(room).read().expect("hub lock poisoned");
+        let Some(members) = shard.get(room) else {
+            return 0;
+        };
+        let mut delivered = 0;
+        for member in members.values() {
+            if member.push_uncounted(frame.clone()) {
+                delivered += 1;
+            }
+        }
+        drop(shard);
+        self.metrics.deliveries.inc_by(delivered as u64);
+        self.metrics
+            .queued_bytes
+            .inc_by((delivered * frame.len()) as i64);
+        delivered
+    }
+
+    pub fn member_count(&self, room: &RoomName) -> usize {
+        let shard = self.shard(room).read().expect("hub lock poisoned");
+        shard.get(room).map_or(0, |m| m.len())
+    }
+
+    /// The local members of a room, for the HTTP API.
+    pub fn members(&self, room: &RoomName) -> Vec<Arc<SessionHandle>> {
+        let shard = self.shard(room).read().expect("hub lock poisoned");
+        shard
+            .get(room)
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
+    }
+}

@@ -1,0 +1,281 @@
+//! HTTP routes, on the same port as the WebSocket upgrade: health, readiness, metrics, and the
+//! server API (`/api/v1/*`, bearer API key, compared in constant time).
+
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine as _;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use subtle::ConstantTimeEq as _;
+
+use crate::cluster::Publication;
+use crate::node::NodeContext;
+use crate::room::RoomName;
+use crate::session::CloseReason;
+use crate::transport::ws;
+
+/// Publisher id of messages sent through the HTTP API.
+pub const SERVER_PUBLISHER: &str = "$server";
+
+pub fn router(ctx: Arc<NodeContext>) -> Router {
+    Router::new()
+        .route("/", get(index))
+        .route("/ws", get(ws::upgrade))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/api/v1/publish", post(publish))
+        .route("/api/v1/rooms/{room}", get(room_info))
+        .route("/api/v1/users/{user}/disconnect", post(disconnect_user))
+        .route("/api/v1/node", get(node_info))
+        .layer(DefaultBodyLimit::max(ctx.config.server.max_body_bytes))
+        .with_state(ctx)
+}
+
+/// A refused API request: a status and a JSON body `{"error": code, "message": text}`.
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(json!({ "error": self.code, "message": self.message })),
+        )
+            .into_response()
+    }
+}
+
+/// Proof that the request carried a configured API key (`Authorization: Bearer <key>`).
+pub struct ApiKey;
+
+impl FromRequestParts<Arc<NodeContext>> for ApiKey {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        ctx: &Arc<NodeContext>,
+    ) -> Result<Self, ApiError> {
+        let presented = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        // Every key is compared (no early exit), each in constant time.
+        let matched = ctx.api_keys.iter().fold(0u8, |ok, key| {
+            ok | u8::from(bool::from(key.as_bytes().ct_eq(presented.as_bytes())))
+        });
+        let outcome = if matched == 1 {
+            "authorized"
+        } else {
+            "unauthorized"
+        };
+        ctx.metrics
+            .http_api_requests
+            .get_or_create(&[("outcome", outcome)])
+            .inc();
+        if matched == 1 {
+            Ok(ApiKey)
+        } else {
+            Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "missing or wrong API key (Authorization: Bearer <key>)",
+            ))
+        }
+    }
+}
+
+async fn index(State(ctx): State<Arc<NodeContext>>) -> String {
+    format!(
+        "roomwire node {} (region {})\nWebSocket: /ws (subprotocol roomwire.v1)\nHealth: /healthz /readyz  Metrics: /metrics  API: /api/v1/*\n",
+        ctx.node_id, ctx.config.node.region
+    )
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(ctx): State<Arc<NodeContext>>) -> Response {
+    if ctx.is_draining() {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
+    } else {
+        "ready\n".into_response()
+    }
+}
+
+async fn metrics(State(ctx): State<Arc<NodeContext>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        ctx.metrics.render(),
+    )
+        .into_response()
+}
+
+/// Body of `POST /api/v1/publish`: exactly one target (room, user or broadcast) and one payload
+/// field (`data`, UTF-8 text, or `data_base64`, any bytes).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublishRequest {
+    pub room: Option<String>,
+    pub user: Option<String>,
+    #[serde(default)]
+    pub broadcast: bool,
+    pub data: Option<String>,
+    pub data_base64: Option<String>,
+    #[serde(default)]
+    pub client_msg_id: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PublishResponse {
+    pub room: String,
+    pub epoch: u64,
+    pub seq: u64,
+    pub local_deliveries: usize,
+}
+
+async fn publish(
+    State(ctx): State<Arc<NodeContext>>,
+    _key: ApiKey,
+    body: Result<Json<PublishRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<PublishResponse>, ApiError> {
+    let Json(req) =
+        body.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.body_text()))?;
+    let max = ctx.config.rooms.max_name_bytes;
+    let bad = |msg: String| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", msg);
+    let room = match (&req.room, &req.user, req.broadcast) {
+        (Some(room), None, false) => {
+            RoomName::parse_client(room, max).map_err(|e| bad(e.to_string()))?
+        }
+        (None, Some(user), false) => {
+            if !crate::room::is_name_segment(user) || user.len() > crate::session::MAX_USER_ID_BYTES
+            {
+                return Err(bad("user must be 1-64 letters, digits or _-:@=".into()));
+            }
+            RoomName::for_user(user)
+        }
+        (None, None, true) => RoomName::broadcast(),
+        _ => return Err(bad("give exactly one of room, user, broadcast".into())),
+    };
+    let payload = match (req.data, req.data_base64) {
+        (Some(text), None) => Bytes::from(text),
+        (None, Some(b64)) => base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .map(Bytes::from)
+            .map_err(|e| bad(format!("data_base64: {e}")))?,
+        _ => return Err(bad("give exactly one of data, data_base64".into())),
+    };
+    if payload.len() > ctx.config.session.max_frame_bytes {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            "payload larger than session.max_frame_bytes",
+        ));
+    }
+    let publication = Publication {
+        room: room.clone(),
+        payload,
+        publisher: SERVER_PUBLISHER.into(),
+        client_msg_id: req.client_msg_id,
+    };
+    let sequenced = ctx.bus.publish(publication).await.map_err(|e| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            e.to_string(),
+        )
+    })?;
+    Ok(Json(PublishResponse {
+        room: room.to_string(),
+        epoch: sequenced.epoch,
+        seq: sequenced.seq,
+        local_deliveries: sequenced.local_deliveries,
+    }))
+}
+
+#[derive(Debug, Deserialize)]
+struct RoomQuery {
+    #[serde(default)]
+    members: bool,
+}
+
+async fn room_info(
+    State(ctx): State<Arc<NodeContext>>,
+    _key: ApiKey,
+    Path(room): Path<String>,
+    Query(query): Query<RoomQuery>,
+) -> Result<Response, ApiError> {
+    let room = RoomName::parse_any(&room, ctx.config.rooms.max_name_bytes)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string()))?;
+    let info = ctx.bus.room_info(&room).await;
+    let mut body = serde_json::to_value(&info).expect("RoomInfo serializes");
+    if query.members {
+        let members: Vec<_> = ctx
+            .hub
+            .members(&room)
+            .iter()
+            .map(|s| json!({ "session": &*s.id, "user": &*s.user, "transport": s.transport.label(), "client": s.client_name }))
+            .collect();
+        body["members"] = json!(members);
+    }
+    Ok(Json(body).into_response())
+}
+
+async fn disconnect_user(
+    State(ctx): State<Arc<NodeContext>>,
+    _key: ApiKey,
+    Path(user): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    if !crate::room::is_name_segment(&user) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "invalid user id",
+        ));
+    }
+    let sessions = ctx.hub.members(&RoomName::for_user(&user));
+    for session in &sessions {
+        session.close(CloseReason::Disconnected);
+    }
+    Ok(Json(
+        json!({ "user": user, "disconnected": sessions.len() }),
+    ))
+}
+
+async fn node_info(State(ctx): State<Arc<NodeContext>>, _key: ApiKey) -> Json<serde_json::Value> {
+    Json(json!({
+        "node_id": &*ctx.node_id,
+        "region": ctx.config.node.region,
+        "mode": "standalone",
+        "draining": ctx.is_draining(),
+        "sessions": ctx.hub.member_count(&RoomName::broadcast()),
+        "local_rooms": ctx.metrics.local_rooms.get(),
+        "owned_rooms": ctx.metrics.owned_rooms.get(),
+    }))
+}

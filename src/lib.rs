@@ -1,0 +1,37 @@
+//! roomwire: a regional edge node for real-time rooms.
+//!
+//! Clients connect over WebSocket (WebTransport to come), join rooms and publish into them;
+//! every member receives every message of a room in one order, sequenced by the room's owner.
+//!
+//! Map of the modules, in the order a message travels:
+//! - [`config`]: the one configuration struct (TOML file, environment, CLI overrides), validated
+//!   before anything is bound.
+//! - [`proto`]: the Protobuf wire contract (`proto/roomwire/v1/roomwire.proto`) and its encoding.
+//! - [`transport`]: adapters that turn a connection into frames in and frames out
+//!   ([`transport::ws`] for WebSocket); nothing else knows the wire.
+//! - [`session`]: one connection's life cycle, its reader and writer tasks, the bounded send queue
+//!   and the slow-consumer policy.
+//! - [`room`]: validated room names and the owner's sequencer (epoch, seq).
+//! - [`cluster`]: the routing interface to room owners; standalone in-process today.
+//! - [`fanout`]: local membership and the encode-once push of a frame to every member's queue.
+//! - [`http`]: health, readiness, metrics and the server API, on the WebSocket port.
+//! - [`metrics`]: the Prometheus registry.
+//! - [`node`]: binds, accepts, runs and drains the whole node.
+//! - [`client`]: the Rust client library used by the CLI, the tests and the load generator.
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod client;
+pub mod cluster;
+pub mod config;
+pub mod fanout;
+pub mod http;
+pub mod metrics;
+pub mod node;
+pub mod proto;
+pub mod room;
+pub mod session;
+pub mod transport;
+
+pub use config::Config;
+pub use node::{Node, NodeContext};

@@ -1,0 +1,140 @@
+//! Prometheus metrics (`/metrics`). Counters on the hot path are plain atomics resolved once;
+//! labelled families are used only where the label varies (close reason, error code).
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+type Labels = [(&'static str, &'static str); 1];
+
+/// Every metric the node exports, registered under the `roomwire_` prefix.
+pub struct Metrics {
+    registry: Registry,
+    /// Open sessions by transport (`ws`, later `webtransport`).
+    pub sessions: Family<Labels, Gauge>,
+    pub sessions_opened: Family<Labels, Counter>,
+    /// Closed sessions by the close reason (`normal`, `slow_consumer`, `idle_timeout`, ...).
+    pub sessions_closed: Family<Labels, Counter>,
+    /// Inbound frames by kind (`publish`, `join`, ..., `invalid`, `text`).
+    pub frames_in: Family<Labels, Counter>,
+    /// Outbound frames written to sockets, and their bytes.
+    pub frames_out: Counter,
+    pub bytes_out: Counter,
+    /// Write system calls' worth of batches: frames_out / write_batches is the coalescing factor.
+    pub write_batches: Counter,
+    /// Messages sequenced by this node as a room's owner.
+    pub messages_published: Counter,
+    /// Message frames queued to local sessions by fan-out (one per receiving session).
+    pub deliveries: Counter,
+    pub slow_consumer_drops: Counter,
+    /// Error frames sent, by error code.
+    pub errors: Family<Labels, Counter>,
+    /// Connections refused before a session existed, by reason.
+    pub connections_refused: Family<Labels, Counter>,
+    /// Bytes waiting in all sessions' send queues right now.
+    pub queued_bytes: Gauge,
+    /// Rooms with at least one member on this node.
+    pub local_rooms: Gauge,
+    /// Rooms whose sequencer state this node holds as owner.
+    pub owned_rooms: Gauge,
+    pub http_api_requests: Family<Labels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("roomwire");
+        macro_rules! reg {
+            ($name:literal, $help:literal, $metric:expr) => {{
+                let metric = $metric;
+                registry.register($name, $help, metric.clone());
+                metric
+            }};
+        }
+        Self {
+            sessions: reg!("sessions", "Open sessions by transport", Family::default()),
+            sessions_opened: reg!(
+                "sessions_opened",
+                "Sessions opened by transport",
+                Family::default()
+            ),
+            sessions_closed: reg!(
+                "sessions_closed",
+                "Sessions closed by reason",
+                Family::default()
+            ),
+            frames_in: reg!(
+                "frames_received",
+                "Inbound frames by kind",
+                Family::default()
+            ),
+            frames_out: reg!("frames_sent", "Outbound frames written", Counter::default()),
+            bytes_out: reg!(
+                "bytes_sent",
+                "Outbound frame bytes written",
+                Counter::default()
+            ),
+            write_batches: reg!(
+                "write_batches",
+                "Batches of frames flushed to sockets",
+                Counter::default()
+            ),
+            messages_published: reg!(
+                "messages_published",
+                "Messages sequenced by this node as owner",
+                Counter::default()
+            ),
+            deliveries: reg!(
+                "deliveries",
+                "Message frames queued to local sessions by fan-out",
+                Counter::default()
+            ),
+            slow_consumer_drops: reg!(
+                "slow_consumer_drops",
+                "Sessions cut off because their send queue was full",
+                Counter::default()
+            ),
+            errors: reg!("errors", "Error frames sent by code", Family::default()),
+            connections_refused: reg!(
+                "connections_refused",
+                "Connections refused before a session existed, by reason",
+                Family::default()
+            ),
+            queued_bytes: reg!(
+                "send_queue_bytes",
+                "Bytes waiting in all send queues",
+                Gauge::default()
+            ),
+            local_rooms: reg!(
+                "local_rooms",
+                "Rooms with members on this node",
+                Gauge::default()
+            ),
+            owned_rooms: reg!(
+                "owned_rooms",
+                "Rooms sequenced by this node",
+                Gauge::default()
+            ),
+            http_api_requests: reg!(
+                "http_api_requests",
+                "HTTP API requests by outcome",
+                Family::default()
+            ),
+            registry,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}

@@ -1,0 +1,277 @@
+//! The node: binds its listeners, accepts connections, serves HTTP and WebSocket on one port,
+//! and drains on shutdown.
+//!
+//! Shutdown is two steps (signal, then wait): the accept loops stop, readiness turns false, every
+//! session is sent `GoAway` and closed with 1001 once its queue is flushed, and the node waits for
+//! all connection tasks up to `server.drain_grace_ms`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use axum::Router;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower::ServiceExt as _;
+
+use crate::cluster::Bus;
+use crate::cluster::local::LocalBus;
+use crate::config::Config;
+use crate::fanout::Hub;
+use crate::metrics::Metrics;
+use crate::room::RoomName;
+use crate::session::now_ms;
+use crate::transport::ws::PeerAddr;
+
+/// How often owner state of idle rooms is swept.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
+
+/// State shared by every task of the node.
+pub struct NodeContext {
+    pub config: Config,
+    pub node_id: Arc<str>,
+    pub metrics: Arc<Metrics>,
+    pub hub: Arc<Hub>,
+    pub bus: Bus,
+    /// Every connection and session task, so shutdown can wait for them.
+    pub tracker: TaskTracker,
+    /// Cancelled when the node starts shutting down.
+    pub shutdown: CancellationToken,
+    /// Keys accepted by the HTTP API.
+    pub api_keys: Vec<String>,
+    draining: AtomicBool,
+    next_session: AtomicU64,
+}
+
+impl NodeContext {
+    pub fn next_session_key(&self) -> u64 {
+        self.next_session.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+}
+
+/// A connection's share of `server.max_connections`; released when the last holder (the HTTP
+/// connection task, or the WebSocket session it upgraded into) drops it.
+#[derive(Clone)]
+pub struct ConnPermit(#[allow(dead_code)] Arc<OwnedSemaphorePermit>);
+
+/// A bound, not yet running node.
+pub struct Node {
+    ctx: Arc<NodeContext>,
+    listeners: Vec<TcpListener>,
+}
+
+impl Node {
+    /// Validates the configuration and binds every listener; nothing is served until [`Node::run`].
+    pub async fn bind(config: Config) -> anyhow::Result<Node> {
+        config.validate()?;
+        let node_id: Arc<str> = if config.node.id.is_empty() {
+            generated_node_id().into()
+        } else {
+            config.node.id.as_str().into()
+        };
+        let api_keys = if config.api.keys.is_empty() {
+            let key = random_hex(16);
+            tracing::warn!(api_key = %key, "no api.keys configured: generated a development key for this run");
+            vec![key]
+        } else {
+            config.api.keys.clone()
+        };
+        let mut listeners = Vec::new();
+        for addr in &config.server.listen {
+            let listener = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding {addr}"))?;
+            listeners.push(listener);
+        }
+        let metrics = Arc::new(Metrics::new());
+        let hub = Arc::new(Hub::new(metrics.clone()));
+        let bus = Bus::Standalone(LocalBus::new(
+            hub.clone(),
+            metrics.clone(),
+            config.rooms.idle_ttl_ms,
+        ));
+        let ctx = Arc::new(NodeContext {
+            config,
+            node_id,
+            metrics,
+            hub,
+            bus,
+            tracker: TaskTracker::new(),
+            shutdown: CancellationToken::new(),
+            api_keys,
+            draining: AtomicBool::new(false),
+            next_session: AtomicU64::new(1),
+        });
+        Ok(Node { ctx, listeners })
+    }
+
+    /// The bound addresses (with the real port when the config asked for port 0).
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
+    }
+
+    pub fn context(&self) -> Arc<NodeContext> {
+        self.ctx.clone()
+    }
+
+    /// Serves until `shutdown` is cancelled, then drains.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let ctx = self.ctx;
+        let router = crate::http::router(ctx.clone());
+        let limit = Arc::new(Semaphore::new(ctx.config.server.max_connections));
+        for listener in self.listeners {
+            tracing::info!(addr = %listener.local_addr()?, node = %ctx.node_id, region = %ctx.config.node.region, "serving HTTP and WebSocket (/ws)");
+            ctx.tracker.spawn(accept_loop(
+                listener,
+                ctx.clone(),
+                router.clone(),
+                limit.clone(),
+            ));
+        }
+        let sweeper = tokio::spawn({
+            let ctx = ctx.clone();
+            async move {
+                let mut ticker = tokio::time::interval(SWEEP_INTERVAL);
+                loop {
+                    ticker.tick().await;
+                    ctx.bus.sweep(now_ms());
+                }
+            }
+        });
+
+        shutdown.cancelled().await;
+        sweeper.abort();
+        drain(&ctx).await;
+        Ok(())
+    }
+}
+
+async fn drain(ctx: &Arc<NodeContext>) {
+    tracing::info!("draining: telling sessions to reconnect elsewhere");
+    ctx.draining.store(true, Ordering::Relaxed);
+    ctx.shutdown.cancel();
+    let sessions = ctx.hub.members(&RoomName::broadcast());
+    for session in &sessions {
+        session.go_away("node shutting down");
+    }
+    ctx.tracker.close();
+    if tokio::time::timeout(ctx.config.drain_grace(), ctx.tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            remaining = ctx.tracker.len(),
+            "drain grace period over; closing what is left"
+        );
+    } else {
+        tracing::info!(sessions = sessions.len(), "drained");
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    ctx: Arc<NodeContext>,
+    router: Router,
+    limit: Arc<Semaphore>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = ctx.shutdown.cancelled() => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                // Out of file descriptors or similar: back off instead of spinning.
+                tracing::warn!(%error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            ctx.metrics
+                .connections_refused
+                .get_or_create(&[("reason", "max_connections")])
+                .inc();
+            tracing::debug!(%peer, "connection refused: max_connections");
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        ctx.tracker.spawn(serve_connection(
+            stream,
+            peer,
+            ctx.clone(),
+            router.clone(),
+            ConnPermit(Arc::new(permit)),
+        ));
+    }
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    ctx: Arc<NodeContext>,
+    router: Router,
+    permit: ConnPermit,
+) {
+    let service = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
+        req.extensions_mut().insert(PeerAddr(peer));
+        req.extensions_mut().insert(permit.clone());
+        router.clone().oneshot(req)
+    });
+    let config = &ctx.config.server;
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(ctx.config.handshake_timeout())
+        .max_buf_size(config.max_header_bytes)
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = ctx.shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            tokio::time::timeout(ctx.config.drain_grace(), conn).await.unwrap_or(Ok(()))
+        }
+    };
+    if let Err(error) = result {
+        tracing::debug!(%peer, %error, "http connection ended with an error");
+    }
+}
+
+/// `<hostname>-<6 hex>`: unique enough to tell nodes apart, readable in logs.
+fn generated_node_id() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| {
+            h.trim()
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+                .collect::<String>()
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "node".into());
+    format!("{host}-{}", random_hex(3))
+}
+
+/// `n` random bytes from the OS, hex-encoded.
+pub fn random_hex(n: usize) -> String {
+    let mut bytes = vec![0u8; n];
+    getrandom::fill(&mut bytes).expect("the OS random source is available");
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,789 @@
+//! One client connection's life, independent of its transport.
+//!
+//! Life cycle: **connecting** (the transport is up; the first frame must be `Connect` within the
+//! handshake timeout) → **authenticated** (`Connected` sent; the writer task runs) → **closing**
+//! (a [`CloseReason`] is set: by the peer, an error, the slow-consumer policy, an operator or the
+//! drain) → **closed** (memberships dropped, close code sent, tasks ended).
+//!
+//! Two tasks per session: the reader (this module's [`run`], on the connection's task) handles
+//! inbound frames; the writer drains the bounded send queue into the transport, coalescing every
+//! frame waiting in the queue into one write, and sends heartbeats.
+//!
+//! Slow-consumer policy: the send queue is bounded in frames (`send_queue_frames`) and bytes
+//! (`send_queue_bytes`). Pushing never waits; when a push would exceed either bound the session is
+//! closed with 4001 and its queue dropped, so one stuck client costs at most its bound and never
+//! stalls the room or the other members.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::time::{MissedTickBehavior, timeout};
+use tokio_util::sync::CancellationToken;
+
+use crate::cluster::{BusError, Publication};
+use crate::node::NodeContext;
+use crate::proto::{
+    self, ClientFrame, CloseCode, ErrorCode, ServerFrame, client_frame, server_frame,
+};
+use crate::room::{RoomName, RoomNameError};
+use crate::transport::{FrameSink, FrameSource, Inbound, Transport, TransportError};
+
+/// Frames taken from the queue per write at most; bounds the writer's batch buffer.
+const MAX_BATCH: usize = 256;
+/// Time allowed for the last writes (queued frames on a graceful close, the close frame).
+const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest user id, in bytes (it becomes part of the room name `$user.<id>`).
+pub const MAX_USER_ID_BYTES: usize = 64;
+
+/// Why a session ends. Each reason has one close code (documented in docs/PROTOCOL.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The client closed, or its connection went away.
+    ClientClosed,
+    /// The node is draining or shutting down (after a GoAway).
+    GoingAway,
+    /// WebSocket framing error.
+    ProtocolError(String),
+    InvalidUtf8,
+    MessageTooBig,
+    /// `max_violations` bad frames.
+    ProtocolViolation,
+    SlowConsumer,
+    IdleTimeout,
+    HandshakeTimeout,
+    Unauthorized(String),
+    /// An operator disconnected the session through the HTTP API.
+    Disconnected,
+    /// Writing to the connection failed.
+    WriteFailed,
+}
+
+impl CloseReason {
+    pub fn code(&self) -> CloseCode {
+        match self {
+            CloseReason::ClientClosed => CloseCode::Normal,
+            CloseReason::GoingAway => CloseCode::GoingAway,
+            CloseReason::ProtocolError(_) => CloseCode::ProtocolError,
+            CloseReason::InvalidUtf8 => CloseCode::InvalidData,
+            CloseReason::MessageTooBig => CloseCode::MessageTooBig,
+            CloseReason::ProtocolViolation => CloseCode::ProtocolViolation,
+            CloseReason::SlowConsumer => CloseCode::SlowConsumer,
+            CloseReason::IdleTimeout => CloseCode::IdleTimeout,
+            CloseReason::HandshakeTimeout => CloseCode::HandshakeTimeout,
+            CloseReason::Unauthorized(_) => CloseCode::Unauthorized,
+            CloseReason::Disconnected => CloseCode::Disconnected,
+            CloseReason::WriteFailed => CloseCode::InternalError,
+        }
+    }
+
+    /// Metrics label (`roomwire_sessions_closed_total{reason}`).
+    pub fn label(&self) -> &'static str {
+        match self {
+            CloseReason::ClientClosed => "client_closed",
+            CloseReason::GoingAway => "going_away",
+            CloseReason::ProtocolError(_) => "protocol_error",
+            CloseReason::InvalidUtf8 => "invalid_utf8",
+            CloseReason::MessageTooBig => "message_too_big",
+            CloseReason::ProtocolViolation => "protocol_violation",
+            CloseReason::SlowConsumer => "slow_consumer",
+            CloseReason::IdleTimeout => "idle_timeout",
+            CloseReason::HandshakeTimeout => "handshake_timeout",
+            CloseReason::Unauthorized(_) => "unauthorized",
+            CloseReason::Disconnected => "disconnected",
+            CloseReason::WriteFailed => "write_failed",
+        }
+    }
+
+    /// The close frame's reason text (at most 123 bytes by RFC 6455).
+    pub fn text(&self) -> String {
+        let text = match self {
+            CloseReason::ClientClosed => "bye".to_string(),
+            CloseReason::GoingAway => "node going away, reconnect".to_string(),
+            CloseReason::ProtocolError(e) => format!("protocol error: {e}"),
+            CloseReason::InvalidUtf8 => "invalid utf-8".to_string(),
+            CloseReason::MessageTooBig => "message too big".to_string(),
+            CloseReason::ProtocolViolation => "too many protocol violations".to_string(),
+            CloseReason::SlowConsumer => "slow consumer: send queue full".to_string(),
+            CloseReason::IdleTimeout => "idle timeout".to_string(),
+            CloseReason::HandshakeTimeout => "no Connect frame in time".to_string(),
+            CloseReason::Unauthorized(e) => format!("unauthorized: {e}"),
+            CloseReason::Disconnected => "disconnected by server".to_string(),
+            CloseReason::WriteFailed => "write failed".to_string(),
+        };
+        truncate_utf8(text, 123)
+    }
+
+    /// Whether frames already queued are written before the close frame. A slow consumer's queue
+    /// is dropped (it is the problem); otherwise what was accepted is delivered.
+    fn flushes_queue(&self) -> bool {
+        !matches!(
+            self,
+            CloseReason::SlowConsumer | CloseReason::WriteFailed | CloseReason::ClientClosed
+        )
+    }
+
+    /// Peer-caused reasons log at debug; the node's own at info.
+    fn peer_caused(&self) -> bool {
+        !matches!(
+            self,
+            CloseReason::GoingAway | CloseReason::Disconnected | CloseReason::WriteFailed
+        )
+    }
+}
+
+impl From<TransportError> for CloseReason {
+    fn from(error: TransportError) -> Self {
+        match error {
+            TransportError::TooBig { .. } => CloseReason::MessageTooBig,
+            TransportError::InvalidUtf8 => CloseReason::InvalidUtf8,
+            TransportError::Protocol(e) => CloseReason::ProtocolError(e),
+            TransportError::Io(_) => CloseReason::ClientClosed,
+        }
+    }
+}
+
+fn truncate_utf8(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    s
+}
+
+/// Session life-cycle states, as the admin API reports them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum State {
+    Authenticated = 1,
+    Closing = 2,
+    Closed = 3,
+}
+
+/// The shared face of a live session: what fan-out pushes into and what operators close.
+pub struct SessionHandle {
+    /// Numeric key, unique on this node (membership tables).
+    pub key: u64,
+    /// Printable id, unique in the cluster: `<node id>:<key in hex>`.
+    pub id: Arc<str>,
+    pub user: Arc<str>,
+    pub transport: Transport,
+    pub peer: SocketAddr,
+    pub client_name: String,
+    outbox: mpsc::Sender<Bytes>,
+    queued_bytes: AtomicUsize,
+    max_queued_bytes: usize,
+    state: AtomicU8,
+    closing: CancellationToken,
+    reason: OnceLock<CloseReason>,
+    ctx: Arc<NodeContext>,
+}
+
+impl SessionHandle {
+    /// Queues one encoded frame without waiting. Returns `false` when the frame was not queued:
+    /// the session is closing, or this push found the queue full and cut the session off.
+    /// Accounts the node-wide queued-bytes gauge; fan-out uses [`Self::push_uncounted`] and
+    /// accounts once per fan-out instead.
+    pub fn push(&self, frame: Bytes) -> bool {
+        let len = frame.len() as i64;
+        let queued = self.push_uncounted(frame);
+        if queued {
+            self.ctx.metrics.queued_bytes.inc_by(len);
+        }
+        queued
+    }
+
+    pub(crate) fn push_uncounted(&self, frame: Bytes) -> bool {
+        let len = frame.len();
+        let queued = self.queued_bytes.fetch_add(len, Ordering::Relaxed) + len;
+        if queued > self.max_queued_bytes {
+            self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+            self.cut_off_slow();
+            return false;
+        }
+        match self.outbox.try_send(frame) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_)) => {
+                self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+                self.cut_off_slow();
+                false
+            }
+            Err(TrySendError::Closed(_)) => {
+                self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+                false
+            }
+        }
+    }
+
+    pub fn push_frame(&self, frame: &ServerFrame) -> bool {
+        self.push(frame.encode_shared())
+    }
+
+    fn cut_off_slow(&self) {
+        if self.close(CloseReason::SlowConsumer) {
+            self.ctx.metrics.slow_consumer_drops.inc();
+        }
+    }
+
+    /// Starts closing the session; the first reason wins. Returns whether this call set it.
+    pub fn close(&self, reason: CloseReason) -> bool {
+        let first = self.reason.set(reason).is_ok();
+        if first {
+            self.state.store(State::Closing as u8, Ordering::Relaxed);
+            self.closing.cancel();
+        }
+        first
+    }
+
+    /// Sends GoAway and closes with 1001 once what is queued has been written.
+    pub fn go_away(&self, reason: &str) {
+        let frame = ServerFrame::reply(
+            0,
+            server_frame::Kind::GoAway(proto::GoAway {
+                reason: reason.to_string(),
+                reconnect_after_ms: self.ctx.config.server.reconnect_after_ms,
+                reconnect_url: String::new(),
+            }),
+        );
+        self.push_frame(&frame);
+        self.close(CloseReason::GoingAway);
+    }
+
+    pub fn state(&self) -> State {
+        match self.state.load(Ordering::Relaxed) {
+            1 => State::Authenticated,
+            2 => State::Closing,
+            _ => State::Closed,
+        }
+    }
+
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes.load(Ordering::Relaxed)
+    }
+
+    fn reason(&self) -> CloseReason {
+        self.reason
+            .get()
+            .cloned()
+            .unwrap_or(CloseReason::ClientClosed)
+    }
+
+    /// Takes `len` bytes off the queue accounting once the writer has taken frames out.
+    fn release(&self, len: usize) {
+        self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+        self.ctx.metrics.queued_bytes.dec_by(len as i64);
+    }
+}
+
+/// A request refused; each variant is one wire error code.
+#[derive(Debug, thiserror::Error)]
+enum RequestError {
+    #[error(transparent)]
+    Room(#[from] RoomNameError),
+    #[error("a session may join at most {0} rooms")]
+    TooManyRooms(usize),
+    #[error("not a member of room {0}")]
+    NotMember(RoomName),
+    #[error("payload larger than {0} bytes")]
+    PayloadTooLarge(usize),
+    #[error(transparent)]
+    Bus(#[from] BusError),
+}
+
+impl RequestError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            RequestError::Room(e) => e.code(),
+            RequestError::TooManyRooms(_) => ErrorCode::TooManyRooms,
+            RequestError::NotMember(_) => ErrorCode::NotMember,
+            RequestError::PayloadTooLarge(_) => ErrorCode::PayloadTooLarge,
+            RequestError::Bus(e) => e.code(),
+        }
+    }
+}
+
+/// Runs one session to its end on the current task: handshake, then the reader loop, then
+/// teardown. The writer runs on a task of its own, spawned once the session is authenticated.
+#[tracing::instrument(name = "session", skip_all, fields(session, user, peer = %peer, transport = transport.label()))]
+pub async fn run<S: FrameSource, K: FrameSink>(
+    ctx: Arc<NodeContext>,
+    transport: Transport,
+    peer: SocketAddr,
+    mut source: S,
+    mut sink: K,
+) {
+    let Some((handle, rx)) = handshake(&ctx, transport, peer, &mut source, &mut sink).await else {
+        return;
+    };
+    let span = tracing::Span::current();
+    span.record("session", &*handle.id);
+    span.record("user", &*handle.user);
+    tracing::debug!(client = %handle.client_name, "session authenticated");
+
+    let metrics = &ctx.metrics;
+    let transport_label = [("transport", transport.label())];
+    metrics.sessions.get_or_create(&transport_label).inc();
+    metrics
+        .sessions_opened
+        .get_or_create(&transport_label)
+        .inc();
+
+    let writer = tokio::spawn(write_loop(handle.clone(), rx, sink));
+    let mut session = Session {
+        ctx: ctx.clone(),
+        handle: handle.clone(),
+        rooms: HashSet::new(),
+        violations: 0,
+    };
+    let implicit = [RoomName::for_user(&handle.user), RoomName::broadcast()];
+    for room in &implicit {
+        // Membership of the user's and the broadcast room; no Joined frame is sent for them.
+        if let Err(error) = ctx.bus.join(room, &handle, None).await {
+            tracing::warn!(%error, %room, "implicit join failed");
+        }
+    }
+    session.read_loop(&mut source).await;
+
+    // Teardown: no new pushes once memberships are gone; then let the writer finish.
+    for room in session.rooms.iter().chain(&implicit) {
+        ctx.bus.leave(room, &handle).await;
+    }
+    handle.close(CloseReason::ClientClosed);
+    let _ = writer.await;
+    handle.state.store(State::Closed as u8, Ordering::Relaxed);
+    let reason = handle.reason();
+    metrics.sessions.get_or_create(&transport_label).dec();
+    metrics
+        .sessions_closed
+        .get_or_create(&[("reason", reason.label())])
+        .inc();
+    if reason.peer_caused() {
+        tracing::debug!(reason = reason.label(), "session closed");
+    } else {
+        tracing::info!(reason = reason.label(), "session closed");
+    }
+}
+
+/// Waits for the Connect frame and authenticates it. On success the session exists: its handle
+/// is registered nowhere yet, and `Connected` is already queued.
+async fn handshake<S: FrameSource, K: FrameSink>(
+    ctx: &Arc<NodeContext>,
+    transport: Transport,
+    peer: SocketAddr,
+    source: &mut S,
+    sink: &mut K,
+) -> Option<(Arc<SessionHandle>, mpsc::Receiver<Bytes>)> {
+    let refuse = |reason: CloseReason| {
+        ctx.metrics
+            .connections_refused
+            .get_or_create(&[("reason", reason.label())])
+            .inc();
+        tracing::debug!(reason = reason.label(), "session refused");
+        reason
+    };
+    let first = tokio::select! {
+        r = timeout(ctx.config.handshake_timeout(), source.recv()) => r,
+        _ = ctx.shutdown.cancelled() => Ok(Err(TransportError::Io("shutting down".into()))),
+    };
+    let (request_id, connect) = match first {
+        Err(_) => {
+            let reason = refuse(CloseReason::HandshakeTimeout);
+            sink.close(reason.code() as u16, &reason.text()).await;
+            return None;
+        }
+        Ok(Ok(Inbound::Frame(bytes))) => match ClientFrame::decode_bytes(bytes) {
+            Ok(ClientFrame {
+                request_id,
+                kind: Some(client_frame::Kind::Connect(c)),
+            }) => (request_id, c),
+            _ => {
+                let reason = refuse(CloseReason::ProtocolViolation);
+                let error = ServerFrame::error(
+                    0,
+                    ErrorCode::UnexpectedFrame,
+                    "the first frame must be Connect",
+                );
+                ctx.metrics
+                    .errors
+                    .get_or_create(&[("code", ErrorCode::UnexpectedFrame.label())])
+                    .inc();
+                let _ = timeout(
+                    CLOSE_WRITE_TIMEOUT,
+                    sink.send_batch(&[error.encode_shared()]),
+                )
+                .await;
+                sink.close(reason.code() as u16, &reason.text()).await;
+                return None;
+            }
+        },
+        Ok(Ok(Inbound::Text)) => {
+            let reason = refuse(CloseReason::ProtocolViolation);
+            sink.close(
+                reason.code() as u16,
+                "binary protobuf frames only; the first must be Connect",
+            )
+            .await;
+            return None;
+        }
+        Ok(Ok(_)) => return None,
+        Ok(Err(error)) => {
+            let reason = refuse(error.into());
+            sink.close(reason.code() as u16, &reason.text()).await;
+            return None;
+        }
+    };
+
+    let key = ctx.next_session_key();
+    let user: Arc<str> = match authenticate(&connect.token, key) {
+        Ok(user) => user.into(),
+        Err(why) => {
+            let reason = refuse(CloseReason::Unauthorized(why.to_string()));
+            let error = ServerFrame::error(request_id, ErrorCode::Unauthorized, why);
+            let _ = timeout(
+                CLOSE_WRITE_TIMEOUT,
+                sink.send_batch(&[error.encode_shared()]),
+            )
+            .await;
+            sink.close(reason.code() as u16, &reason.text()).await;
+            return None;
+        }
+    };
+
+    let config = &ctx.config.session;
+    let (tx, rx) = mpsc::channel(config.send_queue_frames);
+    let handle = Arc::new(SessionHandle {
+        key,
+        id: format!("{}:{key:x}", ctx.node_id).into(),
+        user,
+        transport,
+        peer,
+        client_name: truncate_utf8(connect.client_name, 64),
+        outbox: tx,
+        queued_bytes: AtomicUsize::new(0),
+        max_queued_bytes: config.send_queue_bytes,
+        state: AtomicU8::new(State::Authenticated as u8),
+        closing: CancellationToken::new(),
+        reason: OnceLock::new(),
+        ctx: ctx.clone(),
+    });
+    handle.push_frame(&ServerFrame::reply(
+        request_id,
+        server_frame::Kind::Connected(proto::Connected {
+            session_id: handle.id.to_string(),
+            node_id: ctx.node_id.to_string(),
+            region: ctx.config.node.region.clone(),
+            heartbeat_interval_ms: config.heartbeat_interval_ms as u32,
+            idle_timeout_ms: config.idle_timeout_ms as u32,
+            limits: Some(proto::Limits {
+                max_frame_bytes: config.max_frame_bytes as u32,
+                max_rooms: config.max_rooms as u32,
+                max_room_name_bytes: ctx.config.rooms.max_name_bytes as u32,
+                send_queue_frames: config.send_queue_frames as u32,
+                send_queue_bytes: config.send_queue_bytes as u32,
+                max_violations: config.max_violations,
+            }),
+            user_id: handle.user.to_string(),
+        }),
+    ));
+    Some((handle, rx))
+}
+
+/// Insecure (development) authentication: the token, when present, is the user id.
+fn authenticate(token: &str, key: u64) -> Result<String, &'static str> {
+    if token.is_empty() {
+        return Ok(format!("anon-{key:x}"));
+    }
+    if token.len() > MAX_USER_ID_BYTES || !crate::room::is_name_segment(token) {
+        return Err("user id must be 1-64 letters, digits or _-:@=");
+    }
+    Ok(token.to_string())
+}
+
+/// The reader side's state.
+struct Session {
+    ctx: Arc<NodeContext>,
+    handle: Arc<SessionHandle>,
+    /// Rooms joined explicitly (the implicit user and broadcast rooms are not counted).
+    rooms: HashSet<RoomName>,
+    violations: u32,
+}
+
+impl Session {
+    async fn read_loop<S: FrameSource>(&mut self, source: &mut S) {
+        let idle = self.ctx.config.idle_timeout();
+        let closing = self.handle.closing.clone();
+        loop {
+            let inbound = tokio::select! {
+                biased;
+                _ = closing.cancelled() => return,
+                r = timeout(idle, source.recv()) => r,
+            };
+            let inbound = match inbound {
+                Err(_) => {
+                    self.handle.close(CloseReason::IdleTimeout);
+                    return;
+                }
+                Ok(Err(error)) => {
+                    self.handle.close(error.into());
+                    return;
+                }
+                Ok(Ok(inbound)) => inbound,
+            };
+            match inbound {
+                Inbound::Closed => {
+                    self.handle.close(CloseReason::ClientClosed);
+                    return;
+                }
+                Inbound::Activity => {}
+                Inbound::Text => {
+                    self.count_in("text");
+                    self.violation(
+                        0,
+                        ErrorCode::TextFrame,
+                        "text messages are not part of the protocol; send binary ClientFrames",
+                    );
+                }
+                Inbound::Frame(bytes) => match ClientFrame::decode_bytes(bytes) {
+                    Ok(frame) => {
+                        self.count_in(frame.kind_name());
+                        self.handle_frame(frame).await;
+                    }
+                    Err(error) => {
+                        self.count_in("undecodable");
+                        tracing::debug!(%error, "undecodable frame");
+                        self.violation(0, ErrorCode::BadFrame, "not a decodable ClientFrame");
+                    }
+                },
+            }
+        }
+    }
+
+    fn count_in(&self, kind: &'static str) {
+        self.ctx
+            .metrics
+            .frames_in
+            .get_or_create(&[("kind", kind)])
+            .inc();
+    }
+
+    fn send_error(&self, request_id: u64, code: ErrorCode, message: &str) {
+        self.ctx
+            .metrics
+            .errors
+            .get_or_create(&[("code", code.label())])
+            .inc();
+        self.handle
+            .push_frame(&ServerFrame::error(request_id, code, message));
+    }
+
+    /// A protocol violation: answered with an Error frame; too many close the session (4000).
+    fn violation(&mut self, request_id: u64, code: ErrorCode, message: &str) {
+        self.send_error(request_id, code, message);
+        self.violations += 1;
+        if self.violations >= self.ctx.config.session.max_violations {
+            self.handle.close(CloseReason::ProtocolViolation);
+        }
+    }
+
+    async fn handle_frame(&mut self, frame: ClientFrame) {
+        use client_frame::Kind;
+        let request_id = frame.request_id;
+        let result = match frame.kind {
+            Some(Kind::Join(join)) => self.join(request_id, &join.room).await,
+            Some(Kind::Leave(leave)) => self.leave(request_id, &leave.room).await,
+            Some(Kind::Publish(publish)) => self.publish(request_id, publish).await,
+            Some(Kind::Ping(ping)) => {
+                self.handle.push_frame(&ServerFrame::reply(
+                    request_id,
+                    server_frame::Kind::Pong(proto::Pong { nonce: ping.nonce }),
+                ));
+                Ok(())
+            }
+            Some(Kind::Connect(_)) => {
+                self.violation(request_id, ErrorCode::UnexpectedFrame, "already connected");
+                Ok(())
+            }
+            None => {
+                self.violation(request_id, ErrorCode::BadFrame, "frame has no kind");
+                Ok(())
+            }
+        };
+        if let Err(error) = result {
+            tracing::debug!(%error, "request refused");
+            self.send_error(request_id, error.code(), &error.to_string());
+        }
+    }
+
+    fn room_name(&self, name: &str) -> Result<RoomName, RequestError> {
+        Ok(RoomName::parse_client(
+            name,
+            self.ctx.config.rooms.max_name_bytes,
+        )?)
+    }
+
+    async fn join(&mut self, request_id: u64, name: &str) -> Result<(), RequestError> {
+        let room = self.room_name(name)?;
+        let max = self.ctx.config.session.max_rooms;
+        if !self.rooms.contains(&room) && self.rooms.len() >= max {
+            return Err(RequestError::TooManyRooms(max));
+        }
+        self.ctx
+            .bus
+            .join(&room, &self.handle, Some(request_id))
+            .await?;
+        self.rooms.insert(room);
+        Ok(())
+    }
+
+    async fn leave(&mut self, request_id: u64, name: &str) -> Result<(), RequestError> {
+        let room = self.room_name(name)?;
+        if !self.rooms.remove(&room) {
+            return Err(RequestError::NotMember(room));
+        }
+        self.ctx.bus.leave(&room, &self.handle).await;
+        self.handle.push_frame(&ServerFrame::reply(
+            request_id,
+            server_frame::Kind::Left(proto::Left {
+                room: room.to_string(),
+            }),
+        ));
+        Ok(())
+    }
+
+    async fn publish(
+        &mut self,
+        request_id: u64,
+        publish: proto::Publish,
+    ) -> Result<(), RequestError> {
+        let room = self.room_name(&publish.room)?;
+        // The transport already bounds the whole frame; this keeps the bound when a transport
+        // allows larger frames (and documents it for the client).
+        let max = self.ctx.config.session.max_frame_bytes;
+        if publish.payload.len() > max {
+            return Err(RequestError::PayloadTooLarge(max));
+        }
+        let publication = Publication {
+            room,
+            payload: publish.payload,
+            publisher: self.handle.user.clone(),
+            client_msg_id: publish.client_msg_id,
+        };
+        if publish.unreliable {
+            self.ctx.bus.publish_unreliable(publication).await;
+            return Ok(());
+        }
+        let client_msg_id = publication.client_msg_id.clone();
+        let room = publication.room.to_string();
+        let sequenced = self.ctx.bus.publish(publication).await?;
+        self.handle.push_frame(&ServerFrame::reply(
+            request_id,
+            server_frame::Kind::PublishAck(proto::PublishAck {
+                room,
+                client_msg_id,
+                epoch: sequenced.epoch,
+                seq: sequenced.seq,
+            }),
+        ));
+        Ok(())
+    }
+}
+
+/// The writer task: drains the send queue into the transport, one coalesced write per batch,
+/// sends heartbeats, and writes the close frame when the session closes.
+async fn write_loop<K: FrameSink>(
+    handle: Arc<SessionHandle>,
+    mut rx: mpsc::Receiver<Bytes>,
+    mut sink: K,
+) {
+    let ctx = handle.ctx.clone();
+    let heartbeat = ctx.config.heartbeat_interval();
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut batch: Vec<Bytes> = Vec::new();
+    let closing = handle.closing.clone();
+    let mut write_failed = false;
+    loop {
+        tokio::select! {
+            biased;
+            _ = closing.cancelled() => break,
+            n = rx.recv_many(&mut batch, MAX_BATCH) => {
+                if n == 0 {
+                    break;
+                }
+                // A peer that stops reading blocks the write; closing must still win.
+                let result = tokio::select! {
+                    r = sink.send_batch(&batch) => r,
+                    _ = closing.cancelled() => Err(TransportError::Io("closing".into())),
+                };
+                account_written(&handle, &batch);
+                batch.clear();
+                if result.is_err() {
+                    write_failed = !closing.is_cancelled();
+                    break;
+                }
+            }
+            _ = ticker.tick() => {
+                let result = tokio::select! {
+                    r = sink.heartbeat() => r,
+                    _ = closing.cancelled() => Ok(()),
+                };
+                if result.is_err() {
+                    write_failed = true;
+                    break;
+                }
+            }
+        }
+    }
+    if write_failed {
+        handle.close(CloseReason::WriteFailed);
+    }
+    let reason = handle.reason();
+    rx.close();
+    if reason.flushes_queue() && !write_failed {
+        let mut rest = Vec::new();
+        while let Ok(frame) = rx.try_recv() {
+            rest.push(frame);
+        }
+        if !rest.is_empty() {
+            let _ = timeout(CLOSE_WRITE_TIMEOUT, sink.send_batch(&rest)).await;
+            account_written(&handle, &rest);
+        }
+    }
+    // Whatever is left (a slow consumer's queue) is dropped, and its bytes released.
+    let mut dropped = 0;
+    while let Ok(frame) = rx.try_recv() {
+        dropped += frame.len();
+    }
+    handle.release(dropped);
+    if !write_failed {
+        let _ = timeout(
+            CLOSE_WRITE_TIMEOUT,
+            sink.close(reason.code() as u16, &reason.text()),
+        )
+        .await;
+    }
+}
+
+fn account_written(handle: &SessionHandle, batch: &[Bytes]) {
+    let bytes: usize = batch.iter().map(Bytes::len).sum();
+    handle.release(bytes);
+    let metrics = &handle.ctx.metrics;
+    metrics.frames_out.inc_by(batch.len() as u64);
+    metrics.bytes_out.inc_by(bytes as u64);
+    metrics.write_batches.inc();
+}
+
+/// Unix milliseconds of the node clock.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

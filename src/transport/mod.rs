@@ -1,0 +1,70 @@
+//! Transport adapters. Each turns its connection into a [`FrameSource`] of inbound events and a
+//! [`FrameSink`] for encoded `ServerFrame`s; the session logic ([`crate::session`]) is written
+//! against these two traits and never learns which transport it runs on.
+
+use std::future::Future;
+
+use bytes::Bytes;
+
+pub mod ws;
+
+/// Which transport a session arrived on (metrics label, admin API).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Transport {
+    WebSocket,
+}
+
+impl Transport {
+    pub fn label(self) -> &'static str {
+        match self {
+            Transport::WebSocket => "ws",
+        }
+    }
+}
+
+/// One inbound event, as the session sees it.
+#[derive(Debug)]
+pub enum Inbound {
+    /// One binary message: one encoded `ClientFrame`.
+    Frame(Bytes),
+    /// A text message: not part of the protocol (answered with an Error frame).
+    Text,
+    /// Traffic that proves the peer alive but carries no frame (pong, ping).
+    Activity,
+    /// The peer closed the connection.
+    Closed,
+}
+
+/// Why a transport gave up on a connection; each maps onto a close reason.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("message larger than {max} bytes")]
+    TooBig { max: usize },
+    #[error("invalid UTF-8 in a text message or close reason")]
+    InvalidUtf8,
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    #[error("i/o: {0}")]
+    Io(String),
+}
+
+/// The read half of a connection.
+pub trait FrameSource: Send + 'static {
+    fn recv(&mut self) -> impl Future<Output = Result<Inbound, TransportError>> + Send;
+}
+
+/// The write half of a connection.
+pub trait FrameSink: Send + 'static {
+    /// Writes every frame of the batch, with as few system calls as the transport allows (the
+    /// batch is coalesced into one buffered write and one flush).
+    fn send_batch(
+        &mut self,
+        frames: &[Bytes],
+    ) -> impl Future<Output = Result<(), TransportError>> + Send;
+
+    /// Sends the transport's heartbeat (a WebSocket ping).
+    fn heartbeat(&mut self) -> impl Future<Output = Result<(), TransportError>> + Send;
+
+    /// Closes the connection with a close code and a short reason.
+    fn close(&mut self, code: u16, reason: &str) -> impl Future<Output = ()> + Send;
+}
