@@ -117,7 +117,7 @@ impl Sequencer {
     }
 
     /// Assigns the next position; sequence numbers start at 1 and grow by one.
-    pub fn next(&mut self) -> (u64, u64) {
+    pub fn assign(&mut self) -> (u64, u64) {
         self.last_seq += 1;
         (self.epoch, self.last_seq)
     }
@@ -187,8 +187,8 @@ mod tests {
     fn sequencer_counts_from_one_within_its_epoch() {
         let mut s = Sequencer::new(9);
         assert_eq!(s.position(), (9, 0));
-        assert_eq!(s.next(), (9, 1));
-        assert_eq!(s.next(), (9, 2));
+        assert_eq!(s.assign(), (9, 1));
+        assert_eq!(s.assign(), (9, 2));
         assert_eq!(s.position(), (9, 2));
     }
 

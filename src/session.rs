@@ -38,6 +38,8 @@ use crate::transport::{FrameSink, FrameSource, Inbound, Transport, TransportErro
 const MAX_BATCH: usize = 256;
 /// Time allowed for the last writes (queued frames on a graceful close, the close frame).
 const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a closed session keeps reading for the peer's close reply.
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
 /// Longest user id, in bytes (it becomes part of the room name `$user.<id>`).
 pub const MAX_USER_ID_BYTES: usize = 64;
 
@@ -239,6 +241,13 @@ impl SessionHandle {
         if first {
             self.state.store(State::Closing as u8, Ordering::Relaxed);
             self.closing.cancel();
+            if let Some(reason) = self.reason.get() {
+                self.ctx
+                    .metrics
+                    .sessions_closed
+                    .get_or_create(&[("reason", reason.label())])
+                    .inc();
+            }
         }
         first
     }
@@ -358,13 +367,20 @@ pub async fn run<S: FrameSource, K: FrameSink>(
     }
     handle.close(CloseReason::ClientClosed);
     let _ = writer.await;
+    // After our close frame, read until the peer answers it (or a short linger passes): dropping
+    // the socket with the peer's pongs unread would reset the connection and could discard the
+    // close frame before the peer read it.
+    let _ = timeout(CLOSE_LINGER, async {
+        while let Ok(inbound) = source.recv().await {
+            if matches!(inbound, Inbound::Closed) {
+                break;
+            }
+        }
+    })
+    .await;
     handle.state.store(State::Closed as u8, Ordering::Relaxed);
     let reason = handle.reason();
     metrics.sessions.get_or_create(&transport_label).dec();
-    metrics
-        .sessions_closed
-        .get_or_create(&[("reason", reason.label())])
-        .inc();
     if reason.peer_caused() {
         tracing::debug!(reason = reason.label(), "session closed");
     } else {

@@ -55,7 +55,7 @@ impl LocalBus {
         let owned = self.owned(&p.room);
         let mut state = owned.lock().expect("room lock poisoned");
         let now = now_ms();
-        let (epoch, seq) = state.sequencer.next();
+        let (epoch, seq) = state.sequencer.assign();
         state.last_active_ms = now;
         let frame = message_frame(&p, epoch, seq, now);
         let local_deliveries = self.deliver(&p.room, &frame);
