@@ -331,6 +331,11 @@ async fn read_loop(mut stream: SplitStream<Ws>, pending: Pending, events: mpsc::
         let bytes = match message {
             WsMessage::Binary(bytes) => bytes,
             WsMessage::Close(frame) => {
+                // Reading on lets tungstenite send the close reply, completing the handshake.
+                let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                    while stream.next().await.is_some() {}
+                })
+                .await;
                 break Event::Closed {
                     code: frame.as_ref().map(|f| u16::from(f.code)),
                     reason: frame.map(|f| f.reason.to_string()).unwrap_or_default(),

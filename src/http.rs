@@ -18,7 +18,7 @@ use subtle::ConstantTimeEq as _;
 use crate::cluster::Publication;
 use crate::node::NodeContext;
 use crate::room::RoomName;
-use crate::session::CloseReason;
+use crate::session::{self, CloseReason};
 use crate::transport::ws;
 
 /// Publisher id of messages sent through the HTTP API.
@@ -165,8 +165,9 @@ async fn publish(
     _key: ApiKey,
     body: Result<Json<PublishRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<PublishResponse>, ApiError> {
-    let Json(req) =
-        body.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.body_text()))?;
+    // The rejection knows its status: 413 over max_body_bytes, 415 without a JSON content
+    // type, 400/422 for bad JSON.
+    let Json(req) = body.map_err(|e| ApiError::new(e.status(), "bad_request", e.body_text()))?;
     let max = ctx.config.rooms.max_name_bytes;
     let bad = |msg: String| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", msg);
     let room = match (&req.room, &req.user, req.broadcast) {
@@ -174,9 +175,8 @@ async fn publish(
             RoomName::parse_client(room, max).map_err(|e| bad(e.to_string()))?
         }
         (None, Some(user), false) => {
-            if !crate::room::is_name_segment(user) || user.len() > crate::session::MAX_USER_ID_BYTES
-            {
-                return Err(bad("user must be 1-64 letters, digits or _-:@=".into()));
+            if !session::is_valid_user_id(user) {
+                return Err(bad(session::USER_ID_RULE.into()));
             }
             RoomName::for_user(user)
         }
@@ -252,11 +252,11 @@ async fn disconnect_user(
     _key: ApiKey,
     Path(user): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    if !crate::room::is_name_segment(&user) {
+    if !session::is_valid_user_id(&user) {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "bad_request",
-            "invalid user id",
+            session::USER_ID_RULE,
         ));
     }
     let sessions = ctx.hub.members(&RoomName::for_user(&user));

@@ -330,6 +330,7 @@ pub async fn run<S: FrameSource, K: FrameSink>(
     mut sink: K,
 ) {
     let Some((handle, rx)) = handshake(&ctx, transport, peer, &mut source, &mut sink).await else {
+        linger(&mut source).await;
         return;
     };
     let span = tracing::Span::current();
@@ -367,17 +368,7 @@ pub async fn run<S: FrameSource, K: FrameSink>(
     }
     handle.close(CloseReason::ClientClosed);
     let _ = writer.await;
-    // After our close frame, read until the peer answers it (or a short linger passes): dropping
-    // the socket with the peer's pongs unread would reset the connection and could discard the
-    // close frame before the peer read it.
-    let _ = timeout(CLOSE_LINGER, async {
-        while let Ok(inbound) = source.recv().await {
-            if matches!(inbound, Inbound::Closed) {
-                break;
-            }
-        }
-    })
-    .await;
+    linger(&mut source).await;
     handle.state.store(State::Closed as u8, Ordering::Relaxed);
     let reason = handle.reason();
     metrics.sessions.get_or_create(&transport_label).dec();
@@ -397,78 +388,56 @@ async fn handshake<S: FrameSource, K: FrameSink>(
     source: &mut S,
     sink: &mut K,
 ) -> Option<(Arc<SessionHandle>, mpsc::Receiver<Bytes>)> {
-    let refuse = |reason: CloseReason| {
-        ctx.metrics
-            .connections_refused
-            .get_or_create(&[("reason", reason.label())])
-            .inc();
-        tracing::debug!(reason = reason.label(), "session refused");
-        reason
-    };
-    let first = tokio::select! {
-        r = timeout(ctx.config.handshake_timeout(), source.recv()) => r,
-        _ = ctx.shutdown.cancelled() => Ok(Err(TransportError::Io("shutting down".into()))),
-    };
-    let (request_id, connect) = match first {
-        Err(_) => {
-            let reason = refuse(CloseReason::HandshakeTimeout);
-            sink.close(reason.code() as u16, &reason.text()).await;
-            return None;
-        }
-        Ok(Ok(Inbound::Frame(bytes))) => match ClientFrame::decode_bytes(bytes) {
-            Ok(ClientFrame {
-                request_id,
-                kind: Some(client_frame::Kind::Connect(c)),
-            }) => (request_id, c),
-            _ => {
-                let reason = refuse(CloseReason::ProtocolViolation);
-                let error = ServerFrame::error(
-                    0,
-                    ErrorCode::UnexpectedFrame,
-                    "the first frame must be Connect",
-                );
-                ctx.metrics
-                    .errors
-                    .get_or_create(&[("code", ErrorCode::UnexpectedFrame.label())])
-                    .inc();
-                let _ = timeout(
-                    CLOSE_WRITE_TIMEOUT,
-                    sink.send_batch(&[error.encode_shared()]),
-                )
-                .await;
-                sink.close(reason.code() as u16, &reason.text()).await;
+    let deadline = tokio::time::Instant::now() + ctx.config.handshake_timeout();
+    let (request_id, connect) = loop {
+        let inbound = tokio::select! {
+            r = tokio::time::timeout_at(deadline, source.recv()) => r,
+            _ = ctx.shutdown.cancelled() => {
+                refuse(ctx, sink, CloseReason::GoingAway, None).await;
                 return None;
             }
-        },
-        Ok(Ok(Inbound::Text)) => {
-            let reason = refuse(CloseReason::ProtocolViolation);
-            sink.close(
-                reason.code() as u16,
-                "binary protobuf frames only; the first must be Connect",
-            )
-            .await;
-            return None;
-        }
-        Ok(Ok(_)) => return None,
-        Ok(Err(error)) => {
-            let reason = refuse(error.into());
-            sink.close(reason.code() as u16, &reason.text()).await;
-            return None;
-        }
+        };
+        let must = "the first frame must be Connect";
+        let (reason, error) = match inbound {
+            Err(_) => (CloseReason::HandshakeTimeout, None),
+            Ok(Ok(Inbound::Activity)) => continue,
+            Ok(Ok(Inbound::Closed)) => return None,
+            Ok(Ok(Inbound::Frame(bytes))) => match ClientFrame::decode_bytes(bytes) {
+                Ok(ClientFrame {
+                    request_id,
+                    kind: Some(client_frame::Kind::Connect(c)),
+                }) => break (request_id, c),
+                Ok(frame) => (
+                    CloseReason::ProtocolViolation,
+                    Some((frame.request_id, ErrorCode::UnexpectedFrame, must)),
+                ),
+                Err(_) => (
+                    CloseReason::ProtocolViolation,
+                    Some((0, ErrorCode::BadFrame, must)),
+                ),
+            },
+            Ok(Ok(Inbound::Text)) => (
+                CloseReason::ProtocolViolation,
+                Some((0, ErrorCode::TextFrame, must)),
+            ),
+            Ok(Err(error)) => (error.into(), None),
+        };
+        refuse(ctx, sink, reason, error).await;
+        return None;
     };
 
     let key = ctx.next_session_key();
     let user: Arc<str> = match authenticate(&connect.token, key) {
         Ok(user) => user.into(),
         Err(why) => {
-            let reason = refuse(CloseReason::Unauthorized(why.to_string()));
-            let error = ServerFrame::error(request_id, ErrorCode::Unauthorized, why);
-            let _ = timeout(
-                CLOSE_WRITE_TIMEOUT,
-                sink.send_batch(&[error.encode_shared()]),
+            let reason = CloseReason::Unauthorized(why.to_string());
+            refuse(
+                ctx,
+                sink,
+                reason,
+                Some((request_id, ErrorCode::Unauthorized, why)),
             )
             .await;
-            sink.close(reason.code() as u16, &reason.text()).await;
             return None;
         }
     };
@@ -512,13 +481,70 @@ async fn handshake<S: FrameSource, K: FrameSink>(
     Some((handle, rx))
 }
 
+/// Refuses a connection that never became a session: an optional Error frame, then the close.
+async fn refuse<K: FrameSink>(
+    ctx: &NodeContext,
+    sink: &mut K,
+    reason: CloseReason,
+    error: Option<(u64, ErrorCode, &str)>,
+) {
+    ctx.metrics
+        .connections_refused
+        .get_or_create(&[("reason", reason.label())])
+        .inc();
+    tracing::debug!(reason = reason.label(), "session refused");
+    if let Some((request_id, code, message)) = error {
+        count_error(ctx, code);
+        let frame = ServerFrame::error(request_id, code, message);
+        let _ = timeout(
+            CLOSE_WRITE_TIMEOUT,
+            sink.send_batch(&[frame.encode_shared()]),
+        )
+        .await;
+    }
+    let _ = timeout(
+        CLOSE_WRITE_TIMEOUT,
+        sink.close(reason.code() as u16, &reason.text()),
+    )
+    .await;
+}
+
+fn count_error(ctx: &NodeContext, code: ErrorCode) {
+    ctx.metrics
+        .errors
+        .get_or_create(&[("code", code.label())])
+        .inc();
+}
+
+/// Reads until the peer answers our close frame, or a short linger passes: dropping the socket
+/// with the peer's last frames (pongs) unread would reset the connection, and a reset can discard
+/// the close frame before the peer read it.
+async fn linger<S: FrameSource>(source: &mut S) {
+    let _ = timeout(CLOSE_LINGER, async {
+        while let Ok(inbound) = source.recv().await {
+            if matches!(inbound, Inbound::Closed) {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+/// What a user id may be, for error messages.
+pub const USER_ID_RULE: &str = "user id must be 1-64 letters, digits or _-:@=";
+
+/// User ids become one segment of the room name `$user.<id>`.
+pub fn is_valid_user_id(user: &str) -> bool {
+    user.len() <= MAX_USER_ID_BYTES && crate::room::is_name_segment(user)
+}
+
 /// Insecure (development) authentication: the token, when present, is the user id.
 fn authenticate(token: &str, key: u64) -> Result<String, &'static str> {
     if token.is_empty() {
         return Ok(format!("anon-{key:x}"));
     }
-    if token.len() > MAX_USER_ID_BYTES || !crate::room::is_name_segment(token) {
-        return Err("user id must be 1-64 letters, digits or _-:@=");
+    if !is_valid_user_id(token) {
+        return Err(USER_ID_RULE);
     }
     Ok(token.to_string())
 }

@@ -115,6 +115,39 @@ async fn the_first_frame_must_be_connect() {
 }
 
 #[tokio::test]
+async fn a_text_first_frame_gets_an_error_then_close_and_pings_before_connect_are_fine() {
+    let node = TestNode::start().await;
+    let mut ws = node.raw().await;
+    ws.send(WsMessage::Text("CONNECT".into())).await.unwrap();
+    assert_eq!(
+        error_code(&read_frame(&mut ws).await.unwrap()),
+        ErrorCode::TextFrame
+    );
+    assert_eq!(
+        close_code(&mut ws).await,
+        Some(CloseCode::ProtocolViolation as u16)
+    );
+
+    let mut ws = node.raw().await;
+    ws.send(WsMessage::Ping(Bytes::from_static(b"early")))
+        .await
+        .unwrap();
+    send_frame(
+        &mut ws,
+        4,
+        client_frame::Kind::Connect(proto::Connect::default()),
+    )
+    .await;
+    let connected = read_frame(&mut ws).await.unwrap();
+    assert_eq!(connected.request_id, 4);
+    assert!(
+        matches!(connected.kind, Some(server_frame::Kind::Connected(_))),
+        "{connected:?}"
+    );
+    node.shutdown().await;
+}
+
+#[tokio::test]
 async fn no_connect_within_the_handshake_timeout_closes_with_4003() {
     let node = TestNode::start_with(|c| c.server.handshake_timeout_ms = 200).await;
     let mut ws = node.raw().await;

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Runs every check and test of roomwire on a fresh machine: formatting, clippy, unit and
+# integration tests (real sockets on 127.0.0.1, real node processes). It installs what the tests
+# need itself; the Rust toolchain is the only prerequisite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "toolchain: $(cargo --version)"
+rustup component add rustfmt clippy >/dev/null 2>&1 || true
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy -D warnings"
+cargo clippy --all-targets --locked -- -D warnings
+
+step "cargo test"
+# Integration tests start their own nodes on port 0; two test threads keep the 2-core box honest.
+cargo test --locked -- --test-threads=2
