@@ -190,6 +190,36 @@ pub struct SessionHandle {
 }
 
 impl SessionHandle {
+    /// A new authenticated session and the receiving end of its send queue (what the writer
+    /// drains). Benchmarks use it to stand up sessions without sockets.
+    pub fn new(
+        ctx: &Arc<NodeContext>,
+        key: u64,
+        user: Arc<str>,
+        transport: Transport,
+        peer: SocketAddr,
+        client_name: String,
+    ) -> (Arc<Self>, mpsc::Receiver<Bytes>) {
+        let config = &ctx.config.session;
+        let (tx, rx) = mpsc::channel(config.send_queue_frames);
+        let handle = Arc::new(SessionHandle {
+            key,
+            id: format!("{}:{key:x}", ctx.node_id).into(),
+            user,
+            transport,
+            peer,
+            client_name: truncate_utf8(client_name, 64),
+            outbox: tx,
+            queued_bytes: AtomicUsize::new(0),
+            max_queued_bytes: config.send_queue_bytes,
+            state: AtomicU8::new(State::Authenticated as u8),
+            closing: CancellationToken::new(),
+            reason: OnceLock::new(),
+            ctx: ctx.clone(),
+        });
+        (handle, rx)
+    }
+
     /// Queues one encoded frame without waiting. Returns `false` when the frame was not queued:
     /// the session is closing, or this push found the queue full and cut the session off.
     /// Accounts the node-wide queued-bytes gauge; fan-out uses [`Self::push_uncounted`] and
@@ -442,23 +472,8 @@ async fn handshake<S: FrameSource, K: FrameSink>(
         }
     };
 
+    let (handle, rx) = SessionHandle::new(ctx, key, user, transport, peer, connect.client_name);
     let config = &ctx.config.session;
-    let (tx, rx) = mpsc::channel(config.send_queue_frames);
-    let handle = Arc::new(SessionHandle {
-        key,
-        id: format!("{}:{key:x}", ctx.node_id).into(),
-        user,
-        transport,
-        peer,
-        client_name: truncate_utf8(connect.client_name, 64),
-        outbox: tx,
-        queued_bytes: AtomicUsize::new(0),
-        max_queued_bytes: config.send_queue_bytes,
-        state: AtomicU8::new(State::Authenticated as u8),
-        closing: CancellationToken::new(),
-        reason: OnceLock::new(),
-        ctx: ctx.clone(),
-    });
     handle.push_frame(&ServerFrame::reply(
         request_id,
         server_frame::Kind::Connected(proto::Connected {
