@@ -160,6 +160,10 @@ fn print_event(event: &Event) -> bool {
             );
             false
         }
+        Event::TokenExpiring(at) => {
+            eprintln!("token expires at {at} (Unix ms); reconnect with a fresh token");
+            false
+        }
         Event::Error(e) => {
             let code = proto::ErrorCode::try_from(e.code).map_or("UNKNOWN", |c| c.as_str_name());
             eprintln!("error {code}: {}", e.message);

@@ -71,6 +71,8 @@ impl ClientOptions {
 pub enum Event {
     Message(proto::Message),
     GoAway(proto::GoAway),
+    /// The session's token expires at this Unix millisecond: call [`Client::refresh`].
+    TokenExpiring(u64),
     /// An Error frame that answers no request (e.g. a protocol violation).
     Error(proto::Error),
     /// The connection ended; `code` is the WebSocket close code, when one was sent.
@@ -223,6 +225,19 @@ impl Client {
         .await
     }
 
+    /// Replaces the session's token (same user); returns the new expiry, Unix milliseconds.
+    pub async fn refresh(&self, token: &str) -> Result<u64, ClientError> {
+        match self
+            .request(client_frame::Kind::Refresh(proto::Refresh {
+                token: token.into(),
+            }))
+            .await?
+        {
+            server_frame::Kind::Refreshed(r) => Ok(r.expires_at_ms),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
     /// Application-level ping; returns the round-trip time.
     pub async fn ping(&self) -> Result<Duration, ClientError> {
         let start = Instant::now();
@@ -359,6 +374,7 @@ async fn read_loop(mut stream: SplitStream<Ws>, pending: Pending, events: mpsc::
         let event = match frame.kind {
             Some(server_frame::Kind::Message(m)) => Event::Message(m),
             Some(server_frame::Kind::GoAway(g)) => Event::GoAway(g),
+            Some(server_frame::Kind::TokenExpiring(t)) => Event::TokenExpiring(t.expires_at_ms),
             Some(server_frame::Kind::Error(e)) => Event::Error(e),
             _ => continue,
         };

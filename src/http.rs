@@ -158,6 +158,8 @@ pub struct PublishResponse {
     pub epoch: u64,
     pub seq: u64,
     pub local_deliveries: usize,
+    /// A repeat of an earlier client_msg_id: not delivered again.
+    pub duplicate: bool,
 }
 
 async fn publish(
@@ -216,6 +218,7 @@ async fn publish(
         epoch: sequenced.epoch,
         seq: sequenced.seq,
         local_deliveries: sequenced.local_deliveries,
+        duplicate: sequenced.duplicate,
     }))
 }
 

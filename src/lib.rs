@@ -20,12 +20,14 @@
 //! - [`client`]: the Rust client library used by the CLI, the tests and the load generator.
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod cli;
 pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod fanout;
 pub mod http;
+pub mod limits;
 pub mod metrics;
 pub mod node;
 pub mod proto;

@@ -40,6 +40,10 @@ pub struct Metrics {
     /// Rooms whose sequencer state this node holds as owner.
     pub owned_rooms: Gauge,
     pub http_api_requests: Family<Labels, Counter>,
+    /// Credentials refused, by reason (`invalid`, `replayed`, `missing`, ...).
+    pub auth_failures: Family<Labels, Counter>,
+    /// Publishes acknowledged as duplicates of an earlier (publisher, client_msg_id).
+    pub duplicate_publishes: Counter,
 }
 
 impl Default for Metrics {
@@ -126,6 +130,16 @@ impl Metrics {
                 "http_api_requests",
                 "HTTP API requests by outcome",
                 Family::default()
+            ),
+            auth_failures: reg!(
+                "auth_failures",
+                "Credentials refused by reason",
+                Family::default()
+            ),
+            duplicate_publishes: reg!(
+                "duplicate_publishes",
+                "Retried publishes answered with the original sequence",
+                Counter::default()
             ),
             registry,
         }

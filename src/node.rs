@@ -21,10 +21,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt as _;
 
+use crate::auth::Authenticator;
 use crate::cluster::Bus;
 use crate::cluster::local::LocalBus;
 use crate::config::Config;
 use crate::fanout::Hub;
+use crate::limits::{IpGate, IpSlot};
 use crate::metrics::Metrics;
 use crate::room::RoomName;
 use crate::session::now_ms;
@@ -46,6 +48,10 @@ pub struct NodeContext {
     pub shutdown: CancellationToken,
     /// Keys accepted by the HTTP API.
     pub api_keys: Vec<String>,
+    /// Checks connection tokens.
+    pub auth: Authenticator,
+    /// Per-address connection limits, applied at accept.
+    pub ip_gate: Arc<IpGate>,
     draining: AtomicBool,
     next_session: AtomicU64,
 }
@@ -63,7 +69,7 @@ impl NodeContext {
 /// A connection's share of `server.max_connections`; released when the last holder (the HTTP
 /// connection task, or the WebSocket session it upgraded into) drops it.
 #[derive(Clone)]
-pub struct ConnPermit(#[allow(dead_code)] Arc<OwnedSemaphorePermit>);
+pub struct ConnPermit(#[allow(dead_code)] Arc<(OwnedSemaphorePermit, IpSlot)>);
 
 /// A bound, not yet running node.
 pub struct Node {
@@ -94,13 +100,11 @@ impl Node {
                 .with_context(|| format!("binding {addr}"))?;
             listeners.push(listener);
         }
+        let auth = Authenticator::new(&config.auth)?;
+        let ip_gate = IpGate::new(&config.limits);
         let metrics = Arc::new(Metrics::new());
         let hub = Arc::new(Hub::new(metrics.clone()));
-        let bus = Bus::Standalone(LocalBus::new(
-            hub.clone(),
-            metrics.clone(),
-            config.rooms.idle_ttl_ms,
-        ));
+        let bus = Bus::Standalone(LocalBus::new(hub.clone(), metrics.clone(), &config.rooms));
         let ctx = Arc::new(NodeContext {
             config,
             node_id,
@@ -110,6 +114,8 @@ impl Node {
             tracker: TaskTracker::new(),
             shutdown: CancellationToken::new(),
             api_keys,
+            auth,
+            ip_gate,
             draining: AtomicBool::new(false),
             next_session: AtomicU64::new(1),
         });
@@ -149,6 +155,7 @@ impl Node {
                 loop {
                     ticker.tick().await;
                     ctx.bus.sweep(now_ms());
+                    ctx.ip_gate.sweep();
                 }
             }
         });
@@ -202,21 +209,33 @@ async fn accept_loop(
                 continue;
             }
         };
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
+        // Refused connections are dropped at once, before any TLS or HTTP work is spent on them.
+        let refuse = |reason: &'static str| {
             ctx.metrics
                 .connections_refused
-                .get_or_create(&[("reason", "max_connections")])
+                .get_or_create(&[("reason", reason)])
                 .inc();
-            tracing::debug!(%peer, "connection refused: max_connections");
+            tracing::debug!(%peer, reason, "connection refused at accept");
+        };
+        let slot = match ctx.ip_gate.admit(peer.ip()) {
+            Ok(slot) => slot,
+            Err(refusal) => {
+                refuse(refusal.label());
+                continue;
+            }
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            refuse("max_connections");
             continue;
         };
         let _ = stream.set_nodelay(true);
+        let permit = ConnPermit(Arc::new((permit, slot)));
         ctx.tracker.spawn(serve_connection(
             stream,
             peer,
             ctx.clone(),
             router.clone(),
-            ConnPermit(Arc::new(permit)),
+            permit,
         ));
     }
 }

@@ -58,6 +58,7 @@ impl ClientFrame {
             Some(Kind::Leave(_)) => "leave",
             Some(Kind::Publish(_)) => "publish",
             Some(Kind::Ping(_)) => "ping",
+            Some(Kind::Refresh(_)) => "refresh",
             None => "empty",
         }
     }

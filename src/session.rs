@@ -26,7 +26,9 @@ use tokio::sync::mpsc::error::TrySendError;
 use tokio::time::{MissedTickBehavior, timeout};
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::{AuthError, Permissions, Principal};
 use crate::cluster::{BusError, Publication};
+use crate::limits::{Admit, SessionBudget};
 use crate::node::NodeContext;
 use crate::proto::{
     self, ClientFrame, CloseCode, ErrorCode, ServerFrame, client_frame, server_frame,
@@ -64,6 +66,10 @@ pub enum CloseReason {
     Disconnected,
     /// Writing to the connection failed.
     WriteFailed,
+    /// The token expired without a Refresh.
+    TokenExpired,
+    /// Inbound rate budget exceeded for too long.
+    RateLimited,
 }
 
 impl CloseReason {
@@ -81,6 +87,8 @@ impl CloseReason {
             CloseReason::Unauthorized(_) => CloseCode::Unauthorized,
             CloseReason::Disconnected => CloseCode::Disconnected,
             CloseReason::WriteFailed => CloseCode::InternalError,
+            CloseReason::TokenExpired => CloseCode::TokenExpired,
+            CloseReason::RateLimited => CloseCode::RateLimited,
         }
     }
 
@@ -99,6 +107,8 @@ impl CloseReason {
             CloseReason::Unauthorized(_) => "unauthorized",
             CloseReason::Disconnected => "disconnected",
             CloseReason::WriteFailed => "write_failed",
+            CloseReason::TokenExpired => "token_expired",
+            CloseReason::RateLimited => "rate_limited",
         }
     }
 
@@ -117,6 +127,8 @@ impl CloseReason {
             CloseReason::Unauthorized(e) => format!("unauthorized: {e}"),
             CloseReason::Disconnected => "disconnected by server".to_string(),
             CloseReason::WriteFailed => "write failed".to_string(),
+            CloseReason::TokenExpired => "token expired".to_string(),
+            CloseReason::RateLimited => "rate limit exceeded".to_string(),
         };
         truncate_utf8(text, 123)
     }
@@ -335,6 +347,10 @@ enum RequestError {
     PayloadTooLarge(usize),
     #[error(transparent)]
     Bus(#[from] BusError),
+    #[error("not allowed to {0} room {1}")]
+    Forbidden(&'static str, RoomName),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
 }
 
 impl RequestError {
@@ -345,6 +361,8 @@ impl RequestError {
             RequestError::NotMember(_) => ErrorCode::NotMember,
             RequestError::PayloadTooLarge(_) => ErrorCode::PayloadTooLarge,
             RequestError::Bus(e) => e.code(),
+            RequestError::Forbidden(..) => ErrorCode::Forbidden,
+            RequestError::Auth(e) => e.code(),
         }
     }
 }
@@ -356,10 +374,12 @@ pub async fn run<S: FrameSource, K: FrameSink>(
     ctx: Arc<NodeContext>,
     transport: Transport,
     peer: SocketAddr,
+    authenticated: Option<Principal>,
     mut source: S,
     mut sink: K,
 ) {
-    let Some((handle, rx)) = handshake(&ctx, transport, peer, &mut source, &mut sink).await else {
+    let handshake = handshake(&ctx, transport, peer, authenticated, &mut source, &mut sink).await;
+    let Some((handle, rx, principal)) = handshake else {
         linger(&mut source).await;
         return;
     };
@@ -382,6 +402,11 @@ pub async fn run<S: FrameSource, K: FrameSink>(
         handle: handle.clone(),
         rooms: HashSet::new(),
         violations: 0,
+        budget: SessionBudget::new(&ctx.config.limits),
+        permissions: principal.permissions,
+        expires_at: principal.expires_at,
+        warned: false,
+        rearm: false,
     };
     let implicit = [RoomName::for_user(&handle.user), RoomName::broadcast()];
     for room in &implicit {
@@ -415,9 +440,10 @@ async fn handshake<S: FrameSource, K: FrameSink>(
     ctx: &Arc<NodeContext>,
     transport: Transport,
     peer: SocketAddr,
+    authenticated: Option<Principal>,
     source: &mut S,
     sink: &mut K,
-) -> Option<(Arc<SessionHandle>, mpsc::Receiver<Bytes>)> {
+) -> Option<(Arc<SessionHandle>, mpsc::Receiver<Bytes>, Principal)> {
     let deadline = tokio::time::Instant::now() + ctx.config.handshake_timeout();
     let (request_id, connect) = loop {
         let inbound = tokio::select! {
@@ -457,21 +483,31 @@ async fn handshake<S: FrameSource, K: FrameSink>(
     };
 
     let key = ctx.next_session_key();
-    let user: Arc<str> = match authenticate(&connect.token, key) {
-        Ok(user) => user.into(),
-        Err(why) => {
-            let reason = CloseReason::Unauthorized(why.to_string());
-            refuse(
-                ctx,
-                sink,
-                reason,
-                Some((request_id, ErrorCode::Unauthorized, why)),
-            )
-            .await;
-            return None;
-        }
+    // A token that came with the upgrade was checked there; otherwise Connect carries it.
+    let principal = match authenticated {
+        Some(principal) => principal,
+        None => match ctx.auth.authenticate(&connect.token, key, now_ms() / 1000) {
+            Ok(principal) => principal,
+            Err(error) => {
+                ctx.metrics
+                    .auth_failures
+                    .get_or_create(&[("reason", error.label())])
+                    .inc();
+                let reason = CloseReason::Unauthorized(error.to_string());
+                let message = error.to_string();
+                refuse(
+                    ctx,
+                    sink,
+                    reason,
+                    Some((request_id, error.code(), &message)),
+                )
+                .await;
+                return None;
+            }
+        },
     };
 
+    let user = principal.user.clone();
     let (handle, rx) = SessionHandle::new(ctx, key, user, transport, peer, connect.client_name);
     let config = &ctx.config.session;
     handle.push_frame(&ServerFrame::reply(
@@ -489,11 +525,14 @@ async fn handshake<S: FrameSource, K: FrameSink>(
                 send_queue_frames: config.send_queue_frames as u32,
                 send_queue_bytes: config.send_queue_bytes as u32,
                 max_violations: config.max_violations,
+                frames_per_second: ctx.config.limits.session_frames_per_second,
+                bytes_per_second: ctx.config.limits.session_bytes_per_second,
             }),
             user_id: handle.user.to_string(),
+            token_expires_at_ms: principal.expires_at.map_or(0, |s| s * 1000),
         }),
     ));
-    Some((handle, rx))
+    Some((handle, rx, principal))
 }
 
 /// Refuses a connection that never became a session: an optional Error frame, then the close.
@@ -553,15 +592,12 @@ pub fn is_valid_user_id(user: &str) -> bool {
     user.len() <= MAX_USER_ID_BYTES && crate::room::is_name_segment(user)
 }
 
-/// Insecure (development) authentication: the token, when present, is the user id.
-fn authenticate(token: &str, key: u64) -> Result<String, &'static str> {
-    if token.is_empty() {
-        return Ok(format!("anon-{key:x}"));
-    }
-    if !is_valid_user_id(token) {
-        return Err(USER_ID_RULE);
-    }
-    Ok(token.to_string())
+/// An inbound event after decoding.
+enum Decoded {
+    Activity,
+    Text,
+    Frame(ClientFrame),
+    Undecodable(prost::DecodeError),
 }
 
 /// The reader side's state.
@@ -571,16 +607,31 @@ struct Session {
     /// Rooms joined explicitly (the implicit user and broadcast rooms are not counted).
     rooms: HashSet<RoomName>,
     violations: u32,
+    budget: SessionBudget,
+    permissions: Permissions,
+    /// Unix seconds when the token expires (None: never).
+    expires_at: Option<u64>,
+    /// Whether TokenExpiring was sent for the current token.
+    warned: bool,
+    /// Set by a Refresh: the expiry timer must be re-armed.
+    rearm: bool,
 }
 
 impl Session {
     async fn read_loop<S: FrameSource>(&mut self, source: &mut S) {
         let idle = self.ctx.config.idle_timeout();
         let closing = self.handle.closing.clone();
+        let token_timer = tokio::time::sleep_until(self.token_deadline());
+        tokio::pin!(token_timer);
         loop {
             let inbound = tokio::select! {
                 biased;
                 _ = closing.cancelled() => return,
+                _ = &mut token_timer => {
+                    self.on_token_timer();
+                    token_timer.as_mut().reset(self.token_deadline());
+                    continue;
+                }
                 r = timeout(idle, source.recv()) => r,
             };
             let inbound = match inbound {
@@ -594,13 +645,48 @@ impl Session {
                 }
                 Ok(Ok(inbound)) => inbound,
             };
-            match inbound {
+            // Decoding slices the buffer (no copy), so it comes before the budget: a refused
+            // request is answered with its own request id.
+            let (decoded, len) = match inbound {
                 Inbound::Closed => {
                     self.handle.close(CloseReason::ClientClosed);
                     return;
                 }
-                Inbound::Activity => {}
-                Inbound::Text => {
+                Inbound::Activity => (Decoded::Activity, 1),
+                Inbound::Text => (Decoded::Text, 1),
+                Inbound::Frame(bytes) => {
+                    let len = bytes.len();
+                    (
+                        ClientFrame::decode_bytes(bytes)
+                            .map_or_else(Decoded::Undecodable, Decoded::Frame),
+                        len,
+                    )
+                }
+            };
+            let request_id = match &decoded {
+                Decoded::Frame(frame) => frame.request_id,
+                _ => 0,
+            };
+            // Every inbound frame is charged, pings included: this is also the ping-flood limit.
+            match self.budget.admit(len) {
+                Admit::Accept => {}
+                Admit::Refuse => {
+                    self.count_in("rate_limited");
+                    self.send_error(
+                        request_id,
+                        ErrorCode::RateLimited,
+                        "rate limit exceeded; frame dropped",
+                    );
+                    continue;
+                }
+                Admit::Close => {
+                    self.handle.close(CloseReason::RateLimited);
+                    return;
+                }
+            }
+            match decoded {
+                Decoded::Activity => {}
+                Decoded::Text => {
                     self.count_in("text");
                     self.violation(
                         0,
@@ -608,19 +694,77 @@ impl Session {
                         "text messages are not part of the protocol; send binary ClientFrames",
                     );
                 }
-                Inbound::Frame(bytes) => match ClientFrame::decode_bytes(bytes) {
-                    Ok(frame) => {
-                        self.count_in(frame.kind_name());
-                        self.handle_frame(frame).await;
-                    }
-                    Err(error) => {
-                        self.count_in("undecodable");
-                        tracing::debug!(%error, "undecodable frame");
-                        self.violation(0, ErrorCode::BadFrame, "not a decodable ClientFrame");
-                    }
-                },
+                Decoded::Frame(frame) => {
+                    self.count_in(frame.kind_name());
+                    self.handle_frame(frame).await;
+                }
+                Decoded::Undecodable(error) => {
+                    self.count_in("undecodable");
+                    tracing::debug!(%error, "undecodable frame");
+                    self.violation(0, ErrorCode::BadFrame, "not a decodable ClientFrame");
+                }
+            }
+            if std::mem::take(&mut self.rearm) {
+                token_timer.as_mut().reset(self.token_deadline());
             }
         }
+    }
+
+    /// When the token timer should fire next: the warning, then the expiry.
+    fn token_deadline(&self) -> tokio::time::Instant {
+        let now = tokio::time::Instant::now();
+        let Some(expires_at) = self.expires_at else {
+            return now + Duration::from_secs(365 * 86_400);
+        };
+        let warning = self.ctx.config.auth.jwt.refresh_warning_s;
+        let at = if self.warned {
+            expires_at
+        } else {
+            expires_at.saturating_sub(warning)
+        };
+        now + Duration::from_secs(at.saturating_sub(now_ms() / 1000))
+    }
+
+    fn on_token_timer(&mut self) {
+        let Some(expires_at) = self.expires_at else {
+            return;
+        };
+        if self.warned || now_ms() / 1000 >= expires_at {
+            self.handle.close(CloseReason::TokenExpired);
+        } else {
+            self.warned = true;
+            self.handle.push_frame(&ServerFrame::reply(
+                0,
+                server_frame::Kind::TokenExpiring(proto::TokenExpiring {
+                    expires_at_ms: expires_at * 1000,
+                }),
+            ));
+        }
+    }
+
+    fn refresh(&mut self, request_id: u64, token: &str) -> Result<(), RequestError> {
+        let principal = self
+            .ctx
+            .auth
+            .refresh(token, &self.handle.user, now_ms() / 1000)
+            .inspect_err(|e| {
+                self.ctx
+                    .metrics
+                    .auth_failures
+                    .get_or_create(&[("reason", e.label())])
+                    .inc();
+            })?;
+        self.permissions = principal.permissions;
+        self.expires_at = principal.expires_at;
+        self.warned = false;
+        self.rearm = true;
+        self.handle.push_frame(&ServerFrame::reply(
+            request_id,
+            server_frame::Kind::Refreshed(proto::Refreshed {
+                expires_at_ms: self.expires_at.map_or(0, |s| s * 1000),
+            }),
+        ));
+        Ok(())
     }
 
     fn count_in(&self, kind: &'static str) {
@@ -657,6 +801,7 @@ impl Session {
             Some(Kind::Join(join)) => self.join(request_id, &join.room).await,
             Some(Kind::Leave(leave)) => self.leave(request_id, &leave.room).await,
             Some(Kind::Publish(publish)) => self.publish(request_id, publish).await,
+            Some(Kind::Refresh(refresh)) => self.refresh(request_id, &refresh.token),
             Some(Kind::Ping(ping)) => {
                 self.handle.push_frame(&ServerFrame::reply(
                     request_id,
@@ -688,6 +833,9 @@ impl Session {
 
     async fn join(&mut self, request_id: u64, name: &str) -> Result<(), RequestError> {
         let room = self.room_name(name)?;
+        if !self.permissions.may_join(&room) {
+            return Err(RequestError::Forbidden("join", room));
+        }
         let max = self.ctx.config.session.max_rooms;
         if !self.rooms.contains(&room) && self.rooms.len() >= max {
             return Err(RequestError::TooManyRooms(max));
@@ -721,6 +869,9 @@ impl Session {
         publish: proto::Publish,
     ) -> Result<(), RequestError> {
         let room = self.room_name(&publish.room)?;
+        if !self.permissions.may_publish(&room) {
+            return Err(RequestError::Forbidden("publish", room));
+        }
         // The transport already bounds the whole frame; this keeps the bound when a transport
         // allows larger frames (and documents it for the client).
         let max = self.ctx.config.session.max_frame_bytes;
@@ -747,6 +898,7 @@ impl Session {
                 client_msg_id,
                 epoch: sequenced.epoch,
                 seq: sequenced.seq,
+                duplicate: sequenced.duplicate,
             }),
         ));
         Ok(())

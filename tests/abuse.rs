@@ -238,6 +238,10 @@ async fn a_slow_consumer_is_cut_off_while_the_others_receive_everything() {
     let node = TestNode::start_with(|c| {
         c.session.send_queue_frames = 64;
         c.session.send_queue_bytes = QUEUE_BYTES;
+        // The publisher is a firehose on purpose; this test is about the stuck reader.
+        c.limits.session_frames_per_second = 1_000_000;
+        c.limits.session_bytes_per_second = 1 << 30;
+        c.limits.session_byte_burst = 1 << 30;
     })
     .await;
     let mut stuck = node.raw_connected("stuck").await;

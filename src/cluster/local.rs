@@ -6,14 +6,16 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use crate::cluster::{Publication, RoomInfo, Sequenced};
+use crate::config::RoomsConfig;
 use crate::fanout::Hub;
 use crate::metrics::Metrics;
 use crate::proto::{self, ServerFrame, server_frame};
-use crate::room::{EpochClock, RoomName, Sequencer};
+use crate::room::{Dedupe, EpochClock, RoomName, Sequencer};
 use crate::session::{SessionHandle, now_ms};
 
 struct OwnedRoom {
     sequencer: Sequencer,
+    dedupe: Dedupe,
     last_active_ms: u64,
 }
 
@@ -23,16 +25,20 @@ pub struct LocalBus {
     rooms: Mutex<HashMap<RoomName, Arc<Mutex<OwnedRoom>>>>,
     epochs: EpochClock,
     idle_ttl_ms: u64,
+    dedupe_window_ms: u64,
+    dedupe_max: usize,
 }
 
 impl LocalBus {
-    pub fn new(hub: Arc<Hub>, metrics: Arc<Metrics>, idle_ttl_ms: u64) -> Self {
+    pub fn new(hub: Arc<Hub>, metrics: Arc<Metrics>, config: &RoomsConfig) -> Self {
         Self {
             hub,
             metrics,
             rooms: Mutex::new(HashMap::new()),
             epochs: EpochClock::default(),
-            idle_ttl_ms,
+            idle_ttl_ms: config.idle_ttl_ms,
+            dedupe_window_ms: config.dedupe_window_ms,
+            dedupe_max: config.dedupe_max_per_room,
         }
     }
 
@@ -44,6 +50,7 @@ impl LocalBus {
                 self.metrics.owned_rooms.inc();
                 let now = now_ms();
                 Arc::new(Mutex::new(OwnedRoom {
+                    dedupe: Dedupe::default(),
                     sequencer: Sequencer::new(self.epochs.next(now)),
                     last_active_ms: now,
                 }))
@@ -55,8 +62,30 @@ impl LocalBus {
         let owned = self.owned(&p.room);
         let mut state = owned.lock().expect("room lock poisoned");
         let now = now_ms();
-        let (epoch, seq) = state.sequencer.assign();
         state.last_active_ms = now;
+        let dedupe = !p.client_msg_id.is_empty();
+        if dedupe {
+            let window = self.dedupe_window_ms;
+            if let Some(seq) = state
+                .dedupe
+                .lookup(&p.publisher, &p.client_msg_id, now, window)
+            {
+                self.metrics.duplicate_publishes.inc();
+                let epoch = state.sequencer.position().0;
+                return Sequenced {
+                    epoch,
+                    seq,
+                    local_deliveries: 0,
+                    duplicate: true,
+                };
+            }
+        }
+        let (epoch, seq) = state.sequencer.assign();
+        if dedupe {
+            state
+                .dedupe
+                .record(&p.publisher, &p.client_msg_id, seq, now, self.dedupe_max);
+        }
         let frame = message_frame(&p, epoch, seq, now);
         let local_deliveries = self.deliver(&p.room, &frame);
         drop(state);
@@ -65,6 +94,7 @@ impl LocalBus {
             epoch,
             seq,
             local_deliveries,
+            duplicate: false,
         }
     }
 

@@ -32,6 +32,9 @@ pub struct Sequenced {
     pub seq: u64,
     /// Sessions on this node the message was queued to.
     pub local_deliveries: usize,
+    /// The publish repeated an earlier (publisher, client_msg_id): nothing was delivered, and
+    /// (epoch, seq) are those of the original.
+    pub duplicate: bool,
 }
 
 /// What the node knows of a room.
