@@ -25,6 +25,7 @@ pub struct Config {
     pub rooms: RoomsConfig,
     pub auth: AuthConfig,
     pub limits: LimitsConfig,
+    pub tls: TlsConfig,
     pub api: ApiConfig,
     pub log: LogConfig,
 }
@@ -278,6 +279,63 @@ impl Default for LimitsConfig {
     }
 }
 
+/// TLS and mutual TLS on the HTTP/WebSocket port.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Serve `https://` and `wss://` instead of plain HTTP on `server.listen`.
+    pub enabled: bool,
+    /// The node's certificate chain (PEM, leaf first) and private key (PEM).
+    pub cert_file: String,
+    pub key_file: String,
+    /// Client certificates: `off`, `optional` (verified when presented; browsers use tokens) or
+    /// `required` (connections without a valid certificate are refused).
+    pub client_auth: ClientAuth,
+    /// CA bundle (PEM) that client certificates must chain to.
+    pub client_ca_file: Option<String>,
+    /// Milliseconds between checks of the files above; changed files are loaded without restart.
+    pub reload_interval_ms: u64,
+    /// Services identified by client certificate, each with its room permissions.
+    pub services: Vec<ServiceIdentity>,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            cert_file: "certs/dev/node.pem".into(),
+            key_file: "certs/dev/node-key.pem".into(),
+            client_auth: ClientAuth::Off,
+            client_ca_file: None,
+            reload_interval_ms: 30_000,
+            services: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuth {
+    #[default]
+    Off,
+    Optional,
+    Required,
+}
+
+/// A service known by its client certificate: its URI SAN (e.g.
+/// `spiffe://roomwire/service/billing`, as `roomwire certs init --service billing` makes) or DNS
+/// SAN. `name` becomes the session's user id.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServiceIdentity {
+    pub name: String,
+    pub uri: Option<String>,
+    pub dns: Option<String>,
+    /// Room patterns the service may join and publish to (`*` one segment, `>` the rest).
+    pub join: Vec<String>,
+    pub publish: Vec<String>,
+}
+
 /// The HTTP API (`/api/v1/*`).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -430,6 +488,8 @@ impl Config {
         if (l.session_byte_burst as usize) < s.max_frame_bytes {
             return bad("limits.session_byte_burst must be at least session.max_frame_bytes");
         }
+        crate::tls::TlsState::load(&self.tls)
+            .map_err(|e| ConfigError::Invalid(format!("{e:#}")))?;
         if self.auth.mode == AuthMode::Jwt {
             crate::auth::Authenticator::new(&self.auth)
                 .map_err(|e| ConfigError::Invalid(e.to_string()))?;

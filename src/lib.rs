@@ -21,6 +21,7 @@
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod certs;
 pub mod cli;
 pub mod client;
 pub mod cluster;
@@ -33,6 +34,7 @@ pub mod node;
 pub mod proto;
 pub mod room;
 pub mod session;
+pub mod tls;
 pub mod transport;
 
 pub use config::Config;

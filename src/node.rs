@@ -15,13 +15,13 @@ use axum::Router;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt as _;
 
-use crate::auth::Authenticator;
+use crate::auth::{Authenticator, Principal};
 use crate::cluster::Bus;
 use crate::cluster::local::LocalBus;
 use crate::config::Config;
@@ -30,6 +30,7 @@ use crate::limits::{IpGate, IpSlot};
 use crate::metrics::Metrics;
 use crate::room::RoomName;
 use crate::session::now_ms;
+use crate::tls::TlsState;
 use crate::transport::ws::PeerAddr;
 
 /// How often owner state of idle rooms is swept.
@@ -52,6 +53,8 @@ pub struct NodeContext {
     pub auth: Authenticator,
     /// Per-address connection limits, applied at accept.
     pub ip_gate: Arc<IpGate>,
+    /// TLS for the HTTP/WebSocket port, when enabled.
+    pub tls: Option<Arc<TlsState>>,
     draining: AtomicBool,
     next_session: AtomicU64,
 }
@@ -68,6 +71,10 @@ impl NodeContext {
 
 /// A connection's share of `server.max_connections`; released when the last holder (the HTTP
 /// connection task, or the WebSocket session it upgraded into) drops it.
+/// The principal a verified client certificate named (mutual TLS), put into each request.
+#[derive(Clone)]
+pub struct PeerIdentity(pub Principal);
+
 #[derive(Clone)]
 pub struct ConnPermit(#[allow(dead_code)] Arc<(OwnedSemaphorePermit, IpSlot)>);
 
@@ -102,6 +109,7 @@ impl Node {
         }
         let auth = Authenticator::new(&config.auth)?;
         let ip_gate = IpGate::new(&config.limits);
+        let tls = TlsState::load(&config.tls)?;
         let metrics = Arc::new(Metrics::new());
         let hub = Arc::new(Hub::new(metrics.clone()));
         let bus = Bus::Standalone(LocalBus::new(hub.clone(), metrics.clone(), &config.rooms));
@@ -116,6 +124,7 @@ impl Node {
             api_keys,
             auth,
             ip_gate,
+            tls,
             draining: AtomicBool::new(false),
             next_session: AtomicU64::new(1),
         });
@@ -160,8 +169,30 @@ impl Node {
             }
         });
 
+        let reloader = ctx.tls.clone().map(|tls| {
+            tokio::spawn(async move {
+                let mut ticker = tokio::time::interval(tls.reload_interval());
+                loop {
+                    ticker.tick().await;
+                    // File reads and certificate parsing are blocking work: off the workers.
+                    let tls = tls.clone();
+                    match tokio::task::spawn_blocking(move || tls.reload_if_changed()).await {
+                        Ok(Ok(true)) => tracing::info!("tls certificates reloaded"),
+                        Ok(Ok(false)) => {}
+                        Ok(Err(error)) => tracing::warn!(
+                            "tls reload failed, keeping the previous certificates: {error:#}"
+                        ),
+                        Err(error) => tracing::warn!(%error, "tls reload task failed"),
+                    }
+                }
+            })
+        });
+
         shutdown.cancelled().await;
         sweeper.abort();
+        if let Some(reloader) = reloader {
+            reloader.abort();
+        }
         drain(&ctx).await;
         Ok(())
     }
@@ -230,26 +261,72 @@ async fn accept_loop(
         };
         let _ = stream.set_nodelay(true);
         let permit = ConnPermit(Arc::new((permit, slot)));
-        ctx.tracker.spawn(serve_connection(
-            stream,
-            peer,
-            ctx.clone(),
-            router.clone(),
-            permit,
-        ));
+        let (ctx, router) = (ctx.clone(), router.clone());
+        ctx.tracker.clone().spawn(async move {
+            match ctx.tls.clone() {
+                None => serve_connection(stream, peer, ctx, router, permit, None).await,
+                Some(tls) => {
+                    let handshake = tokio::time::timeout(
+                        ctx.config.handshake_timeout(),
+                        tls.acceptor().accept(stream),
+                    );
+                    let stream = match handshake.await {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(error)) => {
+                            ctx.metrics
+                                .connections_refused
+                                .get_or_create(&[("reason", "tls_handshake")])
+                                .inc();
+                            tracing::debug!(%peer, %error, "tls handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            ctx.metrics
+                                .connections_refused
+                                .get_or_create(&[("reason", "tls_timeout")])
+                                .inc();
+                            return;
+                        }
+                    };
+                    // rustls verified the chain; which service the certificate names is ours to check.
+                    let identity = match stream.get_ref().1.peer_certificates() {
+                        None => None,
+                        Some(chain) => match tls.identify(chain) {
+                            Ok(principal) => Some(principal),
+                            Err(error) => {
+                                ctx.metrics
+                                    .connections_refused
+                                    .get_or_create(&[("reason", "tls_identity")])
+                                    .inc();
+                                tracing::debug!(%peer, %error, "client certificate refused");
+                                return;
+                            }
+                        },
+                    };
+                    serve_connection(stream, peer, ctx, router, permit, identity).await;
+                }
+            }
+        });
     }
 }
 
-async fn serve_connection(
-    stream: TcpStream,
+/// Serves HTTP/1.1 (with upgrades) on one connection, plain or TLS.
+async fn serve_connection<I>(
+    stream: I,
     peer: SocketAddr,
     ctx: Arc<NodeContext>,
     router: Router,
     permit: ConnPermit,
-) {
+    identity: Option<Principal>,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let service = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
         req.extensions_mut().insert(PeerAddr(peer));
         req.extensions_mut().insert(permit.clone());
+        if let Some(identity) = &identity {
+            req.extensions_mut().insert(PeerIdentity(identity.clone()));
+        }
         router.clone().oneshot(req)
     });
     let config = &ctx.config.server;

@@ -21,7 +21,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use super::{FrameSink, FrameSource, Inbound, Transport, TransportError};
 use crate::auth::AuthError;
-use crate::node::{ConnPermit, NodeContext};
+use crate::node::{ConnPermit, NodeContext, PeerIdentity};
 use crate::proto::WS_SUBPROTOCOL;
 use crate::session::now_ms;
 
@@ -106,8 +106,11 @@ pub async fn upgrade(State(ctx): State<Arc<NodeContext>>, mut req: Request) -> R
     if !origin_allowed(&ctx.config.server.allowed_origins, headers) {
         return refuse(StatusCode::FORBIDDEN, "origin", "origin not allowed");
     }
-    // A token in the upgrade request is checked now, so a bad one never becomes a session.
+    // A service's client certificate (mutual TLS) identifies it; otherwise a token in the
+    // upgrade request is checked now, so a bad one never becomes a session.
+    let certified = req.extensions().get::<PeerIdentity>().map(|p| p.0.clone());
     let authenticated = match upgrade_token(&req) {
+        _ if certified.is_some() => certified,
         None => None,
         Some(token) => match ctx
             .auth
