@@ -567,7 +567,11 @@ impl Wire {
     }
 
     async fn send(&mut self, opcode: u8, payload: &[u8], masked: bool) {
-        let mut frame = vec![0x80 | opcode];
+        self.send_frame(true, opcode, payload, masked).await;
+    }
+
+    async fn send_frame(&mut self, fin: bool, opcode: u8, payload: &[u8], masked: bool) {
+        let mut frame = vec![if fin { 0x80 } else { 0 } | opcode];
         let mask_bit = if masked { 0x80 } else { 0 };
         if payload.len() < 126 {
             frame.push(mask_bit | payload.len() as u8);
@@ -634,5 +638,46 @@ async fn raw_framing_abuse_gets_the_rfc_close_codes() {
     let mut wire = Wire::open(&node).await;
     wire.send(0x1, &[0xc3, 0x28], true).await;
     assert_eq!(wire.close_code().await, Some(CloseCode::InvalidData as u16));
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_fragment_flood_is_bounded_by_the_message_size_limit() {
+    let node = TestNode::start_with(|c| c.session.max_frame_bytes = 1024).await;
+    let mut wire = Wire::open(&node).await;
+    // A binary message that never ends: 1-byte fragments, none with FIN.
+    wire.send_frame(false, 0x2, b"x", true).await;
+    for _ in 0..2_000 {
+        wire.send_frame(false, 0x0, b"x", true).await;
+    }
+    assert_eq!(
+        wire.close_code().await,
+        Some(CloseCode::MessageTooBig as u16)
+    );
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_oversized_request_head_is_refused() {
+    let node = TestNode::start().await;
+    let mut stream = TcpStream::connect(node.addr).await.unwrap();
+    let huge = format!(
+        "GET /ws HTTP/1.1\r\nHost: x\r\nX-Filler: {}\r\n\r\n",
+        "a".repeat(64 * 1024)
+    );
+    let _ = stream.write_all(huge.as_bytes()).await;
+    let mut response = Vec::new();
+    let _ = tokio::time::timeout(DEADLINE, stream.read_to_end(&mut response))
+        .await
+        .expect("answered in time");
+    let response = String::from_utf8_lossy(&response);
+    assert!(
+        response.is_empty() || response.starts_with("HTTP/1.1 431"),
+        "{response}"
+    );
+    assert_eq!(
+        node.metric(r#"roomwire_sessions_opened_total{transport="ws"}"#),
+        0.0
+    );
     node.shutdown().await;
 }
