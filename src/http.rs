@@ -66,6 +66,15 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// The credential of an `Authorization: Bearer <credential>` header (the scheme is
+/// case-insensitive, RFC 7235).
+pub fn bearer(header: &str) -> Option<&str> {
+    let (scheme, credential) = header.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| credential.trim())
+}
+
 /// Proof that the request carried a configured API key (`Authorization: Bearer <key>`).
 pub struct ApiKey;
 
@@ -80,7 +89,7 @@ impl FromRequestParts<Arc<NodeContext>> for ApiKey {
             .headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(bearer)
             .unwrap_or("");
         // Every key is compared (no early exit), each in constant time.
         let matched = ctx.api_keys.iter().fold(0u8, |ok, key| {

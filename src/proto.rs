@@ -33,7 +33,8 @@ impl ServerFrame {
             server_frame::Kind::Error(Error {
                 code: code as i32,
                 message: message.into(),
-                retryable: code == ErrorCode::Unavailable,
+                // Both mean "later": UNAVAILABLE after a moment, RATE_LIMITED at a slower pace.
+                retryable: matches!(code, ErrorCode::Unavailable | ErrorCode::RateLimited),
             }),
         )
     }

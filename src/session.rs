@@ -743,6 +743,13 @@ impl Session {
     }
 
     fn refresh(&mut self, request_id: u64, token: &str) -> Result<(), RequestError> {
+        // Only token sessions expire; a certificate (or development) session has nothing to
+        // refresh, and a token must not graft an expiry or new permissions onto it.
+        if self.expires_at.is_none() {
+            return Err(RequestError::Auth(AuthError::Invalid(
+                "this session was not opened with a token".into(),
+            )));
+        }
         let principal = self
             .ctx
             .auth

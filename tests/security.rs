@@ -681,3 +681,25 @@ async fn an_oversized_request_head_is_refused() {
     );
     node.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_session_without_a_token_cannot_be_given_one_by_refresh() {
+    let node = TestNode::start().await;
+    let client = node.client("dev-user").await;
+    let err = client
+        .refresh(&hs256(&claims("dev-user", 600, json!({}))))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ClientError::Refused {
+                code: ErrorCode::Unauthorized,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    client.ping().await.unwrap();
+    node.shutdown().await;
+}

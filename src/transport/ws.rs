@@ -212,19 +212,21 @@ fn origin_allowed(allowed: &[String], headers: &http::HeaderMap) -> bool {
 /// The token of an upgrade request: `?token=` (browsers cannot set headers on a WebSocket) or
 /// `Authorization: Bearer`.
 fn upgrade_token(req: &Request) -> Option<String> {
-    if let Some(bearer) = req
+    let header = req
         .headers()
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-    {
-        if let Some(token) = bearer.strip_prefix("Bearer ") {
-            return Some(token.trim().to_string());
+        .and_then(|v| v.to_str().ok());
+    let token = match header.and_then(crate::http::bearer) {
+        Some(token) => Some(token.to_string()),
+        None => {
+            let query = req.uri().query()?;
+            form_urlencoded::parse(query.as_bytes())
+                .find(|(k, _)| k == "token")
+                .map(|(_, v)| v.into_owned())
         }
-    }
-    let query = req.uri().query()?;
-    form_urlencoded::parse(query.as_bytes())
-        .find(|(k, _)| k == "token")
-        .map(|(_, v)| v.into_owned())
+    };
+    // An empty token is no token: the Connect frame may still carry one.
+    token.filter(|t| !t.is_empty())
 }
 
 pub struct WsSource {
