@@ -26,6 +26,9 @@ use crate::config::{AuthConfig, AuthMode, JwtAlgorithm};
 use crate::proto::ErrorCode;
 use crate::room::RoomName;
 
+/// Longest accepted token id; longer ones are refused rather than stored.
+const MAX_JTI_BYTES: usize = 128;
+
 /// A room pattern: segments, where `*` matches one segment and a final `>` one or more.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RoomPattern(Vec<String>);
@@ -198,19 +201,38 @@ impl Authenticator {
         session_key: u64,
         now: u64,
     ) -> Result<Principal, AuthError> {
-        match (&self.mode, &self.jwt) {
-            (AuthMode::Jwt, Some(jwt)) => jwt.verify(token, now, &self.replay),
-            _ => insecure(token, session_key),
-        }
+        self.check(token, session_key, now, None)
     }
 
     /// Verifies a refresh token for a live session of `user`.
     pub fn refresh(&self, token: &str, user: &str, now: u64) -> Result<Principal, AuthError> {
-        let principal = self.authenticate(token, 0, now)?;
-        if &*principal.user != user {
+        self.check(token, 0, now, Some(user))
+    }
+
+    /// Verifies, then (only if everything else passed) uses up the token id.
+    fn check(
+        &self,
+        token: &str,
+        session_key: u64,
+        now: u64,
+        user: Option<&str>,
+    ) -> Result<Principal, AuthError> {
+        let (principal, jti) = match (&self.mode, &self.jwt) {
+            (AuthMode::Jwt, Some(jwt)) => jwt.verify(token, now)?,
+            _ => (insecure(token, session_key)?, None),
+        };
+        if user.is_some_and(|u| *u != *principal.user) {
             return Err(AuthError::WrongUser);
         }
+        if let Some((jti, keep_until)) = jti {
+            self.replay.claim(&jti, keep_until, now)?;
+        }
         Ok(principal)
+    }
+
+    /// Token ids currently remembered.
+    pub fn replay_entries(&self) -> usize {
+        self.replay.len()
     }
 
     pub fn requires_token(&self) -> bool {
@@ -323,7 +345,12 @@ impl JwtVerifier {
         })
     }
 
-    fn verify(&self, token: &str, now: u64, replay: &ReplayGuard) -> Result<Principal, AuthError> {
+    /// Checks everything but replay; returns the principal and the (jti, keep-until) to claim.
+    fn verify(
+        &self,
+        token: &str,
+        now: u64,
+    ) -> Result<(Principal, Option<(String, u64)>), AuthError> {
         if token.is_empty() {
             return Err(AuthError::Missing);
         }
@@ -342,6 +369,11 @@ impl JwtVerifier {
         let claims = jsonwebtoken::decode::<Claims>(token, key, &self.validation)
             .map_err(invalid)?
             .claims;
+        if claims.sub.starts_with(crate::tls::SERVICE_PREFIX) {
+            return Err(AuthError::Invalid(
+                "sub may not name a certificate service".into(),
+            ));
+        }
         if !crate::session::is_valid_user_id(&claims.sub) {
             return Err(AuthError::Invalid(format!(
                 "sub: {}",
@@ -362,47 +394,69 @@ impl JwtVerifier {
             join: parse(&claims.rooms.join)?,
             publish: parse(&claims.rooms.publish)?,
         };
-        match &claims.jti {
-            Some(jti) => replay.claim(jti, claims.exp + self.validation.leeway, now)?,
+        let jti = match claims.jti {
+            Some(jti) if jti.len() > MAX_JTI_BYTES => {
+                return Err(AuthError::Invalid("jti longer than 128 bytes".into()));
+            }
+            Some(jti) => Some((jti, claims.exp + self.validation.leeway)),
             None if self.require_jti => return Err(AuthError::Invalid("token has no jti".into())),
-            None => {}
-        }
-        Ok(Principal {
-            user: claims.sub.into(),
-            permissions,
-            expires_at: Some(claims.exp),
-        })
+            None => None,
+        };
+        Ok((
+            Principal {
+                user: claims.sub.into(),
+                permissions,
+                expires_at: Some(claims.exp),
+            },
+            jti,
+        ))
     }
 }
 
-/// Token ids seen, each kept until its token expires.
+/// Token ids seen, each kept until its token expires. Entries are also ordered by expiry, so
+/// each claim drops exactly the expired ones (amortised O(log n), never a full scan).
 struct ReplayGuard {
-    seen: Mutex<HashMap<String, u64>>,
+    inner: Mutex<Seen>,
     max: usize,
+}
+
+#[derive(Default)]
+struct Seen {
+    by_id: HashMap<String, u64>,
+    by_expiry: std::collections::BTreeSet<(u64, String)>,
 }
 
 impl ReplayGuard {
     fn new(max: usize) -> Self {
         Self {
-            seen: Mutex::new(HashMap::new()),
+            inner: Mutex::new(Seen::default()),
             max,
         }
     }
 
     /// Accepts `jti` once until `expires` (Unix seconds).
     fn claim(&self, jti: &str, expires: u64, now: u64) -> Result<(), AuthError> {
-        let mut seen = self.seen.lock().expect("replay lock poisoned");
-        if seen.get(jti).is_some_and(|&exp| exp >= now) {
+        let mut seen = self.inner.lock().expect("replay lock poisoned");
+        while let Some((exp, _)) = seen.by_expiry.first() {
+            if *exp >= now {
+                break;
+            }
+            let (_, id) = seen.by_expiry.pop_first().expect("first exists");
+            seen.by_id.remove(&id);
+        }
+        if seen.by_id.contains_key(jti) {
             return Err(AuthError::Replayed);
         }
-        if seen.len() >= self.max {
-            seen.retain(|_, exp| *exp >= now);
-            if seen.len() >= self.max {
-                return Err(AuthError::Busy);
-            }
+        if seen.by_id.len() >= self.max {
+            return Err(AuthError::Busy);
         }
-        seen.insert(jti.to_string(), expires);
+        seen.by_id.insert(jti.to_string(), expires);
+        seen.by_expiry.insert((expires, jti.to_string()));
         Ok(())
+    }
+
+    fn len(&self) -> usize {
+        self.inner.lock().expect("replay lock poisoned").by_id.len()
     }
 }
 
@@ -440,11 +494,18 @@ mod tests {
             guard.claim("a", 100, 50),
             Err(AuthError::Replayed)
         ));
-        guard.claim("b", 100, 10).unwrap();
+        guard.claim("b", 150, 10).unwrap();
         assert!(matches!(guard.claim("c", 100, 10), Err(AuthError::Busy)));
-        // Once "a" and "b" have expired they make room (and "a" may be seen again).
-        guard.claim("c", 300, 200).unwrap();
-        guard.claim("a", 300, 200).unwrap();
+        // "a" expires first and makes room; "b" is still remembered.
+        guard.claim("c", 300, 120).unwrap();
+        assert!(matches!(
+            guard.claim("b", 300, 120),
+            Err(AuthError::Replayed)
+        ));
+        assert_eq!(guard.len(), 2);
+        // Once everything has expired, "a" may be seen again.
+        guard.claim("a", 400, 350).unwrap();
+        assert_eq!(guard.len(), 1);
     }
 
     proptest! {

@@ -110,15 +110,21 @@ pub fn init(
     names.extend(extra_names.iter().cloned());
     let mut written = Vec::new();
     let mut write = |file: &str, text: &str, secret: bool| -> anyhow::Result<()> {
+        use std::io::Write as _;
         let path = dir.join(file);
-        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        // Keys are created 0600, never briefly readable by others.
+        #[cfg(unix)]
         if secret {
-            #[cfg(unix)]
-            {
-                use std::os::unix::fs::PermissionsExt;
-                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-            }
+            use std::os::unix::fs::OpenOptionsExt;
+            options.mode(0o600);
         }
+        let mut out = options
+            .open(&path)
+            .with_context(|| format!("writing {}", path.display()))?;
+        out.write_all(text.as_bytes())
+            .with_context(|| format!("writing {}", path.display()))?;
         written.push(path);
         Ok(())
     };

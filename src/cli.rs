@@ -200,6 +200,10 @@ fn print_event(event: &Event) -> bool {
             );
             false
         }
+        Event::Left(room) => {
+            eprintln!("removed from {room}");
+            false
+        }
         Event::TokenExpiring(at) => {
             eprintln!("token expires at {at} (Unix ms); reconnect with a fresh token");
             false

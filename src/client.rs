@@ -71,6 +71,8 @@ impl ClientOptions {
 pub enum Event {
     Message(proto::Message),
     GoAway(proto::GoAway),
+    /// The node removed the session from a room (a refreshed token no longer allows it).
+    Left(String),
     /// The session's token expires at this Unix millisecond: call [`Client::refresh`].
     TokenExpiring(u64),
     /// An Error frame that answers no request (e.g. a protocol violation).
@@ -375,6 +377,7 @@ async fn read_loop(mut stream: SplitStream<Ws>, pending: Pending, events: mpsc::
             Some(server_frame::Kind::Message(m)) => Event::Message(m),
             Some(server_frame::Kind::GoAway(g)) => Event::GoAway(g),
             Some(server_frame::Kind::TokenExpiring(t)) => Event::TokenExpiring(t.expires_at_ms),
+            Some(server_frame::Kind::Left(l)) => Event::Left(l.room),
             Some(server_frame::Kind::Error(e)) => Event::Error(e),
             _ => continue,
         };

@@ -148,6 +148,9 @@ pub struct RoomsConfig {
     pub dedupe_window_ms: u64,
     /// Pairs remembered per room at most (the oldest are forgotten first).
     pub dedupe_max_per_room: usize,
+    /// Rooms whose owner state this node holds at most (a few hundred bytes each); beyond it,
+    /// joins and publishes to new rooms are refused with the retryable UNAVAILABLE.
+    pub max_owned_rooms: usize,
 }
 
 impl Default for RoomsConfig {
@@ -157,6 +160,7 @@ impl Default for RoomsConfig {
             idle_ttl_ms: 300_000,
             dedupe_window_ms: 120_000,
             dedupe_max_per_room: 10_000,
+            max_owned_rooms: 1_000_000,
         }
     }
 }
@@ -166,6 +170,8 @@ impl Default for RoomsConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
     pub mode: AuthMode,
+    /// Allow the insecure mode on non-loopback listen addresses (closed test networks only).
+    pub allow_insecure_on_public_addresses: bool,
     /// JWT verification (`mode = "jwt"`).
     pub jwt: JwtConfig,
 }
@@ -488,6 +494,29 @@ impl Config {
         if (l.session_byte_burst as usize) < s.max_frame_bytes {
             return bad("limits.session_byte_burst must be at least session.max_frame_bytes");
         }
+        if self.auth.mode == AuthMode::Insecure
+            && !self.auth.allow_insecure_on_public_addresses
+            && self.server.listen.iter().any(|a| !a.ip().is_loopback())
+        {
+            return bad(
+                "auth.mode = \"insecure\" lets anyone claim any user: on a non-loopback address use mode = \"jwt\" (or set auth.allow_insecure_on_public_addresses = true for a closed test network)",
+            );
+        }
+        let jwt = &self.auth.jwt;
+        if jwt.max_lifetime_s == 0
+            || jwt.max_lifetime_s > 30 * 86_400
+            || jwt.refresh_warning_s >= jwt.max_lifetime_s
+        {
+            return bad(
+                "auth.jwt.max_lifetime_s must be within 1..=2592000 (30 days) and exceed refresh_warning_s",
+            );
+        }
+        if self.tls.reload_interval_ms == 0 {
+            return bad("tls.reload_interval_ms must be positive");
+        }
+        if self.tls.client_auth != ClientAuth::Off && !self.tls.enabled {
+            return bad("tls.client_auth needs tls.enabled = true");
+        }
         crate::tls::TlsState::load(&self.tls)
             .map_err(|e| ConfigError::Invalid(format!("{e:#}")))?;
         if self.auth.mode == AuthMode::Jwt {
@@ -583,6 +612,22 @@ mod tests {
         )
         .unwrap_err();
         assert!(matches!(err, ConfigError::Invalid(_)), "{err}");
+    }
+
+    #[test]
+    fn insecure_auth_is_refused_on_a_public_address() {
+        let err = Config::load(
+            None,
+            Vec::new(),
+            &[r#"server.listen=["0.0.0.0:8080"]"#.into()],
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("insecure"), "{err}");
+        let overrides = [
+            r#"server.listen=["0.0.0.0:8080"]"#.into(),
+            "auth.allow_insecure_on_public_addresses=true".into(),
+        ];
+        Config::load(None, Vec::new(), &overrides).unwrap();
     }
 
     #[test]

@@ -202,6 +202,9 @@ async fn publish(
             .map_err(|e| bad(format!("data_base64: {e}")))?,
         _ => return Err(bad("give exactly one of data, data_base64".into())),
     };
+    if req.client_msg_id.len() > session::MAX_CLIENT_MSG_ID_BYTES {
+        return Err(bad("client_msg_id longer than 128 bytes".into()));
+    }
     if payload.len() > ctx.config.session.max_frame_bytes {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,

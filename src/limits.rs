@@ -61,6 +61,7 @@ impl IpGate {
 
     /// Admits a new connection from `ip`, or says why not.
     pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<IpSlot, IpRefusal> {
+        let ip = client_key(ip);
         if self.rate.check_key(&ip).is_err() {
             return Err(IpRefusal::Rate);
         }
@@ -92,6 +93,19 @@ impl Drop for IpSlot {
                 open.remove(&self.ip);
             }
         }
+    }
+}
+
+/// The address limits are keyed by: IPv4 as is (IPv4-mapped IPv6 folded to IPv4), IPv6 by its
+/// /64, because one host usually holds a whole /64 and could otherwise rotate through it.
+pub fn client_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let mut octets = v6.octets();
+            octets[8..].fill(0);
+            IpAddr::V6(octets.into())
+        }
+        v4 => v4,
     }
 }
 
@@ -172,6 +186,17 @@ mod tests {
         assert!(gate.admit(b).is_ok());
         drop(first);
         assert!(gate.admit(a).is_ok());
+    }
+
+    #[test]
+    fn ipv6_clients_are_limited_per_64_and_mapped_ipv4_as_ipv4() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:bbbb::2".parse().unwrap();
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(client_key(a), client_key(b));
+        assert_ne!(client_key(a), client_key(c));
+        let mapped: IpAddr = "::ffff:127.0.0.1".parse().unwrap();
+        assert_eq!(client_key(mapped), "127.0.0.1".parse::<IpAddr>().unwrap());
     }
 
     #[test]

@@ -69,12 +69,12 @@ impl NodeContext {
     }
 }
 
-/// A connection's share of `server.max_connections`; released when the last holder (the HTTP
-/// connection task, or the WebSocket session it upgraded into) drops it.
 /// The principal a verified client certificate named (mutual TLS), put into each request.
 #[derive(Clone)]
 pub struct PeerIdentity(pub Principal);
 
+/// A connection's share of `server.max_connections` and of its address's limit; released when
+/// the last holder (the HTTP connection task, or the WebSocket session it upgraded into) drops it.
 #[derive(Clone)]
 pub struct ConnPermit(#[allow(dead_code)] Arc<(OwnedSemaphorePermit, IpSlot)>);
 

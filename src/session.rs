@@ -42,6 +42,9 @@ const MAX_BATCH: usize = 256;
 const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a closed session keeps reading for the peer's close reply.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
+/// Longest client message id, in bytes: the owner remembers ids for de-duplication, so they
+/// must stay small.
+pub const MAX_CLIENT_MSG_ID_BYTES: usize = 128;
 /// Longest user id, in bytes (it becomes part of the room name `$user.<id>`).
 pub const MAX_USER_ID_BYTES: usize = 64;
 
@@ -246,6 +249,9 @@ impl SessionHandle {
     }
 
     pub(crate) fn push_uncounted(&self, frame: Bytes) -> bool {
+        if self.closing.is_cancelled() {
+            return false;
+        }
         let len = frame.len();
         let queued = self.queued_bytes.fetch_add(len, Ordering::Relaxed) + len;
         if queued > self.max_queued_bytes {
@@ -351,6 +357,8 @@ enum RequestError {
     Forbidden(&'static str, RoomName),
     #[error(transparent)]
     Auth(#[from] AuthError),
+    #[error("client_msg_id longer than 128 bytes")]
+    ClientMsgIdTooLong,
 }
 
 impl RequestError {
@@ -363,6 +371,7 @@ impl RequestError {
             RequestError::Bus(e) => e.code(),
             RequestError::Forbidden(..) => ErrorCode::Forbidden,
             RequestError::Auth(e) => e.code(),
+            RequestError::ClientMsgIdTooLong => ErrorCode::BadFrame,
         }
     }
 }
@@ -414,6 +423,11 @@ pub async fn run<S: FrameSource, K: FrameSink>(
         if let Err(error) = ctx.bus.join(room, &handle, None).await {
             tracing::warn!(%error, %room, "implicit join failed");
         }
+    }
+    // A drain that started after this session was authenticated but before it joined $broadcast
+    // did not see it; tell it now (the drain cancels before it takes its snapshot).
+    if ctx.shutdown.is_cancelled() {
+        handle.go_away("node shutting down");
     }
     session.read_loop(&mut source).await;
 
@@ -529,7 +543,7 @@ async fn handshake<S: FrameSource, K: FrameSink>(
                 bytes_per_second: ctx.config.limits.session_bytes_per_second,
             }),
             user_id: handle.user.to_string(),
-            token_expires_at_ms: principal.expires_at.map_or(0, |s| s * 1000),
+            token_expires_at_ms: principal.expires_at.map_or(0, |s| s.saturating_mul(1000)),
         }),
     ));
     Some((handle, rx, principal))
@@ -575,9 +589,19 @@ fn count_error(ctx: &NodeContext, code: ErrorCode) {
 /// the close frame before the peer read it.
 async fn linger<S: FrameSource>(source: &mut S) {
     let _ = timeout(CLOSE_LINGER, async {
-        while let Ok(inbound) = source.recv().await {
-            if matches!(inbound, Inbound::Closed) {
-                break;
+        // After a framing error tungstenite may keep reporting errors while input remains; read
+        // on (bounded) so the socket is not closed with unread data, which would reset it.
+        let mut errors = 0;
+        loop {
+            match source.recv().await {
+                Ok(Inbound::Closed) | Err(TransportError::Io(_)) => break,
+                Ok(_) => {}
+                Err(_) => {
+                    errors += 1;
+                    if errors > 64 {
+                        break;
+                    }
+                }
             }
         }
     })
@@ -712,17 +736,19 @@ impl Session {
 
     /// When the token timer should fire next: the warning, then the expiry.
     fn token_deadline(&self) -> tokio::time::Instant {
+        // Capped so no configuration can overflow the Instant arithmetic.
+        const FAR: u64 = 365 * 86_400 * 1000;
         let now = tokio::time::Instant::now();
         let Some(expires_at) = self.expires_at else {
-            return now + Duration::from_secs(365 * 86_400);
+            return now + Duration::from_millis(FAR);
         };
         let warning = self.ctx.config.auth.jwt.refresh_warning_s;
-        let at = if self.warned {
+        let at_s = if self.warned {
             expires_at
         } else {
             expires_at.saturating_sub(warning)
         };
-        now + Duration::from_secs(at.saturating_sub(now_ms() / 1000))
+        now + Duration::from_millis(at_s.saturating_mul(1000).saturating_sub(now_ms()).min(FAR))
     }
 
     fn on_token_timer(&mut self) {
@@ -736,13 +762,13 @@ impl Session {
             self.handle.push_frame(&ServerFrame::reply(
                 0,
                 server_frame::Kind::TokenExpiring(proto::TokenExpiring {
-                    expires_at_ms: expires_at * 1000,
+                    expires_at_ms: expires_at.saturating_mul(1000),
                 }),
             ));
         }
     }
 
-    fn refresh(&mut self, request_id: u64, token: &str) -> Result<(), RequestError> {
+    async fn refresh(&mut self, request_id: u64, token: &str) -> Result<(), RequestError> {
         // Only token sessions expire; a certificate (or development) session has nothing to
         // refresh, and a token must not graft an expiry or new permissions onto it.
         if self.expires_at.is_none() {
@@ -763,12 +789,29 @@ impl Session {
             })?;
         self.permissions = principal.permissions;
         self.expires_at = principal.expires_at;
+        // Rooms the new token no longer allows are left, each with a Left frame.
+        let revoked: Vec<RoomName> = self
+            .rooms
+            .iter()
+            .filter(|r| !self.permissions.may_join(r))
+            .cloned()
+            .collect();
+        for room in revoked {
+            self.rooms.remove(&room);
+            self.ctx.bus.leave(&room, &self.handle).await;
+            self.handle.push_frame(&ServerFrame::reply(
+                0,
+                server_frame::Kind::Left(proto::Left {
+                    room: room.to_string(),
+                }),
+            ));
+        }
         self.warned = false;
         self.rearm = true;
         self.handle.push_frame(&ServerFrame::reply(
             request_id,
             server_frame::Kind::Refreshed(proto::Refreshed {
-                expires_at_ms: self.expires_at.map_or(0, |s| s * 1000),
+                expires_at_ms: self.expires_at.map_or(0, |s| s.saturating_mul(1000)),
             }),
         ));
         Ok(())
@@ -808,7 +851,7 @@ impl Session {
             Some(Kind::Join(join)) => self.join(request_id, &join.room).await,
             Some(Kind::Leave(leave)) => self.leave(request_id, &leave.room).await,
             Some(Kind::Publish(publish)) => self.publish(request_id, publish).await,
-            Some(Kind::Refresh(refresh)) => self.refresh(request_id, &refresh.token),
+            Some(Kind::Refresh(refresh)) => self.refresh(request_id, &refresh.token).await,
             Some(Kind::Ping(ping)) => {
                 self.handle.push_frame(&ServerFrame::reply(
                     request_id,
@@ -876,6 +919,9 @@ impl Session {
         publish: proto::Publish,
     ) -> Result<(), RequestError> {
         let room = self.room_name(&publish.room)?;
+        if publish.client_msg_id.len() > MAX_CLIENT_MSG_ID_BYTES {
+            return Err(RequestError::ClientMsgIdTooLong);
+        }
         if !self.permissions.may_publish(&room) {
             return Err(RequestError::Forbidden("publish", room));
         }
@@ -914,6 +960,11 @@ impl Session {
 
 /// The writer task: drains the send queue into the transport, one coalesced write per batch,
 /// sends heartbeats, and writes the close frame when the session closes.
+///
+/// A batch in flight when the session starts closing is finished (within CLOSE_WRITE_TIMEOUT)
+/// when the close reason keeps what was accepted, so the peer never sees a hole followed by later
+/// frames; it is abandoned only for a slow consumer or a dead connection. A write that makes no
+/// progress for `idle_timeout_ms` counts as a failed write.
 async fn write_loop<K: FrameSink>(
     handle: Arc<SessionHandle>,
     mut rx: mpsc::Receiver<Bytes>,
@@ -921,11 +972,13 @@ async fn write_loop<K: FrameSink>(
 ) {
     let ctx = handle.ctx.clone();
     let heartbeat = ctx.config.heartbeat_interval();
+    let stall_limit = ctx.config.idle_timeout();
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut batch: Vec<Bytes> = Vec::new();
     let closing = handle.closing.clone();
-    let mut write_failed = false;
+    // Whether everything taken from the queue so far reached the transport in order.
+    let mut intact = true;
     loop {
         tokio::select! {
             biased;
@@ -934,36 +987,46 @@ async fn write_loop<K: FrameSink>(
                 if n == 0 {
                     break;
                 }
-                // A peer that stops reading blocks the write; closing must still win.
-                let result = tokio::select! {
-                    r = sink.send_batch(&batch) => r,
-                    _ = closing.cancelled() => Err(TransportError::Io("closing".into())),
+                let written = {
+                    let send = timeout(stall_limit, sink.send_batch(&batch));
+                    tokio::pin!(send);
+                    tokio::select! {
+                        r = &mut send => matches!(r, Ok(Ok(()))),
+                        _ = closing.cancelled() => {
+                            if handle.reason().flushes_queue() {
+                                matches!(timeout(CLOSE_WRITE_TIMEOUT, &mut send).await, Ok(Ok(Ok(()))))
+                            } else {
+                                false
+                            }
+                        }
+                    }
                 };
                 account_written(&handle, &batch);
                 batch.clear();
-                if result.is_err() {
-                    write_failed = !closing.is_cancelled();
+                if !written {
+                    intact = false;
                     break;
                 }
             }
             _ = ticker.tick() => {
-                let result = tokio::select! {
-                    r = sink.heartbeat() => r,
-                    _ = closing.cancelled() => Ok(()),
+                let sent = tokio::select! {
+                    r = timeout(stall_limit, sink.heartbeat()) => matches!(r, Ok(Ok(()))),
+                    _ = closing.cancelled() => true,
                 };
-                if result.is_err() {
-                    write_failed = true;
+                if !sent {
+                    intact = false;
                     break;
                 }
             }
         }
     }
-    if write_failed {
+    if !intact {
+        // No-op when a reason was already set (e.g. slow consumer); otherwise the write failed.
         handle.close(CloseReason::WriteFailed);
     }
     let reason = handle.reason();
     rx.close();
-    if reason.flushes_queue() && !write_failed {
+    if reason.flushes_queue() && intact {
         let mut rest = Vec::new();
         while let Ok(frame) = rx.try_recv() {
             rest.push(frame);
@@ -979,7 +1042,7 @@ async fn write_loop<K: FrameSink>(
         dropped += frame.len();
     }
     handle.release(dropped);
-    if !write_failed {
+    if reason != CloseReason::WriteFailed {
         let _ = timeout(
             CLOSE_WRITE_TIMEOUT,
             sink.close(reason.code() as u16, &reason.text()),

@@ -26,6 +26,10 @@ use x509_parser::prelude::{FromDer as _, GeneralName, X509Certificate};
 use crate::auth::{Permissions, Principal, RoomPattern};
 use crate::config::{ClientAuth, TlsConfig};
 
+/// Prefix of the user ids of certificate-identified services (`service:billing`). Token subjects
+/// starting with it are refused (see `auth`), so a token can never act as a service.
+pub const SERVICE_PREFIX: &str = "service:";
+
 /// Why a client certificate that passed the handshake was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
@@ -119,9 +123,11 @@ impl TlsState {
         if *stamps == now {
             return Ok(false);
         }
-        *stamps = now;
+        // The stamps move only after a successful build: a file caught mid-write is retried on
+        // the next tick instead of being taken as seen.
         let fresh = build(&self.config)?;
         *self.current.write().expect("tls lock poisoned") = Arc::new(fresh);
+        *stamps = now;
         Ok(true)
     }
 
@@ -146,7 +152,7 @@ impl TlsState {
             });
             if let Some(service) = service {
                 return Ok(Principal {
-                    user: service.name.as_str().into(),
+                    user: format!("{SERVICE_PREFIX}{}", service.name).into(),
                     permissions: service.permissions.clone(),
                     expires_at: None,
                 });

@@ -269,10 +269,9 @@ async fn rooms_outside_the_token_patterns_are_forbidden_while_allowed_ones_work(
 #[tokio::test]
 async fn refresh_keeps_a_session_alive_past_its_first_token() {
     let node = jwt_node(|c| c.auth.jwt.refresh_warning_s = 2).await;
-    let first_exp = now() + 3;
-    let mut client = connect_query(&node, &hs256(&claims("dave", 3, json!({}))))
-        .await
-        .unwrap();
+    let first = claims("dave", 3, json!({}));
+    let first_exp = first["exp"].as_u64().unwrap();
+    let mut client = connect_query(&node, &hs256(&first)).await.unwrap();
     let warned = tokio::time::timeout(DEADLINE, client.next_event())
         .await
         .unwrap();
@@ -701,5 +700,62 @@ async fn a_session_without_a_token_cannot_be_given_one_by_refresh() {
         "{err}"
     );
     client.ping().await.unwrap();
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_refresh_with_fewer_rooms_leaves_the_rooms_it_no_longer_allows() {
+    let node = jwt_node(|_| {}).await;
+    let wide = json!({ "rooms": { "join": ["a.*", "b.*"], "publish": [] } });
+    let mut client = connect_query(&node, &hs256(&claims("gina", 600, wide)))
+        .await
+        .unwrap();
+    client.join("a.x").await.unwrap();
+    client.join("b.x").await.unwrap();
+    let narrow = json!({ "rooms": { "join": ["a.*"], "publish": [] } });
+    client
+        .refresh(&hs256(&claims("gina", 600, narrow)))
+        .await
+        .unwrap();
+    match tokio::time::timeout(DEADLINE, client.next_event())
+        .await
+        .unwrap()
+    {
+        Some(Event::Left(room)) => assert_eq!(room, "b.x"),
+        other => panic!("{other:?}"),
+    }
+    let (_, body) = node
+        .http("GET", "/api/v1/rooms/b.x", Some(API_KEY), None)
+        .await;
+    assert!(body.contains(r#""local_members":0"#), "{body}");
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_token_cannot_pose_as_a_certificate_service_and_ids_are_bounded() {
+    let node = jwt_node(|_| {}).await;
+    let err = connect_query(&node, &hs256(&claims("service:billing", 600, json!({}))))
+        .await
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("401"), "{err}");
+    let client = connect_query(&node, &hs256(&claims("hank", 600, json!({}))))
+        .await
+        .unwrap();
+    let err = client
+        .publish("r", "x", &"i".repeat(129))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ClientError::Refused {
+                code: ErrorCode::BadFrame,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    client.publish("r", "x", &"i".repeat(128)).await.unwrap();
     node.shutdown().await;
 }

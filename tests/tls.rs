@@ -170,7 +170,7 @@ async fn required_mtls_admits_the_right_certificate_as_its_service_and_refuses_t
         .await;
     let billing = pki.ca.service("billing").unwrap();
     let (mut ws, connected) = wss(&node, pki.client(Some(&billing)), "").await.unwrap();
-    assert_eq!(connected.user_id, "billing");
+    assert_eq!(connected.user_id, "service:billing");
     // Its permissions come from its [[tls.services]] entry.
     send_frame(
         &mut ws,
@@ -240,7 +240,7 @@ async fn optional_mtls_lets_browsers_in_with_tokens_only() {
     let (_ws, connected) = wss(&node, pki.client(Some(&billing)), "ignored")
         .await
         .unwrap();
-    assert_eq!(connected.user_id, "billing");
+    assert_eq!(connected.user_id, "service:billing");
     node.shutdown().await;
 }
 

@@ -71,7 +71,7 @@ impl Bus {
     /// Sequences a message at the room's owner and fans it out to every member.
     pub async fn publish(&self, publication: Publication) -> Result<Sequenced, BusError> {
         match self {
-            Bus::Standalone(bus) => Ok(bus.publish(publication)),
+            Bus::Standalone(bus) => bus.publish(publication),
         }
     }
 
@@ -91,10 +91,7 @@ impl Bus {
         request_id: Option<u64>,
     ) -> Result<(), BusError> {
         match self {
-            Bus::Standalone(bus) => {
-                bus.join(room, session, request_id);
-                Ok(())
-            }
+            Bus::Standalone(bus) => bus.join(room, session, request_id),
         }
     }
 
