@@ -818,11 +818,7 @@ impl Session {
     }
 
     fn count_in(&self, kind: &'static str) {
-        self.ctx
-            .metrics
-            .frames_in
-            .get_or_create(&[("kind", kind)])
-            .inc();
+        self.ctx.metrics.frame_in(kind);
     }
 
     fn send_error(&self, request_id: u64, code: ErrorCode, message: &str) {
