@@ -144,7 +144,8 @@ impl TlsState {
                 return Ok(Principal {
                     user: format!("{SERVICE_PREFIX}{}", service.name).into(),
                     permissions: service.permissions.clone(),
-                    expires_at: None,
+                    // A service cannot refresh: its session ends when its certificate does.
+                    expires_at: u64::try_from(cert.validity().not_after.timestamp()).ok(),
                 });
             }
         }
