@@ -1,5 +1,5 @@
-//! Micro-benchmarks of the hot pure parts: frame encode and decode, and the fan-out of one
-//! encoded message into 10,000 local sessions' queues. Run with `cargo bench --bench hot_paths`.
+//! Micro-benchmarks of the hot pure parts: frame encode and decode, the fan-out of one encoded
+//! message into 10,000 local sessions' queues, and the ring's owner lookup. Run with `cargo bench --bench hot_paths`.
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -97,5 +97,18 @@ fn fanout(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, codec, fanout);
+fn ring(c: &mut Criterion) {
+    let nodes: Vec<String> = (0..16).map(|i| format!("node-{i}")).collect();
+    let ring = roomwire::cluster::ring::Ring::new(&nodes, roomwire::cluster::ring::DEFAULT_VNODES);
+    let rooms: Vec<String> = (0..1024).map(|i| format!("chat.room-{i}")).collect();
+    let mut i = 0;
+    c.bench_function("ring/owner_of_room_16_nodes", |b| {
+        b.iter(|| {
+            i = (i + 1) % rooms.len();
+            black_box(ring.owner(&rooms[i]))
+        })
+    });
+}
+
+criterion_group!(benches, codec, fanout, ring);
 criterion_main!(benches);

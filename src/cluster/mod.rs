@@ -14,6 +14,7 @@ use crate::room::RoomName;
 use crate::session::SessionHandle;
 
 pub mod local;
+pub mod ring;
 
 /// A message to be sequenced into a room.
 #[derive(Debug, Clone)]
