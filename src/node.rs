@@ -28,6 +28,8 @@ use crate::fanout::Hub;
 use crate::metrics::Metrics;
 use crate::room::RoomName;
 use crate::session::now_ms;
+use crate::transport::certs::CurrentCert;
+use crate::transport::webtransport;
 use crate::transport::ws::PeerAddr;
 
 /// How often owner state of idle rooms is swept.
@@ -46,6 +48,10 @@ pub struct NodeContext {
     pub shutdown: CancellationToken,
     /// Keys accepted by the HTTP API.
     pub api_keys: Vec<String>,
+    /// The WebTransport certificate's hash, for `/webtransport/certhash` (`None`: disabled).
+    pub webtransport_cert: Option<Arc<CurrentCert>>,
+    /// The UDP port WebTransport listens on (the first listener's), for the browser client.
+    pub webtransport_port: Option<u16>,
     draining: AtomicBool,
     next_session: AtomicU64,
 }
@@ -69,6 +75,7 @@ pub struct ConnPermit(#[allow(dead_code)] Arc<OwnedSemaphorePermit>);
 pub struct Node {
     ctx: Arc<NodeContext>,
     listeners: Vec<TcpListener>,
+    webtransport: Option<webtransport::Listener>,
 }
 
 impl Node {
@@ -94,6 +101,14 @@ impl Node {
                 .with_context(|| format!("binding {addr}"))?;
             listeners.push(listener);
         }
+        let (webtransport, webtransport_cert) = if config.webtransport.enabled {
+            let current = Arc::new(CurrentCert::default());
+            let listener = webtransport::Listener::bind(&config.webtransport, &current)
+                .context("starting WebTransport")?;
+            (Some(listener), Some(current))
+        } else {
+            (None, None)
+        };
         let metrics = Arc::new(Metrics::new());
         let hub = Arc::new(Hub::new(metrics.clone()));
         let bus = Bus::Standalone(LocalBus::new(
@@ -110,10 +125,18 @@ impl Node {
             tracker: TaskTracker::new(),
             shutdown: CancellationToken::new(),
             api_keys,
+            webtransport_cert,
+            webtransport_port: webtransport
+                .as_ref()
+                .and_then(|l| l.local_addrs().first().map(SocketAddr::port)),
             draining: AtomicBool::new(false),
             next_session: AtomicU64::new(1),
         });
-        Ok(Node { ctx, listeners })
+        Ok(Node {
+            ctx,
+            listeners,
+            webtransport,
+        })
     }
 
     /// The bound addresses (with the real port when the config asked for port 0).
@@ -122,6 +145,14 @@ impl Node {
             .iter()
             .filter_map(|l| l.local_addr().ok())
             .collect()
+    }
+
+    /// The bound WebTransport (UDP) addresses; empty when WebTransport is disabled.
+    pub fn webtransport_addrs(&self) -> Vec<SocketAddr> {
+        self.webtransport
+            .as_ref()
+            .map(webtransport::Listener::local_addrs)
+            .unwrap_or_default()
     }
 
     pub fn context(&self) -> Arc<NodeContext> {
@@ -142,6 +173,10 @@ impl Node {
                 limit.clone(),
             ));
         }
+        let quic_endpoints = self
+            .webtransport
+            .map(|listener| listener.serve(&ctx))
+            .unwrap_or_default();
         let sweeper = tokio::spawn({
             let ctx = ctx.clone();
             async move {
@@ -156,6 +191,12 @@ impl Node {
         shutdown.cancelled().await;
         sweeper.abort();
         drain(&ctx).await;
+        for endpoint in &quic_endpoints {
+            endpoint.close(quinn::VarInt::from_u32(0), b"node shut down");
+        }
+        for endpoint in &quic_endpoints {
+            let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+        }
         Ok(())
     }
 }

@@ -32,6 +32,7 @@ use crate::proto::{
     self, ClientFrame, CloseCode, ErrorCode, ServerFrame, client_frame, server_frame,
 };
 use crate::room::{RoomName, RoomNameError};
+use crate::transport::webtransport::{DatagramOutcome, DatagramPath};
 use crate::transport::{FrameSink, FrameSource, Inbound, Transport, TransportError};
 
 /// Frames taken from the queue per write at most; bounds the writer's batch buffer.
@@ -186,7 +187,22 @@ pub struct SessionHandle {
     state: AtomicU8,
     closing: CancellationToken,
     reason: OnceLock<CloseReason>,
+    /// Set for WebTransport sessions: unreliable frames go out as datagrams.
+    datagrams: OnceLock<DatagramPath>,
     ctx: Arc<NodeContext>,
+}
+
+/// What became of an unreliable frame pushed to one session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnreliableOutcome {
+    /// Into the send queue (no datagram path: WebSocket).
+    Queued,
+    /// Sent as a datagram.
+    Datagram,
+    /// Not sent (datagram buffer full, session closing); unreliable frames may be lost.
+    Dropped,
+    /// Larger than this session's datagram limit (`max` bytes of frame).
+    TooLarge { max: usize },
 }
 
 impl SessionHandle {
@@ -215,6 +231,7 @@ impl SessionHandle {
             state: AtomicU8::new(State::Authenticated as u8),
             closing: CancellationToken::new(),
             reason: OnceLock::new(),
+            datagrams: OnceLock::new(),
             ctx: ctx.clone(),
         });
         (handle, rx)
@@ -252,6 +269,20 @@ impl SessionHandle {
                 self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
                 false
             }
+        }
+    }
+
+    /// Pushes an unreliable frame without waiting: as a datagram when the session has a datagram
+    /// path, else into the send queue like any frame. The same encoded bytes go to every receiver.
+    pub fn push_unreliable(&self, frame: &Bytes) -> UnreliableOutcome {
+        match self.datagrams.get() {
+            Some(path) => match path.send(frame) {
+                DatagramOutcome::Sent => UnreliableOutcome::Datagram,
+                DatagramOutcome::Dropped => UnreliableOutcome::Dropped,
+                DatagramOutcome::TooLarge { max } => UnreliableOutcome::TooLarge { max },
+            },
+            None if self.push_uncounted(frame.clone()) => UnreliableOutcome::Queued,
+            None => UnreliableOutcome::Dropped,
         }
     }
 
@@ -333,6 +364,8 @@ enum RequestError {
     NotMember(RoomName),
     #[error("payload larger than {0} bytes")]
     PayloadTooLarge(usize),
+    #[error("unreliable message larger than a receiver's datagram limit ({0} bytes)")]
+    DatagramTooLarge(usize),
     #[error(transparent)]
     Bus(#[from] BusError),
 }
@@ -343,7 +376,9 @@ impl RequestError {
             RequestError::Room(e) => e.code(),
             RequestError::TooManyRooms(_) => ErrorCode::TooManyRooms,
             RequestError::NotMember(_) => ErrorCode::NotMember,
-            RequestError::PayloadTooLarge(_) => ErrorCode::PayloadTooLarge,
+            RequestError::PayloadTooLarge(_) | RequestError::DatagramTooLarge(_) => {
+                ErrorCode::PayloadTooLarge
+            }
             RequestError::Bus(e) => e.code(),
         }
     }
@@ -430,7 +465,7 @@ async fn handshake<S: FrameSource, K: FrameSink>(
         let must = "the first frame must be Connect";
         let (reason, error) = match inbound {
             Err(_) => (CloseReason::HandshakeTimeout, None),
-            Ok(Ok(Inbound::Activity)) => continue,
+            Ok(Ok(Inbound::Activity | Inbound::Datagram(_))) => continue,
             Ok(Ok(Inbound::Closed)) => return None,
             Ok(Ok(Inbound::Frame(bytes))) => match ClientFrame::decode_bytes(bytes) {
                 Ok(ClientFrame {
@@ -457,7 +492,8 @@ async fn handshake<S: FrameSource, K: FrameSink>(
     };
 
     let key = ctx.next_session_key();
-    let user: Arc<str> = match authenticate(&connect.token, key) {
+    let token = transport_token(source.connect_token(), &connect.token);
+    let user: Arc<str> = match token.and_then(|token| authenticate(token, key)) {
         Ok(user) => user.into(),
         Err(why) => {
             let reason = CloseReason::Unauthorized(why.to_string());
@@ -473,6 +509,9 @@ async fn handshake<S: FrameSource, K: FrameSink>(
     };
 
     let (handle, rx) = SessionHandle::new(ctx, key, user, transport, peer, connect.client_name);
+    if let Some(path) = sink.datagrams() {
+        let _ = handle.datagrams.set(path);
+    }
     let config = &ctx.config.session;
     handle.push_frame(&ServerFrame::reply(
         request_id,
@@ -553,8 +592,23 @@ pub fn is_valid_user_id(user: &str) -> bool {
     user.len() <= MAX_USER_ID_BYTES && crate::room::is_name_segment(user)
 }
 
+/// The token to authenticate: a transport that carried one in its own handshake (WebTransport's
+/// CONNECT request, already checked) fixes it; the Connect frame may repeat it or leave it empty.
+fn transport_token<'a>(
+    transport: Option<&'a str>,
+    frame: &'a str,
+) -> Result<&'a str, &'static str> {
+    match transport {
+        Some(t) if !t.is_empty() && !frame.is_empty() && t != frame => {
+            Err("Connect token differs from the CONNECT request's token")
+        }
+        Some(t) if !t.is_empty() => Ok(t),
+        _ => Ok(frame),
+    }
+}
+
 /// Insecure (development) authentication: the token, when present, is the user id.
-fn authenticate(token: &str, key: u64) -> Result<String, &'static str> {
+pub(crate) fn authenticate(token: &str, key: u64) -> Result<String, &'static str> {
     if token.is_empty() {
         return Ok(format!("anon-{key:x}"));
     }
@@ -600,6 +654,7 @@ impl Session {
                     return;
                 }
                 Inbound::Activity => {}
+                Inbound::Datagram(bytes) => self.datagram(bytes).await,
                 Inbound::Text => {
                     self.count_in("text");
                     self.violation(
@@ -619,6 +674,26 @@ impl Session {
                         self.violation(0, ErrorCode::BadFrame, "not a decodable ClientFrame");
                     }
                 },
+            }
+        }
+    }
+
+    /// A datagram from the client: only an unreliable Publish is accepted this way; anything else
+    /// is dropped and counted (datagrams may be lost, so there is no reply to a bad one).
+    async fn datagram(&mut self, bytes: Bytes) {
+        let received = &self.ctx.metrics.datagrams_received;
+        match ClientFrame::decode_bytes(bytes) {
+            Ok(ClientFrame {
+                request_id,
+                kind: Some(client_frame::Kind::Publish(publish)),
+            }) if publish.unreliable => {
+                received.get_or_create(&[("outcome", "publish")]).inc();
+                if let Err(error) = self.publish(request_id, publish).await {
+                    self.send_error(request_id, error.code(), &error.to_string());
+                }
+            }
+            _ => {
+                received.get_or_create(&[("outcome", "rejected")]).inc();
             }
         }
     }
@@ -734,7 +809,10 @@ impl Session {
             client_msg_id: publish.client_msg_id,
         };
         if publish.unreliable {
-            self.ctx.bus.publish_unreliable(publication).await;
+            let report = self.ctx.bus.publish_unreliable(publication).await;
+            if let Some(max) = report.too_large {
+                return Err(RequestError::DatagramTooLarge(max));
+            }
             return Ok(());
         }
         let client_msg_id = publication.client_msg_id.clone();

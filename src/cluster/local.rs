@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use crate::cluster::{Publication, RoomInfo, Sequenced};
-use crate::fanout::Hub;
+use crate::fanout::{Hub, UnreliableReport};
 use crate::metrics::Metrics;
 use crate::proto::{self, ServerFrame, server_frame};
 use crate::room::{EpochClock, RoomName, Sequencer};
@@ -68,9 +68,9 @@ impl LocalBus {
         }
     }
 
-    pub fn publish_unreliable(&self, p: Publication) -> usize {
+    pub fn publish_unreliable(&self, p: Publication) -> UnreliableReport {
         let frame = message_frame(&p, 0, 0, now_ms());
-        self.deliver(&p.room, &frame)
+        self.hub.deliver_unreliable(&p.room, &frame.encode_shared())
     }
 
     fn deliver(&self, room: &RoomName, frame: &ServerFrame) -> usize {
