@@ -123,6 +123,8 @@ pub enum ClientError {
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<ServerFrame>>>>;
 
 /// The write half of either transport.
+// One Writer per client, behind an Arc: the size difference of the variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 enum Writer {
     Ws(tokio::sync::Mutex<SplitSink<Ws, WsMessage>>),
     Wt {
@@ -498,12 +500,8 @@ async fn ws_read_loop(mut stream: SplitStream<Ws>, dispatcher: Dispatcher) {
             Some(Err(error)) => break (None, error.to_string()),
             Some(Ok(message)) => message,
         };
-        match message {
-            WsMessage::Binary(bytes) => {
-                if !dispatcher.frame(bytes, false).await {
-                    return;
-                }
-            }
+        let delivered = match message {
+            WsMessage::Binary(bytes) => dispatcher.frame(bytes, false).await,
             WsMessage::Close(frame) => {
                 // Reading on lets tungstenite send the close reply, completing the handshake.
                 let _ = tokio::time::timeout(Duration::from_secs(2), async {
@@ -515,7 +513,10 @@ async fn ws_read_loop(mut stream: SplitStream<Ws>, dispatcher: Dispatcher) {
                     frame.map(|f| f.reason.to_string()).unwrap_or_default(),
                 );
             }
-            _ => {}
+            _ => true,
+        };
+        if !delivered {
+            return;
         }
     };
     dispatcher.closed(code, reason).await;

@@ -48,6 +48,8 @@ async fn two_cli_clients_chat_through_a_node_started_from_the_binary() {
                 "--set",
                 r#"server.listen=["127.0.0.1:0"]"#,
                 "--set",
+                r#"webtransport.listen=["127.0.0.1:0"]"#,
+                "--set",
                 "node.id=cli-test",
             ])
             .env("RUST_LOG", "info")

@@ -208,6 +208,7 @@ async fn graceful_shutdown_sends_goaway_flushes_and_closes_every_session_with_10
                 }
                 Some(Event::Closed { code, .. }) => break code,
                 Some(Event::Error(e)) => panic!("unexpected error {e:?}"),
+                Some(Event::Datagram(m)) => panic!("unexpected datagram {m:?}"),
                 None => break None,
             }
         };

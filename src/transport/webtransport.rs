@@ -40,8 +40,9 @@ type WtRecv = h3_webtransport::stream::RecvStream<h3_quinn::RecvStream, Bytes>;
 
 /// HTTP/3 requests on one connection before it is given up (refused CONNECTs, stray GETs).
 const MAX_REQUESTS_BEFORE_SESSION: usize = 8;
-/// Application error code of a reset extra stream (H3_REQUEST_REJECTED).
-const STREAM_REFUSED: u64 = 0x010b;
+/// WebTransport application error code of a reset extra stream (mapped into the HTTP/3 space on
+/// the wire, as the draft requires).
+const STREAM_REFUSED: u32 = 1;
 /// Longest protobuf varint (a u64) in bytes.
 const MAX_VARINT: usize = 10;
 
@@ -468,8 +469,9 @@ async fn refuse_extra_streams(ctx: &NodeContext, session: &WtSession) {
             Ok(Some(AcceptedBi::BidiStream(_, mut bidi))) => {
                 ctx.metrics.webtransport_streams_refused.inc();
                 tracing::debug!("extra bidirectional stream reset");
-                h3::quic::SendStream::reset(&mut bidi, STREAM_REFUSED);
-                h3::quic::RecvStream::stop_sending(&mut bidi, STREAM_REFUSED);
+                let code = web_transport_quinn::proto::error_to_http3(STREAM_REFUSED);
+                h3::quic::SendStream::reset(&mut bidi, code);
+                h3::quic::RecvStream::stop_sending(&mut bidi, code);
             }
             Ok(Some(AcceptedBi::Request(_, mut other))) => {
                 ctx.metrics
