@@ -26,7 +26,8 @@ pub const SERVER_PUBLISHER: &str = "$server";
 
 pub fn router(ctx: Arc<NodeContext>) -> Router {
     Router::new()
-        .route("/", get(index))
+        .merge(crate::web::routes())
+        .route("/about", get(index))
         .route("/ws", get(ws::upgrade))
         .route("/webtransport/certhash", get(certhash))
         .route("/healthz", get(healthz))
@@ -110,7 +111,7 @@ impl FromRequestParts<Arc<NodeContext>> for ApiKey {
 
 async fn index(State(ctx): State<Arc<NodeContext>>) -> String {
     format!(
-        "roomwire node {} (region {})\nWebSocket: /ws (subprotocol roomwire.v1)\nHealth: /healthz /readyz  Metrics: /metrics  API: /api/v1/*\n",
+        "roomwire node {} (region {})\nWebSocket: /ws (subprotocol roomwire.v1)\nHealth: /healthz /readyz  Metrics: /metrics  API: /api/v1/*\nDemo page: /  Browser client: /client/roomwire.js  WebTransport certificate: /webtransport/certhash\n",
         ctx.node_id, ctx.config.node.region
     )
 }
