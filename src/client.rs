@@ -638,11 +638,22 @@ async fn wt_read_loop(
     // The node finished its stream (or the connection broke): finish ours, then the node closes
     // the connection with the session's close code.
     writer.finish().await;
-    let closed = tokio::time::timeout(Duration::from_secs(3), session.closed()).await;
+    // The QUIC connection's own close carries the code. Best effort: when web-transport-quinn's
+    // CONNECT-stream watcher sees the connection end first, it closes the connection locally and
+    // quinn then reports LocallyClosed instead of the node's code (the node sends no
+    // CLOSE_WEBTRANSPORT_SESSION capsule: h3-webtransport 0.1.2 has no API for it).
+    let conn: &quinn::Connection = &session;
+    let closed = tokio::time::timeout(Duration::from_secs(3), conn.closed()).await;
     let (code, reason) = match closed {
-        Ok(web_transport_quinn::SessionError::WebTransportError(
-            web_transport_quinn::WebTransportError::Closed(code, text),
-        )) => (u16::try_from(code).ok(), text),
+        Ok(quinn::ConnectionError::ApplicationClosed(close)) => {
+            match web_transport_quinn::proto::error_from_http3(close.error_code.into_inner()) {
+                Some(code) => (
+                    u16::try_from(code).ok(),
+                    String::from_utf8_lossy(&close.reason).into_owned(),
+                ),
+                None => (code, reason),
+            }
+        }
         _ => (code, reason),
     };
     dispatcher.closed(code, reason).await;

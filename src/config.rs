@@ -535,6 +535,31 @@ mod tests {
     }
 
     #[test]
+    fn webtransport_limits_are_validated() {
+        for bad in [
+            "webtransport.max_bidi_streams=1",
+            "webtransport.keep_alive_interval_ms=40000",
+            "webtransport.generated_cert_validity_days=14",
+            "webtransport.max_sessions_per_connection=2",
+            "webtransport.receive_window=2048",
+            r#"webtransport.cert_file="cert.pem""#,
+        ] {
+            let err = Config::load(None, Vec::new(), &[bad.into()]).unwrap_err();
+            assert!(matches!(err, ConfigError::Invalid(_)), "{bad}: {err}");
+        }
+        // Disabled, its addresses do not matter.
+        Config::load(
+            None,
+            Vec::new(),
+            &[
+                "webtransport.enabled=false".into(),
+                "webtransport.listen=[]".into(),
+            ],
+        )
+        .unwrap();
+    }
+
+    #[test]
     fn the_region_example_parses() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("regions/local.toml");
         Config::load(Some(&path), Vec::new(), &[]).unwrap();

@@ -922,3 +922,17 @@ pub fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_transport_token_fixes_the_identity() {
+        assert_eq!(transport_token(None, "alice"), Ok("alice"));
+        assert_eq!(transport_token(Some(""), "alice"), Ok("alice"));
+        assert_eq!(transport_token(Some("alice"), ""), Ok("alice"));
+        assert_eq!(transport_token(Some("alice"), "alice"), Ok("alice"));
+        assert!(transport_token(Some("alice"), "mallory").is_err());
+    }
+}
