@@ -182,3 +182,58 @@ async fn the_region_example_is_the_effective_default() {
         String::from_utf8_lossy(&defaults.stdout)
     );
 }
+
+#[tokio::test]
+async fn the_cli_publishes_over_webtransport_trusting_the_certificate_hash() {
+    let node = TestNode::start().await;
+    let mut listener = node.client("bob").await;
+    listener.join("lobby").await.unwrap();
+    let hex = node
+        .ctx
+        .webtransport_cert
+        .as_ref()
+        .unwrap()
+        .get()
+        .unwrap()
+        .hex;
+    let url = node.wt_url();
+    let run = |hash: String| {
+        let url = url.clone();
+        async move {
+            tokio::time::timeout(
+                DEADLINE,
+                Command::new(BIN)
+                    .args([
+                        "client",
+                        "--url",
+                        &url,
+                        "--cert-hash",
+                        &hash,
+                        "--token",
+                        "carol",
+                    ])
+                    .args(["publish", "lobby", "over quic"])
+                    .output(),
+            )
+            .await
+            .expect("the CLI finishes in time")
+            .unwrap()
+        }
+    };
+    let output = run(hex).await;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("published to lobby"), "{stdout}");
+    let m = next_message(&mut listener).await;
+    assert_eq!(
+        (m.publisher.as_str(), &m.payload[..]),
+        ("carol", &b"over quic"[..])
+    );
+    // A wrong pin fails the TLS handshake: no session, non-zero exit.
+    let output = run("00".repeat(32)).await;
+    assert!(!output.status.success());
+}
