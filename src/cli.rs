@@ -27,6 +27,46 @@ pub enum Command {
     Serve(ServeArgs),
     /// Talk to a node: join rooms, publish, chat.
     Client(ClientArgs),
+    /// Development certificates.
+    Certs {
+        #[command(subcommand)]
+        action: CertsAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CertsAction {
+    /// Create a development CA, a node certificate and service client certificates (keys are
+    /// written as *-key.pem, git-ignored, mode 0600).
+    Init {
+        /// Directory to write into.
+        #[arg(long, default_value = "certs/dev")]
+        dir: PathBuf,
+        /// Extra DNS names or IP addresses for the node certificate (localhost, 127.0.0.1 and ::1
+        /// are always included). Repeatable.
+        #[arg(long = "name")]
+        names: Vec<String>,
+        /// A service to issue a client certificate for (URI SAN spiffe://roomwire/service/NAME).
+        /// Repeatable.
+        #[arg(long = "service")]
+        services: Vec<String>,
+    },
+}
+
+/// Runs `roomwire certs ...`.
+pub fn run_certs(action: CertsAction) -> anyhow::Result<()> {
+    match action {
+        CertsAction::Init {
+            dir,
+            names,
+            services,
+        } => {
+            for path in crate::certs::init(&dir, &names, &services)? {
+                println!("wrote {}", path.display());
+            }
+            Ok(())
+        }
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -188,6 +228,14 @@ fn print_event(event: &Event) -> bool {
                 "node going away: {} (reconnect after {} ms)",
                 g.reason, g.reconnect_after_ms
             );
+            false
+        }
+        Event::Left(room) => {
+            eprintln!("removed from {room}");
+            false
+        }
+        Event::TokenExpiring(at) => {
+            eprintln!("token expires at {at} (Unix ms); reconnect with a fresh token");
             false
         }
         Event::Error(e) => {

@@ -86,6 +86,10 @@ pub enum Event {
     /// unreliable messages arrive as `Message` with seq 0).
     Datagram(proto::Message),
     GoAway(proto::GoAway),
+    /// The node removed the session from a room (a refreshed token no longer allows it).
+    Left(String),
+    /// The session's token expires at this Unix millisecond: call [`Client::refresh`].
+    TokenExpiring(u64),
     /// An Error frame that answers no request (e.g. a protocol violation).
     Error(proto::Error),
     /// The connection ended; `code` is the close code (WebSocket close frame, or the WebTransport
@@ -356,6 +360,19 @@ impl Client {
         }
     }
 
+    /// Replaces the session's token (same user); returns the new expiry, Unix milliseconds.
+    pub async fn refresh(&self, token: &str) -> Result<u64, ClientError> {
+        match self
+            .request(client_frame::Kind::Refresh(proto::Refresh {
+                token: token.into(),
+            }))
+            .await?
+        {
+            server_frame::Kind::Refreshed(r) => Ok(r.expires_at_ms),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
     /// Application-level ping; returns the round-trip time.
     pub async fn ping(&self) -> Result<Duration, ClientError> {
         let start = Instant::now();
@@ -480,6 +497,8 @@ impl Dispatcher {
             Some(server_frame::Kind::Message(m)) if datagram => Event::Datagram(m),
             Some(server_frame::Kind::Message(m)) => Event::Message(m),
             Some(server_frame::Kind::GoAway(g)) => Event::GoAway(g),
+            Some(server_frame::Kind::TokenExpiring(t)) => Event::TokenExpiring(t.expires_at_ms),
+            Some(server_frame::Kind::Left(l)) => Event::Left(l.room),
             Some(server_frame::Kind::Error(e)) => Event::Error(e),
             _ => return true,
         };

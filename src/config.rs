@@ -24,6 +24,8 @@ pub struct Config {
     pub session: SessionConfig,
     pub rooms: RoomsConfig,
     pub auth: AuthConfig,
+    pub limits: LimitsConfig,
+    pub tls: TlsConfig,
     pub api: ApiConfig,
     pub log: LogConfig,
     pub webtransport: WebTransportConfig,
@@ -68,6 +70,10 @@ pub struct ServerConfig {
     pub drain_grace_ms: u64,
     /// Milliseconds clients are told (in GoAway) to wait before reconnecting.
     pub reconnect_after_ms: u32,
+    /// Browser origins allowed to open WebSocket sessions (`https://app.example.com`, or `*`).
+    /// Empty: only same-origin pages (Origin host equal to the Host header). Requests without an
+    /// Origin header (non-browser clients) are not affected. A foreign Origin gets 403.
+    pub allowed_origins: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -80,6 +86,7 @@ impl Default for ServerConfig {
             max_body_bytes: 256 * 1024,
             drain_grace_ms: 10_000,
             reconnect_after_ms: 1_000,
+            allowed_origins: Vec::new(),
         }
     }
 }
@@ -232,6 +239,14 @@ pub struct RoomsConfig {
     /// Milliseconds a room with no members and no publishes keeps its sequencer state. A room
     /// created again afterwards starts a new epoch, so clients never see a sequence reused.
     pub idle_ttl_ms: u64,
+    /// Milliseconds a (publisher, client_msg_id) pair is remembered by the room's owner: a retried
+    /// Publish within it is acknowledged with the original sequence and not delivered again.
+    pub dedupe_window_ms: u64,
+    /// Pairs remembered per room at most (the oldest are forgotten first).
+    pub dedupe_max_per_room: usize,
+    /// Rooms whose owner state this node holds at most (a few hundred bytes each); beyond it,
+    /// joins and publishes to new rooms are refused with the retryable UNAVAILABLE.
+    pub max_owned_rooms: usize,
 }
 
 impl Default for RoomsConfig {
@@ -239,24 +254,188 @@ impl Default for RoomsConfig {
         Self {
             max_name_bytes: 128,
             idle_ttl_ms: 300_000,
+            dedupe_window_ms: 120_000,
+            dedupe_max_per_room: 10_000,
+            max_owned_rooms: 1_000_000,
         }
     }
 }
 
-/// How Connect tokens are checked.
+/// How connection tokens are checked.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
     pub mode: AuthMode,
+    /// Allow the insecure mode on non-loopback listen addresses (closed test networks only).
+    pub allow_insecure_on_public_addresses: bool,
+    /// JWT verification (`mode = "jwt"`).
+    pub jwt: JwtConfig,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum AuthMode {
     /// Development only: no verification. A non-empty token is taken as the user id; without one
-    /// the session gets an anonymous id (`anon-<session>`).
+    /// the session gets an anonymous id (`anon-<session>`). Every room is allowed.
     #[default]
     Insecure,
+    /// Every session presents a JWT (in the upgrade request or in Connect), checked per `[auth.jwt]`.
+    Jwt,
+}
+
+/// JWT connection tokens.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct JwtConfig {
+    /// The one algorithm accepted; tokens with another `alg` (including `none`) are refused.
+    pub algorithm: JwtAlgorithm,
+    /// HS256 shared secret (at least 32 bytes), inline...
+    pub secret: Option<String>,
+    /// ...or read from a file (surrounding whitespace trimmed).
+    pub secret_file: Option<String>,
+    /// ES256 / RS256: the issuer's public key, PEM...
+    pub public_key_file: Option<String>,
+    /// ...or a JWKS file; tokens then name their key with `kid`.
+    pub jwks_file: Option<String>,
+    /// Accepted `aud` values; when non-empty a token must carry one of them.
+    pub audience: Vec<String>,
+    /// Required `iss`, when set.
+    pub issuer: Option<String>,
+    /// Seconds of clock skew tolerated on `exp` and `nbf`.
+    pub leeway_s: u64,
+    /// Refuse tokens without a `jti` (needed for replay protection).
+    pub require_jti: bool,
+    /// Longest accepted token lifetime (`exp - iat`), seconds; bounds the replay store.
+    pub max_lifetime_s: u64,
+    /// Token ids remembered at most; beyond it (after purging expired ones) new tokens are refused
+    /// as retryable until room frees up.
+    pub replay_store_max: usize,
+    /// Seconds before expiry that a session is sent `TokenExpiring` and should `Refresh`.
+    pub refresh_warning_s: u64,
+}
+
+impl Default for JwtConfig {
+    fn default() -> Self {
+        Self {
+            algorithm: JwtAlgorithm::Hs256,
+            secret: None,
+            secret_file: None,
+            public_key_file: None,
+            jwks_file: None,
+            audience: vec!["roomwire".into()],
+            issuer: None,
+            leeway_s: 5,
+            require_jti: true,
+            max_lifetime_s: 86_400,
+            replay_store_max: 1_000_000,
+            refresh_warning_s: 60,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub enum JwtAlgorithm {
+    #[default]
+    #[serde(rename = "HS256")]
+    Hs256,
+    #[serde(rename = "ES256")]
+    Es256,
+    #[serde(rename = "RS256")]
+    Rs256,
+}
+
+/// Abuse limits per client address and per session.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// New connections per second from one IP address (token bucket), refused at accept.
+    pub connections_per_ip_per_second: u32,
+    /// Burst of new connections one IP address may open at once.
+    pub connection_burst_per_ip: u32,
+    /// Open connections from one IP address at most. Behind a load balancer that does not pass
+    /// client addresses through, raise this (every client shares the balancer's address).
+    pub max_connections_per_ip: u32,
+    /// Inbound frames per second per session (pings included), and the burst allowed.
+    pub session_frames_per_second: u32,
+    pub session_frame_burst: u32,
+    /// Inbound bytes per second per session, and the burst allowed (at least max_frame_bytes).
+    pub session_bytes_per_second: u32,
+    pub session_byte_burst: u32,
+    /// Rate-limit breaches within 10 seconds that close the session (4007); fewer are answered
+    /// with RATE_LIMITED errors and the frame is dropped.
+    pub max_rate_breaches: u32,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            connections_per_ip_per_second: 50,
+            connection_burst_per_ip: 100,
+            max_connections_per_ip: 1_000,
+            session_frames_per_second: 200,
+            session_frame_burst: 400,
+            session_bytes_per_second: 1024 * 1024,
+            session_byte_burst: 2 * 1024 * 1024,
+            max_rate_breaches: 20,
+        }
+    }
+}
+
+/// TLS and mutual TLS on the HTTP/WebSocket port.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Serve `https://` and `wss://` instead of plain HTTP on `server.listen`.
+    pub enabled: bool,
+    /// The node's certificate chain (PEM, leaf first) and private key (PEM).
+    pub cert_file: String,
+    pub key_file: String,
+    /// Client certificates: `off`, `optional` (verified when presented; browsers use tokens) or
+    /// `required` (connections without a valid certificate are refused).
+    pub client_auth: ClientAuth,
+    /// CA bundle (PEM) that client certificates must chain to.
+    pub client_ca_file: Option<String>,
+    /// Milliseconds between checks of the files above; changed files are loaded without restart.
+    pub reload_interval_ms: u64,
+    /// Services identified by client certificate, each with its room permissions.
+    pub services: Vec<ServiceIdentity>,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            cert_file: "certs/dev/node.pem".into(),
+            key_file: "certs/dev/node-key.pem".into(),
+            client_auth: ClientAuth::Off,
+            client_ca_file: None,
+            reload_interval_ms: 30_000,
+            services: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuth {
+    #[default]
+    Off,
+    Optional,
+    Required,
+}
+
+/// A service known by its client certificate: its URI SAN (e.g.
+/// `spiffe://roomwire/service/billing`, as `roomwire certs init --service billing` makes) or DNS
+/// SAN. `name` becomes the session's user id.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServiceIdentity {
+    pub name: String,
+    pub uri: Option<String>,
+    pub dns: Option<String>,
+    /// Room patterns the service may join and publish to (`*` one segment, `>` the rest).
+    pub join: Vec<String>,
+    pub publish: Vec<String>,
 }
 
 /// The HTTP API (`/api/v1/*`).
@@ -394,6 +573,57 @@ impl Config {
         }
         if self.node.region.is_empty() || !crate::room::is_name_segment(&self.node.region) {
             return bad("node.region must be non-empty and hold only letters, digits and _-:@=");
+        }
+        let l = &self.limits;
+        if l.connections_per_ip_per_second == 0
+            || l.connection_burst_per_ip == 0
+            || l.max_connections_per_ip == 0
+        {
+            return bad("limits: per-IP connection limits must be positive");
+        }
+        if l.session_frames_per_second == 0
+            || l.session_frame_burst == 0
+            || l.session_bytes_per_second == 0
+        {
+            return bad("limits: per-session rates must be positive");
+        }
+        if (l.session_byte_burst as usize) < s.max_frame_bytes {
+            return bad("limits.session_byte_burst must be at least session.max_frame_bytes");
+        }
+        if self.auth.mode == AuthMode::Insecure
+            && !self.auth.allow_insecure_on_public_addresses
+            && (self.server.listen.iter().any(|a| !a.ip().is_loopback())
+                || (self.webtransport.enabled
+                    && self
+                        .webtransport
+                        .listen
+                        .iter()
+                        .any(|a| !a.ip().is_loopback())))
+        {
+            return bad(
+                "auth.mode = \"insecure\" lets anyone claim any user: on a non-loopback address use mode = \"jwt\" (or set auth.allow_insecure_on_public_addresses = true for a closed test network)",
+            );
+        }
+        let jwt = &self.auth.jwt;
+        if jwt.max_lifetime_s == 0
+            || jwt.max_lifetime_s > 30 * 86_400
+            || jwt.refresh_warning_s >= jwt.max_lifetime_s
+        {
+            return bad(
+                "auth.jwt.max_lifetime_s must be within 1..=2592000 (30 days) and exceed refresh_warning_s",
+            );
+        }
+        if self.tls.reload_interval_ms == 0 {
+            return bad("tls.reload_interval_ms must be positive");
+        }
+        if self.tls.client_auth != ClientAuth::Off && !self.tls.enabled {
+            return bad("tls.client_auth needs tls.enabled = true");
+        }
+        crate::tls::TlsState::load(&self.tls)
+            .map_err(|e| ConfigError::Invalid(format!("{e:#}")))?;
+        if self.auth.mode == AuthMode::Jwt {
+            crate::auth::Authenticator::new(&self.auth)
+                .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         }
         if self.api.keys.iter().any(|k| k.len() < 16) {
             return bad("api.keys must each be at least 16 characters");
@@ -557,6 +787,22 @@ mod tests {
             ],
         )
         .unwrap();
+    }
+
+    #[test]
+    fn insecure_auth_is_refused_on_a_public_address() {
+        let err = Config::load(
+            None,
+            Vec::new(),
+            &[r#"server.listen=["0.0.0.0:8080"]"#.into()],
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("insecure"), "{err}");
+        let overrides = [
+            r#"server.listen=["0.0.0.0:8080"]"#.into(),
+            "auth.allow_insecure_on_public_addresses=true".into(),
+        ];
+        Config::load(None, Vec::new(), &overrides).unwrap();
     }
 
     #[test]

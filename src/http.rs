@@ -68,6 +68,15 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// The credential of an `Authorization: Bearer <credential>` header (the scheme is
+/// case-insensitive, RFC 7235).
+pub fn bearer(header: &str) -> Option<&str> {
+    let (scheme, credential) = header.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| credential.trim())
+}
+
 /// Proof that the request carried a configured API key (`Authorization: Bearer <key>`).
 pub struct ApiKey;
 
@@ -82,7 +91,7 @@ impl FromRequestParts<Arc<NodeContext>> for ApiKey {
             .headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(bearer)
             .unwrap_or("");
         // Every key is compared (no early exit), each in constant time.
         let matched = ctx.api_keys.iter().fold(0u8, |ok, key| {
@@ -181,6 +190,8 @@ pub struct PublishResponse {
     pub epoch: u64,
     pub seq: u64,
     pub local_deliveries: usize,
+    /// A repeat of an earlier client_msg_id: not delivered again.
+    pub duplicate: bool,
 }
 
 async fn publish(
@@ -214,6 +225,9 @@ async fn publish(
             .map_err(|e| bad(format!("data_base64: {e}")))?,
         _ => return Err(bad("give exactly one of data, data_base64".into())),
     };
+    if req.client_msg_id.len() > session::MAX_CLIENT_MSG_ID_BYTES {
+        return Err(bad("client_msg_id longer than 128 bytes".into()));
+    }
     if payload.len() > ctx.config.session.max_frame_bytes {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -239,6 +253,7 @@ async fn publish(
         epoch: sequenced.epoch,
         seq: sequenced.seq,
         local_deliveries: sequenced.local_deliveries,
+        duplicate: sequenced.duplicate,
     }))
 }
 

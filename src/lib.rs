@@ -6,6 +6,10 @@
 //! Map of the modules, in the order a message travels:
 //! - [`config`]: the one configuration struct (TOML file, environment, CLI overrides), validated
 //!   before anything is bound.
+//! - [`limits`]: per-address gates at accept and per-session rate budgets.
+//! - [`tls`]: TLS and mutual TLS for the WebSocket port, service identity from certificates;
+//!   [`certs`] makes development certificates.
+//! - [`auth`]: JWT connection tokens, room permissions, anti-replay.
 //! - [`proto`]: the Protobuf wire contract (`proto/roomwire/v1/roomwire.proto`) and its encoding.
 //! - [`transport`]: adapters that turn a connection into frames in and frames out
 //!   ([`transport::ws`] for WebSocket, [`transport::webtransport`] for WebTransport over QUIC with
@@ -22,17 +26,21 @@
 //! - [`web`]: the embedded browser client (ES module) and the demo chat page.
 #![forbid(unsafe_code)]
 
+pub mod auth;
+pub mod certs;
 pub mod cli;
 pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod fanout;
 pub mod http;
+pub mod limits;
 pub mod metrics;
 pub mod node;
 pub mod proto;
 pub mod room;
 pub mod session;
+pub mod tls;
 pub mod transport;
 pub mod web;
 

@@ -27,6 +27,13 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Some(Command::Certs { action }) => match roomwire::cli::run_certs(action) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("error: {error:#}");
+                ExitCode::FAILURE
+            }
+        },
         Some(Command::Serve(args)) => serve(&runtime, args),
         None => serve(&runtime, cli.serve),
     }

@@ -50,6 +50,10 @@ pub struct Metrics {
     pub webtransport_streams_refused: Counter,
     /// QUIC Retry packets sent (address validation).
     pub quic_retries: Counter,
+    /// Credentials refused, by reason (`invalid`, `replayed`, `missing`, ...).
+    pub auth_failures: Family<Labels, Counter>,
+    /// Publishes acknowledged as duplicates of an earlier (publisher, client_msg_id).
+    pub duplicate_publishes: Counter,
 }
 
 impl Default for Metrics {
@@ -160,6 +164,16 @@ impl Metrics {
             quic_retries: reg!(
                 "quic_retries",
                 "QUIC Retry packets sent for address validation",
+                Counter::default()
+            ),
+            auth_failures: reg!(
+                "auth_failures",
+                "Credentials refused by reason",
+                Family::default()
+            ),
+            duplicate_publishes: reg!(
+                "duplicate_publishes",
+                "Retried publishes answered with the original sequence",
                 Counter::default()
             ),
             registry,

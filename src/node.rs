@@ -15,19 +15,22 @@ use axum::Router;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt as _;
 
+use crate::auth::{Authenticator, Principal};
 use crate::cluster::Bus;
 use crate::cluster::local::LocalBus;
 use crate::config::Config;
 use crate::fanout::Hub;
+use crate::limits::{IpGate, IpSlot};
 use crate::metrics::Metrics;
 use crate::room::RoomName;
 use crate::session::now_ms;
+use crate::tls::TlsState;
 use crate::transport::certs::CurrentCert;
 use crate::transport::webtransport;
 use crate::transport::ws::PeerAddr;
@@ -52,6 +55,12 @@ pub struct NodeContext {
     pub webtransport_cert: Option<Arc<CurrentCert>>,
     /// The UDP port WebTransport listens on (the first listener's), for the browser client.
     pub webtransport_port: Option<u16>,
+    /// Checks connection tokens.
+    pub auth: Authenticator,
+    /// Per-address connection limits, applied at accept.
+    pub ip_gate: Arc<IpGate>,
+    /// TLS for the HTTP/WebSocket port, when enabled.
+    pub tls: Option<Arc<TlsState>>,
     draining: AtomicBool,
     next_session: AtomicU64,
 }
@@ -66,10 +75,14 @@ impl NodeContext {
     }
 }
 
-/// A connection's share of `server.max_connections`; released when the last holder (the HTTP
-/// connection task, or the WebSocket session it upgraded into) drops it.
+/// The principal a verified client certificate named (mutual TLS), put into each request.
 #[derive(Clone)]
-pub struct ConnPermit(#[allow(dead_code)] Arc<OwnedSemaphorePermit>);
+pub struct PeerIdentity(pub Principal);
+
+/// A connection's share of `server.max_connections` and of its address's limit; released when
+/// the last holder (the HTTP connection task, or the WebSocket session it upgraded into) drops it.
+#[derive(Clone)]
+pub struct ConnPermit(#[allow(dead_code)] Arc<(OwnedSemaphorePermit, IpSlot)>);
 
 /// A bound, not yet running node.
 pub struct Node {
@@ -109,13 +122,12 @@ impl Node {
         } else {
             (None, None)
         };
+        let auth = Authenticator::new(&config.auth)?;
+        let ip_gate = IpGate::new(&config.limits);
+        let tls = TlsState::load(&config.tls)?;
         let metrics = Arc::new(Metrics::new());
         let hub = Arc::new(Hub::new(metrics.clone()));
-        let bus = Bus::Standalone(LocalBus::new(
-            hub.clone(),
-            metrics.clone(),
-            config.rooms.idle_ttl_ms,
-        ));
+        let bus = Bus::Standalone(LocalBus::new(hub.clone(), metrics.clone(), &config.rooms));
         let ctx = Arc::new(NodeContext {
             config,
             node_id,
@@ -129,6 +141,9 @@ impl Node {
             webtransport_port: webtransport
                 .as_ref()
                 .and_then(|l| l.local_addrs().first().map(SocketAddr::port)),
+            auth,
+            ip_gate,
+            tls,
             draining: AtomicBool::new(false),
             next_session: AtomicU64::new(1),
         });
@@ -184,12 +199,35 @@ impl Node {
                 loop {
                     ticker.tick().await;
                     ctx.bus.sweep(now_ms());
+                    ctx.ip_gate.sweep();
                 }
             }
         });
 
+        let reloader = ctx.tls.clone().map(|tls| {
+            tokio::spawn(async move {
+                let mut ticker = tokio::time::interval(tls.reload_interval());
+                loop {
+                    ticker.tick().await;
+                    // File reads and certificate parsing are blocking work: off the workers.
+                    let tls = tls.clone();
+                    match tokio::task::spawn_blocking(move || tls.reload_if_changed()).await {
+                        Ok(Ok(true)) => tracing::info!("tls certificates reloaded"),
+                        Ok(Ok(false)) => {}
+                        Ok(Err(error)) => tracing::warn!(
+                            "tls reload failed, keeping the previous certificates: {error:#}"
+                        ),
+                        Err(error) => tracing::warn!(%error, "tls reload task failed"),
+                    }
+                }
+            })
+        });
+
         shutdown.cancelled().await;
         sweeper.abort();
+        if let Some(reloader) = reloader {
+            reloader.abort();
+        }
         drain(&ctx).await;
         for endpoint in &quic_endpoints {
             endpoint.close(quinn::VarInt::from_u32(0), b"node shut down");
@@ -243,35 +281,93 @@ async fn accept_loop(
                 continue;
             }
         };
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
+        // Refused connections are dropped at once, before any TLS or HTTP work is spent on them.
+        let refuse = |reason: &'static str| {
             ctx.metrics
                 .connections_refused
-                .get_or_create(&[("reason", "max_connections")])
+                .get_or_create(&[("reason", reason)])
                 .inc();
-            tracing::debug!(%peer, "connection refused: max_connections");
+            tracing::debug!(%peer, reason, "connection refused at accept");
+        };
+        let slot = match ctx.ip_gate.admit(peer.ip()) {
+            Ok(slot) => slot,
+            Err(refusal) => {
+                refuse(refusal.label());
+                continue;
+            }
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            refuse("max_connections");
             continue;
         };
         let _ = stream.set_nodelay(true);
-        ctx.tracker.spawn(serve_connection(
-            stream,
-            peer,
-            ctx.clone(),
-            router.clone(),
-            ConnPermit(Arc::new(permit)),
-        ));
+        let permit = ConnPermit(Arc::new((permit, slot)));
+        let (ctx, router) = (ctx.clone(), router.clone());
+        ctx.tracker.clone().spawn(async move {
+            match ctx.tls.clone() {
+                None => serve_connection(stream, peer, ctx, router, permit, None).await,
+                Some(tls) => {
+                    let handshake = tokio::time::timeout(
+                        ctx.config.handshake_timeout(),
+                        tls.acceptor().accept(stream),
+                    );
+                    let stream = match handshake.await {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(error)) => {
+                            ctx.metrics
+                                .connections_refused
+                                .get_or_create(&[("reason", "tls_handshake")])
+                                .inc();
+                            tracing::debug!(%peer, %error, "tls handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            ctx.metrics
+                                .connections_refused
+                                .get_or_create(&[("reason", "tls_timeout")])
+                                .inc();
+                            return;
+                        }
+                    };
+                    // rustls verified the chain; which service the certificate names is ours to check.
+                    let identity = match stream.get_ref().1.peer_certificates() {
+                        None => None,
+                        Some(chain) => match tls.identify(chain) {
+                            Ok(principal) => Some(principal),
+                            Err(error) => {
+                                ctx.metrics
+                                    .connections_refused
+                                    .get_or_create(&[("reason", "tls_identity")])
+                                    .inc();
+                                tracing::debug!(%peer, %error, "client certificate refused");
+                                return;
+                            }
+                        },
+                    };
+                    serve_connection(stream, peer, ctx, router, permit, identity).await;
+                }
+            }
+        });
     }
 }
 
-async fn serve_connection(
-    stream: TcpStream,
+/// Serves HTTP/1.1 (with upgrades) on one connection, plain or TLS.
+async fn serve_connection<I>(
+    stream: I,
     peer: SocketAddr,
     ctx: Arc<NodeContext>,
     router: Router,
     permit: ConnPermit,
-) {
+    identity: Option<Principal>,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let service = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
         req.extensions_mut().insert(PeerAddr(peer));
         req.extensions_mut().insert(permit.clone());
+        if let Some(identity) = &identity {
+            req.extensions_mut().insert(PeerIdentity(identity.clone()));
+        }
         router.clone().oneshot(req)
     });
     let config = &ctx.config.server;

@@ -33,7 +33,8 @@ impl ServerFrame {
             server_frame::Kind::Error(Error {
                 code: code as i32,
                 message: message.into(),
-                retryable: code == ErrorCode::Unavailable,
+                // Both mean "later": UNAVAILABLE after a moment, RATE_LIMITED at a slower pace.
+                retryable: matches!(code, ErrorCode::Unavailable | ErrorCode::RateLimited),
             }),
         )
     }
@@ -58,6 +59,7 @@ impl ClientFrame {
             Some(Kind::Leave(_)) => "leave",
             Some(Kind::Publish(_)) => "publish",
             Some(Kind::Ping(_)) => "ping",
+            Some(Kind::Refresh(_)) => "refresh",
             None => "empty",
         }
     }

@@ -155,6 +155,57 @@ impl EpochClock {
     }
 }
 
+/// The owner's memory of recent (publisher, client message id) pairs, so a retried Publish is
+/// acknowledged with its original sequence instead of being delivered twice. Bounded in time
+/// (`window_ms`) and count (`max`, oldest forgotten first). Pure: the caller passes the clock.
+#[derive(Debug, Default)]
+pub struct Dedupe {
+    seen: std::collections::HashMap<(Arc<str>, String), u64>,
+    order: std::collections::VecDeque<((Arc<str>, String), u64)>,
+}
+
+impl Dedupe {
+    /// The sequence this pair was given, if it was seen within the window.
+    pub fn lookup(
+        &mut self,
+        publisher: &Arc<str>,
+        client_msg_id: &str,
+        now_ms: u64,
+        window_ms: u64,
+    ) -> Option<u64> {
+        while let Some(((_, _), at)) = self.order.front() {
+            if now_ms.saturating_sub(*at) < window_ms {
+                break;
+            }
+            let (key, _) = self.order.pop_front().expect("front exists");
+            self.seen.remove(&key);
+        }
+        self.seen
+            .get(&(publisher.clone(), client_msg_id.to_string()))
+            .copied()
+    }
+
+    pub fn record(
+        &mut self,
+        publisher: &Arc<str>,
+        client_msg_id: &str,
+        seq: u64,
+        now_ms: u64,
+        max: usize,
+    ) {
+        if max == 0 {
+            return;
+        }
+        while self.order.len() >= max {
+            let (key, _) = self.order.pop_front().expect("non-empty");
+            self.seen.remove(&key);
+        }
+        let key = (publisher.clone(), client_msg_id.to_string());
+        self.seen.insert(key.clone(), seq);
+        self.order.push_back((key, now_ms));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -199,5 +250,33 @@ mod tests {
         assert_eq!(clock.next(100), 101);
         assert_eq!(clock.next(50), 102);
         assert_eq!(clock.next(500), 500);
+    }
+
+    #[test]
+    fn dedupe_remembers_pairs_within_its_window_and_bound() {
+        let mut d = Dedupe::default();
+        let alice: Arc<str> = "alice".into();
+        let bob: Arc<str> = "bob".into();
+        d.record(&alice, "m1", 7, 1_000, 2);
+        assert_eq!(d.lookup(&alice, "m1", 1_500, 1_000), Some(7));
+        assert_eq!(
+            d.lookup(&bob, "m1", 1_500, 1_000),
+            None,
+            "ids are per publisher"
+        );
+        assert_eq!(
+            d.lookup(&alice, "m1", 2_000, 1_000),
+            None,
+            "forgotten after the window"
+        );
+        d.record(&alice, "a", 1, 3_000, 2);
+        d.record(&alice, "b", 2, 3_000, 2);
+        d.record(&alice, "c", 3, 3_000, 2);
+        assert_eq!(
+            d.lookup(&alice, "a", 3_000, 1_000),
+            None,
+            "oldest forgotten at the bound"
+        );
+        assert_eq!(d.lookup(&alice, "c", 3_000, 1_000), Some(3));
     }
 }

@@ -26,7 +26,9 @@ use tokio::sync::mpsc::error::TrySendError;
 use tokio::time::{MissedTickBehavior, timeout};
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::{AuthError, Permissions, Principal};
 use crate::cluster::{BusError, Publication};
+use crate::limits::{Admit, SessionBudget};
 use crate::node::NodeContext;
 use crate::proto::{
     self, ClientFrame, CloseCode, ErrorCode, ServerFrame, client_frame, server_frame,
@@ -41,6 +43,9 @@ const MAX_BATCH: usize = 256;
 const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a closed session keeps reading for the peer's close reply.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
+/// Longest client message id, in bytes: the owner remembers ids for de-duplication, so they
+/// must stay small.
+pub const MAX_CLIENT_MSG_ID_BYTES: usize = 128;
 /// Longest user id, in bytes (it becomes part of the room name `$user.<id>`).
 pub const MAX_USER_ID_BYTES: usize = 64;
 
@@ -65,6 +70,10 @@ pub enum CloseReason {
     Disconnected,
     /// Writing to the connection failed.
     WriteFailed,
+    /// The token expired without a Refresh.
+    TokenExpired,
+    /// Inbound rate budget exceeded for too long.
+    RateLimited,
 }
 
 impl CloseReason {
@@ -82,6 +91,8 @@ impl CloseReason {
             CloseReason::Unauthorized(_) => CloseCode::Unauthorized,
             CloseReason::Disconnected => CloseCode::Disconnected,
             CloseReason::WriteFailed => CloseCode::InternalError,
+            CloseReason::TokenExpired => CloseCode::TokenExpired,
+            CloseReason::RateLimited => CloseCode::RateLimited,
         }
     }
 
@@ -100,6 +111,8 @@ impl CloseReason {
             CloseReason::Unauthorized(_) => "unauthorized",
             CloseReason::Disconnected => "disconnected",
             CloseReason::WriteFailed => "write_failed",
+            CloseReason::TokenExpired => "token_expired",
+            CloseReason::RateLimited => "rate_limited",
         }
     }
 
@@ -118,6 +131,8 @@ impl CloseReason {
             CloseReason::Unauthorized(e) => format!("unauthorized: {e}"),
             CloseReason::Disconnected => "disconnected by server".to_string(),
             CloseReason::WriteFailed => "write failed".to_string(),
+            CloseReason::TokenExpired => "token expired".to_string(),
+            CloseReason::RateLimited => "rate limit exceeded".to_string(),
         };
         truncate_utf8(text, 123)
     }
@@ -251,6 +266,9 @@ impl SessionHandle {
     }
 
     pub(crate) fn push_uncounted(&self, frame: Bytes) -> bool {
+        if self.closing.is_cancelled() {
+            return false;
+        }
         let len = frame.len();
         let queued = self.queued_bytes.fetch_add(len, Ordering::Relaxed) + len;
         if queued > self.max_queued_bytes {
@@ -368,6 +386,12 @@ enum RequestError {
     DatagramTooLarge(usize),
     #[error(transparent)]
     Bus(#[from] BusError),
+    #[error("not allowed to {0} room {1}")]
+    Forbidden(&'static str, RoomName),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error("client_msg_id longer than 128 bytes")]
+    ClientMsgIdTooLong,
 }
 
 impl RequestError {
@@ -380,6 +404,9 @@ impl RequestError {
                 ErrorCode::PayloadTooLarge
             }
             RequestError::Bus(e) => e.code(),
+            RequestError::Forbidden(..) => ErrorCode::Forbidden,
+            RequestError::Auth(e) => e.code(),
+            RequestError::ClientMsgIdTooLong => ErrorCode::BadFrame,
         }
     }
 }
@@ -391,10 +418,12 @@ pub async fn run<S: FrameSource, K: FrameSink>(
     ctx: Arc<NodeContext>,
     transport: Transport,
     peer: SocketAddr,
+    authenticated: Option<Principal>,
     mut source: S,
     mut sink: K,
 ) {
-    let Some((handle, rx)) = handshake(&ctx, transport, peer, &mut source, &mut sink).await else {
+    let handshake = handshake(&ctx, transport, peer, authenticated, &mut source, &mut sink).await;
+    let Some((handle, rx, principal)) = handshake else {
         linger(&mut source).await;
         return;
     };
@@ -417,6 +446,11 @@ pub async fn run<S: FrameSource, K: FrameSink>(
         handle: handle.clone(),
         rooms: HashSet::new(),
         violations: 0,
+        budget: SessionBudget::new(&ctx.config.limits),
+        permissions: principal.permissions,
+        expires_at: principal.expires_at,
+        warned: false,
+        rearm: false,
     };
     let implicit = [RoomName::for_user(&handle.user), RoomName::broadcast()];
     for room in &implicit {
@@ -424,6 +458,11 @@ pub async fn run<S: FrameSource, K: FrameSink>(
         if let Err(error) = ctx.bus.join(room, &handle, None).await {
             tracing::warn!(%error, %room, "implicit join failed");
         }
+    }
+    // A drain that started after this session was authenticated but before it joined $broadcast
+    // did not see it; tell it now (the drain cancels before it takes its snapshot).
+    if ctx.shutdown.is_cancelled() {
+        handle.go_away("node shutting down");
     }
     session.read_loop(&mut source).await;
 
@@ -450,9 +489,10 @@ async fn handshake<S: FrameSource, K: FrameSink>(
     ctx: &Arc<NodeContext>,
     transport: Transport,
     peer: SocketAddr,
+    authenticated: Option<Principal>,
     source: &mut S,
     sink: &mut K,
-) -> Option<(Arc<SessionHandle>, mpsc::Receiver<Bytes>)> {
+) -> Option<(Arc<SessionHandle>, mpsc::Receiver<Bytes>, Principal)> {
     let deadline = tokio::time::Instant::now() + ctx.config.handshake_timeout();
     let (request_id, connect) = loop {
         let inbound = tokio::select! {
@@ -492,22 +532,31 @@ async fn handshake<S: FrameSource, K: FrameSink>(
     };
 
     let key = ctx.next_session_key();
-    let token = transport_token(source.connect_token(), &connect.token);
-    let user: Arc<str> = match token.and_then(|token| authenticate(token, key)) {
-        Ok(user) => user.into(),
-        Err(why) => {
-            let reason = CloseReason::Unauthorized(why.to_string());
-            refuse(
-                ctx,
-                sink,
-                reason,
-                Some((request_id, ErrorCode::Unauthorized, why)),
-            )
-            .await;
-            return None;
-        }
+    // A token that came with the upgrade was checked there; otherwise Connect carries it.
+    let principal = match authenticated {
+        Some(principal) => principal,
+        None => match ctx.auth.authenticate(&connect.token, key, now_ms() / 1000) {
+            Ok(principal) => principal,
+            Err(error) => {
+                ctx.metrics
+                    .auth_failures
+                    .get_or_create(&[("reason", error.label())])
+                    .inc();
+                let reason = CloseReason::Unauthorized(error.to_string());
+                let message = error.to_string();
+                refuse(
+                    ctx,
+                    sink,
+                    reason,
+                    Some((request_id, error.code(), &message)),
+                )
+                .await;
+                return None;
+            }
+        },
     };
 
+    let user = principal.user.clone();
     let (handle, rx) = SessionHandle::new(ctx, key, user, transport, peer, connect.client_name);
     if let Some(path) = sink.datagrams() {
         let _ = handle.datagrams.set(path);
@@ -528,11 +577,14 @@ async fn handshake<S: FrameSource, K: FrameSink>(
                 send_queue_frames: config.send_queue_frames as u32,
                 send_queue_bytes: config.send_queue_bytes as u32,
                 max_violations: config.max_violations,
+                frames_per_second: ctx.config.limits.session_frames_per_second,
+                bytes_per_second: ctx.config.limits.session_bytes_per_second,
             }),
             user_id: handle.user.to_string(),
+            token_expires_at_ms: principal.expires_at.map_or(0, |s| s.saturating_mul(1000)),
         }),
     ));
-    Some((handle, rx))
+    Some((handle, rx, principal))
 }
 
 /// Refuses a connection that never became a session: an optional Error frame, then the close.
@@ -575,9 +627,19 @@ fn count_error(ctx: &NodeContext, code: ErrorCode) {
 /// the close frame before the peer read it.
 async fn linger<S: FrameSource>(source: &mut S) {
     let _ = timeout(CLOSE_LINGER, async {
-        while let Ok(inbound) = source.recv().await {
-            if matches!(inbound, Inbound::Closed) {
-                break;
+        // After a framing error tungstenite may keep reporting errors while input remains; read
+        // on (bounded) so the socket is not closed with unread data, which would reset it.
+        let mut errors = 0;
+        loop {
+            match source.recv().await {
+                Ok(Inbound::Closed) | Err(TransportError::Io(_)) => break,
+                Ok(_) => {}
+                Err(_) => {
+                    errors += 1;
+                    if errors > 64 {
+                        break;
+                    }
+                }
             }
         }
     })
@@ -592,30 +654,14 @@ pub fn is_valid_user_id(user: &str) -> bool {
     user.len() <= MAX_USER_ID_BYTES && crate::room::is_name_segment(user)
 }
 
-/// The token to authenticate: a transport that carried one in its own handshake (WebTransport's
-/// CONNECT request, already checked) fixes it; the Connect frame may repeat it or leave it empty.
-fn transport_token<'a>(
-    transport: Option<&'a str>,
-    frame: &'a str,
-) -> Result<&'a str, &'static str> {
-    match transport {
-        Some(t) if !t.is_empty() && !frame.is_empty() && t != frame => {
-            Err("Connect token differs from the CONNECT request's token")
-        }
-        Some(t) if !t.is_empty() => Ok(t),
-        _ => Ok(frame),
-    }
-}
-
-/// Insecure (development) authentication: the token, when present, is the user id.
-pub(crate) fn authenticate(token: &str, key: u64) -> Result<String, &'static str> {
-    if token.is_empty() {
-        return Ok(format!("anon-{key:x}"));
-    }
-    if !is_valid_user_id(token) {
-        return Err(USER_ID_RULE);
-    }
-    Ok(token.to_string())
+/// An inbound event after decoding.
+enum Decoded {
+    Activity,
+    Text,
+    Frame(ClientFrame),
+    Undecodable(prost::DecodeError),
+    /// A WebTransport datagram, decoded by [`Session::datagram`].
+    Datagram(Bytes),
 }
 
 /// The reader side's state.
@@ -625,16 +671,31 @@ struct Session {
     /// Rooms joined explicitly (the implicit user and broadcast rooms are not counted).
     rooms: HashSet<RoomName>,
     violations: u32,
+    budget: SessionBudget,
+    permissions: Permissions,
+    /// Unix seconds when the token expires (None: never).
+    expires_at: Option<u64>,
+    /// Whether TokenExpiring was sent for the current token.
+    warned: bool,
+    /// Set by a Refresh: the expiry timer must be re-armed.
+    rearm: bool,
 }
 
 impl Session {
     async fn read_loop<S: FrameSource>(&mut self, source: &mut S) {
         let idle = self.ctx.config.idle_timeout();
         let closing = self.handle.closing.clone();
+        let token_timer = tokio::time::sleep_until(self.token_deadline());
+        tokio::pin!(token_timer);
         loop {
             let inbound = tokio::select! {
                 biased;
                 _ = closing.cancelled() => return,
+                _ = &mut token_timer => {
+                    self.on_token_timer();
+                    token_timer.as_mut().reset(self.token_deadline());
+                    continue;
+                }
                 r = timeout(idle, source.recv()) => r,
             };
             let inbound = match inbound {
@@ -648,14 +709,53 @@ impl Session {
                 }
                 Ok(Ok(inbound)) => inbound,
             };
-            match inbound {
+            // Decoding slices the buffer (no copy), so it comes before the budget: a refused
+            // request is answered with its own request id.
+            let (decoded, len) = match inbound {
                 Inbound::Closed => {
                     self.handle.close(CloseReason::ClientClosed);
                     return;
                 }
-                Inbound::Activity => {}
-                Inbound::Datagram(bytes) => self.datagram(bytes).await,
-                Inbound::Text => {
+                Inbound::Activity => (Decoded::Activity, 1),
+                Inbound::Text => (Decoded::Text, 1),
+                Inbound::Datagram(bytes) => {
+                    let len = bytes.len();
+                    (Decoded::Datagram(bytes), len)
+                }
+                Inbound::Frame(bytes) => {
+                    let len = bytes.len();
+                    (
+                        ClientFrame::decode_bytes(bytes)
+                            .map_or_else(Decoded::Undecodable, Decoded::Frame),
+                        len,
+                    )
+                }
+            };
+            let request_id = match &decoded {
+                Decoded::Frame(frame) => frame.request_id,
+                _ => 0,
+            };
+            // Every inbound frame is charged, pings included: this is also the ping-flood limit.
+            match self.budget.admit(len) {
+                Admit::Accept => {}
+                Admit::Refuse => {
+                    self.count_in("rate_limited");
+                    self.send_error(
+                        request_id,
+                        ErrorCode::RateLimited,
+                        "rate limit exceeded; frame dropped",
+                    );
+                    continue;
+                }
+                Admit::Close => {
+                    self.handle.close(CloseReason::RateLimited);
+                    return;
+                }
+            }
+            match decoded {
+                Decoded::Activity => {}
+                Decoded::Datagram(bytes) => self.datagram(bytes).await,
+                Decoded::Text => {
                     self.count_in("text");
                     self.violation(
                         0,
@@ -663,17 +763,18 @@ impl Session {
                         "text messages are not part of the protocol; send binary ClientFrames",
                     );
                 }
-                Inbound::Frame(bytes) => match ClientFrame::decode_bytes(bytes) {
-                    Ok(frame) => {
-                        self.count_in(frame.kind_name());
-                        self.handle_frame(frame).await;
-                    }
-                    Err(error) => {
-                        self.count_in("undecodable");
-                        tracing::debug!(%error, "undecodable frame");
-                        self.violation(0, ErrorCode::BadFrame, "not a decodable ClientFrame");
-                    }
-                },
+                Decoded::Frame(frame) => {
+                    self.count_in(frame.kind_name());
+                    self.handle_frame(frame).await;
+                }
+                Decoded::Undecodable(error) => {
+                    self.count_in("undecodable");
+                    tracing::debug!(%error, "undecodable frame");
+                    self.violation(0, ErrorCode::BadFrame, "not a decodable ClientFrame");
+                }
+            }
+            if std::mem::take(&mut self.rearm) {
+                token_timer.as_mut().reset(self.token_deadline());
             }
         }
     }
@@ -696,6 +797,89 @@ impl Session {
                 received.get_or_create(&[("outcome", "rejected")]).inc();
             }
         }
+    }
+
+    /// When the token timer should fire next: the warning, then the expiry.
+    fn token_deadline(&self) -> tokio::time::Instant {
+        // Capped so no configuration can overflow the Instant arithmetic.
+        const FAR: u64 = 365 * 86_400 * 1000;
+        let now = tokio::time::Instant::now();
+        let Some(expires_at) = self.expires_at else {
+            return now + Duration::from_millis(FAR);
+        };
+        let warning = self.ctx.config.auth.jwt.refresh_warning_s;
+        let at_s = if self.warned {
+            expires_at
+        } else {
+            expires_at.saturating_sub(warning)
+        };
+        now + Duration::from_millis(at_s.saturating_mul(1000).saturating_sub(now_ms()).min(FAR))
+    }
+
+    fn on_token_timer(&mut self) {
+        let Some(expires_at) = self.expires_at else {
+            return;
+        };
+        if self.warned || now_ms() / 1000 >= expires_at {
+            self.handle.close(CloseReason::TokenExpired);
+        } else {
+            self.warned = true;
+            self.handle.push_frame(&ServerFrame::reply(
+                0,
+                server_frame::Kind::TokenExpiring(proto::TokenExpiring {
+                    expires_at_ms: expires_at.saturating_mul(1000),
+                }),
+            ));
+        }
+    }
+
+    async fn refresh(&mut self, request_id: u64, token: &str) -> Result<(), RequestError> {
+        // Only token sessions expire; a certificate (or development) session has nothing to
+        // refresh, and a token must not graft an expiry or new permissions onto it.
+        if self.expires_at.is_none() {
+            return Err(RequestError::Auth(AuthError::Invalid(
+                "this session was not opened with a token".into(),
+            )));
+        }
+        let principal = self
+            .ctx
+            .auth
+            .refresh(token, &self.handle.user, now_ms() / 1000)
+            .inspect_err(|e| {
+                self.ctx
+                    .metrics
+                    .auth_failures
+                    .get_or_create(&[("reason", e.label())])
+                    .inc();
+            })?;
+        self.permissions = principal.permissions;
+        self.expires_at = principal.expires_at;
+        // Rooms the new token no longer allows are left, each with a Left frame.
+        let revoked: Vec<RoomName> = self
+            .rooms
+            .iter()
+            .filter(|r| !self.permissions.may_join(r))
+            .cloned()
+            .collect();
+        for room in revoked {
+            self.rooms.remove(&room);
+            self.ctx.bus.leave(&room, &self.handle).await;
+            self.handle.push_frame(&ServerFrame::reply(
+                0,
+                server_frame::Kind::Left(proto::Left {
+                    room: room.to_string(),
+                }),
+            ));
+        }
+        self.warned = false;
+        self.rearm = true;
+        self.handle.push_frame(&ServerFrame::reply(
+            request_id,
+            server_frame::Kind::Refreshed(proto::Refreshed {
+                expires_at_ms: self.expires_at.map_or(0, |s| s.saturating_mul(1000)),
+            }),
+        ));
+        Ok(())
     }
 
     fn count_in(&self, kind: &'static str) {
@@ -732,6 +916,7 @@ impl Session {
             Some(Kind::Join(join)) => self.join(request_id, &join.room).await,
             Some(Kind::Leave(leave)) => self.leave(request_id, &leave.room).await,
             Some(Kind::Publish(publish)) => self.publish(request_id, publish).await,
+            Some(Kind::Refresh(refresh)) => self.refresh(request_id, &refresh.token).await,
             Some(Kind::Ping(ping)) => {
                 self.handle.push_frame(&ServerFrame::reply(
                     request_id,
@@ -763,6 +948,9 @@ impl Session {
 
     async fn join(&mut self, request_id: u64, name: &str) -> Result<(), RequestError> {
         let room = self.room_name(name)?;
+        if !self.permissions.may_join(&room) {
+            return Err(RequestError::Forbidden("join", room));
+        }
         let max = self.ctx.config.session.max_rooms;
         if !self.rooms.contains(&room) && self.rooms.len() >= max {
             return Err(RequestError::TooManyRooms(max));
@@ -796,6 +984,12 @@ impl Session {
         publish: proto::Publish,
     ) -> Result<(), RequestError> {
         let room = self.room_name(&publish.room)?;
+        if publish.client_msg_id.len() > MAX_CLIENT_MSG_ID_BYTES {
+            return Err(RequestError::ClientMsgIdTooLong);
+        }
+        if !self.permissions.may_publish(&room) {
+            return Err(RequestError::Forbidden("publish", room));
+        }
         // The transport already bounds the whole frame; this keeps the bound when a transport
         // allows larger frames (and documents it for the client).
         let max = self.ctx.config.session.max_frame_bytes;
@@ -825,6 +1019,7 @@ impl Session {
                 client_msg_id,
                 epoch: sequenced.epoch,
                 seq: sequenced.seq,
+                duplicate: sequenced.duplicate,
             }),
         ));
         Ok(())
@@ -833,6 +1028,11 @@ impl Session {
 
 /// The writer task: drains the send queue into the transport, one coalesced write per batch,
 /// sends heartbeats, and writes the close frame when the session closes.
+///
+/// A batch in flight when the session starts closing is finished (within CLOSE_WRITE_TIMEOUT)
+/// when the close reason keeps what was accepted, so the peer never sees a hole followed by later
+/// frames; it is abandoned only for a slow consumer or a dead connection. A write that makes no
+/// progress for `idle_timeout_ms` counts as a failed write.
 async fn write_loop<K: FrameSink>(
     handle: Arc<SessionHandle>,
     mut rx: mpsc::Receiver<Bytes>,
@@ -840,11 +1040,13 @@ async fn write_loop<K: FrameSink>(
 ) {
     let ctx = handle.ctx.clone();
     let heartbeat = ctx.config.heartbeat_interval();
+    let stall_limit = ctx.config.idle_timeout();
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut batch: Vec<Bytes> = Vec::new();
     let closing = handle.closing.clone();
-    let mut write_failed = false;
+    // Whether everything taken from the queue so far reached the transport in order.
+    let mut intact = true;
     loop {
         tokio::select! {
             biased;
@@ -853,36 +1055,46 @@ async fn write_loop<K: FrameSink>(
                 if n == 0 {
                     break;
                 }
-                // A peer that stops reading blocks the write; closing must still win.
-                let result = tokio::select! {
-                    r = sink.send_batch(&batch) => r,
-                    _ = closing.cancelled() => Err(TransportError::Io("closing".into())),
+                let written = {
+                    let send = timeout(stall_limit, sink.send_batch(&batch));
+                    tokio::pin!(send);
+                    tokio::select! {
+                        r = &mut send => matches!(r, Ok(Ok(()))),
+                        _ = closing.cancelled() => {
+                            if handle.reason().flushes_queue() {
+                                matches!(timeout(CLOSE_WRITE_TIMEOUT, &mut send).await, Ok(Ok(Ok(()))))
+                            } else {
+                                false
+                            }
+                        }
+                    }
                 };
                 account_written(&handle, &batch);
                 batch.clear();
-                if result.is_err() {
-                    write_failed = !closing.is_cancelled();
+                if !written {
+                    intact = false;
                     break;
                 }
             }
             _ = ticker.tick() => {
-                let result = tokio::select! {
-                    r = sink.heartbeat() => r,
-                    _ = closing.cancelled() => Ok(()),
+                let sent = tokio::select! {
+                    r = timeout(stall_limit, sink.heartbeat()) => matches!(r, Ok(Ok(()))),
+                    _ = closing.cancelled() => true,
                 };
-                if result.is_err() {
-                    write_failed = true;
+                if !sent {
+                    intact = false;
                     break;
                 }
             }
         }
     }
-    if write_failed {
+    if !intact {
+        // No-op when a reason was already set (e.g. slow consumer); otherwise the write failed.
         handle.close(CloseReason::WriteFailed);
     }
     let reason = handle.reason();
     rx.close();
-    if reason.flushes_queue() && !write_failed {
+    if reason.flushes_queue() && intact {
         let mut rest = Vec::new();
         while let Ok(frame) = rx.try_recv() {
             rest.push(frame);
@@ -898,7 +1110,7 @@ async fn write_loop<K: FrameSink>(
         dropped += frame.len();
     }
     handle.release(dropped);
-    if !write_failed {
+    if reason != CloseReason::WriteFailed {
         let _ = timeout(
             CLOSE_WRITE_TIMEOUT,
             sink.close(reason.code() as u16, &reason.text()),
@@ -921,18 +1133,4 @@ pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_transport_token_fixes_the_identity() {
-        assert_eq!(transport_token(None, "alice"), Ok("alice"));
-        assert_eq!(transport_token(Some(""), "alice"), Ok("alice"));
-        assert_eq!(transport_token(Some("alice"), ""), Ok("alice"));
-        assert_eq!(transport_token(Some("alice"), "alice"), Ok("alice"));
-        assert!(transport_token(Some("alice"), "mallory").is_err());
-    }
 }

@@ -207,8 +207,14 @@ async fn graceful_shutdown_sends_goaway_flushes_and_closes_every_session_with_10
                     saw_goaway = true;
                 }
                 Some(Event::Closed { code, .. }) => break code,
-                Some(Event::Error(e)) => panic!("unexpected error {e:?}"),
-                Some(Event::Datagram(m)) => panic!("unexpected datagram {m:?}"),
+                Some(
+                    other @ (Event::Error(_)
+                    | Event::TokenExpiring(_)
+                    | Event::Left(_)
+                    | Event::Datagram(_)),
+                ) => {
+                    panic!("unexpected {other:?}")
+                }
                 None => break None,
             }
         };

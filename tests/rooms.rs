@@ -3,7 +3,7 @@
 mod common;
 
 use common::*;
-use roomwire::client::{ClientError, Event};
+use roomwire::client::ClientError;
 use roomwire::proto::ErrorCode;
 
 #[tokio::test]
@@ -281,6 +281,6 @@ async fn unreliable_publishes_are_delivered_unsequenced_without_ack() {
     assert_eq!((m.epoch, m.seq, &m.payload[..]), (0, 0, &b"x=1"[..]));
     // A reliable publish afterwards still starts the room's sequence at 1.
     assert_eq!(sender.publish("cursors", "r", "").await.unwrap().seq, 1);
-    assert!(matches!(member.next_event().await, Some(Event::Message(m)) if m.seq == 1));
+    assert_eq!(next_message(&mut member).await.seq, 1);
     node.shutdown().await;
 }

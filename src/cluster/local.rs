@@ -5,15 +5,17 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use crate::cluster::{Publication, RoomInfo, Sequenced};
+use crate::cluster::{BusError, Publication, RoomInfo, Sequenced};
+use crate::config::RoomsConfig;
 use crate::fanout::{Hub, UnreliableReport};
 use crate::metrics::Metrics;
 use crate::proto::{self, ServerFrame, server_frame};
-use crate::room::{EpochClock, RoomName, Sequencer};
+use crate::room::{Dedupe, EpochClock, RoomName, Sequencer};
 use crate::session::{SessionHandle, now_ms};
 
 struct OwnedRoom {
     sequencer: Sequencer,
+    dedupe: Dedupe,
     last_active_ms: u64,
 }
 
@@ -23,49 +25,86 @@ pub struct LocalBus {
     rooms: Mutex<HashMap<RoomName, Arc<Mutex<OwnedRoom>>>>,
     epochs: EpochClock,
     idle_ttl_ms: u64,
+    dedupe_window_ms: u64,
+    dedupe_max: usize,
+    max_owned: usize,
 }
 
 impl LocalBus {
-    pub fn new(hub: Arc<Hub>, metrics: Arc<Metrics>, idle_ttl_ms: u64) -> Self {
+    pub fn new(hub: Arc<Hub>, metrics: Arc<Metrics>, config: &RoomsConfig) -> Self {
         Self {
             hub,
             metrics,
             rooms: Mutex::new(HashMap::new()),
             epochs: EpochClock::default(),
-            idle_ttl_ms,
+            idle_ttl_ms: config.idle_ttl_ms,
+            dedupe_window_ms: config.dedupe_window_ms,
+            dedupe_max: config.dedupe_max_per_room,
+            max_owned: config.max_owned_rooms,
         }
     }
 
-    fn owned(&self, room: &RoomName) -> Arc<Mutex<OwnedRoom>> {
+    /// The owner state of `room`, created on first use. Refused (retryable) when this node
+    /// already holds `rooms.max_owned_rooms`, so unique room names cannot exhaust memory.
+    fn owned(&self, room: &RoomName) -> Result<Arc<Mutex<OwnedRoom>>, BusError> {
         let mut rooms = self.rooms.lock().expect("rooms lock poisoned");
-        rooms
-            .entry(room.clone())
-            .or_insert_with(|| {
-                self.metrics.owned_rooms.inc();
-                let now = now_ms();
-                Arc::new(Mutex::new(OwnedRoom {
-                    sequencer: Sequencer::new(self.epochs.next(now)),
-                    last_active_ms: now,
-                }))
-            })
-            .clone()
+        if let Some(owned) = rooms.get(room) {
+            return Ok(owned.clone());
+        }
+        if rooms.len() >= self.max_owned {
+            return Err(BusError::Unavailable(
+                "this node holds its maximum number of rooms".into(),
+            ));
+        }
+        self.metrics.owned_rooms.inc();
+        let now = now_ms();
+        let owned = Arc::new(Mutex::new(OwnedRoom {
+            dedupe: Dedupe::default(),
+            sequencer: Sequencer::new(self.epochs.next(now)),
+            last_active_ms: now,
+        }));
+        rooms.insert(room.clone(), owned.clone());
+        Ok(owned)
     }
 
-    pub fn publish(&self, p: Publication) -> Sequenced {
-        let owned = self.owned(&p.room);
+    pub fn publish(&self, p: Publication) -> Result<Sequenced, BusError> {
+        let owned = self.owned(&p.room)?;
         let mut state = owned.lock().expect("room lock poisoned");
         let now = now_ms();
-        let (epoch, seq) = state.sequencer.assign();
         state.last_active_ms = now;
+        let dedupe = !p.client_msg_id.is_empty();
+        if dedupe {
+            let window = self.dedupe_window_ms;
+            if let Some(seq) = state
+                .dedupe
+                .lookup(&p.publisher, &p.client_msg_id, now, window)
+            {
+                self.metrics.duplicate_publishes.inc();
+                let epoch = state.sequencer.position().0;
+                return Ok(Sequenced {
+                    epoch,
+                    seq,
+                    local_deliveries: 0,
+                    duplicate: true,
+                });
+            }
+        }
+        let (epoch, seq) = state.sequencer.assign();
+        if dedupe {
+            state
+                .dedupe
+                .record(&p.publisher, &p.client_msg_id, seq, now, self.dedupe_max);
+        }
         let frame = message_frame(&p, epoch, seq, now);
         let local_deliveries = self.deliver(&p.room, &frame);
         drop(state);
         self.metrics.messages_published.inc();
-        Sequenced {
+        Ok(Sequenced {
             epoch,
             seq,
             local_deliveries,
-        }
+            duplicate: false,
+        })
     }
 
     pub fn publish_unreliable(&self, p: Publication) -> UnreliableReport {
@@ -77,16 +116,22 @@ impl LocalBus {
         self.hub.deliver(room, &frame.encode_shared())
     }
 
-    pub fn join(&self, room: &RoomName, session: &Arc<SessionHandle>, request_id: Option<u64>) {
+    pub fn join(
+        &self,
+        room: &RoomName,
+        session: &Arc<SessionHandle>,
+        request_id: Option<u64>,
+    ) -> Result<(), BusError> {
         let Some(request_id) = request_id else {
             self.hub.add(room, session);
-            return;
+            return Ok(());
         };
-        let owned = self.owned(room);
+        let owned = self.owned(room)?;
         let mut state = owned.lock().expect("room lock poisoned");
         state.last_active_ms = now_ms();
-        self.hub.add(room, session);
         let (epoch, seq) = state.sequencer.position();
+        // Joined is queued before the session becomes a member, so nothing of the room (not even
+        // an unreliable message, which takes no room lock) can overtake it.
         session.push_frame(&ServerFrame::reply(
             request_id,
             server_frame::Kind::Joined(proto::Joined {
@@ -95,6 +140,8 @@ impl LocalBus {
                 seq,
             }),
         ));
+        self.hub.add(room, session);
+        Ok(())
     }
 
     pub fn leave(&self, room: &RoomName, session: &Arc<SessionHandle>) {
@@ -123,11 +170,20 @@ impl LocalBus {
         }
     }
 
+    /// Drops owner state of rooms idle past the TTL with no local members. A room whose state
+    /// someone else holds right now (a publish or join between `owned()` and its lock) is kept:
+    /// clones are only taken under the map lock, so `strong_count == 1` means nobody can be
+    /// sequencing on it, and removing it cannot leave two sequencers for one room.
     pub fn sweep(&self, now_ms: u64) {
         let mut rooms = self.rooms.lock().expect("rooms lock poisoned");
         let before = rooms.len();
         rooms.retain(|room, owned| {
-            let state = owned.lock().expect("room lock poisoned");
+            if Arc::strong_count(owned) > 1 {
+                return true;
+            }
+            let Ok(state) = owned.try_lock() else {
+                return true;
+            };
             now_ms.saturating_sub(state.last_active_ms) < self.idle_ttl_ms
                 || self.hub.member_count(room) > 0
         });

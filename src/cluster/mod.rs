@@ -32,6 +32,9 @@ pub struct Sequenced {
     pub seq: u64,
     /// Sessions on this node the message was queued to.
     pub local_deliveries: usize,
+    /// The publish repeated an earlier (publisher, client_msg_id): nothing was delivered, and
+    /// (epoch, seq) are those of the original.
+    pub duplicate: bool,
 }
 
 /// What the node knows of a room.
@@ -68,7 +71,7 @@ impl Bus {
     /// Sequences a message at the room's owner and fans it out to every member.
     pub async fn publish(&self, publication: Publication) -> Result<Sequenced, BusError> {
         match self {
-            Bus::Standalone(bus) => Ok(bus.publish(publication)),
+            Bus::Standalone(bus) => bus.publish(publication),
         }
     }
 
@@ -91,10 +94,7 @@ impl Bus {
         request_id: Option<u64>,
     ) -> Result<(), BusError> {
         match self {
-            Bus::Standalone(bus) => {
-                bus.join(room, session, request_id);
-                Ok(())
-            }
+            Bus::Standalone(bus) => bus.join(room, session, request_id),
         }
     }
 

@@ -58,12 +58,6 @@ pub enum TransportError {
 /// The read half of a connection.
 pub trait FrameSource: Send + 'static {
     fn recv(&mut self) -> impl Future<Output = Result<Inbound, TransportError>> + Send;
-
-    /// The token the transport's own handshake presented (WebTransport's CONNECT request), if
-    /// any; a Connect frame's token must then be empty or equal to it.
-    fn connect_token(&self) -> Option<&str> {
-        None
-    }
 }
 
 /// The write half of a connection.

@@ -29,9 +29,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::certs::{self, CertError, CurrentCert};
 use super::{FrameSink, FrameSource, Inbound, Transport, TransportError};
+use crate::auth::{AuthError, Principal};
 use crate::config::{AddressValidation, WebTransportConfig};
 use crate::metrics::Metrics;
 use crate::node::NodeContext;
+use crate::session::now_ms;
 
 type H3Conn = h3_quinn::Connection;
 type WtSession = WebTransportSession<H3Conn, Bytes>;
@@ -172,6 +174,14 @@ async fn accept_loop(endpoint: quinn::Endpoint, ctx: Arc<NodeContext>, shared: A
                 .get_or_create(&[("reason", reason)])
                 .inc();
         };
+        let slot = match ctx.ip_gate.admit(incoming.remote_address().ip()) {
+            Ok(slot) => slot,
+            Err(refusal) => {
+                refused(refusal.label());
+                incoming.refuse();
+                continue;
+            }
+        };
         if shared.open.load(Ordering::Relaxed) >= config.max_connections {
             refused("quic_max_connections");
             incoming.refuse();
@@ -198,6 +208,7 @@ async fn accept_loop(endpoint: quinn::Endpoint, ctx: Arc<NodeContext>, shared: A
             let ctx = ctx.clone();
             async move {
                 let _open = CountGuard(&shared.open);
+                let _slot = slot;
                 connection(ctx, incoming, &shared.handshaking).await;
             }
         });
@@ -250,6 +261,7 @@ enum Refusal {
     NotFound,
     NotConnect,
     Unauthorized,
+    AuthBusy,
     Draining,
 }
 
@@ -259,6 +271,7 @@ impl Refusal {
             Refusal::NotFound => StatusCode::NOT_FOUND,
             Refusal::NotConnect => StatusCode::BAD_REQUEST,
             Refusal::Unauthorized => StatusCode::UNAUTHORIZED,
+            Refusal::AuthBusy => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::Draining => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -268,6 +281,7 @@ impl Refusal {
             Refusal::NotFound => "wt_not_found",
             Refusal::NotConnect => "wt_not_connect",
             Refusal::Unauthorized => "wt_unauthorized",
+            Refusal::AuthBusy => "wt_auth_busy",
             Refusal::Draining => "draining",
         }
     }
@@ -290,8 +304,9 @@ fn request_token(req: &Request<()>) -> Option<String> {
         .map(|t| t.trim().to_string())
 }
 
-/// Checks a CONNECT request; `Ok` carries the token it presented (empty: none).
-fn check_request(ctx: &NodeContext, req: &Request<()>) -> Result<String, Refusal> {
+/// Checks a CONNECT request; `Ok` carries the principal of the token it presented (`None`: no
+/// token, the Connect frame may carry one), exactly as a WebSocket upgrade is checked.
+fn check_request(ctx: &NodeContext, req: &Request<()>) -> Result<Option<Principal>, Refusal> {
     if ctx.is_draining() {
         return Err(Refusal::Draining);
     }
@@ -303,10 +318,25 @@ fn check_request(ctx: &NodeContext, req: &Request<()>) -> Result<String, Refusal
     if req.uri().path() != ctx.config.webtransport.path {
         return Err(Refusal::NotFound);
     }
-    let token = request_token(req).unwrap_or_default();
-    // The same rule as a Connect frame's token; the key only names anonymous users.
-    crate::session::authenticate(&token, 0).map_err(|_| Refusal::Unauthorized)?;
-    Ok(token)
+    let Some(token) = request_token(req).filter(|t| !t.is_empty()) else {
+        return Ok(None);
+    };
+    match ctx
+        .auth
+        .authenticate(&token, ctx.next_session_key(), now_ms() / 1000)
+    {
+        Ok(principal) => Ok(Some(principal)),
+        Err(error) => {
+            ctx.metrics
+                .auth_failures
+                .get_or_create(&[("reason", error.label())])
+                .inc();
+            Err(match error {
+                AuthError::Busy => Refusal::AuthBusy,
+                _ => Refusal::Unauthorized,
+            })
+        }
+    }
 }
 
 async fn respond(
@@ -372,7 +402,7 @@ async fn connection(ctx: Arc<NodeContext>, incoming: quinn::Incoming, handshakin
 
     // Requests until one is an acceptable WebTransport CONNECT.
     let mut requests = 0;
-    let (request, mut stream, token) = loop {
+    let (request, mut stream, authenticated) = loop {
         requests += 1;
         let resolver = match tokio::time::timeout_at(deadline, h3.accept()).await {
             Ok(Ok(Some(resolver))) => resolver,
@@ -389,7 +419,7 @@ async fn connection(ctx: Arc<NodeContext>, incoming: quinn::Incoming, handshakin
                 _ => continue,
             };
         match check_request(&ctx, &request) {
-            Ok(token) => break (request, stream, token),
+            Ok(authenticated) => break (request, stream, authenticated),
             Err(refusal) => {
                 refused(refusal.label());
                 tracing::debug!(reason = refusal.label(), path = %request.uri().path(), "webtransport request refused");
@@ -437,7 +467,6 @@ async fn connection(ctx: Arc<NodeContext>, incoming: quinn::Incoming, handshakin
         buf: BytesMut::new(),
         max_frame: ctx.config.session.max_frame_bytes,
         datagrams: datagrams.clone(),
-        token: token.into(),
     };
     let sink = WtSink {
         send,
@@ -446,7 +475,7 @@ async fn connection(ctx: Arc<NodeContext>, incoming: quinn::Incoming, handshakin
         datagrams,
     };
     tokio::select! {
-        _ = crate::session::run(ctx.clone(), Transport::WebTransport, peer, source, sink) => {}
+        _ = crate::session::run(ctx.clone(), Transport::WebTransport, peer, authenticated, source, sink) => {}
         _ = refuse_extra_streams(&ctx, &session) => {}
     }
     let (code, reason) = close
@@ -638,7 +667,6 @@ pub struct WtSource {
     buf: BytesMut,
     max_frame: usize,
     datagrams: DatagramPath,
-    token: Arc<str>,
 }
 
 impl FrameSource for WtSource {
@@ -676,10 +704,6 @@ impl FrameSource for WtSource {
                 },
             }
         }
-    }
-
-    fn connect_token(&self) -> Option<&str> {
-        Some(&self.token)
     }
 }
 

@@ -20,8 +20,10 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use super::{FrameSink, FrameSource, Inbound, Transport, TransportError};
-use crate::node::{ConnPermit, NodeContext};
+use crate::auth::AuthError;
+use crate::node::{ConnPermit, NodeContext, PeerIdentity};
 use crate::proto::WS_SUBPROTOCOL;
+use crate::session::now_ms;
 
 type Io = TokioIo<hyper::upgrade::Upgraded>;
 
@@ -44,13 +46,13 @@ pub fn ws_config(ctx: &NodeContext) -> WebSocketConfig {
 /// `GET /ws`: validates the upgrade request, answers 101 and hands the upgraded connection to a
 /// session task (tracked for shutdown).
 pub async fn upgrade(State(ctx): State<Arc<NodeContext>>, mut req: Request) -> Response {
-    let refuse = |status: StatusCode, reason: &'static str, why: &'static str| {
+    let refuse = |status: StatusCode, reason: &'static str, why: &str| {
         ctx.metrics
             .connections_refused
             .get_or_create(&[("reason", reason)])
             .inc();
-        tracing::debug!(reason, "websocket upgrade refused");
-        (status, why).into_response()
+        tracing::debug!(reason, why, "websocket upgrade refused");
+        (status, format!("{}\n", why.trim_end())).into_response()
     };
     if ctx.is_draining() {
         return refuse(
@@ -101,6 +103,34 @@ pub async fn upgrade(State(ctx): State<Arc<NodeContext>>, mut req: Request) -> R
         );
     }
     let accept = derive_accept_key(key.as_bytes());
+    if !origin_allowed(&ctx.config.server.allowed_origins, headers) {
+        return refuse(StatusCode::FORBIDDEN, "origin", "origin not allowed");
+    }
+    // A service's client certificate (mutual TLS) identifies it; otherwise a token in the
+    // upgrade request is checked now, so a bad one never becomes a session.
+    let certified = req.extensions().get::<PeerIdentity>().map(|p| p.0.clone());
+    let authenticated = match upgrade_token(&req) {
+        _ if certified.is_some() => certified,
+        None => None,
+        Some(token) => match ctx
+            .auth
+            .authenticate(&token, ctx.next_session_key(), now_ms() / 1000)
+        {
+            Ok(principal) => Some(principal),
+            Err(error) => {
+                ctx.metrics
+                    .auth_failures
+                    .get_or_create(&[("reason", error.label())])
+                    .inc();
+                let status = match error {
+                    AuthError::Busy => StatusCode::SERVICE_UNAVAILABLE,
+                    _ => StatusCode::UNAUTHORIZED,
+                };
+                return refuse(status, "unauthorized", &error.to_string());
+            }
+        },
+    };
+
     let peer = req.extensions().get::<PeerAddr>().map(|p| p.0);
     // The session holds the connection's permit from here on; the HTTP task that upgraded ends.
     let permit = req.extensions().get::<ConnPermit>().cloned();
@@ -131,6 +161,7 @@ pub async fn upgrade(State(ctx): State<Arc<NodeContext>>, mut req: Request) -> R
             task_ctx,
             Transport::WebSocket,
             peer,
+            authenticated,
             WsSource { inner: source },
             WsSink { inner: sink },
         )
@@ -154,6 +185,48 @@ pub async fn upgrade(State(ctx): State<Arc<NodeContext>>, mut req: Request) -> R
         );
     }
     response
+}
+
+/// Whether a browser's Origin may open a session: listed, `*` listed, or (empty list) the same
+/// host as the request. No Origin header means no browser, which the allow-list does not concern.
+fn origin_allowed(allowed: &[String], headers: &http::HeaderMap) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return true;
+    };
+    let Ok(origin) = origin.to_str() else {
+        return false;
+    };
+    if allowed.is_empty() {
+        let host = headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("");
+        let origin_host = origin.split_once("://").map_or("", |(_, rest)| rest);
+        return !host.is_empty() && origin_host.eq_ignore_ascii_case(host);
+    }
+    allowed
+        .iter()
+        .any(|a| a == "*" || a.trim_end_matches('/').eq_ignore_ascii_case(origin))
+}
+
+/// The token of an upgrade request: `?token=` (browsers cannot set headers on a WebSocket) or
+/// `Authorization: Bearer`.
+fn upgrade_token(req: &Request) -> Option<String> {
+    let header = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let token = match header.and_then(crate::http::bearer) {
+        Some(token) => Some(token.to_string()),
+        None => {
+            let query = req.uri().query()?;
+            form_urlencoded::parse(query.as_bytes())
+                .find(|(k, _)| k == "token")
+                .map(|(_, v)| v.into_owned())
+        }
+    };
+    // An empty token is no token: the Connect frame may still carry one.
+    token.filter(|t| !t.is_empty())
 }
 
 pub struct WsSource {

@@ -13,7 +13,7 @@ use prost::Message as _;
 use roomwire::client::{Client, ClientOptions, Event};
 use roomwire::proto::{self, ClientFrame, ServerFrame, client_frame};
 use roomwire::{Config, Node, NodeContext};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
@@ -202,7 +202,11 @@ pub async fn http_request(
     (status, body)
 }
 
-pub async fn send_frame(ws: &mut RawWs, request_id: u64, kind: client_frame::Kind) {
+pub async fn send_frame<S: AsyncRead + AsyncWrite + Unpin>(
+    ws: &mut WebSocketStream<S>,
+    request_id: u64,
+    kind: client_frame::Kind,
+) {
     let frame = ClientFrame {
         request_id,
         kind: Some(kind),
@@ -213,7 +217,9 @@ pub async fn send_frame(ws: &mut RawWs, request_id: u64, kind: client_frame::Kin
 }
 
 /// The next ServerFrame on a raw connection (`None` when it closed first).
-pub async fn read_frame(ws: &mut RawWs) -> Option<ServerFrame> {
+pub async fn read_frame<S: AsyncRead + AsyncWrite + Unpin>(
+    ws: &mut WebSocketStream<S>,
+) -> Option<ServerFrame> {
     loop {
         match tokio::time::timeout(DEADLINE, ws.next())
             .await
@@ -229,7 +235,9 @@ pub async fn read_frame(ws: &mut RawWs) -> Option<ServerFrame> {
 }
 
 /// Reads a raw connection until it closes; returns the close code, if a close frame came.
-pub async fn close_code(ws: &mut RawWs) -> Option<u16> {
+pub async fn close_code<S: AsyncRead + AsyncWrite + Unpin>(
+    ws: &mut WebSocketStream<S>,
+) -> Option<u16> {
     loop {
         match tokio::time::timeout(DEADLINE, ws.next())
             .await

@@ -1,0 +1,214 @@
+//! TLS on the HTTP/WebSocket port (`wss://`, `https://`) with rustls and the ring provider, and
+//! mutual TLS: `off`, `optional` (browsers without a certificate authenticate with tokens) or
+//! `required`.
+//!
+//! rustls checks the client certificate's chain against the configured CA and its validity; it
+//! does not know which service a certificate names. That is checked here, after the handshake:
+//! the certificate's URI SAN (`spiffe://roomwire/service/NAME`) or DNS SAN must match one of the
+//! configured `[[tls.services]]`, which gives the session its user id and room permissions. A
+//! certificate that chains to the CA but names no configured service is refused.
+//!
+//! Certificates are re-read when their files change (checked every `reload_interval_ms`), so a
+//! rotation needs no restart; a broken new file is logged and the previous configuration kept.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::SystemTime;
+
+use anyhow::Context as _;
+use rustls::ServerConfig;
+use rustls::server::WebPkiClientVerifier;
+use rustls_pki_types::pem::PemObject as _;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::TlsAcceptor;
+use x509_parser::prelude::{FromDer as _, GeneralName, X509Certificate};
+
+use crate::auth::{Permissions, Principal, RoomPattern};
+use crate::config::{ClientAuth, TlsConfig};
+
+/// Prefix of the user ids of certificate-identified services (`service:billing`). Token subjects
+/// starting with it are refused (see `auth`), so a token can never act as a service.
+pub const SERVICE_PREFIX: &str = "service:";
+
+/// Why a client certificate that passed the handshake was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("client certificate is not parseable")]
+    Unparseable,
+    #[error("client certificate names no configured service")]
+    Unknown,
+}
+
+struct Service {
+    name: String,
+    uri: Option<String>,
+    dns: Option<String>,
+    permissions: Permissions,
+}
+
+/// The live TLS configuration of the node.
+pub struct TlsState {
+    current: RwLock<Arc<ServerConfig>>,
+    config: TlsConfig,
+    files: Vec<PathBuf>,
+    stamps: Mutex<Vec<Option<SystemTime>>>,
+    services: Vec<Service>,
+}
+
+impl TlsState {
+    /// Loads certificates and keys; `None` when TLS is disabled.
+    pub fn load(config: &TlsConfig) -> anyhow::Result<Option<Arc<TlsState>>> {
+        if !config.enabled {
+            return Ok(None);
+        }
+        let server_config = build(config)?;
+        let mut files = vec![
+            PathBuf::from(&config.cert_file),
+            PathBuf::from(&config.key_file),
+        ];
+        files.extend(config.client_ca_file.iter().map(PathBuf::from));
+        let services = config
+            .services
+            .iter()
+            .map(|s| {
+                let parse = |patterns: &[String]| {
+                    patterns
+                        .iter()
+                        .map(|p| RoomPattern::parse(p))
+                        .collect::<Result<Vec<_>, _>>()
+                };
+                let permissions = Permissions {
+                    join: parse(&s.join)
+                        .map_err(|e| anyhow::anyhow!("tls.services {}: {e}", s.name))?,
+                    publish: parse(&s.publish)
+                        .map_err(|e| anyhow::anyhow!("tls.services {}: {e}", s.name))?,
+                };
+                anyhow::ensure!(
+                    s.uri.is_some() || s.dns.is_some(),
+                    "tls.services {}: needs uri or dns",
+                    s.name
+                );
+                anyhow::ensure!(
+                    crate::session::is_valid_user_id(&s.name),
+                    "tls.services {}: {}",
+                    s.name,
+                    crate::session::USER_ID_RULE
+                );
+                Ok(Service {
+                    name: s.name.clone(),
+                    uri: s.uri.clone(),
+                    dns: s.dns.clone(),
+                    permissions,
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let stamps = Mutex::new(files.iter().map(modified).collect());
+        Ok(Some(Arc::new(TlsState {
+            current: RwLock::new(Arc::new(server_config)),
+            config: config.clone(),
+            files,
+            stamps,
+            services,
+        })))
+    }
+
+    pub fn acceptor(&self) -> TlsAcceptor {
+        TlsAcceptor::from(self.current.read().expect("tls lock poisoned").clone())
+    }
+
+    /// Re-reads the files if any changed. Returns whether a new configuration is in force.
+    pub fn reload_if_changed(&self) -> anyhow::Result<bool> {
+        let now: Vec<_> = self.files.iter().map(modified).collect();
+        let mut stamps = self.stamps.lock().expect("tls lock poisoned");
+        if *stamps == now {
+            return Ok(false);
+        }
+        // The stamps move only after a successful build: a file caught mid-write is retried on
+        // the next tick instead of being taken as seen.
+        let fresh = build(&self.config)?;
+        *self.current.write().expect("tls lock poisoned") = Arc::new(fresh);
+        *stamps = now;
+        Ok(true)
+    }
+
+    /// The principal a verified client certificate names, if it names a configured service.
+    pub fn identify(&self, chain: &[CertificateDer<'_>]) -> Result<Principal, IdentityError> {
+        let leaf = chain.first().ok_or(IdentityError::Unparseable)?;
+        let (_, cert) = X509Certificate::from_der(leaf).map_err(|_| IdentityError::Unparseable)?;
+        let san = cert
+            .subject_alternative_name()
+            .map_err(|_| IdentityError::Unparseable)?;
+        let names = san
+            .map(|ext| ext.value.general_names.clone())
+            .unwrap_or_default();
+        for name in &names {
+            let service = self.services.iter().find(|s| match name {
+                GeneralName::URI(uri) => s.uri.as_deref() == Some(uri),
+                GeneralName::DNSName(dns) => s
+                    .dns
+                    .as_deref()
+                    .is_some_and(|d| d.eq_ignore_ascii_case(dns)),
+                _ => false,
+            });
+            if let Some(service) = service {
+                return Ok(Principal {
+                    user: format!("{SERVICE_PREFIX}{}", service.name).into(),
+                    permissions: service.permissions.clone(),
+                    expires_at: None,
+                });
+            }
+        }
+        Err(IdentityError::Unknown)
+    }
+
+    pub fn reload_interval(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.config.reload_interval_ms)
+    }
+}
+
+fn modified(path: &PathBuf) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+fn build(config: &TlsConfig) -> anyhow::Result<ServerConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let certs = CertificateDer::pem_file_iter(&config.cert_file)
+        .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+        .with_context(|| format!("tls.cert_file {}", config.cert_file))?;
+    anyhow::ensure!(
+        !certs.is_empty(),
+        "tls.cert_file {}: no certificate",
+        config.cert_file
+    );
+    let key = PrivateKeyDer::from_pem_file(&config.key_file)
+        .with_context(|| format!("tls.key_file {}", config.key_file))?;
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?;
+    let builder = match config.client_auth {
+        ClientAuth::Off => builder.with_no_client_auth(),
+        ClientAuth::Optional | ClientAuth::Required => {
+            let ca_file = config
+                .client_ca_file
+                .as_ref()
+                .context("tls.client_ca_file is needed for client_auth")?;
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in CertificateDer::pem_file_iter(ca_file)
+                .with_context(|| format!("tls.client_ca_file {ca_file}"))?
+            {
+                roots.add(cert.with_context(|| format!("tls.client_ca_file {ca_file}"))?)?;
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+            let verifier = if config.client_auth == ClientAuth::Optional {
+                verifier.allow_unauthenticated()
+            } else {
+                verifier
+            };
+            builder.with_client_cert_verifier(verifier.build()?)
+        }
+    };
+    let mut server_config = builder
+        .with_single_cert(certs, key)
+        .context("tls: certificate and key do not match")?;
+    server_config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(server_config)
+}
