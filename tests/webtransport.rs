@@ -273,3 +273,54 @@ async fn the_certificate_hash_route_matches_the_served_certificate() {
     );
     node.wt_client("alice").await;
 }
+
+#[tokio::test]
+async fn a_jwt_in_the_connect_request_authenticates_once_and_bad_ones_get_401() {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
+    const SECRET: &str = "test-secret-of-at-least-32-bytes!!";
+    let node = TestNode::start_with(|c| {
+        c.auth.mode = roomwire::config::AuthMode::Jwt;
+        c.auth.jwt.secret = Some(SECRET.into());
+    })
+    .await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let token = |ttl: i64| {
+        let claims = serde_json::json!({
+            "sub": "alice", "aud": "roomwire", "iat": now, "exp": now + ttl,
+            "jti": roomwire::node::random_hex(8),
+            "rooms": { "join": [">"], "publish": [">"] },
+        });
+        jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap()
+    };
+    let good = token(60);
+    let client = Client::connect(&node.wt_url(), node.wt_options(&good))
+        .await
+        .expect("a valid JWT in the CONNECT request is accepted");
+    assert_eq!(client.connected().user_id, "alice");
+    client.join("lobby").await.unwrap();
+
+    // The same token id again, and an expired token: 401, and no session.
+    for bad in [good, token(-120)] {
+        match Client::connect(&node.wt_url(), node.wt_options(&bad)).await {
+            Err(ClientError::Status(401)) => {}
+            Err(other) => panic!("expected HTTP 401, got {other}"),
+            Ok(_) => panic!("a bad token was accepted"),
+        }
+    }
+    assert_eq!(
+        node.metric(r#"roomwire_auth_failures_total{reason="replayed"}"#),
+        1.0
+    );
+    assert_eq!(
+        node.metric(r#"roomwire_sessions_opened_total{transport="webtransport"}"#),
+        1.0
+    );
+}
