@@ -237,3 +237,57 @@ async fn the_cli_publishes_over_webtransport_trusting_the_certificate_hash() {
     let output = run("00".repeat(32)).await;
     assert!(!output.status.success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_cli_processes_connecting_over_webtransport_at_once_all_succeed() {
+    // Separate processes on a busy box: a client's CONNECT request can overtake its HTTP/3
+    // SETTINGS, and the node must wait for them instead of refusing the session.
+    const CLIENTS: usize = 64;
+    let node = TestNode::start_with(|c| {
+        c.limits.max_connections_per_ip = 1000;
+        c.limits.connections_per_ip_per_second = 1000;
+        c.limits.connection_burst_per_ip = 1000;
+    })
+    .await;
+    let hex = node
+        .ctx
+        .webtransport_cert
+        .as_ref()
+        .unwrap()
+        .get()
+        .unwrap()
+        .hex;
+    let url = node.wt_url();
+    let runs = (0..CLIENTS).map(|i| {
+        let (url, hex) = (url.clone(), hex.clone());
+        tokio::spawn(async move {
+            Command::new(BIN)
+                .args(["client", "--url", &url, "--cert-hash", &hex])
+                .args(["--token", &format!("u{i}"), "publish", "lobby", "hi"])
+                .output()
+                .await
+                .unwrap()
+        })
+    });
+    let outputs = tokio::time::timeout(
+        Duration::from_secs(120),
+        futures_util::future::join_all(runs),
+    )
+    .await
+    .expect("every CLI finishes in time");
+    let failed: Vec<String> = outputs
+        .into_iter()
+        .map(|o| o.unwrap())
+        .filter(|o| !o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {CLIENTS} failed: {failed:?}",
+        failed.len()
+    );
+    assert_eq!(
+        node.metric(r#"roomwire_sessions_opened_total{transport="webtransport"}"#),
+        CLIENTS as f64
+    );
+}

@@ -432,7 +432,21 @@ async fn connection(ctx: Arc<NodeContext>, incoming: quinn::Incoming, handshakin
         }
     };
     let quarter_id = stream.send_id().index();
-    let _ = &mut stream;
+    // The CONNECT can overtake the client's SETTINGS (they travel on another stream), and
+    // h3-webtransport refuses a session while the peer's settings are unknown: read them first.
+    match tokio::time::timeout_at(deadline, peer_settings(&mut h3)).await {
+        Ok(Ok(true)) => {}
+        Ok(Ok(false)) => {
+            refused("wt_no_webtransport_settings");
+            respond(&mut stream, StatusCode::BAD_REQUEST).await;
+            return;
+        }
+        Ok(Err(_)) | Err(_) => {
+            refused("h3_setup");
+            quic.close(VarInt::from_u32(0x010a), b"no SETTINGS in time");
+            return;
+        }
+    }
     let session = match WebTransportSession::accept(request, stream, h3).await {
         Ok(session) => session,
         Err(error) => {
@@ -488,6 +502,25 @@ async fn connection(ctx: Arc<NodeContext>, incoming: quinn::Incoming, handshakin
         reason.as_bytes(),
     );
     drop(session);
+}
+
+/// Waits until the peer's HTTP/3 SETTINGS have been read; returns whether they enable
+/// WebTransport and datagrams.
+async fn peer_settings(
+    h3: &mut h3::server::Connection<H3Conn, Bytes>,
+) -> Result<bool, h3::error::ConnectionError> {
+    use h3::ConnectionState as _;
+    let supported = |h3: &h3::server::Connection<H3Conn, Bytes>| {
+        let settings = h3.settings();
+        settings.enable_webtransport() && settings.enable_datagram()
+    };
+    if supported(h3) {
+        return Ok(true);
+    }
+    // The first frame of the control stream is SETTINGS (anything else is a connection error
+    // inside h3), so one frame is enough.
+    std::future::poll_fn(|cx| h3.inner.poll_control(cx)).await?;
+    Ok(supported(h3))
 }
 
 /// Resets every bidirectional stream after the session's first, and answers further CONNECTs
