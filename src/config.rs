@@ -140,6 +140,9 @@ pub struct WebTransportConfig {
     /// Days a generated certificate is valid. Chromium accepts `serverCertificateHashes` only for
     /// certificates valid at most 14 days; a new one is generated when half the validity is over.
     pub generated_cert_validity_days: u32,
+    /// Milliseconds after which a generated certificate is replaced by a new one; 0 means half
+    /// its validity. Browsers fetch the new hash from `/webtransport/certhash` when they reconnect.
+    pub generated_cert_rotate_after_ms: u64,
     /// When a client must prove its address with a QUIC Retry (one extra round trip) before the
     /// node does any handshake work: `never`, `always`, or `under_load`.
     pub address_validation: AddressValidation,
@@ -180,6 +183,7 @@ impl Default for WebTransportConfig {
             cert_file: String::new(),
             key_file: String::new(),
             generated_cert_validity_days: 10,
+            generated_cert_rotate_after_ms: 0,
             address_validation: AddressValidation::UnderLoad,
             retry_above_handshakes: 256,
         }
@@ -671,6 +675,13 @@ impl Config {
         if !(1..14).contains(&w.generated_cert_validity_days) {
             return bad(
                 "webtransport.generated_cert_validity_days must be 1..=13 (Chromium: < 14)",
+            );
+        }
+        if w.generated_cert_rotate_after_ms
+            >= u64::from(w.generated_cert_validity_days) * 86_400_000
+        {
+            return bad(
+                "webtransport.generated_cert_rotate_after_ms must be below the certificate's validity",
             );
         }
         if w.datagram_send_buffer_bytes < 1500 || w.datagram_receive_buffer_bytes < 1500 {

@@ -220,9 +220,13 @@ async fn accept_loop(endpoint: quinn::Endpoint, ctx: Arc<NodeContext>, shared: A
 async fn rotate_certificate(ctx: Arc<NodeContext>, endpoints: Vec<quinn::Endpoint>) {
     let config = ctx.config.webtransport.clone();
     let validity = Duration::from_secs(u64::from(config.generated_cert_validity_days) * 86_400);
+    let every = match config.generated_cert_rotate_after_ms {
+        0 => validity / 2,
+        ms => Duration::from_millis(ms),
+    };
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(validity / 2) => {}
+            _ = tokio::time::sleep(every) => {}
             _ = ctx.shutdown.cancelled() => return,
         }
         let config = config.clone();
