@@ -251,6 +251,8 @@ export class RoomwireClient {
     this.attempt = 0;
     this.closedByUser = false;
     this.heartbeat = null;
+    /** Sessions opened so far (1 after the first connect; more after reconnects). */
+    this.sessions = 0;
   }
 
   /** Which transport the session runs on right now ('webtransport', 'websocket' or null). */
@@ -331,6 +333,7 @@ export class RoomwireClient {
       connect: { token: this.token, clientName: this.clientName, resume },
     });
     this.connected = connected.connected;
+    this.sessions += 1;
     this.attempt = 0;
     this.startHeartbeat();
     // Rejoin what was joined before a reconnect.

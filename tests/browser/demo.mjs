@@ -98,6 +98,21 @@ try {
     throw new Error(`no datagram typing indicator from bob: ${JSON.stringify(seen)}`);
   }
   await alice.waitForSelector('#typing:has-text("bob is typing")', { timeout: TIMEOUT });
+
+  // Lose alice's connection (as a network failure would): the client reconnects with backoff,
+  // over WebTransport again, rejoins the room, and the chat goes on.
+  await alice.evaluate(() => window.roomwireDemo.client.conn.wt.close());
+  await alice.waitForFunction(
+    () => window.roomwireDemo.client.sessions >= 2 && window.roomwireDemo.client.transport === 'webtransport',
+    null,
+    { timeout: TIMEOUT },
+  );
+  console.log('alice reconnected over', await alice.textContent('#transport'));
+  await say(bob, 'after the reconnect');
+  const afterReconnect = await waitForMessages(alice, 4);
+  if (afterReconnect[3].text !== 'after the reconnect') {
+    throw new Error(`no message after the reconnect: ${JSON.stringify(afterReconnect)}`);
+  }
   mkdirSync(dirname(screenshot), { recursive: true });
   await alice.screenshot({ path: screenshot, fullPage: true });
   console.log(`screenshot: ${screenshot}`);
