@@ -30,8 +30,9 @@ const context = await chromium.launchPersistentContext(profile, {
   ],
 });
 
-async function openPage(name, extra) {
+async function openPage(name, extra, init) {
   const page = await context.newPage();
+  if (init) await page.addInitScript(init);
   page.on('console', (msg) => console.log(`[${name}] ${msg.type()}: ${msg.text()}`));
   page.on('pageerror', (error) => console.log(`[${name}] page error: ${error.message}`));
   await page.goto(`${base}/?room=${room}&name=${name}${extra}`);
@@ -113,6 +114,16 @@ try {
   if (afterReconnect[3].text !== 'after the reconnect') {
     throw new Error(`no message after the reconnect: ${JSON.stringify(afterReconnect)}`);
   }
+  // A browser without WebTransport falls back to WebSocket on its own (no query flag).
+  const carol = await openPage('carol', '', () => {
+    delete window.WebTransport;
+  });
+  const carolTransport = await carol.textContent('#transport');
+  console.log('carol (no WebTransport API) connected over', carolTransport);
+  if (carolTransport !== 'websocket') throw new Error(`carol used ${carolTransport}`);
+  await say(carol, 'fallback works');
+  await waitForMessages(alice, 5);
+
   mkdirSync(dirname(screenshot), { recursive: true });
   await alice.screenshot({ path: screenshot, fullPage: true });
   console.log(`screenshot: ${screenshot}`);
