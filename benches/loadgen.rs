@@ -389,12 +389,8 @@ async fn receive(
         };
         match target {
             Target::Roomwire => {
-                if let Ok(ServerFrame {
-                    kind: Some(server_frame::Kind::Message(m)),
-                    ..
-                }) = ServerFrame::decode(data)
-                {
-                    record(&m.payload, &mut local);
+                if let Some(payload) = message_payload(&data) {
+                    record(payload, &mut local);
                 }
             }
             Target::Nats => {
@@ -402,23 +398,19 @@ async fn receive(
                 // across frames: MSG <subject> <sid> <size>\r\n<payload>\r\n, PING, +OK, INFO.
                 pending.extend_from_slice(&data);
                 while let Some(eol) = pending.windows(2).position(|w| w == b"\r\n") {
-                    let line = std::str::from_utf8(&pending[..eol])
-                        .unwrap_or("")
-                        .to_string();
-                    if let Some(rest) = line.strip_prefix("MSG ") {
-                        let size: usize = rest
-                            .rsplit(' ')
-                            .next()
-                            .and_then(|s| s.parse().ok())
-                            .unwrap_or(0);
+                    if pending.starts_with(b"MSG ") {
+                        let size = ascii_number(
+                            pending[..eol].rsplit(|b| *b == b' ').next().unwrap_or(b""),
+                        );
                         if pending.len() < eol + 2 + size + 2 {
                             break;
                         }
                         let body = pending.split_to(eol + 2 + size + 2);
                         record(&body[eol + 2..eol + 2 + size], &mut local);
                     } else {
+                        let ping = &pending[..eol] == b"PING";
                         let _ = pending.split_to(eol + 2);
-                        if line == "PING" {
+                        if ping {
                             let _ = sink
                                 .lock()
                                 .await
@@ -431,6 +423,40 @@ async fn receive(
         }
     }
     received.latency.lock().await.add(&local).unwrap();
+}
+
+fn ascii_number(digits: &[u8]) -> usize {
+    digits
+        .iter()
+        .fold(0, |n, d| n * 10 + usize::from(d.wrapping_sub(b'0')))
+}
+
+/// The payload of a ServerFrame carrying a Message, found by walking the Protobuf fields
+/// (ServerFrame.message = 6, Message.payload = 4) without decoding the strings around it.
+fn message_payload(frame: &[u8]) -> Option<&[u8]> {
+    fn field(mut buf: &[u8], wanted: u64) -> Option<&[u8]> {
+        while !buf.is_empty() {
+            let key = prost::encoding::decode_varint(&mut buf).ok()?;
+            match key & 7 {
+                0 => {
+                    prost::encoding::decode_varint(&mut buf).ok()?;
+                }
+                2 => {
+                    let len = prost::encoding::decode_varint(&mut buf).ok()? as usize;
+                    let (value, rest) = buf.split_at_checked(len)?;
+                    if key >> 3 == wanted {
+                        return Some(value);
+                    }
+                    buf = rest;
+                }
+                1 => buf = buf.get(8..)?,
+                5 => buf = buf.get(4..)?,
+                _ => return None,
+            }
+        }
+        None
+    }
+    field(field(frame, 6)?, 4)
 }
 
 /// Spawns a receiver per member; returns the shared tallies.
@@ -549,7 +575,8 @@ fn emit(value: serde_json::Value) {
     println!("{value}");
 }
 
-#[tokio::main]
+// One thread: on a 2-core box the other core belongs to the server under test.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     match args.scenario {

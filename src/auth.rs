@@ -85,6 +85,20 @@ impl Permissions {
         }
     }
 
+    /// Parses join and publish pattern lists (token claims, service configuration).
+    pub fn parse(join: &[String], publish: &[String]) -> Result<Self, AuthError> {
+        let parse = |patterns: &[String]| {
+            patterns
+                .iter()
+                .map(|p| RoomPattern::parse(p))
+                .collect::<Result<Vec<_>, _>>()
+        };
+        Ok(Self {
+            join: parse(join)?,
+            publish: parse(publish)?,
+        })
+    }
+
     pub fn may_join(&self, room: &RoomName) -> bool {
         self.join.iter().any(|p| p.matches(room))
     }
@@ -384,16 +398,7 @@ impl JwtVerifier {
         if claims.exp.saturating_sub(issued) > self.max_lifetime_s {
             return Err(AuthError::TooLong);
         }
-        let parse = |patterns: &[String]| {
-            patterns
-                .iter()
-                .map(|p| RoomPattern::parse(p))
-                .collect::<Result<Vec<_>, _>>()
-        };
-        let permissions = Permissions {
-            join: parse(&claims.rooms.join)?,
-            publish: parse(&claims.rooms.publish)?,
-        };
+        let permissions = Permissions::parse(&claims.rooms.join, &claims.rooms.publish)?;
         let jti = match claims.jti {
             Some(jti) if jti.len() > MAX_JTI_BYTES => {
                 return Err(AuthError::Invalid("jti longer than 128 bytes".into()));

@@ -57,6 +57,8 @@ impl Default for NodeConfig {
 pub struct ServerConfig {
     /// TCP addresses for HTTP and the WebSocket upgrade (`/ws`), one port for both.
     pub listen: Vec<SocketAddr>,
+    /// Accept queue length per listener (the kernel caps it at net.core.somaxconn).
+    pub listen_backlog: u32,
     /// Open TCP connections (HTTP and WebSocket together) at most; more are refused at accept.
     pub max_connections: usize,
     /// Milliseconds a new connection has to send its HTTP request headers, and then (WebSocket)
@@ -80,6 +82,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             listen: vec![SocketAddr::from(([127, 0, 0, 1], 8080))],
+            listen_backlog: 4096,
             max_connections: 20_000,
             handshake_timeout_ms: 10_000,
             max_header_bytes: 16 * 1024,

@@ -18,6 +18,9 @@ use crate::session::{SessionHandle, UnreliableOutcome};
 
 /// Shards of the room table: joins and leaves in one shard do not wait on fan-out in another.
 const SHARDS: usize = 64;
+/// `$broadcast` holds every session: it gets a shard of its own, so session churn (every connect
+/// and disconnect writes it) and broadcast fan-outs never stall the rooms that would share it.
+const BROADCAST_SHARD: usize = SHARDS;
 
 type Members = IndexMap<u64, Arc<SessionHandle>>;
 
@@ -50,13 +53,16 @@ pub struct Removed {
 impl Hub {
     pub fn new(metrics: Arc<Metrics>) -> Self {
         Self {
-            shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+            shards: (0..=SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
             hasher: RandomState::new(),
             metrics,
         }
     }
 
     fn shard(&self, room: &RoomName) -> &RwLock<HashMap<RoomName, Members>> {
+        if room.as_str() == crate::room::BROADCAST_ROOM {
+            return &self.shards[BROADCAST_SHARD];
+        }
         &self.shards[self.hasher.hash_one(room) as usize % SHARDS]
     }
 

@@ -17,8 +17,9 @@ pub struct Metrics {
     pub sessions_opened: Family<Labels, Counter>,
     /// Closed sessions by the close reason (`normal`, `slow_consumer`, `idle_timeout`, ...).
     pub sessions_closed: Family<Labels, Counter>,
-    /// Inbound frames by kind (`publish`, `join`, ..., `invalid`, `text`).
+    /// Inbound frames by kind (`publish`, `join`, ..., `undecodable`, `text`); use [`Metrics::frame_in`].
     pub frames_in: Family<Labels, Counter>,
+    frames_in_by_kind: [Counter; FRAME_KINDS.len()],
     /// Outbound frames written to sockets, and their bytes.
     pub frames_out: Counter,
     pub bytes_out: Counter,
@@ -62,7 +63,29 @@ impl Default for Metrics {
     }
 }
 
+/// Inbound frame kinds, counted through counters resolved once (no label lookup per frame).
+pub const FRAME_KINDS: [&str; 10] = [
+    "connect",
+    "join",
+    "leave",
+    "publish",
+    "ping",
+    "refresh",
+    "empty",
+    "text",
+    "undecodable",
+    "rate_limited",
+];
+
 impl Metrics {
+    /// Counts one inbound frame of `kind` (one of [`FRAME_KINDS`]).
+    pub fn frame_in(&self, kind: &'static str) {
+        match FRAME_KINDS.iter().position(|k| *k == kind) {
+            Some(i) => self.frames_in_by_kind[i].inc(),
+            None => self.frames_in.get_or_create(&[("kind", kind)]).inc(),
+        };
+    }
+
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("roomwire");
         macro_rules! reg {
@@ -72,7 +95,7 @@ impl Metrics {
                 metric
             }};
         }
-        Self {
+        let metrics = Self {
             sessions: reg!("sessions", "Open sessions by transport", Family::default()),
             sessions_opened: reg!(
                 "sessions_opened",
@@ -177,6 +200,13 @@ impl Metrics {
                 Counter::default()
             ),
             registry,
+            frames_in_by_kind: Default::default(),
+        };
+        let frames_in_by_kind =
+            FRAME_KINDS.map(|k| metrics.frames_in.get_or_create(&[("kind", k)]).clone());
+        Self {
+            frames_in_by_kind,
+            ..metrics
         }
     }
 

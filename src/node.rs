@@ -109,10 +109,10 @@ impl Node {
         };
         let mut listeners = Vec::new();
         for addr in &config.server.listen {
-            let listener = TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("binding {addr}"))?;
-            listeners.push(listener);
+            listeners.push(
+                bind_tcp(*addr, config.server.listen_backlog)
+                    .with_context(|| format!("binding {addr}"))?,
+            );
         }
         let (webtransport, webtransport_cert) = if config.webtransport.enabled {
             let current = Arc::new(CurrentCert::default());
@@ -388,6 +388,19 @@ async fn serve_connection<I>(
     if let Err(error) = result {
         tracing::debug!(%peer, %error, "http connection ended with an error");
     }
+}
+
+/// A listening socket with an explicit accept backlog: a burst of connects (a reconnect storm
+/// after a deploy) must queue in the kernel, not be dropped into the client's 1 s SYN retry.
+fn bind_tcp(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
 }
 
 /// `<hostname>-<6 hex>`: unique enough to tell nodes apart, readable in logs.

@@ -15,16 +15,18 @@
 //! stalls the room or the other members.
 
 use std::collections::HashSet;
+use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::task::Poll;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use futures_util::task::AtomicWaker;
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::time::{MissedTickBehavior, timeout};
-use tokio_util::sync::CancellationToken;
 
 use crate::auth::{AuthError, Permissions, Principal};
 use crate::cluster::{BusError, Publication};
@@ -186,6 +188,59 @@ pub enum State {
     Closed = 3,
 }
 
+/// The signal that a session is closing, for its two tasks. Lock-free on every path: a flag and
+/// one waker per waiting task. (A `CancellationToken` takes a mutex on every poll of its wait
+/// future; polled in the reader's and writer's select loops it cost ~5% of a fan-out node's CPU
+/// under perf.)
+#[derive(Default)]
+struct CloseSignal {
+    fired: AtomicBool,
+    reader: AtomicWaker,
+    writer: AtomicWaker,
+}
+
+#[derive(Clone, Copy)]
+enum Waiter {
+    Reader,
+    Writer,
+}
+
+impl CloseSignal {
+    fn fire(&self) {
+        self.fired.store(true, Ordering::Release);
+        self.reader.wake();
+        self.writer.wake();
+    }
+
+    fn is_fired(&self) -> bool {
+        self.fired.load(Ordering::Acquire)
+    }
+
+    /// Resolves once the signal fired. Each waiter kind has at most one waiting future, polled by
+    /// one task only (the session's reader or writer), whose waker never changes: it registers
+    /// once, and every later poll is a single atomic load.
+    fn wait(&self, who: Waiter) -> impl Future<Output = ()> + '_ {
+        let mut registered = false;
+        std::future::poll_fn(move |cx| {
+            if self.is_fired() {
+                return Poll::Ready(());
+            }
+            if !registered {
+                registered = true;
+                match who {
+                    Waiter::Reader => self.reader.register(cx.waker()),
+                    Waiter::Writer => self.writer.register(cx.waker()),
+                }
+                // Checked again after registering, so a fire in between is not missed.
+                if self.is_fired() {
+                    return Poll::Ready(());
+                }
+            }
+            Poll::Pending
+        })
+    }
+}
+
 /// The shared face of a live session: what fan-out pushes into and what operators close.
 pub struct SessionHandle {
     /// Numeric key, unique on this node (membership tables).
@@ -200,7 +255,7 @@ pub struct SessionHandle {
     queued_bytes: AtomicUsize,
     max_queued_bytes: usize,
     state: AtomicU8,
-    closing: CancellationToken,
+    closing: CloseSignal,
     reason: OnceLock<CloseReason>,
     /// Set for WebTransport sessions: unreliable frames go out as datagrams.
     datagrams: OnceLock<DatagramPath>,
@@ -244,7 +299,7 @@ impl SessionHandle {
             queued_bytes: AtomicUsize::new(0),
             max_queued_bytes: config.send_queue_bytes,
             state: AtomicU8::new(State::Authenticated as u8),
-            closing: CancellationToken::new(),
+            closing: CloseSignal::default(),
             reason: OnceLock::new(),
             datagrams: OnceLock::new(),
             ctx: ctx.clone(),
@@ -266,7 +321,8 @@ impl SessionHandle {
     }
 
     pub(crate) fn push_uncounted(&self, frame: Bytes) -> bool {
-        if self.closing.is_cancelled() {
+        // A plain atomic load: this runs once per member per fan-out.
+        if self.state.load(Ordering::Relaxed) != State::Authenticated as u8 {
             return false;
         }
         let len = frame.len();
@@ -319,7 +375,7 @@ impl SessionHandle {
         let first = self.reason.set(reason).is_ok();
         if first {
             self.state.store(State::Closing as u8, Ordering::Relaxed);
-            self.closing.cancel();
+            self.closing.fire();
             if let Some(reason) = self.reason.get() {
                 self.ctx
                     .metrics
@@ -684,13 +740,15 @@ struct Session {
 impl Session {
     async fn read_loop<S: FrameSource>(&mut self, source: &mut S) {
         let idle = self.ctx.config.idle_timeout();
-        let closing = self.handle.closing.clone();
+        let handle = self.handle.clone();
+        let cancelled = handle.closing.wait(Waiter::Reader);
+        tokio::pin!(cancelled);
         let token_timer = tokio::time::sleep_until(self.token_deadline());
         tokio::pin!(token_timer);
         loop {
             let inbound = tokio::select! {
                 biased;
-                _ = closing.cancelled() => return,
+                _ = &mut cancelled => return,
                 _ = &mut token_timer => {
                     self.on_token_timer();
                     token_timer.as_mut().reset(self.token_deadline());
@@ -883,11 +941,7 @@ impl Session {
     }
 
     fn count_in(&self, kind: &'static str) {
-        self.ctx
-            .metrics
-            .frames_in
-            .get_or_create(&[("kind", kind)])
-            .inc();
+        self.ctx.metrics.frame_in(kind);
     }
 
     fn send_error(&self, request_id: u64, code: ErrorCode, message: &str) {
@@ -1044,13 +1098,14 @@ async fn write_loop<K: FrameSink>(
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut batch: Vec<Bytes> = Vec::new();
-    let closing = handle.closing.clone();
+    let cancelled = handle.closing.wait(Waiter::Writer);
+    tokio::pin!(cancelled);
     // Whether everything taken from the queue so far reached the transport in order.
     let mut intact = true;
     loop {
         tokio::select! {
             biased;
-            _ = closing.cancelled() => break,
+            _ = &mut cancelled => break,
             n = rx.recv_many(&mut batch, MAX_BATCH) => {
                 if n == 0 {
                     break;
@@ -1060,7 +1115,7 @@ async fn write_loop<K: FrameSink>(
                     tokio::pin!(send);
                     tokio::select! {
                         r = &mut send => matches!(r, Ok(Ok(()))),
-                        _ = closing.cancelled() => {
+                        _ = &mut cancelled => {
                             if handle.reason().flushes_queue() {
                                 matches!(timeout(CLOSE_WRITE_TIMEOUT, &mut send).await, Ok(Ok(Ok(()))))
                             } else {
@@ -1079,7 +1134,7 @@ async fn write_loop<K: FrameSink>(
             _ = ticker.tick() => {
                 let sent = tokio::select! {
                     r = timeout(stall_limit, sink.heartbeat()) => matches!(r, Ok(Ok(()))),
-                    _ = closing.cancelled() => true,
+                    _ = &mut cancelled => true,
                 };
                 if !sent {
                     intact = false;

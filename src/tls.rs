@@ -23,7 +23,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::TlsAcceptor;
 use x509_parser::prelude::{FromDer as _, GeneralName, X509Certificate};
 
-use crate::auth::{Permissions, Principal, RoomPattern};
+use crate::auth::{Permissions, Principal};
 use crate::config::{ClientAuth, TlsConfig};
 
 /// Prefix of the user ids of certificate-identified services (`service:billing`). Token subjects
@@ -71,18 +71,8 @@ impl TlsState {
             .services
             .iter()
             .map(|s| {
-                let parse = |patterns: &[String]| {
-                    patterns
-                        .iter()
-                        .map(|p| RoomPattern::parse(p))
-                        .collect::<Result<Vec<_>, _>>()
-                };
-                let permissions = Permissions {
-                    join: parse(&s.join)
-                        .map_err(|e| anyhow::anyhow!("tls.services {}: {e}", s.name))?,
-                    publish: parse(&s.publish)
-                        .map_err(|e| anyhow::anyhow!("tls.services {}: {e}", s.name))?,
-                };
+                let permissions = Permissions::parse(&s.join, &s.publish)
+                    .map_err(|e| anyhow::anyhow!("tls.services {}: {e}", s.name))?;
                 anyhow::ensure!(
                     s.uri.is_some() || s.dns.is_some(),
                     "tls.services {}: needs uri or dns",
@@ -154,7 +144,8 @@ impl TlsState {
                 return Ok(Principal {
                     user: format!("{SERVICE_PREFIX}{}", service.name).into(),
                     permissions: service.permissions.clone(),
-                    expires_at: None,
+                    // A service cannot refresh: its session ends when its certificate does.
+                    expires_at: u64::try_from(cert.validity().not_after.timestamp()).ok(),
                 });
             }
         }

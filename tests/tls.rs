@@ -171,6 +171,12 @@ async fn required_mtls_admits_the_right_certificate_as_its_service_and_refuses_t
     let billing = pki.ca.service("billing").unwrap();
     let (mut ws, connected) = wss(&node, pki.client(Some(&billing)), "").await.unwrap();
     assert_eq!(connected.user_id, "service:billing");
+    // The session ends with the certificate (rcgen's default validity runs to 4096).
+    assert!(
+        connected.token_expires_at_ms > 4_000_000_000_000,
+        "{}",
+        connected.token_expires_at_ms
+    );
     // Its permissions come from its [[tls.services]] entry.
     send_frame(
         &mut ws,
