@@ -61,6 +61,7 @@ fn fanout(c: &mut Criterion) {
     let ctx = runtime.block_on(async {
         let mut config = Config::default();
         config.server.listen = vec!["127.0.0.1:0".parse().unwrap()];
+        config.webtransport.enabled = false;
         config.api.keys = vec!["bench-key-0123456789".into()];
         Node::bind(config).await.unwrap().context()
     });

@@ -16,6 +16,24 @@ cargo fmt --all -- --check
 step "cargo clippy -D warnings"
 cargo clippy --all-targets --locked -- -D warnings
 
+step "browser test prerequisites: chromium and playwright-core"
+# The browser test (tests/browser.rs) drives Debian's chromium with playwright-core; no browser is
+# downloaded. Both are installed only when missing.
+MISSING=""
+[ -x /usr/bin/chromium ] || MISSING="$MISSING chromium"
+command -v node >/dev/null 2>&1 || MISSING="$MISSING nodejs"
+command -v npm >/dev/null 2>&1 || MISSING="$MISSING npm"
+if [ -n "$MISSING" ]; then
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  # shellcheck disable=SC2086
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $MISSING
+fi
+if [ ! -d node_modules/playwright-core ]; then
+  npm ci --no-audit --no-fund
+fi
+
 step "cargo test"
 # Integration tests start their own nodes on port 0; two test threads keep the 2-core box honest.
 cargo test --locked -- --test-threads=2

@@ -85,9 +85,17 @@ pub struct ServeArgs {
 
 #[derive(Debug, Args)]
 pub struct ClientArgs {
-    /// WebSocket URL of the node.
+    /// URL of the node: WebSocket `ws://host:8080/ws` (or `wss://`), or WebTransport
+    /// `https://host:4433/wt`.
     #[arg(long, default_value = "ws://127.0.0.1:8080/ws", env = "ROOMWIRE_URL")]
     pub url: String,
+    /// WebTransport: trust the certificate with this SHA-256 (hex, as `/webtransport/certhash`
+    /// gives it); repeatable.
+    #[arg(long = "cert-hash", value_name = "HEX")]
+    pub cert_hashes: Vec<String>,
+    /// WebTransport: trust certificates signed by the CA in this PEM file.
+    #[arg(long, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
     /// Connection token (in the node's insecure development mode: the user id).
     #[arg(long, default_value = "", env = "ROOMWIRE_TOKEN")]
     pub token: String,
@@ -113,8 +121,18 @@ pub enum ClientAction {
 
 /// Runs `roomwire client ...`; returns the process exit code.
 pub async fn run_client(args: ClientArgs) -> anyhow::Result<()> {
+    let cert_hashes = args
+        .cert_hashes
+        .iter()
+        .map(|hex| {
+            parse_hex(hex)
+                .ok_or_else(|| anyhow::anyhow!("--cert-hash {hex:?}: expected 64 hex digits"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let options = ClientOptions {
         token: args.token,
+        cert_hashes,
+        ca_file: args.ca_file,
         client_name: concat!("roomwire-cli/", env!("CARGO_PKG_VERSION")).into(),
         ..ClientOptions::default()
     };
@@ -180,10 +198,22 @@ pub async fn run_client(args: ClientArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A SHA-256 digest written as 64 hex digits (colons allowed, as browsers print them).
+fn parse_hex(hex: &str) -> Option<Vec<u8>> {
+    let digits: Vec<u8> = hex.bytes().filter(|b| *b != b':').collect();
+    if digits.len() != 64 {
+        return None;
+    }
+    digits
+        .chunks(2)
+        .map(|pair| u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok())
+        .collect()
+}
+
 /// Prints one event; returns true when the session ended.
 fn print_event(event: &Event) -> bool {
     match event {
-        Event::Message(m) => {
+        Event::Message(m) | Event::Datagram(m) => {
             println!(
                 "[{} #{}] {}: {}",
                 m.room,

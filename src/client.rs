@@ -1,4 +1,4 @@
-//! The Rust client library: connects over WebSocket, correlates replies with requests, and hands
+//! The Rust client library: connects over WebSocket or WebTransport, correlates replies with requests, and hands
 //! everything the node sends unasked (messages, GoAway, the close) to [`Client::next_event`].
 //!
 //! ```no_run
@@ -22,6 +22,7 @@ use bytes::Bytes;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use prost::Message as _;
+use tokio::io::AsyncReadExt as _;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -43,6 +44,14 @@ pub struct ClientOptions {
     pub event_buffer: usize,
     /// How long to wait for any reply, `Connected` included.
     pub request_timeout: Duration,
+    /// WebTransport: SHA-256 hashes of certificates to trust (a node's generated certificate,
+    /// from `/webtransport/certhash`), instead of CA roots.
+    pub cert_hashes: Vec<Vec<u8>>,
+    /// WebTransport: a PEM file of CA certificates to trust instead of the system roots.
+    pub ca_file: Option<std::path::PathBuf>,
+    /// WebTransport: interval of the application Pings that keep the session alive (the node
+    /// closes sessions silent for its idle timeout; WebSocket pongs do this job there).
+    pub ping_interval: Duration,
 }
 
 impl Default for ClientOptions {
@@ -52,6 +61,9 @@ impl Default for ClientOptions {
             client_name: concat!("roomwire-rs/", env!("CARGO_PKG_VERSION")).into(),
             event_buffer: 4096,
             request_timeout: Duration::from_secs(10),
+            cert_hashes: Vec::new(),
+            ca_file: None,
+            ping_interval: Duration::from_secs(20),
         }
     }
 }
@@ -70,6 +82,9 @@ impl ClientOptions {
 #[derive(Debug, Clone)]
 pub enum Event {
     Message(proto::Message),
+    /// An unreliable message that arrived as a QUIC datagram (WebTransport only; over WebSocket
+    /// unreliable messages arrive as `Message` with seq 0).
+    Datagram(proto::Message),
     GoAway(proto::GoAway),
     /// The node removed the session from a room (a refreshed token no longer allows it).
     Left(String),
@@ -77,7 +92,8 @@ pub enum Event {
     TokenExpiring(u64),
     /// An Error frame that answers no request (e.g. a protocol violation).
     Error(proto::Error),
-    /// The connection ended; `code` is the WebSocket close code, when one was sent.
+    /// The connection ended; `code` is the close code (WebSocket close frame, or the WebTransport
+    /// session's close code), when one was sent.
     Closed {
         code: Option<u16>,
         reason: String,
@@ -88,6 +104,12 @@ pub enum Event {
 pub enum ClientError {
     #[error("websocket: {0}")]
     WebSocket(#[from] tungstenite::Error),
+    #[error("webtransport: {0}")]
+    WebTransport(String),
+    #[error("the node answered the WebTransport CONNECT with HTTP {0}")]
+    Status(u16),
+    #[error("bad URL or trust setting: {0}")]
+    BadUrl(String),
     #[error("refused by the node: {code:?}: {message}")]
     Refused {
         code: proto::ErrorCode,
@@ -104,9 +126,56 @@ pub enum ClientError {
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<ServerFrame>>>>;
 
+/// The write half of either transport.
+// One Writer per client, behind an Arc: the size difference of the variants costs nothing.
+#[allow(clippy::large_enum_variant)]
+enum Writer {
+    Ws(tokio::sync::Mutex<SplitSink<Ws, WsMessage>>),
+    Wt {
+        session: web_transport_quinn::Session,
+        send: tokio::sync::Mutex<web_transport_quinn::SendStream>,
+    },
+}
+
+impl Writer {
+    async fn send(&self, frame: Vec<u8>) -> Result<(), ClientError> {
+        match self {
+            Writer::Ws(sink) => {
+                sink.lock()
+                    .await
+                    .send(WsMessage::Binary(frame.into()))
+                    .await?;
+            }
+            Writer::Wt { send, .. } => {
+                let mut buf = Vec::with_capacity(frame.len() + 5);
+                prost::encoding::encode_varint(frame.len() as u64, &mut buf);
+                buf.extend_from_slice(&frame);
+                send.lock()
+                    .await
+                    .write_all(&buf)
+                    .await
+                    .map_err(|e| ClientError::WebTransport(e.to_string()))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends our side: a WebSocket close (1000), or the WebTransport stream's FIN.
+    async fn finish(&self) {
+        match self {
+            Writer::Ws(sink) => {
+                let _ = sink.lock().await.send(WsMessage::Close(None)).await;
+            }
+            Writer::Wt { send, .. } => {
+                let _ = send.lock().await.finish();
+            }
+        }
+    }
+}
+
 /// A connected session.
 pub struct Client {
-    sink: tokio::sync::Mutex<SplitSink<Ws, WsMessage>>,
+    writer: Arc<Writer>,
     pending: Pending,
     next_request: AtomicU64,
     events: mpsc::Receiver<Event>,
@@ -116,24 +185,50 @@ pub struct Client {
 }
 
 impl Client {
-    /// Opens the WebSocket (subprotocol `roomwire.v1`), sends Connect and waits for Connected.
+    /// Connects over WebSocket (`ws://host:8080/ws`, `wss://`) or WebTransport
+    /// (`https://host:4433/wt`), sends Connect and waits for Connected.
     pub async fn connect(url: &str, options: ClientOptions) -> Result<Client, ClientError> {
-        let mut request = url.into_client_request()?;
-        request.headers_mut().insert(
-            http::header::SEC_WEBSOCKET_PROTOCOL,
-            http::HeaderValue::from_static(WS_SUBPROTOCOL),
-        );
-        let config = WebSocketConfig::default()
-            .read_buffer_size(8 * 1024)
-            .write_buffer_size(0);
-        let (ws, _response) =
-            tokio_tungstenite::connect_async_with_config(request, Some(config), true).await?;
-        let (sink, stream) = ws.split();
         let pending: Pending = Arc::default();
         let (events_tx, events) = mpsc::channel(options.event_buffer.max(1));
-        let reader = tokio::spawn(read_loop(stream, pending.clone(), events_tx));
+        let dispatcher = Dispatcher {
+            pending: pending.clone(),
+            events: events_tx,
+        };
+        let (writer, reader) = if url.starts_with("https://") {
+            let session = connect_webtransport(url, &options).await?;
+            let (send, recv) = session
+                .open_bi()
+                .await
+                .map_err(|e| ClientError::WebTransport(e.to_string()))?;
+            let writer = Arc::new(Writer::Wt {
+                session: session.clone(),
+                send: tokio::sync::Mutex::new(send),
+            });
+            let reader = tokio::spawn(wt_read_loop(
+                session,
+                recv,
+                writer.clone(),
+                dispatcher,
+                options.ping_interval,
+            ));
+            (writer, reader)
+        } else {
+            let mut request = url.into_client_request()?;
+            request.headers_mut().insert(
+                http::header::SEC_WEBSOCKET_PROTOCOL,
+                http::HeaderValue::from_static(WS_SUBPROTOCOL),
+            );
+            let config = WebSocketConfig::default()
+                .read_buffer_size(8 * 1024)
+                .write_buffer_size(0);
+            let (ws, _response) =
+                tokio_tungstenite::connect_async_with_config(request, Some(config), true).await?;
+            let (sink, stream) = ws.split();
+            let reader = tokio::spawn(ws_read_loop(stream, dispatcher));
+            (Arc::new(Writer::Ws(tokio::sync::Mutex::new(sink))), reader)
+        };
         let mut client = Client {
-            sink: tokio::sync::Mutex::new(sink),
+            writer,
             pending,
             next_request: AtomicU64::new(1),
             events,
@@ -208,7 +303,8 @@ impl Client {
         }
     }
 
-    /// Publishes without sequencing or acknowledgement (typing indicators, cursors).
+    /// Publishes without sequencing or acknowledgement (typing indicators, cursors). Over
+    /// WebTransport the Publish itself travels as a datagram (and may be lost).
     pub async fn publish_unreliable(
         &self,
         room: &str,
@@ -220,11 +316,48 @@ impl Client {
             client_msg_id: String::new(),
             unreliable: true,
         };
-        self.send(ClientFrame {
+        let frame = ClientFrame {
             request_id: 0,
             kind: Some(client_frame::Kind::Publish(publish)),
-        })
-        .await
+        };
+        match &*self.writer {
+            Writer::Wt { session, .. } => session
+                .send_datagram(frame.encode_to_vec().into())
+                .map_err(|e| ClientError::WebTransport(e.to_string())),
+            Writer::Ws(_) => self.send(frame).await,
+        }
+    }
+
+    /// Which transport the client speaks.
+    pub fn transport(&self) -> &'static str {
+        match &*self.writer {
+            Writer::Ws(_) => "ws",
+            Writer::Wt { .. } => "webtransport",
+        }
+    }
+
+    /// Opens one more bidirectional WebTransport stream (tests of the one-stream rule); `None`
+    /// over WebSocket.
+    pub async fn open_extra_stream(
+        &self,
+    ) -> Option<
+        Result<
+            (
+                web_transport_quinn::SendStream,
+                web_transport_quinn::RecvStream,
+            ),
+            ClientError,
+        >,
+    > {
+        match &*self.writer {
+            Writer::Wt { session, .. } => Some(
+                session
+                    .open_bi()
+                    .await
+                    .map_err(|e| ClientError::WebTransport(e.to_string())),
+            ),
+            Writer::Ws(_) => None,
+        }
     }
 
     /// Replaces the session's token (same user); returns the new expiry, Unix milliseconds.
@@ -259,18 +392,26 @@ impl Client {
 
     /// Sends one already-built frame (for tests that need exact control of the wire).
     pub async fn send(&self, frame: ClientFrame) -> Result<(), ClientError> {
-        let bytes = frame.encode_to_vec();
-        self.sink
-            .lock()
-            .await
-            .send(WsMessage::Binary(bytes.into()))
-            .await?;
-        Ok(())
+        self.writer.send(frame.encode_to_vec()).await
+    }
+
+    /// Sends raw bytes on the session's stream or socket, unframed by the client: over
+    /// WebTransport the caller writes the length prefix itself (tests of bad framing).
+    pub async fn send_raw(&self, bytes: &[u8]) -> Result<(), ClientError> {
+        match &*self.writer {
+            Writer::Ws(_) => self.writer.send(bytes.to_vec()).await,
+            Writer::Wt { send, .. } => send
+                .lock()
+                .await
+                .write_all(bytes)
+                .await
+                .map_err(|e| ClientError::WebTransport(e.to_string())),
+        }
     }
 
     /// Closes the session normally (1000).
     pub async fn close(mut self) {
-        let _ = self.sink.lock().await.send(WsMessage::Close(None)).await;
+        self.writer.finish().await;
         let _ = tokio::time::timeout(Duration::from_secs(2), &mut self.reader).await;
     }
 
@@ -328,63 +469,211 @@ impl Drop for Client {
     }
 }
 
-async fn read_loop(mut stream: SplitStream<Ws>, pending: Pending, events: mpsc::Sender<Event>) {
-    let closed = loop {
+/// Routes what the node sends, whichever transport it came on: replies to their waiting request,
+/// everything else to the event channel. The one dispatcher of both transports.
+struct Dispatcher {
+    pending: Pending,
+    events: mpsc::Sender<Event>,
+}
+
+impl Dispatcher {
+    /// Routes one encoded ServerFrame; `false` once the application dropped the client.
+    async fn frame(&self, bytes: Bytes, datagram: bool) -> bool {
+        let Ok(frame) = ServerFrame::decode(bytes) else {
+            return true;
+        };
+        if frame.request_id != 0 {
+            let waiter = self
+                .pending
+                .lock()
+                .expect("pending lock")
+                .remove(&frame.request_id);
+            if let Some(waiter) = waiter {
+                let _ = waiter.send(frame);
+                return true;
+            }
+        }
+        let event = match frame.kind {
+            Some(server_frame::Kind::Message(m)) if datagram => Event::Datagram(m),
+            Some(server_frame::Kind::Message(m)) => Event::Message(m),
+            Some(server_frame::Kind::GoAway(g)) => Event::GoAway(g),
+            Some(server_frame::Kind::TokenExpiring(t)) => Event::TokenExpiring(t.expires_at_ms),
+            Some(server_frame::Kind::Left(l)) => Event::Left(l.room),
+            Some(server_frame::Kind::Error(e)) => Event::Error(e),
+            _ => return true,
+        };
+        self.events.send(event).await.is_ok()
+    }
+
+    /// The connection ended: pending requests fail, the application gets `Closed`.
+    async fn closed(self, code: Option<u16>, reason: String) {
+        self.pending.lock().expect("pending lock").clear();
+        let _ = self.events.send(Event::Closed { code, reason }).await;
+    }
+}
+
+async fn ws_read_loop(mut stream: SplitStream<Ws>, dispatcher: Dispatcher) {
+    let (code, reason) = loop {
         let message = match stream.next().await {
-            None => {
-                break Event::Closed {
-                    code: None,
-                    reason: "connection ended".into(),
-                };
-            }
-            Some(Err(error)) => {
-                break Event::Closed {
-                    code: None,
-                    reason: error.to_string(),
-                };
-            }
+            None => break (None, "connection ended".to_string()),
+            Some(Err(error)) => break (None, error.to_string()),
             Some(Ok(message)) => message,
         };
-        let bytes = match message {
-            WsMessage::Binary(bytes) => bytes,
+        let delivered = match message {
+            WsMessage::Binary(bytes) => dispatcher.frame(bytes, false).await,
             WsMessage::Close(frame) => {
                 // Reading on lets tungstenite send the close reply, completing the handshake.
                 let _ = tokio::time::timeout(Duration::from_secs(2), async {
                     while stream.next().await.is_some() {}
                 })
                 .await;
-                break Event::Closed {
-                    code: frame.as_ref().map(|f| u16::from(f.code)),
-                    reason: frame.map(|f| f.reason.to_string()).unwrap_or_default(),
-                };
+                break (
+                    frame.as_ref().map(|f| u16::from(f.code)),
+                    frame.map(|f| f.reason.to_string()).unwrap_or_default(),
+                );
             }
-            _ => continue,
+            _ => true,
         };
-        let Ok(frame) = ServerFrame::decode(bytes) else {
-            continue;
-        };
-        if frame.request_id != 0 {
-            let waiter = pending
-                .lock()
-                .expect("pending lock")
-                .remove(&frame.request_id);
-            if let Some(waiter) = waiter {
-                let _ = waiter.send(frame);
-                continue;
-            }
-        }
-        let event = match frame.kind {
-            Some(server_frame::Kind::Message(m)) => Event::Message(m),
-            Some(server_frame::Kind::GoAway(g)) => Event::GoAway(g),
-            Some(server_frame::Kind::TokenExpiring(t)) => Event::TokenExpiring(t.expires_at_ms),
-            Some(server_frame::Kind::Left(l)) => Event::Left(l.room),
-            Some(server_frame::Kind::Error(e)) => Event::Error(e),
-            _ => continue,
-        };
-        if events.send(event).await.is_err() {
+        if !delivered {
             return;
         }
     };
-    pending.lock().expect("pending lock").clear();
-    let _ = events.send(closed).await;
+    dispatcher.closed(code, reason).await;
+}
+
+/// Opens the QUIC connection and the WebTransport session, trusting the configured certificate
+/// hashes or CA file (else the system roots). The token goes into the CONNECT request's query.
+async fn connect_webtransport(
+    url: &str,
+    options: &ClientOptions,
+) -> Result<web_transport_quinn::Session, ClientError> {
+    let mut url = url::Url::parse(url).map_err(|e| ClientError::BadUrl(e.to_string()))?;
+    if !options.token.is_empty() {
+        url.query_pairs_mut().append_pair("token", &options.token);
+    }
+    let wt_error = |e: web_transport_quinn::ClientError| ClientError::WebTransport(e.to_string());
+    let builder = web_transport_quinn::ClientBuilder::new();
+    let client = if !options.cert_hashes.is_empty() {
+        builder
+            .with_server_certificate_hashes(options.cert_hashes.clone())
+            .map_err(wt_error)?
+    } else if let Some(path) = &options.ca_file {
+        let pem = std::fs::read(path)
+            .map_err(|e| ClientError::BadUrl(format!("CA file {}: {e}", path.display())))?;
+        let certs = rustls_pemfile::certs(&mut pem.as_slice())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ClientError::BadUrl(format!("CA file {}: {e}", path.display())))?;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in certs {
+            roots
+                .add(cert)
+                .map_err(|e| ClientError::BadUrl(format!("CA file {}: {e}", path.display())))?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| ClientError::WebTransport(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        tls.alpn_protocols = vec![web_transport_quinn::ALPN.as_bytes().to_vec()];
+        let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+            .map_err(|e| ClientError::WebTransport(e.to_string()))?;
+        let endpoint = quinn::Endpoint::client(std::net::SocketAddr::from((
+            std::net::Ipv6Addr::UNSPECIFIED,
+            0,
+        )))
+        .map_err(|e| ClientError::WebTransport(e.to_string()))?;
+        web_transport_quinn::Client::new(endpoint, quinn::ClientConfig::new(Arc::new(quic)))
+    } else {
+        builder.with_system_roots().map_err(wt_error)?
+    };
+    client.connect(url).await.map_err(|e| match e {
+        web_transport_quinn::ClientError::HttpError(
+            web_transport_quinn::ConnectError::ErrorStatus(status),
+        ) => ClientError::Status(status.as_u16()),
+        web_transport_quinn::ClientError::HttpError(
+            web_transport_quinn::ConnectError::ProtoError(
+                web_transport_quinn::proto::ConnectError::WrongStatus(Some(status))
+                | web_transport_quinn::proto::ConnectError::ErrorStatus(status),
+            ),
+        ) => ClientError::Status(status.as_u16()),
+        other => wt_error(other),
+    })
+}
+
+/// The WebTransport reader: length-delimited frames on the session stream, datagrams, and the
+/// application Pings that keep the session alive (QUIC keep-alives are not visible to the node's
+/// session). On the node's FIN it sends its own and reads the close code from the connection.
+async fn wt_read_loop(
+    session: web_transport_quinn::Session,
+    mut recv: web_transport_quinn::RecvStream,
+    writer: Arc<Writer>,
+    dispatcher: Dispatcher,
+    ping_interval: Duration,
+) {
+    let mut buf = bytes::BytesMut::new();
+    let mut ticker =
+        tokio::time::interval_at(tokio::time::Instant::now() + ping_interval, ping_interval);
+    let (code, reason) = 'read: loop {
+        loop {
+            match crate::transport::webtransport::parse_delimited(&buf, usize::MAX) {
+                crate::transport::webtransport::Delimited::Frame { prefix, len } => {
+                    let _ = buf.split_to(prefix);
+                    let frame = buf.split_to(len).freeze();
+                    if !dispatcher.frame(frame, false).await {
+                        return;
+                    }
+                }
+                crate::transport::webtransport::Delimited::Incomplete { need } => {
+                    buf.reserve(need.saturating_sub(buf.len()).max(4096));
+                    break;
+                }
+                _ => break 'read (None, "invalid length prefix from the node".to_string()),
+            }
+        }
+        tokio::select! {
+            read = recv.read_buf(&mut buf) => match read {
+                Ok(0) => break (None, String::new()),
+                Ok(_) => {}
+                Err(error) => break (None, error.to_string()),
+            },
+            datagram = session.read_datagram() => match datagram {
+                Ok(datagram) => {
+                    if !dispatcher.frame(datagram, true).await {
+                        return;
+                    }
+                }
+                Err(error) => break (None, error.to_string()),
+            },
+            _ = ticker.tick() => {
+                let ping = ClientFrame {
+                    request_id: 0,
+                    kind: Some(client_frame::Kind::Ping(proto::Ping { nonce: 0 })),
+                };
+                let _ = writer.send(ping.encode_to_vec()).await;
+            }
+        }
+    };
+    // The node finished its stream (or the connection broke): finish ours, then the node closes
+    // the connection with the session's close code.
+    writer.finish().await;
+    // The QUIC connection's own close carries the code. Best effort: when web-transport-quinn's
+    // CONNECT-stream watcher sees the connection end first, it closes the connection locally and
+    // quinn then reports LocallyClosed instead of the node's code (the node sends no
+    // CLOSE_WEBTRANSPORT_SESSION capsule: h3-webtransport 0.1.2 has no API for it).
+    let conn: &quinn::Connection = &session;
+    let closed = tokio::time::timeout(Duration::from_secs(3), conn.closed()).await;
+    let (code, reason) = match closed {
+        Ok(quinn::ConnectionError::ApplicationClosed(close)) => {
+            match web_transport_quinn::proto::error_from_http3(close.error_code.into_inner()) {
+                Some(code) => (
+                    u16::try_from(code).ok(),
+                    String::from_utf8_lossy(&close.reason).into_owned(),
+                ),
+                None => (code, reason),
+            }
+        }
+        _ => (code, reason),
+    };
+    dispatcher.closed(code, reason).await;
 }

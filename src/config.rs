@@ -28,6 +28,7 @@ pub struct Config {
     pub tls: TlsConfig,
     pub api: ApiConfig,
     pub log: LogConfig,
+    pub webtransport: WebTransportConfig,
 }
 
 /// Identity of this node in the mesh.
@@ -89,6 +90,105 @@ impl Default for ServerConfig {
             drain_grace_ms: 10_000,
             reconnect_after_ms: 1_000,
             allowed_origins: Vec::new(),
+        }
+    }
+}
+
+/// The WebTransport listener (HTTP/3 over QUIC, UDP) and its QUIC limits. Every QUIC limit is set
+/// here explicitly: quinn's own defaults allow 100 concurrent streams of each kind and an
+/// unbounded connection receive window.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebTransportConfig {
+    /// Serve WebTransport at all.
+    pub enabled: bool,
+    /// UDP addresses. The default covers both loopbacks, because Chromium resolves `localhost` to
+    /// `::1`; `[::]:4433` serves every interface over IPv4 and IPv6.
+    pub listen: Vec<SocketAddr>,
+    /// Path of the WebTransport CONNECT request (`https://host:4433/wt?token=...`).
+    pub path: String,
+    /// Open QUIC connections at most, over all listeners; more are refused before the handshake.
+    pub max_connections: usize,
+    /// WebTransport sessions per QUIC connection (browsers open one per `new WebTransport()`).
+    /// Only 1 is supported: a second CONNECT on the same connection is refused with 429.
+    pub max_sessions_per_connection: u64,
+    /// Bidirectional streams the peer may have open at once. HTTP/3 needs one for the CONNECT
+    /// request, the session one more; a few spare let a browser reconnect its stream. Extra
+    /// WebTransport streams beyond the session's first are reset.
+    pub max_bidi_streams: u64,
+    /// Unidirectional streams the peer may have open at once. HTTP/3 needs three (control, QPACK
+    /// encoder and decoder); the protocol uses none.
+    pub max_uni_streams: u64,
+    /// Bytes the peer may send on one stream before we read them (per-stream flow-control window).
+    pub stream_receive_window: u64,
+    /// Bytes the peer may send on all streams of a connection together before we read them. Bounds
+    /// the memory one connection can make us buffer (quinn's default is unbounded).
+    pub receive_window: u64,
+    /// Milliseconds without any QUIC packet before the connection is dropped.
+    pub idle_timeout_ms: u64,
+    /// Milliseconds between QUIC keep-alive packets we send, so NAT bindings and the peer's idle
+    /// timer stay alive. Must be below `idle_timeout_ms`.
+    pub keep_alive_interval_ms: u64,
+    /// Incoming datagram bytes buffered per connection before the oldest are dropped.
+    pub datagram_receive_buffer_bytes: usize,
+    /// Outgoing datagram bytes buffered per connection; a datagram that does not fit is dropped
+    /// (counted in `roomwire_datagrams_dropped_total{reason="buffer_full"}`).
+    pub datagram_send_buffer_bytes: usize,
+    /// PEM certificate chain. Empty (with `key_file` empty): a self-signed ECDSA P-256 certificate
+    /// for localhost, 127.0.0.1 and ::1 is generated at start and rotated; its SHA-256 is served at
+    /// `GET /webtransport/certhash` for browsers' `serverCertificateHashes`.
+    pub cert_file: String,
+    /// PEM private key (PKCS#8, SEC1 or RSA) of `cert_file`.
+    pub key_file: String,
+    /// Days a generated certificate is valid. Chromium accepts `serverCertificateHashes` only for
+    /// certificates valid at most 14 days; a new one is generated when half the validity is over.
+    pub generated_cert_validity_days: u32,
+    /// Milliseconds after which a generated certificate is replaced by a new one; 0 means half
+    /// its validity. Browsers fetch the new hash from `/webtransport/certhash` when they reconnect.
+    pub generated_cert_rotate_after_ms: u64,
+    /// When a client must prove its address with a QUIC Retry (one extra round trip) before the
+    /// node does any handshake work: `never`, `always`, or `under_load`.
+    pub address_validation: AddressValidation,
+    /// With `under_load`: handshakes in progress above which new connections get a Retry.
+    pub retry_above_handshakes: usize,
+}
+
+/// QUIC address validation (Retry) policy.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum AddressValidation {
+    Never,
+    Always,
+    /// Retry only while more than `retry_above_handshakes` handshakes are in progress: spoofed
+    /// floods then cost one stateless packet each, normal clients no extra round trip.
+    UnderLoad,
+}
+
+impl Default for WebTransportConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: vec![
+                SocketAddr::from(([0, 0, 0, 0, 0, 0, 0, 1], 4433)),
+                SocketAddr::from(([127, 0, 0, 1], 4433)),
+            ],
+            path: "/wt".into(),
+            max_connections: 10_000,
+            max_sessions_per_connection: 1,
+            max_bidi_streams: 4,
+            max_uni_streams: 8,
+            stream_receive_window: 256 * 1024,
+            receive_window: 1024 * 1024,
+            idle_timeout_ms: 30_000,
+            keep_alive_interval_ms: 10_000,
+            datagram_receive_buffer_bytes: 64 * 1024,
+            datagram_send_buffer_bytes: 256 * 1024,
+            cert_file: String::new(),
+            key_file: String::new(),
+            generated_cert_validity_days: 10,
+            generated_cert_rotate_after_ms: 0,
+            address_validation: AddressValidation::UnderLoad,
+            retry_above_handshakes: 256,
         }
     }
 }
@@ -499,7 +599,13 @@ impl Config {
         }
         if self.auth.mode == AuthMode::Insecure
             && !self.auth.allow_insecure_on_public_addresses
-            && self.server.listen.iter().any(|a| !a.ip().is_loopback())
+            && (self.server.listen.iter().any(|a| !a.ip().is_loopback())
+                || (self.webtransport.enabled
+                    && self
+                        .webtransport
+                        .listen
+                        .iter()
+                        .any(|a| !a.ip().is_loopback())))
         {
             return bad(
                 "auth.mode = \"insecure\" lets anyone claim any user: on a non-loopback address use mode = \"jwt\" (or set auth.allow_insecure_on_public_addresses = true for a closed test network)",
@@ -528,6 +634,61 @@ impl Config {
         }
         if self.api.keys.iter().any(|k| k.len() < 16) {
             return bad("api.keys must each be at least 16 characters");
+        }
+        self.validate_webtransport()?;
+        Ok(())
+    }
+
+    fn validate_webtransport(&self) -> Result<(), ConfigError> {
+        let bad = |msg: &str| Err(ConfigError::Invalid(msg.to_string()));
+        let w = &self.webtransport;
+        if !w.enabled {
+            return Ok(());
+        }
+        if w.listen.is_empty() {
+            return bad("webtransport.listen needs at least one address (or enabled = false)");
+        }
+        if !w.path.starts_with('/') {
+            return bad("webtransport.path must start with /");
+        }
+        if w.max_connections == 0 {
+            return bad("webtransport.max_connections must be at least 1");
+        }
+        if w.max_sessions_per_connection != 1 {
+            return bad("webtransport.max_sessions_per_connection must be 1");
+        }
+        if w.max_bidi_streams < 2 || w.max_uni_streams < 3 {
+            return bad(
+                "webtransport.max_bidi_streams must be >= 2 and max_uni_streams >= 3 (HTTP/3 needs them)",
+            );
+        }
+        if w.stream_receive_window < 1024 || w.receive_window < w.stream_receive_window {
+            return bad(
+                "webtransport.stream_receive_window must be >= 1024 and receive_window >= stream_receive_window",
+            );
+        }
+        if w.keep_alive_interval_ms == 0 || w.idle_timeout_ms <= w.keep_alive_interval_ms {
+            return bad(
+                "webtransport.idle_timeout_ms must exceed webtransport.keep_alive_interval_ms (> 0)",
+            );
+        }
+        if w.cert_file.is_empty() != w.key_file.is_empty() {
+            return bad("webtransport.cert_file and key_file go together");
+        }
+        if !(1..14).contains(&w.generated_cert_validity_days) {
+            return bad(
+                "webtransport.generated_cert_validity_days must be 1..=13 (Chromium: < 14)",
+            );
+        }
+        if w.generated_cert_rotate_after_ms
+            >= u64::from(w.generated_cert_validity_days) * 86_400_000
+        {
+            return bad(
+                "webtransport.generated_cert_rotate_after_ms must be below the certificate's validity",
+            );
+        }
+        if w.datagram_send_buffer_bytes < 1500 || w.datagram_receive_buffer_bytes < 1500 {
+            return bad("webtransport datagram buffers must be at least 1500 bytes");
         }
         Ok(())
     }
@@ -615,6 +776,31 @@ mod tests {
         )
         .unwrap_err();
         assert!(matches!(err, ConfigError::Invalid(_)), "{err}");
+    }
+
+    #[test]
+    fn webtransport_limits_are_validated() {
+        for bad in [
+            "webtransport.max_bidi_streams=1",
+            "webtransport.keep_alive_interval_ms=40000",
+            "webtransport.generated_cert_validity_days=14",
+            "webtransport.max_sessions_per_connection=2",
+            "webtransport.receive_window=2048",
+            r#"webtransport.cert_file="cert.pem""#,
+        ] {
+            let err = Config::load(None, Vec::new(), &[bad.into()]).unwrap_err();
+            assert!(matches!(err, ConfigError::Invalid(_)), "{bad}: {err}");
+        }
+        // Disabled, its addresses do not matter.
+        Config::load(
+            None,
+            Vec::new(),
+            &[
+                "webtransport.enabled=false".into(),
+                "webtransport.listen=[]".into(),
+            ],
+        )
+        .unwrap();
     }
 
     #[test]

@@ -14,7 +14,7 @@ use indexmap::IndexMap;
 
 use crate::metrics::Metrics;
 use crate::room::RoomName;
-use crate::session::SessionHandle;
+use crate::session::{SessionHandle, UnreliableOutcome};
 
 /// Shards of the room table: joins and leaves in one shard do not wait on fan-out in another.
 const SHARDS: usize = 64;
@@ -29,6 +29,17 @@ pub struct Hub {
     shards: Box<[RwLock<HashMap<RoomName, Members>>]>,
     hasher: RandomState,
     metrics: Arc<Metrics>,
+}
+
+/// What an unreliable fan-out did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UnreliableReport {
+    /// Members reached through their send queue (WebSocket).
+    pub queued: usize,
+    /// Members sent a datagram.
+    pub datagrams: usize,
+    /// Some member's datagram limit was below the frame: the smallest such limit, in bytes.
+    pub too_large: Option<usize>,
 }
 
 /// What a removal changed.
@@ -103,6 +114,34 @@ impl Hub {
             .queued_bytes
             .inc_by((delivered * frame.len()) as i64);
         delivered
+    }
+
+    /// Delivers an unreliable frame: as a datagram to members with a datagram path (WebTransport),
+    /// into the send queue of the others (WebSocket). Never waits; lost datagrams are counted.
+    pub fn deliver_unreliable(&self, room: &RoomName, frame: &Bytes) -> UnreliableReport {
+        let shard = self.shard(room).read().expect("hub lock poisoned");
+        let mut report = UnreliableReport::default();
+        let Some(members) = shard.get(room) else {
+            return report;
+        };
+        for member in members.values() {
+            match member.push_unreliable(frame) {
+                UnreliableOutcome::Queued => report.queued += 1,
+                UnreliableOutcome::Datagram => report.datagrams += 1,
+                UnreliableOutcome::Dropped => {}
+                UnreliableOutcome::TooLarge { max } => {
+                    report.too_large = Some(report.too_large.map_or(max, |m| m.min(max)));
+                }
+            }
+        }
+        drop(shard);
+        self.metrics
+            .deliveries
+            .inc_by((report.queued + report.datagrams) as u64);
+        self.metrics
+            .queued_bytes
+            .inc_by((report.queued * frame.len()) as i64);
+        report
     }
 
     pub fn member_count(&self, room: &RoomName) -> usize {

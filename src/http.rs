@@ -26,8 +26,10 @@ pub const SERVER_PUBLISHER: &str = "$server";
 
 pub fn router(ctx: Arc<NodeContext>) -> Router {
     Router::new()
-        .route("/", get(index))
+        .merge(crate::web::routes())
+        .route("/about", get(index))
         .route("/ws", get(ws::upgrade))
+        .route("/webtransport/certhash", get(certhash))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -118,9 +120,30 @@ impl FromRequestParts<Arc<NodeContext>> for ApiKey {
 
 async fn index(State(ctx): State<Arc<NodeContext>>) -> String {
     format!(
-        "roomwire node {} (region {})\nWebSocket: /ws (subprotocol roomwire.v1)\nHealth: /healthz /readyz  Metrics: /metrics  API: /api/v1/*\n",
+        "roomwire node {} (region {})\nWebSocket: /ws (subprotocol roomwire.v1)\nHealth: /healthz /readyz  Metrics: /metrics  API: /api/v1/*\nDemo page: /  Browser client: /client/roomwire.js  WebTransport certificate: /webtransport/certhash\n",
         ctx.node_id, ctx.config.node.region
     )
+}
+
+/// `GET /webtransport/certhash`: the SHA-256 of the WebTransport certificate (hex and base64),
+/// for browsers' `serverCertificateHashes`. 404 when WebTransport is disabled.
+async fn certhash(State(ctx): State<Arc<NodeContext>>) -> Response {
+    match ctx.webtransport_cert.as_ref().and_then(|c| c.get()) {
+        Some(info) => (
+            [(header::CACHE_CONTROL, "no-store")],
+            Json(json!({
+                "algorithm": info.algorithm,
+                "hex": info.hex,
+                "base64": info.base64,
+                "not_after_ms": info.not_after_ms,
+                "generated": info.generated,
+                "port": ctx.webtransport_port,
+                "path": ctx.config.webtransport.path,
+            })),
+        )
+            .into_response(),
+        None => (StatusCode::NOT_FOUND, "webtransport disabled\n").into_response(),
+    }
 }
 
 async fn healthz() -> &'static str {

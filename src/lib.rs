@@ -1,6 +1,6 @@
 //! roomwire: a regional edge node for real-time rooms.
 //!
-//! Clients connect over WebSocket (WebTransport to come), join rooms and publish into them;
+//! Clients connect over WebTransport or WebSocket, join rooms and publish into them;
 //! every member receives every message of a room in one order, sequenced by the room's owner.
 //!
 //! Map of the modules, in the order a message travels:
@@ -12,7 +12,8 @@
 //! - [`auth`]: JWT connection tokens, room permissions, anti-replay.
 //! - [`proto`]: the Protobuf wire contract (`proto/roomwire/v1/roomwire.proto`) and its encoding.
 //! - [`transport`]: adapters that turn a connection into frames in and frames out
-//!   ([`transport::ws`] for WebSocket); nothing else knows the wire.
+//!   ([`transport::ws`] for WebSocket, [`transport::webtransport`] for WebTransport over QUIC with
+//!   its certificate in [`transport::certs`]); nothing else knows the wire.
 //! - [`session`]: one connection's life cycle, its reader and writer tasks, the bounded send queue
 //!   and the slow-consumer policy.
 //! - [`room`]: validated room names and the owner's sequencer (epoch, seq).
@@ -22,6 +23,7 @@
 //! - [`metrics`]: the Prometheus registry.
 //! - [`node`]: binds, accepts, runs and drains the whole node.
 //! - [`client`]: the Rust client library used by the CLI, the tests and the load generator.
+//! - [`web`]: the embedded browser client (ES module) and the demo chat page.
 #![forbid(unsafe_code)]
 
 pub mod auth;
@@ -40,6 +42,7 @@ pub mod room;
 pub mod session;
 pub mod tls;
 pub mod transport;
+pub mod web;
 
 pub use config::Config;
 pub use node::{Node, NodeContext};

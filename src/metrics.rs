@@ -41,6 +41,16 @@ pub struct Metrics {
     /// Rooms whose sequencer state this node holds as owner.
     pub owned_rooms: Gauge,
     pub http_api_requests: Family<Labels, Counter>,
+    /// Unreliable frames sent as QUIC datagrams.
+    pub datagrams_sent: Counter,
+    /// Datagrams not sent, by reason (`buffer_full`, `too_large`, `unsupported`, `connection`).
+    pub datagrams_dropped: Family<Labels, Counter>,
+    /// Datagrams received from clients, by outcome (`publish`, `rejected`, `other_session`).
+    pub datagrams_received: Family<Labels, Counter>,
+    /// WebTransport streams reset because a session uses exactly one.
+    pub webtransport_streams_refused: Counter,
+    /// QUIC Retry packets sent (address validation).
+    pub quic_retries: Counter,
     /// Credentials refused, by reason (`invalid`, `replayed`, `missing`, ...).
     pub auth_failures: Family<Labels, Counter>,
     /// Publishes acknowledged as duplicates of an earlier (publisher, client_msg_id).
@@ -153,6 +163,31 @@ impl Metrics {
                 "http_api_requests",
                 "HTTP API requests by outcome",
                 Family::default()
+            ),
+            datagrams_sent: reg!(
+                "datagrams_sent",
+                "Unreliable frames sent as QUIC datagrams",
+                Counter::default()
+            ),
+            datagrams_dropped: reg!(
+                "datagrams_dropped",
+                "Datagrams not sent, by reason",
+                Family::default()
+            ),
+            datagrams_received: reg!(
+                "datagrams_received",
+                "Datagrams received from clients, by outcome",
+                Family::default()
+            ),
+            webtransport_streams_refused: reg!(
+                "webtransport_streams_refused",
+                "Extra WebTransport streams reset",
+                Counter::default()
+            ),
+            quic_retries: reg!(
+                "quic_retries",
+                "QUIC Retry packets sent for address validation",
+                Counter::default()
             ),
             auth_failures: reg!(
                 "auth_failures",

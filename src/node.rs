@@ -31,6 +31,8 @@ use crate::metrics::Metrics;
 use crate::room::RoomName;
 use crate::session::now_ms;
 use crate::tls::TlsState;
+use crate::transport::certs::CurrentCert;
+use crate::transport::webtransport;
 use crate::transport::ws::PeerAddr;
 
 /// How often owner state of idle rooms is swept.
@@ -49,6 +51,10 @@ pub struct NodeContext {
     pub shutdown: CancellationToken,
     /// Keys accepted by the HTTP API.
     pub api_keys: Vec<String>,
+    /// The WebTransport certificate's hash, for `/webtransport/certhash` (`None`: disabled).
+    pub webtransport_cert: Option<Arc<CurrentCert>>,
+    /// The UDP port WebTransport listens on (the first listener's), for the browser client.
+    pub webtransport_port: Option<u16>,
     /// Checks connection tokens.
     pub auth: Authenticator,
     /// Per-address connection limits, applied at accept.
@@ -82,6 +88,7 @@ pub struct ConnPermit(#[allow(dead_code)] Arc<(OwnedSemaphorePermit, IpSlot)>);
 pub struct Node {
     ctx: Arc<NodeContext>,
     listeners: Vec<TcpListener>,
+    webtransport: Option<webtransport::Listener>,
 }
 
 impl Node {
@@ -107,6 +114,14 @@ impl Node {
                     .with_context(|| format!("binding {addr}"))?,
             );
         }
+        let (webtransport, webtransport_cert) = if config.webtransport.enabled {
+            let current = Arc::new(CurrentCert::default());
+            let listener = webtransport::Listener::bind(&config.webtransport, &current)
+                .context("starting WebTransport")?;
+            (Some(listener), Some(current))
+        } else {
+            (None, None)
+        };
         let auth = Authenticator::new(&config.auth)?;
         let ip_gate = IpGate::new(&config.limits);
         let tls = TlsState::load(&config.tls)?;
@@ -122,13 +137,21 @@ impl Node {
             tracker: TaskTracker::new(),
             shutdown: CancellationToken::new(),
             api_keys,
+            webtransport_cert,
+            webtransport_port: webtransport
+                .as_ref()
+                .and_then(|l| l.local_addrs().first().map(SocketAddr::port)),
             auth,
             ip_gate,
             tls,
             draining: AtomicBool::new(false),
             next_session: AtomicU64::new(1),
         });
-        Ok(Node { ctx, listeners })
+        Ok(Node {
+            ctx,
+            listeners,
+            webtransport,
+        })
     }
 
     /// The bound addresses (with the real port when the config asked for port 0).
@@ -137,6 +160,14 @@ impl Node {
             .iter()
             .filter_map(|l| l.local_addr().ok())
             .collect()
+    }
+
+    /// The bound WebTransport (UDP) addresses; empty when WebTransport is disabled.
+    pub fn webtransport_addrs(&self) -> Vec<SocketAddr> {
+        self.webtransport
+            .as_ref()
+            .map(webtransport::Listener::local_addrs)
+            .unwrap_or_default()
     }
 
     pub fn context(&self) -> Arc<NodeContext> {
@@ -157,6 +188,10 @@ impl Node {
                 limit.clone(),
             ));
         }
+        let quic_endpoints = self
+            .webtransport
+            .map(|listener| listener.serve(&ctx))
+            .unwrap_or_default();
         let sweeper = tokio::spawn({
             let ctx = ctx.clone();
             async move {
@@ -194,6 +229,12 @@ impl Node {
             reloader.abort();
         }
         drain(&ctx).await;
+        for endpoint in &quic_endpoints {
+            endpoint.close(quinn::VarInt::from_u32(0), b"node shut down");
+        }
+        for endpoint in &quic_endpoints {
+            let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+        }
         Ok(())
     }
 }

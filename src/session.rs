@@ -36,6 +36,7 @@ use crate::proto::{
     self, ClientFrame, CloseCode, ErrorCode, ServerFrame, client_frame, server_frame,
 };
 use crate::room::{RoomName, RoomNameError};
+use crate::transport::webtransport::{DatagramOutcome, DatagramPath};
 use crate::transport::{FrameSink, FrameSource, Inbound, Transport, TransportError};
 
 /// Frames taken from the queue per write at most; bounds the writer's batch buffer.
@@ -256,7 +257,22 @@ pub struct SessionHandle {
     state: AtomicU8,
     closing: CloseSignal,
     reason: OnceLock<CloseReason>,
+    /// Set for WebTransport sessions: unreliable frames go out as datagrams.
+    datagrams: OnceLock<DatagramPath>,
     ctx: Arc<NodeContext>,
+}
+
+/// What became of an unreliable frame pushed to one session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnreliableOutcome {
+    /// Into the send queue (no datagram path: WebSocket).
+    Queued,
+    /// Sent as a datagram.
+    Datagram,
+    /// Not sent (datagram buffer full, session closing); unreliable frames may be lost.
+    Dropped,
+    /// Larger than this session's datagram limit (`max` bytes of frame).
+    TooLarge { max: usize },
 }
 
 impl SessionHandle {
@@ -285,6 +301,7 @@ impl SessionHandle {
             state: AtomicU8::new(State::Authenticated as u8),
             closing: CloseSignal::default(),
             reason: OnceLock::new(),
+            datagrams: OnceLock::new(),
             ctx: ctx.clone(),
         });
         (handle, rx)
@@ -326,6 +343,20 @@ impl SessionHandle {
                 self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
                 false
             }
+        }
+    }
+
+    /// Pushes an unreliable frame without waiting: as a datagram when the session has a datagram
+    /// path, else into the send queue like any frame. The same encoded bytes go to every receiver.
+    pub fn push_unreliable(&self, frame: &Bytes) -> UnreliableOutcome {
+        match self.datagrams.get() {
+            Some(path) => match path.send(frame) {
+                DatagramOutcome::Sent => UnreliableOutcome::Datagram,
+                DatagramOutcome::Dropped => UnreliableOutcome::Dropped,
+                DatagramOutcome::TooLarge { max } => UnreliableOutcome::TooLarge { max },
+            },
+            None if self.push_uncounted(frame.clone()) => UnreliableOutcome::Queued,
+            None => UnreliableOutcome::Dropped,
         }
     }
 
@@ -407,6 +438,8 @@ enum RequestError {
     NotMember(RoomName),
     #[error("payload larger than {0} bytes")]
     PayloadTooLarge(usize),
+    #[error("unreliable message larger than a receiver's datagram limit ({0} bytes)")]
+    DatagramTooLarge(usize),
     #[error(transparent)]
     Bus(#[from] BusError),
     #[error("not allowed to {0} room {1}")]
@@ -423,7 +456,9 @@ impl RequestError {
             RequestError::Room(e) => e.code(),
             RequestError::TooManyRooms(_) => ErrorCode::TooManyRooms,
             RequestError::NotMember(_) => ErrorCode::NotMember,
-            RequestError::PayloadTooLarge(_) => ErrorCode::PayloadTooLarge,
+            RequestError::PayloadTooLarge(_) | RequestError::DatagramTooLarge(_) => {
+                ErrorCode::PayloadTooLarge
+            }
             RequestError::Bus(e) => e.code(),
             RequestError::Forbidden(..) => ErrorCode::Forbidden,
             RequestError::Auth(e) => e.code(),
@@ -526,7 +561,7 @@ async fn handshake<S: FrameSource, K: FrameSink>(
         let must = "the first frame must be Connect";
         let (reason, error) = match inbound {
             Err(_) => (CloseReason::HandshakeTimeout, None),
-            Ok(Ok(Inbound::Activity)) => continue,
+            Ok(Ok(Inbound::Activity | Inbound::Datagram(_))) => continue,
             Ok(Ok(Inbound::Closed)) => return None,
             Ok(Ok(Inbound::Frame(bytes))) => match ClientFrame::decode_bytes(bytes) {
                 Ok(ClientFrame {
@@ -579,6 +614,9 @@ async fn handshake<S: FrameSource, K: FrameSink>(
 
     let user = principal.user.clone();
     let (handle, rx) = SessionHandle::new(ctx, key, user, transport, peer, connect.client_name);
+    if let Some(path) = sink.datagrams() {
+        let _ = handle.datagrams.set(path);
+    }
     let config = &ctx.config.session;
     handle.push_frame(&ServerFrame::reply(
         request_id,
@@ -678,6 +716,8 @@ enum Decoded {
     Text,
     Frame(ClientFrame),
     Undecodable(prost::DecodeError),
+    /// A WebTransport datagram, decoded by [`Session::datagram`].
+    Datagram(Bytes),
 }
 
 /// The reader side's state.
@@ -736,6 +776,10 @@ impl Session {
                 }
                 Inbound::Activity => (Decoded::Activity, 1),
                 Inbound::Text => (Decoded::Text, 1),
+                Inbound::Datagram(bytes) => {
+                    let len = bytes.len();
+                    (Decoded::Datagram(bytes), len)
+                }
                 Inbound::Frame(bytes) => {
                     let len = bytes.len();
                     (
@@ -768,6 +812,7 @@ impl Session {
             }
             match decoded {
                 Decoded::Activity => {}
+                Decoded::Datagram(bytes) => self.datagram(bytes).await,
                 Decoded::Text => {
                     self.count_in("text");
                     self.violation(
@@ -788,6 +833,26 @@ impl Session {
             }
             if std::mem::take(&mut self.rearm) {
                 token_timer.as_mut().reset(self.token_deadline());
+            }
+        }
+    }
+
+    /// A datagram from the client: only an unreliable Publish is accepted this way; anything else
+    /// is dropped and counted (datagrams may be lost, so there is no reply to a bad one).
+    async fn datagram(&mut self, bytes: Bytes) {
+        let received = &self.ctx.metrics.datagrams_received;
+        match ClientFrame::decode_bytes(bytes) {
+            Ok(ClientFrame {
+                request_id,
+                kind: Some(client_frame::Kind::Publish(publish)),
+            }) if publish.unreliable => {
+                received.get_or_create(&[("outcome", "publish")]).inc();
+                if let Err(error) = self.publish(request_id, publish).await {
+                    self.send_error(request_id, error.code(), &error.to_string());
+                }
+            }
+            _ => {
+                received.get_or_create(&[("outcome", "rejected")]).inc();
             }
         }
     }
@@ -992,7 +1057,10 @@ impl Session {
             client_msg_id: publish.client_msg_id,
         };
         if publish.unreliable {
-            self.ctx.bus.publish_unreliable(publication).await;
+            let report = self.ctx.bus.publish_unreliable(publication).await;
+            if let Some(max) = report.too_large {
+                return Err(RequestError::DatagramTooLarge(max));
+            }
             return Ok(());
         }
         let client_msg_id = publication.client_msg_id.clone();

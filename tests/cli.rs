@@ -48,6 +48,8 @@ async fn two_cli_clients_chat_through_a_node_started_from_the_binary() {
                 "--set",
                 r#"server.listen=["127.0.0.1:0"]"#,
                 "--set",
+                r#"webtransport.listen=["127.0.0.1:0"]"#,
+                "--set",
                 "node.id=cli-test",
             ])
             .env("RUST_LOG", "info")
@@ -178,5 +180,114 @@ async fn the_region_example_is_the_effective_default() {
     assert_eq!(
         String::from_utf8_lossy(&from_file.stdout),
         String::from_utf8_lossy(&defaults.stdout)
+    );
+}
+
+#[tokio::test]
+async fn the_cli_publishes_over_webtransport_trusting_the_certificate_hash() {
+    let node = TestNode::start().await;
+    let mut listener = node.client("bob").await;
+    listener.join("lobby").await.unwrap();
+    let hex = node
+        .ctx
+        .webtransport_cert
+        .as_ref()
+        .unwrap()
+        .get()
+        .unwrap()
+        .hex;
+    let url = node.wt_url();
+    let run = |hash: String| {
+        let url = url.clone();
+        async move {
+            tokio::time::timeout(
+                DEADLINE,
+                Command::new(BIN)
+                    .args([
+                        "client",
+                        "--url",
+                        &url,
+                        "--cert-hash",
+                        &hash,
+                        "--token",
+                        "carol",
+                    ])
+                    .args(["publish", "lobby", "over quic"])
+                    .output(),
+            )
+            .await
+            .expect("the CLI finishes in time")
+            .unwrap()
+        }
+    };
+    let output = run(hex).await;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("published to lobby"), "{stdout}");
+    let m = next_message(&mut listener).await;
+    assert_eq!(
+        (m.publisher.as_str(), &m.payload[..]),
+        ("carol", &b"over quic"[..])
+    );
+    // A wrong pin fails the TLS handshake: no session, non-zero exit.
+    let output = run("00".repeat(32)).await;
+    assert!(!output.status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_cli_processes_connecting_over_webtransport_at_once_all_succeed() {
+    // Separate processes on a busy box: a client's CONNECT request can overtake its HTTP/3
+    // SETTINGS, and the node must wait for them instead of refusing the session.
+    const CLIENTS: usize = 64;
+    let node = TestNode::start_with(|c| {
+        c.limits.max_connections_per_ip = 1000;
+        c.limits.connections_per_ip_per_second = 1000;
+        c.limits.connection_burst_per_ip = 1000;
+    })
+    .await;
+    let hex = node
+        .ctx
+        .webtransport_cert
+        .as_ref()
+        .unwrap()
+        .get()
+        .unwrap()
+        .hex;
+    let url = node.wt_url();
+    let runs = (0..CLIENTS).map(|i| {
+        let (url, hex) = (url.clone(), hex.clone());
+        tokio::spawn(async move {
+            Command::new(BIN)
+                .args(["client", "--url", &url, "--cert-hash", &hex])
+                .args(["--token", &format!("u{i}"), "publish", "lobby", "hi"])
+                .output()
+                .await
+                .unwrap()
+        })
+    });
+    let outputs = tokio::time::timeout(
+        Duration::from_secs(120),
+        futures_util::future::join_all(runs),
+    )
+    .await
+    .expect("every CLI finishes in time");
+    let failed: Vec<String> = outputs
+        .into_iter()
+        .map(|o| o.unwrap())
+        .filter(|o| !o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {CLIENTS} failed: {failed:?}",
+        failed.len()
+    );
+    assert_eq!(
+        node.metric(r#"roomwire_sessions_opened_total{transport="webtransport"}"#),
+        CLIENTS as f64
     );
 }

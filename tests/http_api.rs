@@ -207,7 +207,12 @@ async fn graceful_shutdown_sends_goaway_flushes_and_closes_every_session_with_10
                     saw_goaway = true;
                 }
                 Some(Event::Closed { code, .. }) => break code,
-                Some(other @ (Event::Error(_) | Event::TokenExpiring(_) | Event::Left(_))) => {
+                Some(
+                    other @ (Event::Error(_)
+                    | Event::TokenExpiring(_)
+                    | Event::Left(_)
+                    | Event::Datagram(_)),
+                ) => {
                     panic!("unexpected {other:?}")
                 }
                 None => break None,

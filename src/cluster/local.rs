@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::cluster::{BusError, Publication, RoomInfo, Sequenced};
 use crate::config::RoomsConfig;
-use crate::fanout::Hub;
+use crate::fanout::{Hub, UnreliableReport};
 use crate::metrics::Metrics;
 use crate::proto::{self, ServerFrame, server_frame};
 use crate::room::{Dedupe, EpochClock, RoomName, Sequencer};
@@ -107,9 +107,9 @@ impl LocalBus {
         })
     }
 
-    pub fn publish_unreliable(&self, p: Publication) -> usize {
+    pub fn publish_unreliable(&self, p: Publication) -> UnreliableReport {
         let frame = message_frame(&p, 0, 0, now_ms());
-        self.deliver(&p.room, &frame)
+        self.hub.deliver_unreliable(&p.room, &frame.encode_shared())
     }
 
     fn deliver(&self, room: &RoomName, frame: &ServerFrame) -> usize {

@@ -77,7 +77,10 @@ impl Bus {
     }
 
     /// Fans a message out without sequencing it (epoch and seq 0, no acknowledgement).
-    pub async fn publish_unreliable(&self, publication: Publication) -> usize {
+    pub async fn publish_unreliable(
+        &self,
+        publication: Publication,
+    ) -> crate::fanout::UnreliableReport {
         match self {
             Bus::Standalone(bus) => bus.publish_unreliable(publication),
         }

@@ -6,18 +6,22 @@ use std::future::Future;
 
 use bytes::Bytes;
 
+pub mod certs;
+pub mod webtransport;
 pub mod ws;
 
 /// Which transport a session arrived on (metrics label, admin API).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Transport {
     WebSocket,
+    WebTransport,
 }
 
 impl Transport {
     pub fn label(self) -> &'static str {
         match self {
             Transport::WebSocket => "ws",
+            Transport::WebTransport => "webtransport",
         }
     }
 }
@@ -33,6 +37,9 @@ pub enum Inbound {
     Activity,
     /// The peer closed the connection.
     Closed,
+    /// One datagram (WebTransport): one encoded `ClientFrame`, only an unreliable Publish is
+    /// accepted this way.
+    Datagram(Bytes),
 }
 
 /// Why a transport gave up on a connection; each maps onto a close reason.
@@ -67,4 +74,9 @@ pub trait FrameSink: Send + 'static {
 
     /// Closes the connection with a close code and a short reason.
     fn close(&mut self, code: u16, reason: &str) -> impl Future<Output = ()> + Send;
+
+    /// Where unreliable frames go as datagrams; `None`: they take the send queue like any frame.
+    fn datagrams(&self) -> Option<webtransport::DatagramPath> {
+        None
+    }
 }

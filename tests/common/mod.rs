@@ -27,6 +27,8 @@ pub type RawWs = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 pub struct TestNode {
     pub addr: SocketAddr,
+    /// The WebTransport (UDP) address, when enabled.
+    pub wt_addr: Option<SocketAddr>,
     pub ctx: Arc<NodeContext>,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
@@ -44,14 +46,17 @@ impl TestNode {
         config.api.keys = vec![API_KEY.into()];
         config.node.id = "test-node".into();
         config.server.drain_grace_ms = 5_000;
+        config.webtransport.listen = vec!["127.0.0.1:0".parse().unwrap()];
         tweak(&mut config);
         let node = Node::bind(config).await.expect("node binds");
         let addr = node.local_addrs()[0];
+        let wt_addr = node.webtransport_addrs().first().copied();
         let ctx = node.context();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(node.run(shutdown.clone()));
         TestNode {
             addr,
+            wt_addr,
             ctx,
             shutdown,
             task,
@@ -67,6 +72,35 @@ impl TestNode {
         Client::connect(&self.ws_url(), ClientOptions::user(user))
             .await
             .expect("client connects")
+    }
+
+    pub fn wt_url(&self) -> String {
+        format!("https://{}/wt", self.wt_addr.expect("webtransport enabled"))
+    }
+
+    /// Client options trusting the node's generated certificate by its SHA-256.
+    pub fn wt_options(&self, user: &str) -> ClientOptions {
+        let info = self
+            .ctx
+            .webtransport_cert
+            .as_ref()
+            .and_then(|c| c.get())
+            .expect("a webtransport certificate");
+        let hash = (0..info.hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&info.hex[i..i + 2], 16).unwrap())
+            .collect();
+        ClientOptions {
+            cert_hashes: vec![hash],
+            ..ClientOptions::user(user)
+        }
+    }
+
+    /// A client connected over WebTransport whose token (insecure mode) is `user`.
+    pub async fn wt_client(&self, user: &str) -> Client {
+        Client::connect(&self.wt_url(), self.wt_options(user))
+            .await
+            .expect("webtransport client connects")
     }
 
     /// A raw WebSocket connection with no Connect sent yet.

@@ -1,0 +1,838 @@
+//! WebTransport adapter: a QUIC endpoint (quinn) speaking HTTP/3 (h3, h3-quinn) with WebTransport
+//! sessions (h3-webtransport), turned into the same [`FrameSource`]/[`FrameSink`] pair as WebSocket.
+//!
+//! One QUIC connection carries one WebTransport session. The CONNECT request (`/wt?token=...` or
+//! `Authorization: Bearer`) is checked before the session is accepted: a bad token gets 401 and no
+//! session exists. The session then runs on the first bidirectional stream the client opens:
+//! frames are length-delimited with a Protobuf varint prefix, exactly one `ClientFrame` or
+//! `ServerFrame` each, so the protocol is the WebSocket one with another framing. Further streams
+//! are reset. Unreliable messages travel as QUIC datagrams (HTTP/3 datagram: the session's
+//! quarter stream id, then the encoded frame) and may be dropped.
+//!
+//! Closing: the node writes its last frames, finishes its stream, waits (linger) for the client to
+//! finish its own, then closes the QUIC connection with the session's close code mapped into the
+//! HTTP/3 application error space (the WebTransport draft's mapping), so a client that reads the
+//! connection's close learns the same code a WebSocket client gets in its close frame.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use h3::ext::Protocol;
+use h3::quic::BidiStream as _;
+use h3_webtransport::server::{AcceptedBi, WebTransportSession};
+use http::{Method, Request, Response, StatusCode};
+use quinn::VarInt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::certs::{self, CertError, CurrentCert};
+use super::{FrameSink, FrameSource, Inbound, Transport, TransportError};
+use crate::auth::{AuthError, Principal};
+use crate::config::{AddressValidation, WebTransportConfig};
+use crate::metrics::Metrics;
+use crate::node::NodeContext;
+use crate::session::now_ms;
+
+type H3Conn = h3_quinn::Connection;
+type WtSession = WebTransportSession<H3Conn, Bytes>;
+type WtSend = h3_webtransport::stream::SendStream<h3_quinn::SendStream<Bytes>, Bytes>;
+type WtRecv = h3_webtransport::stream::RecvStream<h3_quinn::RecvStream, Bytes>;
+
+/// HTTP/3 requests on one connection before it is given up (refused CONNECTs, stray GETs).
+const MAX_REQUESTS_BEFORE_SESSION: usize = 8;
+/// WebTransport application error code of a reset extra stream (mapped into the HTTP/3 space on
+/// the wire, as the draft requires).
+const STREAM_REFUSED: u32 = 1;
+/// Longest protobuf varint (a u64) in bytes.
+const MAX_VARINT: usize = 10;
+
+/// Why the WebTransport listener could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum WebTransportError {
+    #[error(transparent)]
+    Cert(#[from] CertError),
+    #[error("QUIC crypto: {0}")]
+    Crypto(String),
+    #[error("binding UDP {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// The bound QUIC endpoints, not yet accepting.
+pub struct Listener {
+    endpoints: Vec<quinn::Endpoint>,
+}
+
+impl Listener {
+    /// Loads or generates the certificate and binds every `webtransport.listen` address.
+    pub fn bind(
+        config: &WebTransportConfig,
+        current: &CurrentCert,
+    ) -> Result<Listener, WebTransportError> {
+        let cert = certs::load_or_generate(config)?;
+        current.set(cert.info.clone());
+        let server_config = server_config(config, cert)?;
+        let mut endpoints = Vec::new();
+        for &addr in &config.listen {
+            let endpoint = quinn::Endpoint::server(server_config.clone(), addr)
+                .map_err(|source| WebTransportError::Bind { addr, source })?;
+            endpoints.push(endpoint);
+        }
+        Ok(Listener { endpoints })
+    }
+
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.endpoints
+            .iter()
+            .filter_map(|e| e.local_addr().ok())
+            .collect()
+    }
+
+    /// Starts the accept loops (and, for a generated certificate, the rotation task) on the
+    /// node's tracker. Returns the endpoints so the node can close them at the end of the drain.
+    pub fn serve(self, ctx: &Arc<NodeContext>) -> Vec<quinn::Endpoint> {
+        let shared = Arc::new(Shared {
+            handshaking: AtomicUsize::new(0),
+            open: AtomicUsize::new(0),
+        });
+        for endpoint in &self.endpoints {
+            if let Ok(addr) = endpoint.local_addr() {
+                tracing::info!(%addr, path = %ctx.config.webtransport.path, "serving WebTransport (HTTP/3 over QUIC)");
+            }
+            ctx.tracker
+                .spawn(accept_loop(endpoint.clone(), ctx.clone(), shared.clone()));
+        }
+        if ctx.config.webtransport.cert_file.is_empty() {
+            ctx.tracker
+                .spawn(rotate_certificate(ctx.clone(), self.endpoints.clone()));
+        }
+        self.endpoints
+    }
+}
+
+/// Connection counts shared by the accept loops of all endpoints.
+struct Shared {
+    handshaking: AtomicUsize,
+    open: AtomicUsize,
+}
+
+/// Decrements a counter when dropped, whichever way the connection task ends.
+struct CountGuard<'a>(&'a AtomicUsize);
+
+impl Drop for CountGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn varint(value: u64) -> VarInt {
+    VarInt::from_u64(value).unwrap_or(VarInt::MAX)
+}
+
+/// The quinn server configuration: TLS from [`certs::server_tls`] and every QUIC limit from the
+/// config, set explicitly.
+fn server_config(
+    config: &WebTransportConfig,
+    cert: certs::CertifiedKey,
+) -> Result<quinn::ServerConfig, WebTransportError> {
+    let tls = certs::server_tls(cert)?;
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| WebTransportError::Crypto(e.to_string()))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_concurrent_bidi_streams(varint(config.max_bidi_streams))
+        .max_concurrent_uni_streams(varint(config.max_uni_streams))
+        .stream_receive_window(varint(config.stream_receive_window))
+        .receive_window(varint(config.receive_window))
+        .max_idle_timeout(Some(
+            quinn::IdleTimeout::try_from(Duration::from_millis(config.idle_timeout_ms))
+                .unwrap_or(quinn::IdleTimeout::from(VarInt::from_u32(30_000))),
+        ))
+        .keep_alive_interval(Some(Duration::from_millis(config.keep_alive_interval_ms)))
+        .datagram_receive_buffer_size(Some(config.datagram_receive_buffer_bytes))
+        .datagram_send_buffer_size(config.datagram_send_buffer_bytes);
+    server.transport_config(Arc::new(transport));
+    Ok(server)
+}
+
+async fn accept_loop(endpoint: quinn::Endpoint, ctx: Arc<NodeContext>, shared: Arc<Shared>) {
+    let config = &ctx.config.webtransport;
+    loop {
+        let incoming = tokio::select! {
+            i = endpoint.accept() => i,
+            _ = ctx.shutdown.cancelled() => return,
+        };
+        let Some(incoming) = incoming else { return };
+        let refused = |reason: &'static str| {
+            ctx.metrics
+                .connections_refused
+                .get_or_create(&[("reason", reason)])
+                .inc();
+        };
+        let slot = match ctx.ip_gate.admit(incoming.remote_address().ip()) {
+            Ok(slot) => slot,
+            Err(refusal) => {
+                refused(refusal.label());
+                incoming.refuse();
+                continue;
+            }
+        };
+        if shared.open.load(Ordering::Relaxed) >= config.max_connections {
+            refused("quic_max_connections");
+            incoming.refuse();
+            continue;
+        }
+        let must_retry = match config.address_validation {
+            AddressValidation::Never => false,
+            AddressValidation::Always => true,
+            AddressValidation::UnderLoad => {
+                shared.handshaking.load(Ordering::Relaxed) > config.retry_above_handshakes
+            }
+        };
+        if must_retry && !incoming.remote_address_validated() && incoming.may_retry() {
+            ctx.metrics.quic_retries.inc();
+            if incoming.retry().is_err() {
+                tracing::debug!("quic retry impossible");
+            }
+            continue;
+        }
+        shared.open.fetch_add(1, Ordering::Relaxed);
+        shared.handshaking.fetch_add(1, Ordering::Relaxed);
+        let shared = shared.clone();
+        ctx.tracker.spawn({
+            let ctx = ctx.clone();
+            async move {
+                let _open = CountGuard(&shared.open);
+                let _slot = slot;
+                connection(ctx, incoming, &shared.handshaking).await;
+            }
+        });
+    }
+}
+
+/// Replaces a generated certificate when half its validity is over: new connections get the new
+/// one, open connections keep theirs; `/webtransport/certhash` answers the new hash.
+async fn rotate_certificate(ctx: Arc<NodeContext>, endpoints: Vec<quinn::Endpoint>) {
+    let config = ctx.config.webtransport.clone();
+    let validity = Duration::from_secs(u64::from(config.generated_cert_validity_days) * 86_400);
+    let every = match config.generated_cert_rotate_after_ms {
+        0 => validity / 2,
+        ms => Duration::from_millis(ms),
+    };
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = ctx.shutdown.cancelled() => return,
+        }
+        let config = config.clone();
+        // Key generation is CPU work: keep it off the async workers.
+        let generated = tokio::task::spawn_blocking(move || certs::load_or_generate(&config)).await;
+        let cert = match generated {
+            Ok(Ok(cert)) => cert,
+            Ok(Err(error)) => {
+                tracing::error!(%error, "certificate rotation failed; keeping the old one");
+                continue;
+            }
+            Err(error) => {
+                tracing::error!(%error, "certificate rotation task failed");
+                continue;
+            }
+        };
+        let info = cert.info.clone();
+        match server_config(&ctx.config.webtransport, cert) {
+            Ok(server) => {
+                for endpoint in &endpoints {
+                    endpoint.set_server_config(Some(server.clone()));
+                }
+                tracing::info!(sha256 = %info.hex, "rotated the generated WebTransport certificate");
+                if let Some(current) = &ctx.webtransport_cert {
+                    current.set(info);
+                }
+            }
+            Err(error) => tracing::error!(%error, "certificate rotation failed"),
+        }
+    }
+}
+
+/// Why a CONNECT request was refused before any session existed.
+#[derive(Debug, Clone, Copy)]
+enum Refusal {
+    NotFound,
+    NotConnect,
+    Unauthorized,
+    AuthBusy,
+    Draining,
+}
+
+impl Refusal {
+    fn status(self) -> StatusCode {
+        match self {
+            Refusal::NotFound => StatusCode::NOT_FOUND,
+            Refusal::NotConnect => StatusCode::BAD_REQUEST,
+            Refusal::Unauthorized => StatusCode::UNAUTHORIZED,
+            Refusal::AuthBusy => StatusCode::SERVICE_UNAVAILABLE,
+            Refusal::Draining => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Refusal::NotFound => "wt_not_found",
+            Refusal::NotConnect => "wt_not_connect",
+            Refusal::Unauthorized => "wt_unauthorized",
+            Refusal::AuthBusy => "wt_auth_busy",
+            Refusal::Draining => "draining",
+        }
+    }
+}
+
+/// The token of a CONNECT request: `?token=` in the query, else `Authorization: Bearer`.
+fn request_token(req: &Request<()>) -> Option<String> {
+    if let Some(query) = req.uri().query() {
+        let token = url::form_urlencoded::parse(query.as_bytes())
+            .find(|(k, _)| k == "token")
+            .map(|(_, v)| v.into_owned());
+        if token.is_some() {
+            return token;
+        }
+    }
+    req.headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|t| t.trim().to_string())
+}
+
+/// Checks a CONNECT request; `Ok` carries the principal of the token it presented (`None`: no
+/// token, the Connect frame may carry one), exactly as a WebSocket upgrade is checked.
+fn check_request(ctx: &NodeContext, req: &Request<()>) -> Result<Option<Principal>, Refusal> {
+    if ctx.is_draining() {
+        return Err(Refusal::Draining);
+    }
+    let is_wt = req.method() == Method::CONNECT
+        && req.extensions().get::<Protocol>() == Some(&Protocol::WEB_TRANSPORT);
+    if !is_wt {
+        return Err(Refusal::NotConnect);
+    }
+    if req.uri().path() != ctx.config.webtransport.path {
+        return Err(Refusal::NotFound);
+    }
+    let Some(token) = request_token(req).filter(|t| !t.is_empty()) else {
+        return Ok(None);
+    };
+    match ctx
+        .auth
+        .authenticate(&token, ctx.next_session_key(), now_ms() / 1000)
+    {
+        Ok(principal) => Ok(Some(principal)),
+        Err(error) => {
+            ctx.metrics
+                .auth_failures
+                .get_or_create(&[("reason", error.label())])
+                .inc();
+            Err(match error {
+                AuthError::Busy => Refusal::AuthBusy,
+                _ => Refusal::Unauthorized,
+            })
+        }
+    }
+}
+
+async fn respond(
+    stream: &mut h3::server::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>,
+    status: StatusCode,
+) {
+    let response = Response::builder()
+        .status(status)
+        .body(())
+        .expect("a status-only response is valid");
+    let _ = stream.send_response(response).await;
+    let _ = stream.finish().await;
+}
+
+/// One QUIC connection: handshake, HTTP/3, the CONNECT check, the session stream, the session.
+#[tracing::instrument(name = "wt_connection", skip_all, fields(peer = %incoming.remote_address()))]
+async fn connection(ctx: Arc<NodeContext>, incoming: quinn::Incoming, handshaking: &AtomicUsize) {
+    let peer = incoming.remote_address();
+    let guard = CountGuard(handshaking);
+    let deadline = tokio::time::Instant::now() + ctx.config.handshake_timeout();
+    let refused = |reason: &'static str| {
+        ctx.metrics
+            .connections_refused
+            .get_or_create(&[("reason", reason)])
+            .inc();
+    };
+    let conn = match incoming.accept() {
+        Ok(connecting) => match tokio::time::timeout_at(deadline, connecting).await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(error)) => {
+                tracing::debug!(%error, "quic handshake failed");
+                refused("quic_handshake");
+                return;
+            }
+            Err(_) => {
+                refused("handshake_timeout");
+                return;
+            }
+        },
+        Err(error) => {
+            tracing::debug!(%error, "quic accept failed");
+            return;
+        }
+    };
+    let quic = conn.clone();
+    let config = &ctx.config.webtransport;
+    let mut builder = h3::server::builder();
+    builder
+        .enable_webtransport(true)
+        .enable_extended_connect(true)
+        .enable_datagram(true)
+        .max_webtransport_sessions(config.max_sessions_per_connection)
+        .send_grease(true);
+    let h3 = builder.build::<H3Conn, Bytes>(h3_quinn::Connection::new(conn));
+    let mut h3 = match tokio::time::timeout_at(deadline, h3).await {
+        Ok(Ok(h3)) => h3,
+        _ => {
+            refused("h3_setup");
+            quic.close(VarInt::from_u32(0x0101), b"h3 setup failed");
+            return;
+        }
+    };
+
+    // Requests until one is an acceptable WebTransport CONNECT.
+    let mut requests = 0;
+    let (request, mut stream, authenticated) = loop {
+        requests += 1;
+        let resolver = match tokio::time::timeout_at(deadline, h3.accept()).await {
+            Ok(Ok(Some(resolver))) => resolver,
+            Ok(Ok(None)) | Ok(Err(_)) => return,
+            Err(_) => {
+                refused("handshake_timeout");
+                quic.close(VarInt::from_u32(0x0100), b"no WebTransport session in time");
+                return;
+            }
+        };
+        let (request, mut stream) =
+            match tokio::time::timeout_at(deadline, resolver.resolve_request()).await {
+                Ok(Ok(resolved)) => resolved,
+                _ => continue,
+            };
+        match check_request(&ctx, &request) {
+            Ok(authenticated) => break (request, stream, authenticated),
+            Err(refusal) => {
+                refused(refusal.label());
+                tracing::debug!(reason = refusal.label(), path = %request.uri().path(), "webtransport request refused");
+                respond(&mut stream, refusal.status()).await;
+                if requests >= MAX_REQUESTS_BEFORE_SESSION {
+                    quic.close(VarInt::from_u32(0x0100), b"too many refused requests");
+                    return;
+                }
+            }
+        }
+    };
+    let quarter_id = stream.send_id().index();
+    // The CONNECT can overtake the client's SETTINGS (they travel on another stream), and
+    // h3-webtransport refuses a session while the peer's settings are unknown: read them first.
+    match tokio::time::timeout_at(deadline, peer_settings(&mut h3)).await {
+        Ok(Ok(true)) => {}
+        Ok(Ok(false)) => {
+            refused("wt_no_webtransport_settings");
+            respond(&mut stream, StatusCode::BAD_REQUEST).await;
+            return;
+        }
+        Ok(Err(_)) | Err(_) => {
+            refused("h3_setup");
+            quic.close(VarInt::from_u32(0x010a), b"no SETTINGS in time");
+            return;
+        }
+    }
+    let session = match WebTransportSession::accept(request, stream, h3).await {
+        Ok(session) => session,
+        Err(error) => {
+            tracing::debug!(%error, "webtransport session not accepted");
+            refused("wt_accept");
+            return;
+        }
+    };
+
+    // The session's stream: the first bidirectional stream the client opens.
+    let bidi = loop {
+        match tokio::time::timeout_at(deadline, session.accept_bi()).await {
+            Ok(Ok(Some(AcceptedBi::BidiStream(_, bidi)))) => break bidi,
+            Ok(Ok(Some(AcceptedBi::Request(_, mut other)))) => {
+                refused("wt_extra_session");
+                respond(&mut other, StatusCode::TOO_MANY_REQUESTS).await;
+            }
+            Ok(Ok(None)) | Ok(Err(_)) => return,
+            Err(_) => {
+                refused("handshake_timeout");
+                quic.close(VarInt::from_u32(0x0100), b"no session stream in time");
+                return;
+            }
+        }
+    };
+    drop(guard);
+    let (send, recv) = bidi.split();
+    let close = Arc::new(Mutex::new(None));
+    let datagrams = DatagramPath::new(quic.clone(), quarter_id, ctx.metrics.clone());
+    let source = WtSource {
+        recv,
+        buf: BytesMut::new(),
+        max_frame: ctx.config.session.max_frame_bytes,
+        datagrams: datagrams.clone(),
+    };
+    let sink = WtSink {
+        send,
+        buf: BytesMut::new(),
+        close: close.clone(),
+        datagrams,
+    };
+    tokio::select! {
+        _ = crate::session::run(ctx.clone(), Transport::WebTransport, peer, authenticated, source, sink) => {}
+        _ = refuse_extra_streams(&ctx, &session) => {}
+    }
+    let (code, reason) = close
+        .lock()
+        .expect("close lock poisoned")
+        .take()
+        .unwrap_or((1000, String::new()));
+    quic.close(
+        varint(web_transport_quinn::proto::error_to_http3(u32::from(code))),
+        reason.as_bytes(),
+    );
+    drop(session);
+}
+
+/// Waits until the peer's HTTP/3 SETTINGS have been read; returns whether they enable
+/// WebTransport and datagrams.
+async fn peer_settings(
+    h3: &mut h3::server::Connection<H3Conn, Bytes>,
+) -> Result<bool, h3::error::ConnectionError> {
+    use h3::ConnectionState as _;
+    let supported = |h3: &h3::server::Connection<H3Conn, Bytes>| {
+        let settings = h3.settings();
+        settings.enable_webtransport() && settings.enable_datagram()
+    };
+    if supported(h3) {
+        return Ok(true);
+    }
+    // The first frame of the control stream is SETTINGS (anything else is a connection error
+    // inside h3), so one frame is enough.
+    std::future::poll_fn(|cx| h3.inner.poll_control(cx)).await?;
+    Ok(supported(h3))
+}
+
+/// Resets every bidirectional stream after the session's first, and answers further CONNECTs
+/// with 429; never completes on its own (the session's end ends it).
+async fn refuse_extra_streams(ctx: &NodeContext, session: &WtSession) {
+    loop {
+        match session.accept_bi().await {
+            Ok(Some(AcceptedBi::BidiStream(_, mut bidi))) => {
+                ctx.metrics.webtransport_streams_refused.inc();
+                tracing::debug!("extra bidirectional stream reset");
+                let code = web_transport_quinn::proto::error_to_http3(STREAM_REFUSED);
+                h3::quic::SendStream::reset(&mut bidi, code);
+                h3::quic::RecvStream::stop_sending(&mut bidi, code);
+            }
+            Ok(Some(AcceptedBi::Request(_, mut other))) => {
+                ctx.metrics
+                    .connections_refused
+                    .get_or_create(&[("reason", "wt_extra_session")])
+                    .inc();
+                respond(&mut other, StatusCode::TOO_MANY_REQUESTS).await;
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+    std::future::pending::<()>().await;
+}
+
+/// The datagram side of a session: sends encoded frames as HTTP/3 datagrams without waiting.
+#[derive(Clone)]
+pub struct DatagramPath {
+    conn: quinn::Connection,
+    /// The session's quarter stream id, QUIC-varint encoded: every datagram starts with it.
+    prefix: Bytes,
+    metrics: Arc<Metrics>,
+}
+
+/// What became of one unreliable frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DatagramOutcome {
+    Sent,
+    /// Dropped: the send buffer was full or the connection is gone (counted).
+    Dropped,
+    /// Larger than the path's datagram limit (the publisher is told).
+    TooLarge {
+        max: usize,
+    },
+}
+
+impl DatagramPath {
+    fn new(conn: quinn::Connection, quarter_id: u64, metrics: Arc<Metrics>) -> Self {
+        let mut prefix = BytesMut::new();
+        quic_varint(quarter_id, &mut prefix);
+        Self {
+            conn,
+            prefix: prefix.freeze(),
+            metrics,
+        }
+    }
+
+    /// Sends `frame` (already encoded once for every receiver) as one datagram. Never waits:
+    /// when the send buffer has no room the datagram is dropped, as datagrams may be.
+    pub fn send(&self, frame: &Bytes) -> DatagramOutcome {
+        let len = self.prefix.len() + frame.len();
+        let dropped = |reason: &'static str| {
+            self.metrics
+                .datagrams_dropped
+                .get_or_create(&[("reason", reason)])
+                .inc();
+        };
+        let Some(max) = self.conn.max_datagram_size() else {
+            dropped("unsupported");
+            return DatagramOutcome::Dropped;
+        };
+        if len > max {
+            dropped("too_large");
+            return DatagramOutcome::TooLarge {
+                max: max.saturating_sub(self.prefix.len()),
+            };
+        }
+        if self.conn.datagram_send_buffer_space() < len {
+            dropped("buffer_full");
+            return DatagramOutcome::Dropped;
+        }
+        // The prefix is per connection, so this one copy per receiver is the datagram framing;
+        // the frame itself was encoded once.
+        let mut datagram = BytesMut::with_capacity(len);
+        datagram.extend_from_slice(&self.prefix);
+        datagram.extend_from_slice(frame);
+        match self.conn.send_datagram(datagram.freeze()) {
+            Ok(()) => {
+                self.metrics.datagrams_sent.inc();
+                DatagramOutcome::Sent
+            }
+            Err(quinn::SendDatagramError::TooLarge) => {
+                dropped("too_large");
+                DatagramOutcome::TooLarge {
+                    max: max.saturating_sub(self.prefix.len()),
+                }
+            }
+            Err(_) => {
+                dropped("connection");
+                DatagramOutcome::Dropped
+            }
+        }
+    }
+
+    /// The next datagram of this session, without its prefix; `None` once the connection is gone.
+    async fn recv(&self) -> Option<Bytes> {
+        loop {
+            let mut datagram = self.conn.read_datagram().await.ok()?;
+            if datagram.starts_with(&self.prefix) {
+                datagram.advance(self.prefix.len());
+                return Some(datagram);
+            }
+            self.metrics
+                .datagrams_received
+                .get_or_create(&[("outcome", "other_session")])
+                .inc();
+        }
+    }
+}
+
+/// QUIC variable-length integer (RFC 9000 §16), the framing of HTTP/3 datagrams.
+fn quic_varint(value: u64, out: &mut BytesMut) {
+    if value < 1 << 6 {
+        out.extend_from_slice(&[value as u8]);
+    } else if value < 1 << 14 {
+        out.extend_from_slice(&((value as u16) | 0x4000).to_be_bytes());
+    } else if value < 1 << 30 {
+        out.extend_from_slice(&((value as u32) | 0x8000_0000).to_be_bytes());
+    } else {
+        out.extend_from_slice(&(value | 0xc000_0000_0000_0000).to_be_bytes());
+    }
+}
+
+/// Outcome of looking for one length-delimited frame at the front of a buffer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Delimited {
+    /// A whole frame: the prefix length and the frame length.
+    Frame { prefix: usize, len: usize },
+    /// More bytes are needed; at least this many in total.
+    Incomplete { need: usize },
+    /// The prefix announces more than `max` bytes.
+    TooBig { len: u64 },
+    /// Not a varint (more than ten bytes).
+    Invalid,
+}
+
+/// Parses the varint length prefix at the front of `buf` (pure; the unit of the framing tests).
+pub fn parse_delimited(buf: &[u8], max: usize) -> Delimited {
+    let Some(end) = buf.iter().take(MAX_VARINT).position(|b| b & 0x80 == 0) else {
+        return if buf.len() >= MAX_VARINT {
+            Delimited::Invalid
+        } else {
+            Delimited::Incomplete {
+                need: buf.len() + 1,
+            }
+        };
+    };
+    let prefix = end + 1;
+    let Ok(len) = prost::encoding::decode_varint(&mut &buf[..prefix]) else {
+        return Delimited::Invalid;
+    };
+    if len > max as u64 {
+        return Delimited::TooBig { len };
+    }
+    let len = len as usize;
+    if buf.len() < prefix + len {
+        return Delimited::Incomplete { need: prefix + len };
+    }
+    Delimited::Frame { prefix, len }
+}
+
+/// The read half: the session stream's frames, and the session's datagrams.
+pub struct WtSource {
+    recv: WtRecv,
+    buf: BytesMut,
+    max_frame: usize,
+    datagrams: DatagramPath,
+}
+
+impl FrameSource for WtSource {
+    async fn recv(&mut self) -> Result<Inbound, TransportError> {
+        loop {
+            match parse_delimited(&self.buf, self.max_frame) {
+                Delimited::Frame { prefix, len } => {
+                    self.buf.advance(prefix);
+                    return Ok(Inbound::Frame(self.buf.split_to(len).freeze()));
+                }
+                Delimited::TooBig { .. } => {
+                    return Err(TransportError::TooBig {
+                        max: self.max_frame,
+                    });
+                }
+                Delimited::Invalid => {
+                    return Err(TransportError::Protocol("invalid length prefix".into()));
+                }
+                Delimited::Incomplete { need } => {
+                    // Reserve what the announced frame needs (bounded by max_frame), so a big
+                    // frame is read in few calls; small ones share one small buffer.
+                    self.buf
+                        .reserve(need.saturating_sub(self.buf.len()).max(4096));
+                }
+            }
+            tokio::select! {
+                read = self.recv.read_buf(&mut self.buf) => match read {
+                    Ok(0) => return Ok(Inbound::Closed),
+                    Ok(_) => {}
+                    Err(error) => return Err(TransportError::Io(error.to_string())),
+                },
+                datagram = self.datagrams.recv() => match datagram {
+                    Some(datagram) => return Ok(Inbound::Datagram(datagram)),
+                    None => return Ok(Inbound::Closed),
+                },
+            }
+        }
+    }
+}
+
+/// The write half: one coalesced stream write per batch; the close code waits in `close` for
+/// the connection task, which closes the QUIC connection with it once the session is over.
+pub struct WtSink {
+    send: WtSend,
+    buf: BytesMut,
+    close: Arc<Mutex<Option<(u16, String)>>>,
+    datagrams: DatagramPath,
+}
+
+impl FrameSink for WtSink {
+    async fn send_batch(&mut self, frames: &[Bytes]) -> Result<(), TransportError> {
+        self.buf.clear();
+        for frame in frames {
+            prost::encoding::encode_varint(frame.len() as u64, &mut self.buf);
+            self.buf.extend_from_slice(frame);
+        }
+        self.send
+            .write_all(&self.buf)
+            .await
+            .map_err(|e| TransportError::Io(e.to_string()))?;
+        // Keep a big batch's buffer from pinning memory for the rest of the session.
+        if self.buf.capacity() > 256 * 1024 {
+            self.buf = BytesMut::new();
+        }
+        Ok(())
+    }
+
+    /// QUIC keep-alives keep the connection up; liveness of the client is its Ping frames.
+    async fn heartbeat(&mut self) -> Result<(), TransportError> {
+        Ok(())
+    }
+
+    async fn close(&mut self, code: u16, reason: &str) {
+        *self.close.lock().expect("close lock poisoned") = Some((code, reason.to_string()));
+        let _ = self.send.shutdown().await;
+    }
+
+    fn datagrams(&self) -> Option<DatagramPath> {
+        Some(self.datagrams.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn length_prefixes_are_parsed_like_protobuf_delimited_messages() {
+        let mut buf = BytesMut::new();
+        prost::encoding::encode_varint(300, &mut buf);
+        buf.extend_from_slice(&[7; 300]);
+        assert_eq!(
+            parse_delimited(&buf, 1000),
+            Delimited::Frame {
+                prefix: 2,
+                len: 300
+            }
+        );
+        assert_eq!(
+            parse_delimited(&buf[..100], 1000),
+            Delimited::Incomplete { need: 302 }
+        );
+        assert_eq!(
+            parse_delimited(&buf[..1], 1000),
+            Delimited::Incomplete { need: 2 }
+        );
+        assert_eq!(
+            parse_delimited(&[], 1000),
+            Delimited::Incomplete { need: 1 }
+        );
+        assert_eq!(parse_delimited(&buf, 299), Delimited::TooBig { len: 300 });
+        assert_eq!(parse_delimited(&[0xff; 11], 1000), Delimited::Invalid);
+        assert_eq!(
+            parse_delimited(&[0], 10),
+            Delimited::Frame { prefix: 1, len: 0 }
+        );
+    }
+
+    #[test]
+    fn quic_varints_use_the_shortest_form() {
+        for (value, expected) in [
+            (0u64, vec![0x00]),
+            (37, vec![0x25]),
+            (15293, vec![0x7b, 0xbd]),
+            (494_878_333, vec![0x9d, 0x7f, 0x3e, 0x7d]),
+        ] {
+            let mut out = BytesMut::new();
+            quic_varint(value, &mut out);
+            assert_eq!(out.to_vec(), expected, "{value}");
+        }
+    }
+}
