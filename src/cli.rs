@@ -96,6 +96,12 @@ pub struct ClientArgs {
     /// WebTransport: trust certificates signed by the CA in this PEM file.
     #[arg(long, value_name = "FILE")]
     pub ca_file: Option<PathBuf>,
+    /// WebTransport with --ca-file: a client certificate (PEM) to present (mutual TLS).
+    #[arg(long, requires = "client_key", requires = "ca_file")]
+    pub client_cert: Option<PathBuf>,
+    /// The key (PEM) of --client-cert.
+    #[arg(long, requires = "client_cert")]
+    pub client_key: Option<PathBuf>,
     /// Connection token (in the node's insecure development mode: the user id).
     #[arg(long, default_value = "", env = "ROOMWIRE_TOKEN")]
     pub token: String,
@@ -133,6 +139,7 @@ pub async fn run_client(args: ClientArgs) -> anyhow::Result<()> {
         token: args.token,
         cert_hashes,
         ca_file: args.ca_file,
+        client_cert: args.client_cert.zip(args.client_key),
         client_name: concat!("roomwire-cli/", env!("CARGO_PKG_VERSION")).into(),
         ..ClientOptions::default()
     };

@@ -49,6 +49,9 @@ pub struct ClientOptions {
     pub cert_hashes: Vec<Vec<u8>>,
     /// WebTransport: a PEM file of CA certificates to trust instead of the system roots.
     pub ca_file: Option<std::path::PathBuf>,
+    /// WebTransport with `ca_file`: a client certificate and its key (PEM files) to present, for
+    /// nodes that identify services by mutual TLS.
+    pub client_cert: Option<(std::path::PathBuf, std::path::PathBuf)>,
     /// WebTransport: interval of the application Pings that keep the session alive (the node
     /// closes sessions silent for its idle timeout; WebSocket pongs do this job there).
     pub ping_interval: Duration,
@@ -63,6 +66,7 @@ impl Default for ClientOptions {
             request_timeout: Duration::from_secs(10),
             cert_hashes: Vec::new(),
             ca_file: None,
+            client_cert: None,
             ping_interval: Duration::from_secs(20),
         }
     }
@@ -570,11 +574,28 @@ async fn connect_webtransport(
                 .map_err(|e| ClientError::BadUrl(format!("CA file {}: {e}", path.display())))?;
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| ClientError::WebTransport(e.to_string()))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+            .with_root_certificates(roots);
+        let mut tls = match &options.client_cert {
+            None => tls.with_no_client_auth(),
+            Some((cert, key)) => {
+                let bad = |what: &std::path::Path, e: &dyn std::fmt::Display| {
+                    ClientError::BadUrl(format!("client certificate {}: {e}", what.display()))
+                };
+                let pem = std::fs::read(cert).map_err(|e| bad(cert, &e))?;
+                let chain = rustls_pemfile::certs(&mut pem.as_slice())
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| bad(cert, &e))?;
+                let pem = std::fs::read(key).map_err(|e| bad(key, &e))?;
+                let key_der = rustls_pemfile::private_key(&mut pem.as_slice())
+                    .map_err(|e| bad(key, &e))?
+                    .ok_or_else(|| bad(key, &"no private key"))?;
+                tls.with_client_auth_cert(chain, key_der)
+                    .map_err(|e| bad(cert, &e))?
+            }
+        };
         tls.alpn_protocols = vec![web_transport_quinn::ALPN.as_bytes().to_vec()];
         let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
             .map_err(|e| ClientError::WebTransport(e.to_string()))?;

@@ -109,6 +109,10 @@ pub struct WebTransportConfig {
     pub path: String,
     /// Open QUIC connections at most, over all listeners; more are refused before the handshake.
     pub max_connections: usize,
+    /// Client certificates on the QUIC listener: `off`, `optional` (browsers present none and
+    /// use tokens) or `required`. Verified against `tls.client_ca_file`; identities map through
+    /// `[[tls.services]]` as on the WebSocket listener.
+    pub client_auth: ClientAuth,
     /// WebTransport sessions per QUIC connection (browsers open one per `new WebTransport()`).
     /// Only 1 is supported: a second CONNECT on the same connection is refused with 429.
     pub max_sessions_per_connection: u64,
@@ -174,6 +178,7 @@ impl Default for WebTransportConfig {
             ],
             path: "/wt".into(),
             max_connections: 10_000,
+            client_auth: ClientAuth::Off,
             max_sessions_per_connection: 1,
             max_bidi_streams: 4,
             max_uni_streams: 8,
@@ -622,6 +627,9 @@ impl Config {
         }
         if self.tls.reload_interval_ms == 0 {
             return bad("tls.reload_interval_ms must be positive");
+        }
+        if self.webtransport.client_auth != ClientAuth::Off && self.tls.client_ca_file.is_none() {
+            return bad("webtransport.client_auth needs tls.client_ca_file");
         }
         if self.tls.client_auth != ClientAuth::Off && !self.tls.enabled {
             return bad("tls.client_auth needs tls.enabled = true");

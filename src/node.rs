@@ -30,7 +30,7 @@ use crate::limits::{IpGate, IpSlot};
 use crate::metrics::Metrics;
 use crate::room::RoomName;
 use crate::session::now_ms;
-use crate::tls::TlsState;
+use crate::tls::{Services, TlsState};
 use crate::transport::certs::CurrentCert;
 use crate::transport::webtransport;
 use crate::transport::ws::PeerAddr;
@@ -61,6 +61,8 @@ pub struct NodeContext {
     pub ip_gate: Arc<IpGate>,
     /// TLS for the HTTP/WebSocket port, when enabled.
     pub tls: Option<Arc<TlsState>>,
+    /// Services known by client certificate, on either transport.
+    pub services: Services,
     draining: AtomicBool,
     next_session: AtomicU64,
 }
@@ -116,8 +118,9 @@ impl Node {
         }
         let (webtransport, webtransport_cert) = if config.webtransport.enabled {
             let current = Arc::new(CurrentCert::default());
-            let listener = webtransport::Listener::bind(&config.webtransport, &current)
-                .context("starting WebTransport")?;
+            let listener =
+                webtransport::Listener::bind(&config.webtransport, &config.tls, &current)
+                    .context("starting WebTransport")?;
             (Some(listener), Some(current))
         } else {
             (None, None)
@@ -125,6 +128,7 @@ impl Node {
         let auth = Authenticator::new(&config.auth)?;
         let ip_gate = IpGate::new(&config.limits);
         let tls = TlsState::load(&config.tls)?;
+        let services = Services::from_config(&config.tls)?;
         let metrics = Arc::new(Metrics::new());
         let hub = Arc::new(Hub::new(metrics.clone()));
         let bus = Bus::Standalone(LocalBus::new(hub.clone(), metrics.clone(), &config.rooms));
@@ -144,6 +148,7 @@ impl Node {
             auth,
             ip_gate,
             tls,
+            services,
             draining: AtomicBool::new(false),
             next_session: AtomicU64::new(1),
         });
@@ -332,7 +337,7 @@ async fn accept_loop(
                     // rustls verified the chain; which service the certificate names is ours to check.
                     let identity = match stream.get_ref().1.peer_certificates() {
                         None => None,
-                        Some(chain) => match tls.identify(chain) {
+                        Some(chain) => match ctx.services.identify(chain) {
                             Ok(principal) => Some(principal),
                             Err(error) => {
                                 ctx.metrics

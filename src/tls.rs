@@ -46,27 +46,11 @@ struct Service {
     permissions: Permissions,
 }
 
-/// The live TLS configuration of the node.
-pub struct TlsState {
-    current: RwLock<Arc<ServerConfig>>,
-    config: TlsConfig,
-    files: Vec<PathBuf>,
-    stamps: Mutex<Vec<Option<SystemTime>>>,
-    services: Vec<Service>,
-}
+/// The services known by client certificate (`[[tls.services]]`), shared by both listeners.
+pub struct Services(Vec<Service>);
 
-impl TlsState {
-    /// Loads certificates and keys; `None` when TLS is disabled.
-    pub fn load(config: &TlsConfig) -> anyhow::Result<Option<Arc<TlsState>>> {
-        if !config.enabled {
-            return Ok(None);
-        }
-        let server_config = build(config)?;
-        let mut files = vec![
-            PathBuf::from(&config.cert_file),
-            PathBuf::from(&config.key_file),
-        ];
-        files.extend(config.client_ca_file.iter().map(PathBuf::from));
+impl Services {
+    pub fn from_config(config: &TlsConfig) -> anyhow::Result<Services> {
         let services = config
             .services
             .iter()
@@ -92,13 +76,67 @@ impl TlsState {
                 })
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(Services(services))
+    }
+
+    /// The principal a verified client certificate names, if it names a configured service.
+    pub fn identify(&self, chain: &[CertificateDer<'_>]) -> Result<Principal, IdentityError> {
+        let leaf = chain.first().ok_or(IdentityError::Unparseable)?;
+        let (_, cert) = X509Certificate::from_der(leaf).map_err(|_| IdentityError::Unparseable)?;
+        let san = cert
+            .subject_alternative_name()
+            .map_err(|_| IdentityError::Unparseable)?;
+        let names = san
+            .map(|ext| ext.value.general_names.clone())
+            .unwrap_or_default();
+        for name in &names {
+            let service = self.0.iter().find(|s| match name {
+                GeneralName::URI(uri) => s.uri.as_deref() == Some(uri),
+                GeneralName::DNSName(dns) => s
+                    .dns
+                    .as_deref()
+                    .is_some_and(|d| d.eq_ignore_ascii_case(dns)),
+                _ => false,
+            });
+            if let Some(service) = service {
+                return Ok(Principal {
+                    user: format!("{SERVICE_PREFIX}{}", service.name).into(),
+                    permissions: service.permissions.clone(),
+                    // A service cannot refresh: its session ends when its certificate does.
+                    expires_at: u64::try_from(cert.validity().not_after.timestamp()).ok(),
+                });
+            }
+        }
+        Err(IdentityError::Unknown)
+    }
+}
+
+/// The live TLS configuration of the node.
+pub struct TlsState {
+    current: RwLock<Arc<ServerConfig>>,
+    config: TlsConfig,
+    files: Vec<PathBuf>,
+    stamps: Mutex<Vec<Option<SystemTime>>>,
+}
+
+impl TlsState {
+    /// Loads certificates and keys; `None` when TLS is disabled.
+    pub fn load(config: &TlsConfig) -> anyhow::Result<Option<Arc<TlsState>>> {
+        if !config.enabled {
+            return Ok(None);
+        }
+        let server_config = build(config)?;
+        let mut files = vec![
+            PathBuf::from(&config.cert_file),
+            PathBuf::from(&config.key_file),
+        ];
+        files.extend(config.client_ca_file.iter().map(PathBuf::from));
         let stamps = Mutex::new(files.iter().map(modified).collect());
         Ok(Some(Arc::new(TlsState {
             current: RwLock::new(Arc::new(server_config)),
             config: config.clone(),
             files,
             stamps,
-            services,
         })))
     }
 
@@ -121,40 +159,36 @@ impl TlsState {
         Ok(true)
     }
 
-    /// The principal a verified client certificate names, if it names a configured service.
-    pub fn identify(&self, chain: &[CertificateDer<'_>]) -> Result<Principal, IdentityError> {
-        let leaf = chain.first().ok_or(IdentityError::Unparseable)?;
-        let (_, cert) = X509Certificate::from_der(leaf).map_err(|_| IdentityError::Unparseable)?;
-        let san = cert
-            .subject_alternative_name()
-            .map_err(|_| IdentityError::Unparseable)?;
-        let names = san
-            .map(|ext| ext.value.general_names.clone())
-            .unwrap_or_default();
-        for name in &names {
-            let service = self.services.iter().find(|s| match name {
-                GeneralName::URI(uri) => s.uri.as_deref() == Some(uri),
-                GeneralName::DNSName(dns) => s
-                    .dns
-                    .as_deref()
-                    .is_some_and(|d| d.eq_ignore_ascii_case(dns)),
-                _ => false,
-            });
-            if let Some(service) = service {
-                return Ok(Principal {
-                    user: format!("{SERVICE_PREFIX}{}", service.name).into(),
-                    permissions: service.permissions.clone(),
-                    // A service cannot refresh: its session ends when its certificate does.
-                    expires_at: u64::try_from(cert.validity().not_after.timestamp()).ok(),
-                });
-            }
-        }
-        Err(IdentityError::Unknown)
-    }
-
     pub fn reload_interval(&self) -> std::time::Duration {
         std::time::Duration::from_millis(self.config.reload_interval_ms)
     }
+}
+
+/// The client-certificate verifier for a listener in `mode` (`None` when off): the chain must
+/// lead to a CA in `ca_file`; `optional` also admits clients that present no certificate.
+/// Shared by the WebSocket (TCP) and WebTransport (QUIC) listeners.
+pub fn client_verifier(
+    mode: ClientAuth,
+    ca_file: Option<&str>,
+) -> anyhow::Result<Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>> {
+    if mode == ClientAuth::Off {
+        return Ok(None);
+    }
+    let ca_file = ca_file.context("tls.client_ca_file is needed for client certificates")?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca_file)
+        .with_context(|| format!("tls.client_ca_file {ca_file}"))?
+    {
+        roots.add(cert.with_context(|| format!("tls.client_ca_file {ca_file}"))?)?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+    let verifier = if mode == ClientAuth::Optional {
+        verifier.allow_unauthenticated()
+    } else {
+        verifier
+    };
+    Ok(Some(verifier.build()?))
 }
 
 fn modified(path: &PathBuf) -> Option<SystemTime> {
@@ -175,27 +209,9 @@ fn build(config: &TlsConfig) -> anyhow::Result<ServerConfig> {
         .with_context(|| format!("tls.key_file {}", config.key_file))?;
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()?;
-    let builder = match config.client_auth {
-        ClientAuth::Off => builder.with_no_client_auth(),
-        ClientAuth::Optional | ClientAuth::Required => {
-            let ca_file = config
-                .client_ca_file
-                .as_ref()
-                .context("tls.client_ca_file is needed for client_auth")?;
-            let mut roots = rustls::RootCertStore::empty();
-            for cert in CertificateDer::pem_file_iter(ca_file)
-                .with_context(|| format!("tls.client_ca_file {ca_file}"))?
-            {
-                roots.add(cert.with_context(|| format!("tls.client_ca_file {ca_file}"))?)?;
-            }
-            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
-            let verifier = if config.client_auth == ClientAuth::Optional {
-                verifier.allow_unauthenticated()
-            } else {
-                verifier
-            };
-            builder.with_client_cert_verifier(verifier.build()?)
-        }
+    let builder = match client_verifier(config.client_auth, config.client_ca_file.as_deref())? {
+        None => builder.with_no_client_auth(),
+        Some(verifier) => builder.with_client_cert_verifier(verifier),
     };
     let mut server_config = builder
         .with_single_cert(certs, key)

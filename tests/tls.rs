@@ -315,3 +315,54 @@ async fn certs_init_writes_a_ca_a_node_and_service_certificates_a_node_can_use()
     config.validate().unwrap();
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[tokio::test]
+async fn webtransport_mtls_admits_the_right_certificate_as_its_service_and_refuses_the_rest() {
+    use roomwire::client::{Client, ClientOptions};
+    let pki = Pki::new();
+    let node = pki
+        .node(ClientAuth::Off, |c| {
+            c.webtransport.cert_file = pki.path("node.pem");
+            c.webtransport.key_file = pki.path("node-key.pem");
+            c.webtransport.client_auth = ClientAuth::Required;
+        })
+        .await;
+    let other_ca = DevCa::new("someone else's CA").unwrap();
+    let certs = [
+        ("billing", pki.ca.service("billing").unwrap()),
+        ("rogue", pki.ca.service("rogue").unwrap()),
+        ("foreign", other_ca.service("billing").unwrap()),
+    ];
+    for (name, issued) in &certs {
+        pki.write(&format!("{name}.pem"), &issued.cert_pem);
+        pki.write(&format!("{name}-key.pem"), &issued.key_pem);
+    }
+    let options = |cert: Option<&str>| ClientOptions {
+        ca_file: Some(pki.path("ca.pem").into()),
+        client_cert: cert.map(|n| {
+            (
+                pki.path(&format!("{n}.pem")).into(),
+                pki.path(&format!("{n}-key.pem")).into(),
+            )
+        }),
+        ..ClientOptions::default()
+    };
+    let client = Client::connect(&node.wt_url(), options(Some("billing")))
+        .await
+        .unwrap();
+    assert_eq!(client.connected().user_id, "service:billing");
+    client.join("billing.invoices").await.unwrap();
+    for (what, cert) in [
+        ("no certificate", None),
+        ("unknown service", Some("rogue")),
+        ("wrong CA", Some("foreign")),
+    ] {
+        let result = Client::connect(&node.wt_url(), options(cert)).await;
+        assert!(result.is_err(), "{what}: accepted");
+    }
+    assert_eq!(
+        node.metric(r#"roomwire_connections_refused_total{reason="tls_identity"}"#),
+        1.0
+    );
+    node.shutdown().await;
+}

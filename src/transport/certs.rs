@@ -148,12 +148,20 @@ pub fn generate(validity: Duration) -> Result<CertifiedKey, CertError> {
 }
 
 /// The rustls server configuration for HTTP/3 (TLS 1.3 only, ALPN `h3`, ring provider).
-pub fn server_tls(cert: CertifiedKey) -> Result<Arc<rustls::ServerConfig>, CertError> {
+pub fn server_tls(
+    cert: CertifiedKey,
+    client_verifier: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
+) -> Result<Arc<rustls::ServerConfig>, CertError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_no_client_auth()
-        .with_single_cert(cert.chain, cert.key)?;
+    let builder = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?;
+    // Mutual TLS: the chain is verified here; which service it names is checked after the
+    // handshake (crate::tls::Services), as on the WebSocket listener.
+    let builder = match client_verifier {
+        None => builder.with_no_client_auth(),
+        Some(verifier) => builder.with_client_cert_verifier(verifier),
+    };
+    let mut tls = builder.with_single_cert(cert.chain, cert.key)?;
     tls.alpn_protocols = vec![b"h3".to_vec()];
     Ok(Arc::new(tls))
 }
@@ -177,6 +185,6 @@ mod tests {
         assert!(left > 9 * 86_400_000, "valid for {left} ms");
         // A second certificate has another key, so another hash.
         assert_ne!(generate(validity).unwrap().info.hex, cert.info.hex);
-        server_tls(cert).unwrap();
+        server_tls(cert, None).unwrap();
     }
 }

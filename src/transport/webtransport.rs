@@ -25,12 +25,13 @@ use h3::quic::BidiStream as _;
 use h3_webtransport::server::{AcceptedBi, WebTransportSession};
 use http::{Method, Request, Response, StatusCode};
 use quinn::VarInt;
+use rustls_pki_types::CertificateDer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::certs::{self, CertError, CurrentCert};
 use super::{FrameSink, FrameSource, Inbound, Transport, TransportError};
 use crate::auth::{AuthError, Principal};
-use crate::config::{AddressValidation, WebTransportConfig};
+use crate::config::{AddressValidation, TlsConfig, WebTransportConfig};
 use crate::metrics::Metrics;
 use crate::node::NodeContext;
 use crate::session::now_ms;
@@ -71,11 +72,12 @@ impl Listener {
     /// Loads or generates the certificate and binds every `webtransport.listen` address.
     pub fn bind(
         config: &WebTransportConfig,
+        tls_config: &TlsConfig,
         current: &CurrentCert,
     ) -> Result<Listener, WebTransportError> {
         let cert = certs::load_or_generate(config)?;
         current.set(cert.info.clone());
-        let server_config = server_config(config, cert)?;
+        let server_config = server_config(config, tls_config, cert)?;
         let mut endpoints = Vec::new();
         for &addr in &config.listen {
             let endpoint = quinn::Endpoint::server(server_config.clone(), addr)
@@ -137,9 +139,13 @@ fn varint(value: u64) -> VarInt {
 /// config, set explicitly.
 fn server_config(
     config: &WebTransportConfig,
+    tls_config: &TlsConfig,
     cert: certs::CertifiedKey,
 ) -> Result<quinn::ServerConfig, WebTransportError> {
-    let tls = certs::server_tls(cert)?;
+    let verifier =
+        crate::tls::client_verifier(config.client_auth, tls_config.client_ca_file.as_deref())
+            .map_err(|e| WebTransportError::Crypto(format!("{e:#}")))?;
+    let tls = certs::server_tls(cert, verifier)?;
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| WebTransportError::Crypto(e.to_string()))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
@@ -244,7 +250,7 @@ async fn rotate_certificate(ctx: Arc<NodeContext>, endpoints: Vec<quinn::Endpoin
             }
         };
         let info = cert.info.clone();
-        match server_config(&ctx.config.webtransport, cert) {
+        match server_config(&ctx.config.webtransport, &ctx.config.tls, cert) {
             Ok(server) => {
                 for endpoint in &endpoints {
                     endpoint.set_server_config(Some(server.clone()));
@@ -310,7 +316,11 @@ fn request_token(req: &Request<()>) -> Option<String> {
 
 /// Checks a CONNECT request; `Ok` carries the principal of the token it presented (`None`: no
 /// token, the Connect frame may carry one), exactly as a WebSocket upgrade is checked.
-fn check_request(ctx: &NodeContext, req: &Request<()>) -> Result<Option<Principal>, Refusal> {
+fn check_request(
+    ctx: &NodeContext,
+    req: &Request<()>,
+    certified: Option<&Principal>,
+) -> Result<Option<Principal>, Refusal> {
     if ctx.is_draining() {
         return Err(Refusal::Draining);
     }
@@ -321,6 +331,10 @@ fn check_request(ctx: &NodeContext, req: &Request<()>) -> Result<Option<Principa
     }
     if req.uri().path() != ctx.config.webtransport.path {
         return Err(Refusal::NotFound);
+    }
+    // A service's client certificate identifies it; a token beside it is not looked at.
+    if let Some(principal) = certified {
+        return Ok(Some(principal.clone()));
     }
     let Some(token) = request_token(req).filter(|t| !t.is_empty()) else {
         return Ok(None);
@@ -385,6 +399,25 @@ async fn connection(ctx: Arc<NodeContext>, incoming: quinn::Incoming, handshakin
             return;
         }
     };
+    // Mutual TLS: rustls verified the chain; which service the certificate names is ours to check.
+    let certified = match conn
+        .peer_identity()
+        .map(|identity| identity.downcast::<Vec<CertificateDer<'static>>>())
+    {
+        Some(Ok(chain)) => match ctx.services.identify(&chain) {
+            Ok(principal) => Some(principal),
+            Err(error) => {
+                tracing::debug!(%error, "client certificate refused");
+                refused("tls_identity");
+                conn.close(
+                    VarInt::from_u32(0x0100),
+                    b"client certificate names no configured service",
+                );
+                return;
+            }
+        },
+        _ => None,
+    };
     let quic = conn.clone();
     let config = &ctx.config.webtransport;
     let mut builder = h3::server::builder();
@@ -422,7 +455,7 @@ async fn connection(ctx: Arc<NodeContext>, incoming: quinn::Incoming, handshakin
                 Ok(Ok(resolved)) => resolved,
                 _ => continue,
             };
-        match check_request(&ctx, &request) {
+        match check_request(&ctx, &request, certified.as_ref()) {
             Ok(authenticated) => break (request, stream, authenticated),
             Err(refusal) => {
                 refused(refusal.label());
