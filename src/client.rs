@@ -562,7 +562,8 @@ async fn connect_webtransport(
             .with_server_certificate_hashes(options.cert_hashes.clone())
             .map_err(wt_error)?
     } else if let Some(path) = &options.ca_file {
-        let pem = std::fs::read(path)
+        let pem = tokio::fs::read(path)
+            .await
             .map_err(|e| ClientError::BadUrl(format!("CA file {}: {e}", path.display())))?;
         let certs = rustls_pemfile::certs(&mut pem.as_slice())
             .collect::<Result<Vec<_>, _>>()
@@ -584,11 +585,11 @@ async fn connect_webtransport(
                 let bad = |what: &std::path::Path, e: &dyn std::fmt::Display| {
                     ClientError::BadUrl(format!("client certificate {}: {e}", what.display()))
                 };
-                let pem = std::fs::read(cert).map_err(|e| bad(cert, &e))?;
+                let pem = tokio::fs::read(cert).await.map_err(|e| bad(cert, &e))?;
                 let chain = rustls_pemfile::certs(&mut pem.as_slice())
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(|e| bad(cert, &e))?;
-                let pem = std::fs::read(key).map_err(|e| bad(key, &e))?;
+                let pem = tokio::fs::read(key).await.map_err(|e| bad(key, &e))?;
                 let key_der = rustls_pemfile::private_key(&mut pem.as_slice())
                     .map_err(|e| bad(key, &e))?
                     .ok_or_else(|| bad(key, &"no private key"))?;
