@@ -233,10 +233,10 @@ async fn roomwire_until(
     mut done: impl FnMut(&ServerFrame) -> bool,
 ) -> anyhow::Result<()> {
     while let Some(message) = tokio::time::timeout(Duration::from_secs(30), ws.next()).await? {
-        if let Ws::Binary(b) = message? {
-            if done(&ServerFrame::decode(b)?) {
-                return Ok(());
-            }
+        if let Ws::Binary(b) = message?
+            && done(&ServerFrame::decode(b)?)
+        {
+            return Ok(());
         }
     }
     anyhow::bail!("closed during handshake")
