@@ -50,6 +50,19 @@ enum Target {
     Nats,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Debug)]
+enum Transport {
+    Ws,
+    Wt,
+}
+
+/// One member session.
+enum Member {
+    Ws(Stream),
+    /// Through the library client, which speaks WebTransport.
+    Wt(roomwire::client::Client),
+}
+
 #[derive(clap::Args, Clone)]
 struct Common {
     #[arg(long, value_enum)]
@@ -66,6 +79,16 @@ struct Common {
     /// Label written into every result line.
     #[arg(long, default_value = "")]
     label: String,
+    /// roomwire only: members over WebSocket (`ws`) or WebTransport (`wt`; the publisher stays on
+    /// WebSocket, the protocol is the same).
+    #[arg(long, value_enum, default_value = "ws")]
+    transport: Transport,
+    /// WebTransport URL (with --transport wt), e.g. https://127.0.0.1:4433/wt.
+    #[arg(long, default_value = "")]
+    wt_url: String,
+    /// SHA-256 (hex) of the node's WebTransport certificate, from /webtransport/certhash.
+    #[arg(long, default_value = "")]
+    cert_hash: String,
     /// Connections opened at once.
     #[arg(long, default_value_t = 200)]
     connect_concurrency: usize,
@@ -305,23 +328,49 @@ async fn member(common: &Common, index: usize, room: &str) -> anyhow::Result<Str
     Ok(ws)
 }
 
+/// A WebTransport member: connects with the node's certificate hash and joins `room`.
+async fn wt_member(
+    common: &Common,
+    index: usize,
+    room: &str,
+) -> anyhow::Result<roomwire::client::Client> {
+    let hash = (0..common.cert_hash.len() / 2)
+        .map(|i| u8::from_str_radix(&common.cert_hash[2 * i..2 * i + 2], 16))
+        .collect::<Result<Vec<u8>, _>>()?;
+    let options = roomwire::client::ClientOptions {
+        token: format!("u{index}"),
+        cert_hashes: vec![hash],
+        ..Default::default()
+    };
+    let client = roomwire::client::Client::connect(&common.wt_url, options).await?;
+    if !room.is_empty() {
+        client.join(room).await?;
+    }
+    Ok(client)
+}
+
 /// Opens `n` members, `concurrency` at a time; returns them and the connect rate.
 async fn members(
     common: &Common,
     n: usize,
     room_of: impl Fn(usize) -> String,
-) -> anyhow::Result<(Vec<Stream>, f64)> {
+) -> anyhow::Result<(Vec<Member>, f64)> {
     let start = Instant::now();
     let mut all = Vec::with_capacity(n);
     let indices: Vec<usize> = (0..n).collect();
     for chunk in indices.chunks(common.connect_concurrency.max(1)) {
         let opened = futures_util::future::join_all(chunk.iter().map(|&i| {
             let room = room_of(i);
-            async move { member(common, i, &room).await }
+            async move {
+                match common.transport {
+                    Transport::Ws => member(common, i, &room).await.map(Member::Ws),
+                    Transport::Wt => wt_member(common, i, &room).await.map(Member::Wt),
+                }
+            }
         }))
         .await;
-        for ws in opened {
-            all.push(ws?);
+        for member in opened {
+            all.push(member?);
         }
     }
     Ok((all, n as f64 / start.elapsed().as_secs_f64()))
@@ -344,6 +393,66 @@ impl Received {
     }
 }
 
+/// One receiver's records: latency into a local histogram (folded into the shared one by
+/// `merge`), count, and order per publisher.
+struct Tally {
+    local: Histogram<u64>,
+    last_seq: std::collections::HashMap<u64, u64>,
+    received: Arc<Received>,
+}
+
+impl Tally {
+    fn new(received: Arc<Received>) -> Self {
+        Self {
+            local: Histogram::new_with_bounds(1, 120_000_000, 3).unwrap(),
+            last_seq: Default::default(),
+            received,
+        }
+    }
+
+    fn record(&mut self, p: &[u8]) {
+        if p.len() < 24 {
+            return;
+        }
+        let seq = u64::from_le_bytes(p[..8].try_into().unwrap());
+        let sent = u64::from_le_bytes(p[8..16].try_into().unwrap());
+        let publisher = u64::from_le_bytes(p[16..24].try_into().unwrap());
+        let _ = self
+            .local
+            .record((now_ns().saturating_sub(sent) / 1_000).max(1));
+        let last = self.last_seq.entry(publisher).or_insert(0);
+        if seq <= *last {
+            self.received.out_of_order.fetch_add(1, Ordering::Relaxed);
+        }
+        *last = seq;
+        self.received.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    async fn merge(&mut self) {
+        if !self.local.is_empty() {
+            self.received.latency.lock().await.add(&self.local).unwrap();
+            self.local.reset();
+        }
+    }
+}
+
+/// A WebTransport member (through the library client): records every Message it receives.
+async fn receive_wt(mut client: roomwire::client::Client, received: Arc<Received>) {
+    let mut tally = Tally::new(received);
+    let mut merge = tokio::time::interval(MERGE_EVERY);
+    loop {
+        tokio::select! {
+            event = client.next_event() => match event {
+                Some(roomwire::client::Event::Message(m)) => tally.record(&m.payload),
+                Some(roomwire::client::Event::Closed { .. }) | None => break,
+                Some(_) => {}
+            },
+            _ = merge.tick() => tally.merge().await,
+        }
+    }
+    tally.merge().await;
+}
+
 /// Reads a member's stream, recording every message: latency, count, and order per publisher.
 async fn receive(
     target: Target,
@@ -351,33 +460,14 @@ async fn receive(
     sink: SharedSink,
     received: Arc<Received>,
 ) {
-    let mut local = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3).unwrap();
-    let mut last_seq: std::collections::HashMap<u64, u64> = std::collections::HashMap::new();
-    let mut record = |p: &[u8], local: &mut Histogram<u64>| {
-        if p.len() < 24 {
-            return;
-        }
-        let seq = u64::from_le_bytes(p[..8].try_into().unwrap());
-        let sent = u64::from_le_bytes(p[8..16].try_into().unwrap());
-        let publisher = u64::from_le_bytes(p[16..24].try_into().unwrap());
-        let _ = local.record((now_ns().saturating_sub(sent) / 1_000).max(1));
-        let last = last_seq.entry(publisher).or_insert(0);
-        if seq <= *last {
-            received.out_of_order.fetch_add(1, Ordering::Relaxed);
-        }
-        *last = seq;
-        received.count.fetch_add(1, Ordering::Relaxed);
-    };
+    let mut tally = Tally::new(received);
     let mut pending = BytesMut::new();
     let mut merge = tokio::time::interval(MERGE_EVERY);
     loop {
         let message = tokio::select! {
             m = stream.next() => m,
             _ = merge.tick() => {
-                if !local.is_empty() {
-                    received.latency.lock().await.add(&local).unwrap();
-                    local.reset();
-                }
+                tally.merge().await;
                 continue;
             }
         };
@@ -390,7 +480,7 @@ async fn receive(
         match target {
             Target::Roomwire => {
                 if let Some(payload) = message_payload(&data) {
-                    record(payload, &mut local);
+                    tally.record(payload);
                 }
             }
             Target::Nats => {
@@ -406,7 +496,7 @@ async fn receive(
                             break;
                         }
                         let body = pending.split_to(eol + 2 + size + 2);
-                        record(&body[eol + 2..eol + 2 + size], &mut local);
+                        tally.record(&body[eol + 2..eol + 2 + size]);
                     } else {
                         let ping = &pending[..eol] == b"PING";
                         let _ = pending.split_to(eol + 2);
@@ -422,7 +512,7 @@ async fn receive(
             }
         }
     }
-    received.latency.lock().await.add(&local).unwrap();
+    tally.merge().await;
 }
 
 fn ascii_number(digits: &[u8]) -> usize {
@@ -460,14 +550,21 @@ fn message_payload(frame: &[u8]) -> Option<&[u8]> {
 }
 
 /// Spawns a receiver per member; returns the shared tallies.
-fn spawn_receivers(target: Target, streams: Vec<Stream>) -> (Arc<Received>, Vec<SharedSink>) {
+fn spawn_receivers(target: Target, members: Vec<Member>) -> (Arc<Received>, Vec<SharedSink>) {
     let received = Received::new();
     let mut sinks = Vec::new();
-    for ws in streams {
-        let (sink, stream) = ws.split();
-        let sink = Arc::new(Mutex::new(sink));
-        sinks.push(sink.clone());
-        tokio::spawn(receive(target, stream, sink, received.clone()));
+    for member in members {
+        match member {
+            Member::Ws(ws) => {
+                let (sink, stream) = ws.split();
+                let sink = Arc::new(Mutex::new(sink));
+                sinks.push(sink.clone());
+                tokio::spawn(receive(target, stream, sink, received.clone()));
+            }
+            Member::Wt(client) => {
+                tokio::spawn(receive_wt(client, received.clone()));
+            }
+        }
     }
     (received, sinks)
 }
@@ -571,6 +668,14 @@ async fn drain(received: &Received, expected: u64) -> u64 {
     }
 }
 
+/// `roomwire` (WebSocket), `roomwire-wt` (WebTransport members) or `nats`.
+fn target_name(common: &Common) -> String {
+    match (common.target, common.transport) {
+        (Target::Roomwire, Transport::Wt) => "roomwire-wt".into(),
+        (target, _) => format!("{target:?}").to_lowercase(),
+    }
+}
+
 fn emit(value: serde_json::Value) {
     println!("{value}");
 }
@@ -591,7 +696,7 @@ async fn main() -> anyhow::Result<()> {
                 _ => json!(null),
             };
             emit(json!({
-                "scenario": "idle", "target": format!("{:?}", common.target).to_lowercase(), "label": common.label,
+                "scenario": "idle", "target": target_name(&common), "label": common.label,
                 "sessions": sessions, "connects_per_sec": connect_rate,
                 "server_rss_before": before.map(|b| b.1), "server_rss_after": after.map(|a| a.1),
                 "rss_per_session_bytes": per_session,
@@ -635,7 +740,7 @@ async fn main() -> anyhow::Result<()> {
                 let resources = sampler.finish();
                 let latency = received.latency.lock().await.clone();
                 emit(json!({
-                    "scenario": "fanout", "target": format!("{:?}", common.target).to_lowercase(), "label": common.label,
+                    "scenario": "fanout", "target": target_name(&common), "label": common.label,
                     "members": n, "size": size, "offered_msgs_per_sec": rate,
                     "offered_deliveries_per_sec": rate * n as u64,
                     "sent": sent, "expected": sent * n as u64, "received": got,
@@ -653,6 +758,10 @@ async fn main() -> anyhow::Result<()> {
             size,
             secs,
         } => {
+            anyhow::ensure!(
+                common.transport == Transport::Ws,
+                "chat runs over WebSocket only"
+            );
             let n = rooms * members_per_room;
             let room_of = |i: usize| format!("bench.chat.r{}", i / members_per_room);
             let (streams, connect_rate) = members(&common, n, room_of).await?;
@@ -683,7 +792,7 @@ async fn main() -> anyhow::Result<()> {
             let resources = sampler.finish();
             let latency = received.latency.lock().await.clone();
             emit(json!({
-                "scenario": "chat", "target": format!("{:?}", common.target).to_lowercase(), "label": common.label,
+                "scenario": "chat", "target": target_name(&common), "label": common.label,
                 "rooms": rooms, "members_per_room": members_per_room, "rate_per_member": rate, "size": size,
                 "sent": sent, "expected": expected, "received": got, "lost": expected.saturating_sub(got),
                 "out_of_order": received.out_of_order.load(Ordering::Relaxed),

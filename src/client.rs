@@ -128,6 +128,10 @@ pub enum ClientError {
     Unexpected(String),
 }
 
+/// Largest frame the client accepts from a node (a node sends at most its max_frame_bytes plus a
+/// small envelope); a larger length prefix ends the session instead of a huge allocation.
+const MAX_INBOUND_FRAME_BYTES: usize = 16 * 1024 * 1024;
+
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<ServerFrame>>>>;
 
 /// The write half of either transport.
@@ -638,7 +642,7 @@ async fn wt_read_loop(
         tokio::time::interval_at(tokio::time::Instant::now() + ping_interval, ping_interval);
     let (code, reason) = 'read: loop {
         loop {
-            match crate::transport::webtransport::parse_delimited(&buf, usize::MAX) {
+            match crate::transport::webtransport::parse_delimited(&buf, MAX_INBOUND_FRAME_BYTES) {
                 crate::transport::webtransport::Delimited::Frame { prefix, len } => {
                     let _ = buf.split_to(prefix);
                     let frame = buf.split_to(len).freeze();

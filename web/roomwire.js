@@ -98,6 +98,9 @@ class FrameReader {
   }
 }
 
+/** ErrorCode.ERROR_CODE_UNAUTHORIZED in roomwire.proto: a refused token, not worth retrying. */
+const ERROR_CODE_UNAUTHORIZED = 9;
+
 /** WebTransport: one bidirectional stream for the session, datagrams beside it. */
 class WebTransportConnection {
   static async open(base, token, onFrame, onClose) {
@@ -158,6 +161,10 @@ class WebTransportConnection {
       reason = info.reason ?? reason;
     } catch (error) {
       reason = String(error?.message ?? error);
+      // A broken stream must not leave the session open on the node (it would stay a member).
+      try {
+        this.wt.close({ closeCode: 1000, reason: 'stream error' });
+      } catch {}
     }
     await datagrams;
     this.onClose(code, reason);
@@ -247,7 +254,9 @@ export class RoomwireClient {
     this.rooms = new Map(); // room -> { epoch, seq } last seen
     this.pending = new Map(); // request id -> { resolve, reject }
     this.nextRequest = 1;
-    this.listeners = { message: [], status: [], error: [] };
+    this.listeners = { message: [], status: [], error: [], gap: [] };
+    this.connecting = null; // the one connect loop in flight, if any
+    this.upSince = 0;
     this.attempt = 0;
     this.closedByUser = false;
     this.heartbeat = null;
@@ -270,6 +279,14 @@ export class RoomwireClient {
     this.listeners.status.push(cb);
   }
 
+  /**
+   * cb({ room, fromSeq, toSeq, epochChanged }) when a reconnect skipped messages of a joined room:
+   * the node does not replay them yet (history is a later feature), so the application can refetch.
+   */
+  onGap(cb) {
+    this.listeners.gap.push(cb);
+  }
+
   /** cb(error) for Error frames that answer no request. */
   onError(cb) {
     this.listeners.error.push(cb);
@@ -285,16 +302,31 @@ export class RoomwireClient {
     }
   }
 
-  /** Connects (retrying with backoff until it works or close() is called). */
-  async connect() {
+  /**
+   * Connects, retrying with backoff until it works or close() is called. There is only ever one
+   * such loop: a second call returns the first one's promise. A refused token (UNAUTHORIZED) is
+   * final: set a new `client.token` and call connect() again.
+   */
+  connect() {
     this.closedByUser = false;
-    this.types = await loadTypes(this.base);
+    this.connecting ??= this.connectLoop().finally(() => {
+      this.connecting = null;
+    });
+    return this.connecting;
+  }
+
+  async connectLoop() {
+    this.types ??= await loadTypes(this.base);
     for (;;) {
       try {
         await this.open();
         return this.connected;
       } catch (error) {
         if (this.closedByUser) throw error;
+        if (error?.code === ERROR_CODE_UNAUTHORIZED) {
+          this.emit('status', { state: 'closed', transport: null, detail: 'unauthorized: a new token is needed' });
+          throw error;
+        }
         const delay = this.backoff();
         this.emit('status', { state: 'reconnecting', transport: null, detail: String(error), delay });
         await new Promise((resolve) => setTimeout(resolve, delay));
@@ -312,8 +344,9 @@ export class RoomwireClient {
   async open() {
     this.emit('status', { state: 'connecting', transport: null });
     const onFrame = (bytes, datagram) => this.onFrame(bytes, datagram);
-    const onClose = (code, reason) => this.onClose(code, reason);
     let conn = null;
+    // Bound to this connection: a late close of an older one must not tear down the current one.
+    const onClose = (code, reason) => this.onClose(conn, code, reason);
     const tryWebTransport =
       this.preferred !== 'websocket' && typeof globalThis.WebTransport === 'function';
     if (tryWebTransport) {
@@ -329,16 +362,36 @@ export class RoomwireClient {
     const resume = {
       rooms: [...this.rooms].map(([room, pos]) => ({ room, epoch: pos.epoch, seq: pos.seq })),
     };
-    const connected = await this.request({
-      connect: { token: this.token, clientName: this.clientName, resume },
-    });
+    let connected;
+    try {
+      connected = await this.request({
+        connect: { token: this.token, clientName: this.clientName, resume },
+      });
+    } catch (error) {
+      // Refused or timed out: this connection is done; the connect loop decides what is next.
+      this.conn = null;
+      conn.close();
+      throw error;
+    }
     this.connected = connected.connected;
     this.sessions += 1;
-    this.attempt = 0;
+    // The backoff resets only once a session has stayed up a while (see onClose).
+    this.upSince = Date.now();
     this.startHeartbeat();
-    // Rejoin what was joined before a reconnect.
-    for (const room of this.rooms.keys()) {
-      await this.request({ join: { room } }).catch((error) => this.emit('error', error));
+    // Rejoin what was joined before a reconnect, and say what was missed in between.
+    for (const [room, last] of this.rooms) {
+      try {
+        const reply = await this.request({ join: { room } });
+        const joined = reply.joined;
+        const epoch = Number(joined.epoch);
+        const seq = Number(joined.seq);
+        if (last.seq > 0 && (epoch !== last.epoch || seq > last.seq)) {
+          this.emit('gap', { room, fromSeq: last.seq + 1, toSeq: seq, epochChanged: epoch !== last.epoch });
+        }
+        this.rooms.set(room, { epoch, seq });
+      } catch (error) {
+        this.emit('error', error);
+      }
     }
     this.emit('status', { state: 'connected', transport: conn.kind, detail: this.connected });
   }
@@ -398,9 +451,11 @@ export class RoomwireClient {
     }
   }
 
-  onClose(code, reason) {
+  onClose(conn, code, reason) {
+    if (conn === null || conn !== this.conn) return; // an older or never-established connection
     clearInterval(this.heartbeat);
     this.conn = null;
+    if (Date.now() - this.upSince > 10000) this.attempt = 0;
     for (const { reject } of this.pending.values()) reject(new Error(`closed (${code}): ${reason}`));
     this.pending.clear();
     if (this.closedByUser) {
@@ -410,6 +465,7 @@ export class RoomwireClient {
     const delay = Math.max(this.reconnectAfter ?? 0, this.backoff());
     this.reconnectAfter = null;
     this.emit('status', { state: 'reconnecting', transport: null, detail: { code, reason }, delay });
+    // connect() joins the one loop in flight rather than starting another.
     setTimeout(() => this.connect().catch(() => {}), delay);
   }
 

@@ -365,9 +365,17 @@ async fn respond(
         .status(status)
         .body(())
         .expect("a status-only response is valid");
-    let _ = stream.send_response(response).await;
-    let _ = stream.finish().await;
+    // Bounded: a peer that grants no stream credit must not hold this task (and its connection
+    // slot) forever; after the bound the refusal is abandoned with the connection.
+    let _ = tokio::time::timeout(RESPOND_TIMEOUT, async {
+        let _ = stream.send_response(response).await;
+        let _ = stream.finish().await;
+    })
+    .await;
 }
+
+/// Longest a refusal response may take to write.
+const RESPOND_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// One QUIC connection: handshake, HTTP/3, the CONNECT check, the session stream, the session.
 #[tracing::instrument(name = "wt_connection", skip_all, fields(peer = %incoming.remote_address()))]
@@ -484,14 +492,22 @@ async fn connection(ctx: Arc<NodeContext>, incoming: quinn::Incoming, handshakin
             return;
         }
     }
-    let session = match WebTransportSession::accept(request, stream, h3).await {
-        Ok(session) => session,
-        Err(error) => {
-            tracing::debug!(%error, "webtransport session not accepted");
-            refused("wt_accept");
-            return;
-        }
-    };
+    let session =
+        match tokio::time::timeout_at(deadline, WebTransportSession::accept(request, stream, h3))
+            .await
+        {
+            Ok(Ok(session)) => session,
+            Ok(Err(error)) => {
+                tracing::debug!(%error, "webtransport session not accepted");
+                refused("wt_accept");
+                return;
+            }
+            Err(_) => {
+                refused("handshake_timeout");
+                quic.close(VarInt::from_u32(0x0100), b"no WebTransport session in time");
+                return;
+            }
+        };
 
     // The session's stream: the first bidirectional stream the client opens.
     let bidi = loop {
