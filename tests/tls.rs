@@ -366,3 +366,44 @@ async fn webtransport_mtls_admits_the_right_certificate_as_its_service_and_refus
     );
     node.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_changed_client_ca_file_reaches_the_webtransport_listener_without_a_restart() {
+    use roomwire::client::{Client, ClientOptions};
+    let pki = Pki::new();
+    let node = pki
+        .node(ClientAuth::Off, |c| {
+            c.webtransport.cert_file = pki.path("node.pem");
+            c.webtransport.key_file = pki.path("node-key.pem");
+            c.webtransport.client_auth = ClientAuth::Required;
+            c.tls.reload_interval_ms = 50;
+        })
+        .await;
+    let billing = pki.ca.service("billing").unwrap();
+    pki.write("billing.pem", &billing.cert_pem);
+    pki.write("billing-key.pem", &billing.key_pem);
+    // The client trusts the node through its own copy of the CA, so only the node's view changes.
+    pki.write("trust.pem", &pki.ca.cert_pem());
+    let options = || ClientOptions {
+        ca_file: Some(pki.path("trust.pem").into()),
+        client_cert: Some((
+            pki.path("billing.pem").into(),
+            pki.path("billing-key.pem").into(),
+        )),
+        ..ClientOptions::default()
+    };
+    Client::connect(&node.wt_url(), options()).await.unwrap();
+    // The operator revokes the CA: the configured client CA file is rewritten with another one.
+    pki.write("ca.pem", &DevCa::new("replacement").unwrap().cert_pem());
+    eventually("revoked CA refused", || async {
+        Client::connect(&node.wt_url(), options()).await.is_err()
+    })
+    .await;
+    // And trusting it again works the same way.
+    pki.write("ca.pem", &pki.ca.cert_pem());
+    eventually("CA trusted again", || async {
+        Client::connect(&node.wt_url(), options()).await.is_ok()
+    })
+    .await;
+    node.shutdown().await;
+}

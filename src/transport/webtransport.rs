@@ -31,7 +31,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use super::certs::{self, CertError, CurrentCert};
 use super::{FrameSink, FrameSource, Inbound, Transport, TransportError};
 use crate::auth::{AuthError, Principal};
-use crate::config::{AddressValidation, TlsConfig, WebTransportConfig};
+use crate::config::{AddressValidation, ClientAuth, TlsConfig, WebTransportConfig};
 use crate::metrics::Metrics;
 use crate::node::NodeContext;
 use crate::session::now_ms;
@@ -111,6 +111,9 @@ impl Listener {
         if ctx.config.webtransport.cert_file.is_empty() {
             ctx.tracker
                 .spawn(rotate_certificate(ctx.clone(), self.endpoints.clone()));
+        } else {
+            ctx.tracker
+                .spawn(reload_files(ctx.clone(), self.endpoints.clone()));
         }
         self.endpoints
     }
@@ -235,33 +238,87 @@ async fn rotate_certificate(ctx: Arc<NodeContext>, endpoints: Vec<quinn::Endpoin
             _ = tokio::time::sleep(every) => {}
             _ = ctx.shutdown.cancelled() => return,
         }
-        let config = config.clone();
-        // Key generation is CPU work: keep it off the async workers.
-        let generated = tokio::task::spawn_blocking(move || certs::load_or_generate(&config)).await;
-        let cert = match generated {
-            Ok(Ok(cert)) => cert,
-            Ok(Err(error)) => {
-                tracing::error!(%error, "certificate rotation failed; keeping the old one");
-                continue;
+        match rebuild(&ctx).await {
+            Ok((info, server)) => {
+                install(&ctx, &endpoints, info.clone(), server);
+                tracing::info!(sha256 = %info.hex, "rotated the generated WebTransport certificate");
             }
             Err(error) => {
-                tracing::error!(%error, "certificate rotation task failed");
-                continue;
+                tracing::error!(%error, "certificate rotation failed; keeping the old one")
             }
-        };
-        let info = cert.info.clone();
-        match server_config(&ctx.config.webtransport, &ctx.config.tls, cert) {
-            Ok(server) => {
-                for endpoint in &endpoints {
-                    endpoint.set_server_config(Some(server.clone()));
-                }
-                tracing::info!(sha256 = %info.hex, "rotated the generated WebTransport certificate");
-                if let Some(current) = &ctx.webtransport_cert {
-                    current.set(info);
-                }
-            }
-            Err(error) => tracing::error!(%error, "certificate rotation failed"),
         }
+    }
+}
+
+/// With certificate files configured: re-reads them (and the client CA file, with mutual TLS)
+/// when any changes, every `tls.reload_interval_ms`, so rotating a certificate or revoking a CA
+/// needs no restart. A broken new file is logged and retried; the old configuration stays.
+async fn reload_files(ctx: Arc<NodeContext>, endpoints: Vec<quinn::Endpoint>) {
+    let config = &ctx.config.webtransport;
+    let mut files = vec![config.cert_file.clone(), config.key_file.clone()];
+    if config.client_auth != ClientAuth::Off {
+        files.extend(ctx.config.tls.client_ca_file.clone());
+    }
+    let stamps = move |files: Vec<String>| async move {
+        tokio::task::spawn_blocking(move || {
+            files
+                .iter()
+                .map(|f| std::fs::metadata(f).and_then(|m| m.modified()).ok())
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default()
+    };
+    let mut seen = stamps(files.clone()).await;
+    let mut ticker =
+        tokio::time::interval(Duration::from_millis(ctx.config.tls.reload_interval_ms));
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = ctx.shutdown.cancelled() => return,
+        }
+        let now = stamps(files.clone()).await;
+        if now == seen {
+            continue;
+        }
+        match rebuild(&ctx).await {
+            Ok((info, server)) => {
+                install(&ctx, &endpoints, info.clone(), server);
+                seen = now;
+                tracing::info!(sha256 = %info.hex, "reloaded the WebTransport certificate files");
+            }
+            Err(error) => {
+                tracing::warn!(%error, "WebTransport reload failed; keeping the previous configuration")
+            }
+        }
+    }
+}
+
+/// Loads (or generates) the certificate and builds the server configuration, off the workers:
+/// key generation and file reads are blocking work.
+async fn rebuild(ctx: &Arc<NodeContext>) -> Result<(certs::CertInfo, quinn::ServerConfig), String> {
+    let (config, tls) = (ctx.config.webtransport.clone(), ctx.config.tls.clone());
+    tokio::task::spawn_blocking(move || {
+        let cert = certs::load_or_generate(&config).map_err(|e| e.to_string())?;
+        let info = cert.info.clone();
+        let server = server_config(&config, &tls, cert).map_err(|e| e.to_string())?;
+        Ok((info, server))
+    })
+    .await
+    .map_err(|e| e.to_string())?
+}
+
+fn install(
+    ctx: &NodeContext,
+    endpoints: &[quinn::Endpoint],
+    info: certs::CertInfo,
+    server: quinn::ServerConfig,
+) {
+    for endpoint in endpoints {
+        endpoint.set_server_config(Some(server.clone()));
+    }
+    if let Some(current) = &ctx.webtransport_cert {
+        current.set(info);
     }
 }
 
