@@ -11,7 +11,7 @@ OUT=target/bench
 mkdir -p "$OUT"
 RESULTS="$OUT/results.jsonl"
 : > "$RESULTS"
-SCENARIOS=${SCENARIOS:-"idle fanout chat"}
+SCENARIOS=${SCENARIOS:-"idle fanout chat transports"}
 
 step() { printf '\n==> %s\n' "$*" >&2; }
 
@@ -33,7 +33,8 @@ fi
 NODE_ARGS=(--set limits.connections_per_ip_per_second=1000000 --set limits.connection_burst_per_ip=1000000
   --set limits.max_connections_per_ip=1000000 --set limits.session_frames_per_second=10000000
   --set limits.session_frame_burst=10000000 --set limits.session_bytes_per_second=1000000000
-  --set limits.session_byte_burst=1000000000 --set server.max_connections=19900)
+  --set limits.session_byte_burst=1000000000 --set server.max_connections=19900
+  --set webtransport.enabled=false)
 SOURCES=127.0.0.1,127.0.0.2,127.0.0.3,127.0.0.4,127.0.0.5,127.0.0.6
 PIDS=()
 cleanup() { for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done; }
@@ -59,6 +60,31 @@ start_server() {
 stop_server() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 
 for scenario in $SCENARIOS; do
+  if [ "$scenario" = transports ]; then
+    # (e) The same node, members over WebSocket or over WebTransport (the publisher stays on
+    # WebSocket; the protocol is the same). roomwire only: the peer has no WebTransport.
+    for transport in ws wt; do
+      for kind in idle fanout; do
+        step "transports: $kind over $transport"
+        RUST_LOG=warn "$NODE" --set 'server.listen=["127.0.0.1:19080"]' "${NODE_ARGS[@]}" \
+          --set webtransport.enabled=true --set 'webtransport.listen=["127.0.0.1:19443"]' \
+          --set webtransport.max_connections=20000 >"$OUT/node-wt.log" 2>&1 &
+        SERVER_PID=$!
+        PIDS+=("$SERVER_PID")
+        wait_port 19080
+        HASH=$(python3 -c 'import json,sys,urllib.request; print(json.load(urllib.request.urlopen("http://127.0.0.1:19080/webtransport/certhash"))["hex"])')
+        WT=(--target roomwire --transport "$transport" --url ws://127.0.0.1:19080/ws
+          --wt-url https://127.0.0.1:19443/wt --cert-hash "$HASH" --pid "$SERVER_PID" --sources "$SOURCES" --label transports)
+        if [ "$kind" = idle ]; then
+          "$LOADGEN" idle "${WT[@]}" --sessions 2000 >>"$RESULTS"
+        else
+          "$LOADGEN" fanout "${WT[@]}" --members 1000 --size 64 --rates 25,100 --step-secs 5 >>"$RESULTS"
+        fi
+        stop_server "$SERVER_PID"
+      done
+    done
+    continue
+  fi
   for target in roomwire nats; do
     case $scenario in
       idle)
