@@ -77,6 +77,21 @@ impl Pki {
         .await
     }
 
+    /// WebTransport client options trusting the CA in `trust` (a file in this PKI's directory) and
+    /// presenting the certificate `<name>.pem` / `<name>-key.pem` when given.
+    fn wt_options(&self, trust: &str, cert: Option<&str>) -> roomwire::client::ClientOptions {
+        roomwire::client::ClientOptions {
+            ca_file: Some(self.path(trust).into()),
+            client_cert: cert.map(|n| {
+                (
+                    self.path(&format!("{n}.pem")).into(),
+                    self.path(&format!("{n}-key.pem")).into(),
+                )
+            }),
+            ..Default::default()
+        }
+    }
+
     /// A client trusting this PKI's CA, presenting `cert` when given.
     fn client(&self, cert: Option<&Issued>) -> Arc<rustls::ClientConfig> {
         let mut roots = rustls::RootCertStore::empty();
@@ -318,7 +333,7 @@ async fn certs_init_writes_a_ca_a_node_and_service_certificates_a_node_can_use()
 
 #[tokio::test]
 async fn webtransport_mtls_admits_the_right_certificate_as_its_service_and_refuses_the_rest() {
-    use roomwire::client::{Client, ClientOptions};
+    use roomwire::client::Client;
     let pki = Pki::new();
     let node = pki
         .node(ClientAuth::Off, |c| {
@@ -337,16 +352,7 @@ async fn webtransport_mtls_admits_the_right_certificate_as_its_service_and_refus
         pki.write(&format!("{name}.pem"), &issued.cert_pem);
         pki.write(&format!("{name}-key.pem"), &issued.key_pem);
     }
-    let options = |cert: Option<&str>| ClientOptions {
-        ca_file: Some(pki.path("ca.pem").into()),
-        client_cert: cert.map(|n| {
-            (
-                pki.path(&format!("{n}.pem")).into(),
-                pki.path(&format!("{n}-key.pem")).into(),
-            )
-        }),
-        ..ClientOptions::default()
-    };
+    let options = |cert: Option<&str>| pki.wt_options("ca.pem", cert);
     let client = Client::connect(&node.wt_url(), options(Some("billing")))
         .await
         .unwrap();
@@ -369,7 +375,7 @@ async fn webtransport_mtls_admits_the_right_certificate_as_its_service_and_refus
 
 #[tokio::test]
 async fn a_changed_client_ca_file_reaches_the_webtransport_listener_without_a_restart() {
-    use roomwire::client::{Client, ClientOptions};
+    use roomwire::client::Client;
     let pki = Pki::new();
     let node = pki
         .node(ClientAuth::Off, |c| {
@@ -384,14 +390,7 @@ async fn a_changed_client_ca_file_reaches_the_webtransport_listener_without_a_re
     pki.write("billing-key.pem", &billing.key_pem);
     // The client trusts the node through its own copy of the CA, so only the node's view changes.
     pki.write("trust.pem", &pki.ca.cert_pem());
-    let options = || ClientOptions {
-        ca_file: Some(pki.path("trust.pem").into()),
-        client_cert: Some((
-            pki.path("billing.pem").into(),
-            pki.path("billing-key.pem").into(),
-        )),
-        ..ClientOptions::default()
-    };
+    let options = || pki.wt_options("trust.pem", Some("billing"));
     Client::connect(&node.wt_url(), options()).await.unwrap();
     // The operator revokes the CA: the configured client CA file is rewritten with another one.
     pki.write("ca.pem", &DevCa::new("replacement").unwrap().cert_pem());

@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use prost::Message as _;
-use roomwire::client::{Client, ClientOptions, Event};
+use roomwire::client::{Client, ClientError, ClientOptions, Event};
 use roomwire::proto::{self, ClientFrame, ServerFrame, client_frame};
 use roomwire::{Config, Node, NodeContext};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -272,6 +272,14 @@ pub async fn closed_code(client: &mut Client) -> Option<u16> {
             Some(_) => continue,
             None => return None,
         }
+    }
+}
+
+/// The error code of a request the node refused (`None` for any other failure).
+pub fn refused_code(error: &ClientError) -> Option<proto::ErrorCode> {
+    match error {
+        ClientError::Refused { code, .. } => Some(*code),
+        _ => None,
     }
 }
 
