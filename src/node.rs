@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt as _;
 
-use crate::auth::{Authenticator, Principal};
+use crate::auth::{AuthError, Authenticator, Principal};
 use crate::cluster::Bus;
 use crate::cluster::local::LocalBus;
 use crate::config::Config;
@@ -74,6 +74,29 @@ impl NodeContext {
 
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Checks a connection token now, whichever transport brought it, and counts a refusal in
+    /// `roomwire_auth_failures_total{reason}`. `session_key` only names an anonymous session
+    /// (insecure mode, empty token); callers holding a non-empty token may pass 0.
+    pub fn authenticate(&self, token: &str, session_key: u64) -> Result<Principal, AuthError> {
+        self.count_auth(self.auth.authenticate(token, session_key, now_ms() / 1000))
+    }
+
+    /// Checks a Refresh token for a live session of `user`, counting a refusal like
+    /// [`NodeContext::authenticate`].
+    pub fn refresh(&self, token: &str, user: &str) -> Result<Principal, AuthError> {
+        self.count_auth(self.auth.refresh(token, user, now_ms() / 1000))
+    }
+
+    fn count_auth(&self, result: Result<Principal, AuthError>) -> Result<Principal, AuthError> {
+        if let Err(error) = &result {
+            self.metrics
+                .auth_failures
+                .get_or_create(&[("reason", error.label())])
+                .inc();
+        }
+        result
     }
 }
 

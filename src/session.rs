@@ -591,13 +591,9 @@ async fn handshake<S: FrameSource, K: FrameSink>(
     // A token that came with the upgrade was checked there; otherwise Connect carries it.
     let principal = match authenticated {
         Some(principal) => principal,
-        None => match ctx.auth.authenticate(&connect.token, key, now_ms() / 1000) {
+        None => match ctx.authenticate(&connect.token, key) {
             Ok(principal) => principal,
             Err(error) => {
-                ctx.metrics
-                    .auth_failures
-                    .get_or_create(&[("reason", error.label())])
-                    .inc();
                 let reason = CloseReason::Unauthorized(error.to_string());
                 let message = error.to_string();
                 refuse(
@@ -899,17 +895,7 @@ impl Session {
                 "this session was not opened with a token".into(),
             )));
         }
-        let principal = self
-            .ctx
-            .auth
-            .refresh(token, &self.handle.user, now_ms() / 1000)
-            .inspect_err(|e| {
-                self.ctx
-                    .metrics
-                    .auth_failures
-                    .get_or_create(&[("reason", e.label())])
-                    .inc();
-            })?;
+        let principal = self.ctx.refresh(token, &self.handle.user)?;
         self.permissions = principal.permissions;
         self.expires_at = principal.expires_at;
         // Rooms the new token no longer allows are left, each with a Left frame.
