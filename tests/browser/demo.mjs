@@ -103,14 +103,29 @@ try {
   }
 
   // Lose alice's connection (as a network failure would): the client reconnects with backoff,
-  // over WebTransport again, rejoins the room, and the chat goes on.
-  await alice.evaluate(() => window.roomwireDemo.client.conn.wt.close());
+  // over WebTransport again, rejoins the room, and the chat goes on. The first retry waits at
+  // least 1.5 s here, so bob's message below is published while alice is away: her rejoin must
+  // report it as a gap (the node does not replay it yet).
+  await alice.evaluate(() => {
+    const client = window.roomwireDemo.client;
+    window.gaps = [];
+    client.onGap((gap) => window.gaps.push(gap));
+    client.initialBackoffMs = 3000;
+    client.conn.wt.close();
+  });
+  await say(bob, 'while alice was away');
+  await waitForMessages(bob, 4); // sequenced (seq 4) before alice's first retry
   await alice.waitForFunction(
     () => window.roomwireDemo.client.sessions >= 2 && window.roomwireDemo.client.transport === 'webtransport',
     null,
     { timeout: TIMEOUT },
   );
   console.log('alice reconnected over', await alice.textContent('#transport'));
+  const gaps = await alice.evaluate(() => window.gaps);
+  console.log('alice was told of gaps:', JSON.stringify(gaps));
+  if (gaps.length !== 1 || gaps[0].fromSeq !== 4 || gaps[0].toSeq !== 4 || gaps[0].epochChanged) {
+    throw new Error(`expected one gap at seq 4, got ${JSON.stringify(gaps)}`);
+  }
   await say(bob, 'after the reconnect');
   const afterReconnect = await waitForMessages(alice, 4);
   if (afterReconnect[3].text !== 'after the reconnect') {
