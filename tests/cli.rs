@@ -188,14 +188,7 @@ async fn the_cli_publishes_over_webtransport_trusting_the_certificate_hash() {
     let node = TestNode::start().await;
     let mut listener = node.client("bob").await;
     listener.join("lobby").await.unwrap();
-    let hex = node
-        .ctx
-        .webtransport_cert
-        .as_ref()
-        .unwrap()
-        .get()
-        .unwrap()
-        .hex;
+    let hex = node.cert_hash_hex();
     let url = node.wt_url();
     let run = |hash: String| {
         let url = url.clone();
@@ -249,14 +242,7 @@ async fn many_cli_processes_connecting_over_webtransport_at_once_all_succeed() {
         c.limits.connection_burst_per_ip = 1000;
     })
     .await;
-    let hex = node
-        .ctx
-        .webtransport_cert
-        .as_ref()
-        .unwrap()
-        .get()
-        .unwrap()
-        .hex;
+    let hex = node.cert_hash_hex();
     let url = node.wt_url();
     let runs = (0..CLIENTS).map(|i| {
         let (url, hex) = (url.clone(), hex.clone());

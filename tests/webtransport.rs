@@ -328,15 +328,7 @@ async fn a_jwt_in_the_connect_request_authenticates_once_and_bad_ones_get_401() 
 #[tokio::test]
 async fn a_generated_certificate_is_rotated_and_the_new_hash_published() {
     let node = TestNode::start_with(|c| c.webtransport.generated_cert_rotate_after_ms = 300).await;
-    let current = || {
-        node.ctx
-            .webtransport_cert
-            .as_ref()
-            .unwrap()
-            .get()
-            .unwrap()
-            .hex
-    };
+    let current = || node.cert_hash_hex();
     let first = current();
     let old_options = node.wt_options("alice");
     eventually("the certificate is rotated", || async {

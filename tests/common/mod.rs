@@ -78,17 +78,22 @@ impl TestNode {
         format!("https://{}/wt", self.wt_addr.expect("webtransport enabled"))
     }
 
-    /// Client options trusting the node's generated certificate by its SHA-256.
-    pub fn wt_options(&self, user: &str) -> ClientOptions {
-        let info = self
-            .ctx
+    /// The SHA-256 (hex) of the node's current WebTransport certificate.
+    pub fn cert_hash_hex(&self) -> String {
+        self.ctx
             .webtransport_cert
             .as_ref()
             .and_then(|c| c.get())
-            .expect("a webtransport certificate");
-        let hash = (0..info.hex.len())
+            .expect("a webtransport certificate")
+            .hex
+    }
+
+    /// Client options trusting the node's generated certificate by its SHA-256.
+    pub fn wt_options(&self, user: &str) -> ClientOptions {
+        let hex = self.cert_hash_hex();
+        let hash = (0..hex.len())
             .step_by(2)
-            .map(|i| u8::from_str_radix(&info.hex[i..i + 2], 16).unwrap())
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
             .collect();
         ClientOptions {
             cert_hashes: vec![hash],
