@@ -71,8 +71,9 @@ pub struct Metrics {
     pub mesh_not_owner: Counter,
     /// Requests to an owner that did not answer (down, unreachable, timed out) and re-routed.
     pub mesh_unreachable: Counter,
-    /// Round-trip time to the NATS server, seconds (a PING/PONG every few heartbeats).
-    pub mesh_nats_rtt: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Round trip of a request through NATS to a node of `region` and back, seconds (one node
+    /// pinged every 2 s in turn).
+    pub mesh_nats_rtt: Family<OwnedLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     /// Room states handed between nodes, by `direction` (in, out) and `how` (pulled, pushed).
     pub mesh_handoffs: Family<[(&'static str, &'static str); 2], Counter>,
     /// New epochs this node started as owner because no previous state was found.
@@ -262,8 +263,8 @@ impl Metrics {
             ),
             mesh_nats_rtt: reg!(
                 "mesh_nats_rtt_seconds",
-                "Round-trip time to the NATS server",
-                Gauge::default()
+                "Round trip of a request through NATS to a node of the region",
+                Family::default()
             ),
             mesh_handoffs: reg!(
                 "mesh_handoffs",

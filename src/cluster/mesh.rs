@@ -18,7 +18,7 @@
 //!   view — checked under the room's lock for every message — and owner state from before a
 //!   NATS disconnect is never reused.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -32,6 +32,7 @@ use tokio::time::Instant;
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::cluster::membership::{Heartbeat, Membership, NodeState, RingView, Seen};
+use crate::cluster::order::{Output, RoomOrder};
 use crate::cluster::{BusError, Publication, RoomInfo, Sequenced};
 use crate::config::{MeshConfig, RoomsConfig};
 use crate::fanout::{Hub, UnreliableReport};
@@ -48,12 +49,13 @@ const KIND_SYNC: u8 = 3; // + epoch, seq, join token
 const KIND_EPOCH: u8 = 4; // + epoch, 0: a new epoch starts here
 const HEADER: usize = 17;
 
-/// Messages held per room while an earlier one is missing.
-const REORDER_MAX: usize = 4096;
 /// Node-to-node requests handled at once; more wait in the subscription's bounded buffer.
 const MAX_CONCURRENT_REQUESTS: usize = 1024;
 /// Rooms searched for a previous holder: the ring's successors, at most this many.
 const PULL_HOPS: usize = 3;
+/// Rooms remembered as given away, at most; and for how long.
+const MOVED_MAX: usize = 100_000;
+const MOVED_TTL_MS: u64 = 60_000;
 const RTT_INTERVAL: Duration = Duration::from_secs(2);
 
 fn header(kind: u8, epoch: u64, seq: u64) -> [u8; HEADER] {
@@ -147,14 +149,10 @@ struct Interest {
 #[derive(Default)]
 struct InterestState {
     closed: bool,
-    /// Position of the last message delivered to local members.
-    last: Option<(u64, u64)>,
+    /// [`Link::generation`] the order was last checked against.
     generation: u64,
     pending: Vec<PendingJoin>,
-    /// Messages that arrived ahead of a missing one: seq → frame (same epoch as `last`).
-    reorder: BTreeMap<u64, Bytes>,
-    /// When the oldest missing message is given up on.
-    gap_deadline: Option<Instant>,
+    order: RoomOrder,
 }
 
 /// The NATS mesh bus.
@@ -177,6 +175,8 @@ struct Inner {
     view: RwLock<Arc<RingView>>,
     ring_changes: AtomicU64,
     owned: Mutex<HashMap<RoomName, OwnedCell>>,
+    /// Rooms this node gave away recently, and to whom: a late release request is sent on.
+    moved: Mutex<HashMap<RoomName, (Arc<str>, u64)>>,
     /// Rooms being taken over right now (one pull per room at a time).
     claims: Mutex<HashMap<RoomName, Arc<tokio::sync::Mutex<()>>>>,
     interests: Mutex<HashMap<RoomName, Arc<Interest>>>,
@@ -267,6 +267,7 @@ impl MeshBus {
             view: RwLock::new(view),
             ring_changes: AtomicU64::new(0),
             owned: Mutex::new(HashMap::new()),
+            moved: Mutex::new(HashMap::new()),
             claims: Mutex::new(HashMap::new()),
             interests: Mutex::new(HashMap::new()),
             subscribing: tokio::sync::Mutex::new(()),
@@ -358,7 +359,15 @@ impl MeshBus {
             "nats": {
                 "connected": inner.link.connected.load(Ordering::Acquire),
                 "urls": &inner.config.nats_urls,
-                "rtt_seconds": inner.metrics.mesh_nats_rtt.get(),
+                "rtt_seconds_by_region": view
+                    .nodes_per_region()
+                    .keys()
+                    .filter_map(|region| {
+                        let labels = vec![("region", region.to_string())];
+                        let rtt = inner.metrics.mesh_nats_rtt.get(&labels)?;
+                        Some((region.to_string(), rtt.get()))
+                    })
+                    .collect::<std::collections::BTreeMap<_, _>>(),
             },
             "ring": {
                 "version": format!("{:016x}", view.version),
@@ -500,7 +509,9 @@ impl Inner {
                 .get_or_create(&vec![("region", region.to_string())])
                 .set(count as i64);
         }
-        if previous.version != view.version {
+        // While (re)learning the mesh after connecting, the view passes through partial rings
+        // that nobody acts on: not counted.
+        if previous.version != view.version && self.settled() {
             self.ring_changes.fetch_add(1, Ordering::Relaxed);
             self.metrics.mesh_ring_changes.inc();
             let nodes: Vec<&str> = view.ring.nodes().iter().map(|n| &**n).collect();
@@ -560,18 +571,30 @@ impl Inner {
         }
     }
 
+    /// Measures the round trip of a request through NATS to each other node in turn (a ping
+    /// answered at once), per region of the answering node.
     async fn rtt_loop(self: Arc<Self>) {
         let mut ticker = tokio::time::interval(RTT_INTERVAL);
+        let mut turn = 0usize;
         loop {
             ticker.tick().await;
-            if !self.connected() {
+            if !self.settled() {
                 continue;
             }
+            let view = self.view();
+            let peers: Vec<_> = view.nodes.iter().filter(|n| n.id != self.node_id).collect();
+            if peers.is_empty() {
+                continue;
+            }
+            turn = turn.wrapping_add(1);
+            let peer = peers[turn % peers.len()];
             let started = Instant::now();
-            let timeout = Duration::from_millis(self.config.request_timeout_ms);
-            if let Ok(Ok(())) = tokio::time::timeout(timeout, self.nats.flush()).await {
+            if let Ok(reply::Kind::Done(_)) =
+                self.request(&peer.id, request::Kind::Ping(true)).await
+            {
                 self.metrics
                     .mesh_nats_rtt
+                    .get_or_create(&vec![("region", peer.region.to_string())])
                     .set(started.elapsed().as_secs_f64());
             }
         }
@@ -654,6 +677,7 @@ impl Inner {
                 Ok(room) => self.release(&room, &r.to_node).await,
                 Err(_) => reply::Kind::Done(true),
             },
+            request::Kind::Ping(_) => reply::Kind::Done(true),
             request::Kind::Handoff(state) => match parse(&state.room) {
                 Ok(room) => self.take_handoff(room, state),
                 Err(_) => reply::Kind::Done(true),
@@ -708,38 +732,48 @@ impl Inner {
         let generation = self.link.generation();
         let pulled = self.pull(room).await;
         let now = now_ms();
-        let state = match pulled {
-            Some(state) => {
-                self.metrics
-                    .mesh_handoffs
-                    .get_or_create(&[("direction", "in"), ("how", "pulled")])
-                    .inc();
-                owned_from(&state, generation, now)
+        let (cell, fresh) = {
+            let mut owned = self.owned.lock().expect("owned lock poisoned");
+            if let Some(cell) = owned.get(room) {
+                // Pushed here by a draining node while the pull was under way.
+                return Ok(cell.clone());
             }
-            None => {
-                let epoch = self.fresh_epoch();
-                self.metrics.mesh_epochs_started.inc();
-                // Members elsewhere learn the new epoch now, not at the next message.
-                let marker = Bytes::copy_from_slice(&header(KIND_EPOCH, epoch, 0));
-                self.accept(room, KIND_EPOCH, epoch, 0, None);
-                if let Err(error) = self.nats.publish(self.subject_room(room), marker).await {
-                    tracing::debug!(%error, "mesh: epoch marker not sent");
+            let (state, fresh) = match pulled {
+                Some(state) => {
+                    self.metrics
+                        .mesh_handoffs
+                        .get_or_create(&[("direction", "in"), ("how", "pulled")])
+                        .inc();
+                    (owned_from(&state, generation, now), None)
                 }
-                OwnedRoom {
-                    sequencer: Sequencer::new(epoch),
-                    dedupe: Dedupe::default(),
-                    last_active_ms: now,
-                    moved: false,
-                    generation,
+                None => {
+                    let epoch = self.fresh_epoch();
+                    let state = OwnedRoom {
+                        sequencer: Sequencer::new(epoch),
+                        dedupe: Dedupe::default(),
+                        last_active_ms: now,
+                        moved: false,
+                        generation,
+                    };
+                    (state, Some(epoch))
                 }
-            }
+            };
+            let cell = Arc::new(tokio::sync::Mutex::new(state));
+            owned.insert(room.clone(), cell.clone());
+            self.metrics.owned_rooms.inc();
+            (cell, fresh)
         };
-        let cell = Arc::new(tokio::sync::Mutex::new(state));
-        self.owned
-            .lock()
-            .expect("owned lock poisoned")
-            .insert(room.clone(), cell.clone());
-        self.metrics.owned_rooms.inc();
+        if let Some(epoch) = fresh {
+            // Nothing is sequenced in the new epoch before its marker is out, so members
+            // elsewhere learn of it now (EpochChanged), not at the next message.
+            let _sequencing = cell.lock().await;
+            self.metrics.mesh_epochs_started.inc();
+            self.accept(room, epoch, 0, None);
+            let marker = Bytes::copy_from_slice(&header(KIND_EPOCH, epoch, 0));
+            if let Err(error) = self.nats.publish(self.subject_room(room), marker).await {
+                tracing::debug!(%error, "mesh: epoch marker not sent");
+            }
+        }
         Ok(cell)
     }
 
@@ -748,21 +782,36 @@ impl Inner {
     async fn pull(&self, room: &RoomName) -> Option<wire::RoomState> {
         let view = self.view();
         let mut asked: Vec<Arc<str>> = vec![self.node_id.clone()];
-        for _ in 0..PULL_HOPS {
-            let candidate = view
-                .holders
-                .owner_excluding(room.as_str(), |n| asked.iter().any(|a| **a == *n))?
-                .clone();
+        let mut next: Option<Arc<str>> = None;
+        for _ in 0..PULL_HOPS * 2 {
+            let candidate = match next.take() {
+                Some(node) => node,
+                None => view
+                    .holders
+                    .owner_excluding(room.as_str(), |n| asked.iter().any(|a| **a == *n))?
+                    .clone(),
+            };
             let release = request::Kind::Release(wire::Release {
                 room: room.to_string(),
                 to_node: self.node_id.to_string(),
             });
             match self.request(&candidate, release).await {
                 Ok(reply::Kind::State(state)) => return Some(state),
+                Ok(reply::Kind::MovedTo(node)) => {
+                    // Given to `node`; if that is this node, the push has been installed.
+                    if !asked.iter().any(|a| **a == *node) {
+                        next = Some(Arc::from(node.as_str()));
+                    }
+                }
                 Ok(_) => {}
-                Err(reason) => tracing::debug!(%room, %reason, "mesh: hand-off source unreachable"),
+                Err(reason) => {
+                    tracing::debug!(%room, %reason, "mesh: hand-off source unreachable")
+                }
             }
             asked.push(candidate);
+            if next.is_none() && asked.len() > PULL_HOPS {
+                break;
+            }
         }
         None
     }
@@ -776,14 +825,16 @@ impl Inner {
             .get(room)
             .cloned();
         let Some(cell) = cell else {
-            return reply::Kind::Done(true);
+            return self.moved_to(room);
         };
         let mut state = cell.lock().await;
         if state.moved {
-            return reply::Kind::Done(true);
+            // Given to another node while this request waited (a drain's push).
+            return self.moved_to(room);
         }
         state.moved = true;
         self.forget_owned(room, &cell);
+        self.remember_moved(room, to);
         // Everything this node published for the room reaches the NATS server before the new
         // owner can publish the next message.
         let _ = tokio::time::timeout(
@@ -797,6 +848,26 @@ impl Inner {
             .inc();
         tracing::debug!(%room, %to, "mesh: room released");
         reply::Kind::State(export(room, &state))
+    }
+
+    /// Where `room` went, if this node gave it away recently.
+    fn moved_to(&self, room: &RoomName) -> reply::Kind {
+        match self.moved.lock().expect("moved lock poisoned").get(room) {
+            Some((node, _)) => reply::Kind::MovedTo(node.to_string()),
+            None => reply::Kind::Done(true),
+        }
+    }
+
+    fn remember_moved(&self, room: &RoomName, to: &str) {
+        let mut moved = self.moved.lock().expect("moved lock poisoned");
+        if moved.len() >= self.rooms.max_owned_rooms.min(MOVED_MAX) {
+            // Bounded: forget the oldest half (a late puller then starts a new epoch).
+            let mut ages: Vec<u64> = moved.values().map(|(_, at)| *at).collect();
+            ages.sort_unstable();
+            let cut = ages[ages.len() / 2];
+            moved.retain(|_, (_, at)| *at > cut);
+        }
+        moved.insert(room.clone(), (Arc::from(to), now_ms()));
     }
 
     /// Installs a room pushed by a draining node, unless this node already holds it.
@@ -889,13 +960,7 @@ impl Inner {
         }
         let frame = super::local::message_frame(p, epoch, seq, now);
         let bytes = frame.encode_after(&header(KIND_MESSAGE, epoch, seq));
-        let local_deliveries = self.accept(
-            &p.room,
-            KIND_MESSAGE,
-            epoch,
-            seq,
-            Some(bytes.slice(HEADER..)),
-        );
+        let local_deliveries = self.accept(&p.room, epoch, seq, Some(bytes.slice(HEADER..)));
         if let Err(error) = self.nats.publish(self.subject_room(&p.room), bytes).await {
             // Sequenced and delivered here; other nodes' members will see the gap. The client
             // retries with the same id and is answered from the dedupe memory.
@@ -1068,7 +1133,8 @@ impl Inner {
                 .state
                 .lock()
                 .expect("interest lock poisoned")
-                .gap_deadline;
+                .order
+                .gap_deadline();
             let message = tokio::select! {
                 message = subscriber.next() => message,
                 _ = tokio::time::sleep_until(gap_deadline.unwrap_or_else(Instant::now)), if gap_deadline.is_some() => {
@@ -1097,7 +1163,7 @@ impl Inner {
                     self.accept_sync(interest, epoch, seq, token);
                 } else {
                     let frame = (kind == KIND_MESSAGE).then(|| payload.slice(HEADER..));
-                    self.accept_in(interest, kind, epoch, seq, frame);
+                    self.accept_in(interest, epoch, seq, frame);
                 }
             }
             _ => tracing::warn!(room = %interest.room, "mesh: malformed room message ignored"),
@@ -1105,14 +1171,7 @@ impl Inner {
     }
 
     /// Delivers a message sequenced by this node to its local members (if any).
-    fn accept(
-        &self,
-        room: &RoomName,
-        kind: u8,
-        epoch: u64,
-        seq: u64,
-        frame: Option<Bytes>,
-    ) -> usize {
+    fn accept(&self, room: &RoomName, epoch: u64, seq: u64, frame: Option<Bytes>) -> usize {
         let interest = self
             .interests
             .lock()
@@ -1120,154 +1179,92 @@ impl Inner {
             .get(room)
             .cloned();
         match interest {
-            Some(interest) => self.accept_in(&interest, kind, epoch, seq, frame),
+            Some(interest) => self.accept_in(&interest, epoch, seq, frame),
             None => 0,
         }
     }
 
-    /// Delivers `(epoch, seq)` to local members in order: older than delivered → dropped; the
-    /// next one → delivered with whatever it unblocks; further ahead → held until the gap fills
-    /// or its wait ends; a newer epoch → `EpochChanged`, then delivered.
-    fn accept_in(
+    /// Hands `(epoch, seq)` to the room's [`RoomOrder`] under the delivery lock and fans out what
+    /// it releases; returns the sessions reached by message frames.
+    fn accept_in(&self, interest: &Interest, epoch: u64, seq: u64, frame: Option<Bytes>) -> usize {
+        let mut state = interest.state.lock().expect("interest lock poisoned");
+        self.ordered(interest, &mut state, |order, emit| {
+            let wait = Duration::from_millis(self.config.request_timeout_ms / 2);
+            order.accept(epoch, seq, frame, Instant::now(), wait, emit)
+        })
+    }
+
+    /// Runs `step` on the room's order (after noticing a NATS reconnect) and fans its output out
+    /// to the local members; counts stale messages and skipped gaps.
+    fn ordered(
         &self,
         interest: &Interest,
-        kind: u8,
-        epoch: u64,
-        seq: u64,
-        frame: Option<Bytes>,
+        state: &mut InterestState,
+        step: impl FnOnce(&mut RoomOrder, &mut dyn FnMut(Output)) -> crate::cluster::order::Effect,
     ) -> usize {
-        let mut state = interest.state.lock().expect("interest lock poisoned");
-        self.refresh_generation(&mut state);
         let mut delivered = 0;
-        match state.last {
-            None => {
-                state.last = Some((epoch, seq));
-                if let Some(frame) = frame {
-                    delivered += self.hub.deliver(&interest.room, &frame);
-                }
-            }
-            Some((last_epoch, last_seq)) if epoch == last_epoch => {
-                if seq <= last_seq {
-                    if kind == KIND_MESSAGE {
-                        self.metrics.mesh_stale_messages.inc();
-                    }
-                } else if seq == last_seq + 1 || frame.is_none() {
-                    // The next message, or a marker: whatever was held below the marker's
-                    // position came before it (the rest of that gap is not coming).
-                    let later = state.reorder.split_off(&(seq + 1));
-                    for (_, held) in std::mem::replace(&mut state.reorder, later) {
-                        delivered += self.hub.deliver(&interest.room, &held);
-                    }
-                    state.last = Some((epoch, seq));
-                    if let Some(frame) = frame {
-                        delivered += self.hub.deliver(&interest.room, &frame);
-                    }
-                    delivered += self.release_ready(interest, &mut state);
-                } else if let Some(frame) = frame {
-                    if state.reorder.len() >= REORDER_MAX {
-                        delivered += self.flush_reorder(interest, &mut state);
-                        self.metrics.mesh_gaps.inc();
-                    }
-                    state.reorder.insert(seq, frame);
-                    if state.gap_deadline.is_none() {
-                        state.gap_deadline = Some(
-                            Instant::now()
-                                + Duration::from_millis(self.config.request_timeout_ms / 2),
-                        );
-                    }
-                }
-            }
-            Some((last_epoch, last_seq)) if epoch > last_epoch => {
-                delivered += self.flush_reorder(interest, &mut state);
-                let previous_seq = state.last.map_or(last_seq, |l| l.1);
+        let room = &interest.room;
+        let mut emit = |output: Output| match output {
+            Output::Frame(frame) => delivered += self.hub.deliver(room, &frame),
+            Output::EpochChanged {
+                previous_epoch,
+                previous_seq,
+                epoch,
+            } => {
                 let notice = ServerFrame::reply(
                     0,
                     server_frame::Kind::EpochChanged(proto::EpochChanged {
-                        room: interest.room.to_string(),
+                        room: room.to_string(),
                         epoch,
-                        previous_epoch: last_epoch,
+                        previous_epoch,
                         previous_seq,
                     }),
                 );
-                self.hub.deliver(&interest.room, &notice.encode_shared());
-                state.last = Some((epoch, seq));
-                if let Some(frame) = frame {
-                    delivered += self.hub.deliver(&interest.room, &frame);
-                }
+                self.hub.deliver(room, &notice.encode_shared());
             }
-            Some(_) => {
-                self.metrics.mesh_stale_messages.inc();
-            }
-        }
-        delivered
-    }
-
-    /// After a NATS reconnect, positions from before are not a basis for ordering any more.
-    fn refresh_generation(&self, state: &mut InterestState) {
+        };
         let generation = self.link.generation();
         if state.generation != generation {
             state.generation = generation;
-            state.last = None;
-            state.reorder.clear();
-            state.gap_deadline = None;
+            state.order.reconnected(&mut emit);
         }
-    }
-
-    /// Delivers held messages that are now next in line.
-    fn release_ready(&self, interest: &Interest, state: &mut InterestState) -> usize {
-        let mut delivered = 0;
-        while let Some((epoch, last)) = state.last {
-            let Some(frame) = state.reorder.remove(&(last + 1)) else {
-                break;
-            };
-            state.last = Some((epoch, last + 1));
-            delivered += self.hub.deliver(&interest.room, &frame);
+        let effect = step(&mut state.order, &mut emit);
+        if effect.stale {
+            self.metrics.mesh_stale_messages.inc();
         }
-        // Anything at or below the position is a duplicate.
-        if let Some((_, last)) = state.last {
-            state.reorder = state.reorder.split_off(&(last + 1));
+        if effect.gap_skipped {
+            self.metrics.mesh_gaps.inc();
         }
-        if state.reorder.is_empty() {
-            state.gap_deadline = None;
-        }
-        delivered
-    }
-
-    /// Gives up on the missing messages: delivers everything held, in order.
-    fn flush_reorder(&self, interest: &Interest, state: &mut InterestState) -> usize {
-        let mut delivered = 0;
-        let held = std::mem::take(&mut state.reorder);
-        for (seq, frame) in held {
-            if let Some((epoch, _)) = state.last {
-                state.last = Some((epoch, seq));
-            }
-            delivered += self.hub.deliver(&interest.room, &frame);
-        }
-        state.gap_deadline = None;
         delivered
     }
 
     fn skip_gap(&self, interest: &Interest) {
         let mut state = interest.state.lock().expect("interest lock poisoned");
-        if state.gap_deadline.is_some_and(|d| d <= Instant::now()) {
-            self.metrics.mesh_gaps.inc();
-            tracing::debug!(room = %interest.room, "mesh: sequence gap skipped");
-            self.flush_reorder(interest, &mut state);
-        }
+        self.ordered(interest, &mut state, |order, emit| {
+            let skipped = order.skip_gap(Instant::now(), emit);
+            if skipped {
+                tracing::debug!(room = %interest.room, "mesh: sequence gap skipped");
+            }
+            crate::cluster::order::Effect {
+                gap_skipped: skipped,
+                ..Default::default()
+            }
+        });
     }
 
     /// The owner's marker for a joining node: completes the matching pending join exactly at
     /// this point of the room's stream.
     fn accept_sync(&self, interest: &Interest, epoch: u64, seq: u64, token: u64) {
-        // Messages up to the marker's position are before it; the marker moves the position
-        // like an epoch start does.
-        self.accept_in(interest, KIND_SYNC, epoch, seq, None);
         let mut state = interest.state.lock().expect("interest lock poisoned");
+        self.ordered(interest, &mut state, |order, emit| {
+            let wait = Duration::from_millis(self.config.request_timeout_ms / 2);
+            order.accept(epoch, seq, None, Instant::now(), wait, emit)
+        });
         let Some(i) = state.pending.iter().position(|p| p.token == token) else {
             return;
         };
         let pending = state.pending.swap_remove(i);
-        let (epoch, seq) = state.last.unwrap_or((epoch, seq));
+        let (epoch, seq) = state.order.join_at((epoch, seq));
         self.admit(interest, &pending.session, pending.request_id, epoch, seq);
         let _ = pending.done.send(());
     }
@@ -1341,11 +1338,12 @@ impl Inner {
         let (done, mut completed) = oneshot::channel();
         {
             let mut state = interest.state.lock().expect("interest lock poisoned");
-            self.refresh_generation(&mut state);
             if state.closed {
                 return Ok(false);
             }
-            if let Some((epoch, seq)) = state.last {
+            // Position known (and not invalidated by a reconnect): join right here.
+            let generation_current = state.generation == self.link.generation();
+            if let Some((epoch, seq)) = state.order.position().filter(|_| generation_current) {
                 self.admit(interest, session, request_id, epoch, seq);
                 return Ok(true);
             }
@@ -1370,11 +1368,7 @@ impl Inner {
                             let mut state = interest.state.lock().expect("interest lock poisoned");
                             if let Some(i) = state.pending.iter().position(|p| p.token == token) {
                                 let pending = state.pending.swap_remove(i);
-                                let at = match state.last {
-                                    Some(last) if last > (epoch, seq) => last,
-                                    _ => (epoch, seq),
-                                };
-                                state.last = Some(at);
+                                let at = state.order.join_at((epoch, seq));
                                 self.admit(interest, &pending.session, request_id, at.0, at.1);
                             }
                             Step::Done(())
@@ -1480,7 +1474,13 @@ impl Inner {
                     .expect("interests lock poisoned")
                     .get(room)
                     .cloned();
-                interest.and_then(|i| i.state.lock().expect("interest lock poisoned").last)
+                interest.and_then(|i| {
+                    i.state
+                        .lock()
+                        .expect("interest lock poisoned")
+                        .order
+                        .position()
+                })
             });
         RoomInfo {
             room: room.to_string(),
@@ -1493,6 +1493,10 @@ impl Inner {
     /// Drops owner state idle past the TTL (see `LocalBus::sweep`; members on other nodes do
     /// not keep a room's state alive: its next message starts a new epoch, which they are told).
     fn sweep(&self, now_ms: u64) {
+        self.moved
+            .lock()
+            .expect("moved lock poisoned")
+            .retain(|_, (_, at)| now_ms.saturating_sub(*at) < MOVED_TTL_MS);
         let mut owned = self.owned.lock().expect("owned lock poisoned");
         let before = owned.len();
         owned.retain(|room, cell| {
@@ -1532,15 +1536,19 @@ impl Inner {
             let Some(target) = view.ring.owner(room.as_str()).cloned() else {
                 continue;
             };
+            // The push happens under the room's lock, with the room still listed here: a
+            // release request meanwhile waits, then learns where the room went.
             let mut state = cell.lock().await;
             if state.moved {
                 continue;
             }
-            state.moved = true;
-            self.forget_owned(&room, &cell);
+            let timeout = Duration::from_millis(self.config.request_timeout_ms / 2);
+            let _ = tokio::time::timeout(timeout, self.nats.flush()).await;
             let handoff = request::Kind::Handoff(export(&room, &state));
-            drop(state);
             if let Ok(reply::Kind::Done(true)) = self.request(&target, handoff).await {
+                state.moved = true;
+                self.forget_owned(&room, &cell);
+                self.remember_moved(&room, &target);
                 pushed += 1;
                 self.metrics
                     .mesh_handoffs

@@ -17,6 +17,7 @@ use crate::session::SessionHandle;
 pub mod local;
 pub mod membership;
 pub mod mesh;
+pub mod order;
 pub mod ring;
 
 /// A message to be sequenced into a room.
