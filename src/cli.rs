@@ -245,6 +245,13 @@ fn print_event(event: &Event) -> bool {
             eprintln!("token expires at {at} (Unix ms); reconnect with a fresh token");
             false
         }
+        Event::EpochChanged(e) => {
+            eprintln!(
+                "{}: new epoch {} (the previous one ended after seq {}; later messages of it were lost)",
+                e.room, e.epoch, e.previous_seq
+            );
+            false
+        }
         Event::Error(e) => {
             let code = proto::ErrorCode::try_from(e.code).map_or("UNKNOWN", |c| c.as_str_name());
             eprintln!("error {code}: {}", e.message);

@@ -94,6 +94,9 @@ pub enum Event {
     Left(String),
     /// The session's token expires at this Unix millisecond: call [`Client::refresh`].
     TokenExpiring(u64),
+    /// The room's owner changed without a hand-off: its sequence restarts in a new epoch (see
+    /// `EpochChanged` in the protocol).
+    EpochChanged(proto::EpochChanged),
     /// An Error frame that answers no request (e.g. a protocol violation).
     Error(proto::Error),
     /// The connection ended; `code` is the close code (WebSocket close frame, or the WebTransport
@@ -508,6 +511,7 @@ impl Dispatcher {
             Some(server_frame::Kind::TokenExpiring(t)) => Event::TokenExpiring(t.expires_at_ms),
             Some(server_frame::Kind::Left(l)) => Event::Left(l.room),
             Some(server_frame::Kind::Error(e)) => Event::Error(e),
+            Some(server_frame::Kind::EpochChanged(e)) => Event::EpochChanged(e),
             _ => return true,
         };
         self.events.send(event).await.is_ok()

@@ -713,7 +713,9 @@ impl Config {
             return bad("mesh.subject_prefix must be non-empty letters, digits, '-' or '_'");
         }
         if !m.nats_urls.is_empty() && !token_ok(&self.node.id) && !self.node.id.is_empty() {
-            return bad("node.id must be letters, digits, '-' or '_' in a mesh (it is a subject token)");
+            return bad(
+                "node.id must be letters, digits, '-' or '_' in a mesh (it is a subject token)",
+            );
         }
         if m.heartbeat_ms == 0 || m.node_ttl_ms < 2 * m.heartbeat_ms {
             return bad("mesh.node_ttl_ms must be at least twice mesh.heartbeat_ms (> 0)");

@@ -37,6 +37,7 @@ pub fn router(ctx: Arc<NodeContext>) -> Router {
         .route("/api/v1/rooms/{room}", get(room_info))
         .route("/api/v1/users/{user}/disconnect", post(disconnect_user))
         .route("/api/v1/node", get(node_info))
+        .route("/api/v1/cluster", get(cluster))
         .layer(DefaultBodyLimit::max(ctx.config.server.max_body_bytes))
         .with_state(ctx)
 }
@@ -153,6 +154,12 @@ async fn healthz() -> &'static str {
 async fn readyz(State(ctx): State<Arc<NodeContext>>) -> Response {
     if ctx.is_draining() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
+    } else if !ctx.bus.is_ready() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not connected to the mesh (NATS) or still learning its nodes\n",
+        )
+            .into_response()
     } else {
         "ready\n".into_response()
     }
@@ -310,10 +317,36 @@ async fn node_info(State(ctx): State<Arc<NodeContext>>, _key: ApiKey) -> Json<se
     Json(json!({
         "node_id": &*ctx.node_id,
         "region": ctx.config.node.region,
-        "mode": "standalone",
+        "mode": match ctx.bus {
+            crate::cluster::Bus::Standalone(_) => "standalone",
+            crate::cluster::Bus::Mesh(_) => "mesh",
+        },
         "draining": ctx.is_draining(),
         "sessions": ctx.hub.member_count(&RoomName::broadcast()),
         "local_rooms": ctx.metrics.local_rooms.get(),
         "owned_rooms": ctx.metrics.owned_rooms.get(),
     }))
+}
+
+#[derive(Deserialize)]
+struct ClusterQuery {
+    room: Option<String>,
+}
+
+/// `GET /api/v1/cluster[?room=NAME]`: the live nodes, the ring version, and the owner of a room.
+async fn cluster(
+    State(ctx): State<Arc<NodeContext>>,
+    _key: ApiKey,
+    Query(query): Query<ClusterQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let room = query
+        .room
+        .map(|room| RoomName::parse_any(&room, ctx.config.rooms.max_name_bytes))
+        .transpose()
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string()))?;
+    Ok(Json(ctx.bus.status(
+        &ctx.node_id,
+        &ctx.config.node.region,
+        room.as_ref(),
+    )))
 }

@@ -8,6 +8,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 type Labels = [(&'static str, &'static str); 1];
+/// Labels whose values are only known at run time (node ids, regions).
+pub type OwnedLabels = Vec<(&'static str, String)>;
 
 /// Every metric the node exports, registered under the `roomwire_` prefix.
 pub struct Metrics {
@@ -55,6 +57,34 @@ pub struct Metrics {
     pub auth_failures: Family<Labels, Counter>,
     /// Publishes acknowledged as duplicates of an earlier (publisher, client_msg_id).
     pub duplicate_publishes: Counter,
+    /// Always 1, labelled with this node's id and region (join other series on it).
+    pub node_info: Family<OwnedLabels, Gauge>,
+    /// 1 while the mesh's NATS connection is up (mesh mode only).
+    pub mesh_connected: Gauge,
+    /// Active nodes in this node's view of the ring, by region.
+    pub mesh_nodes: Family<OwnedLabels, Gauge>,
+    /// Times this node's view of the ring changed.
+    pub mesh_ring_changes: Counter,
+    /// Publishes this node sent to another node, the room's owner.
+    pub mesh_forwarded_publishes: Counter,
+    /// "Not owner" answers (the ring was changing) after which the publish or join re-routed.
+    pub mesh_not_owner: Counter,
+    /// Requests to an owner that did not answer (down, unreachable, timed out) and re-routed.
+    pub mesh_unreachable: Counter,
+    /// Round-trip time to the NATS server, seconds (a PING/PONG every few heartbeats).
+    pub mesh_nats_rtt: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Room states handed between nodes, by `direction` (in, out) and `how` (pulled, pushed).
+    pub mesh_handoffs: Family<[(&'static str, &'static str); 2], Counter>,
+    /// New epochs this node started as owner because no previous state was found.
+    pub mesh_epochs_started: Counter,
+    /// Sequence gaps given up on: a message missing for the reorder wait was skipped.
+    pub mesh_gaps: Counter,
+    /// Messages received from the mesh older than what was already delivered, dropped.
+    pub mesh_stale_messages: Counter,
+    /// NATS reported a subscription that could not keep up (messages were dropped).
+    pub mesh_slow_subscriptions: Counter,
+    /// Rooms this node is subscribed to in the mesh (it has local members).
+    pub mesh_subscribed_rooms: Gauge,
 }
 
 impl Default for Metrics {
@@ -198,6 +228,72 @@ impl Metrics {
                 "duplicate_publishes",
                 "Retried publishes answered with the original sequence",
                 Counter::default()
+            ),
+            node_info: reg!("node_info", "This node's id and region", Family::default()),
+            mesh_connected: reg!(
+                "mesh_connected",
+                "1 while connected to NATS",
+                Gauge::default()
+            ),
+            mesh_nodes: reg!(
+                "mesh_nodes",
+                "Active nodes in the ring, by region",
+                Family::default()
+            ),
+            mesh_ring_changes: reg!(
+                "mesh_ring_changes",
+                "Changes of this node's view of the ring",
+                Counter::default()
+            ),
+            mesh_forwarded_publishes: reg!(
+                "mesh_forwarded_publishes",
+                "Publishes forwarded to the room's owner",
+                Counter::default()
+            ),
+            mesh_not_owner: reg!(
+                "mesh_not_owner",
+                "Not-owner answers that made a request re-route",
+                Counter::default()
+            ),
+            mesh_unreachable: reg!(
+                "mesh_unreachable",
+                "Owner requests that got no answer and re-routed",
+                Counter::default()
+            ),
+            mesh_nats_rtt: reg!(
+                "mesh_nats_rtt_seconds",
+                "Round-trip time to the NATS server",
+                Gauge::default()
+            ),
+            mesh_handoffs: reg!(
+                "mesh_handoffs",
+                "Room states handed between nodes",
+                Family::default()
+            ),
+            mesh_epochs_started: reg!(
+                "mesh_epochs_started",
+                "New epochs started because no previous owner state was found",
+                Counter::default()
+            ),
+            mesh_gaps: reg!(
+                "mesh_gaps",
+                "Missing messages skipped after the reorder wait",
+                Counter::default()
+            ),
+            mesh_stale_messages: reg!(
+                "mesh_stale_messages",
+                "Mesh messages older than what was delivered, dropped",
+                Counter::default()
+            ),
+            mesh_slow_subscriptions: reg!(
+                "mesh_slow_subscriptions",
+                "Slow-consumer events of mesh subscriptions",
+                Counter::default()
+            ),
+            mesh_subscribed_rooms: reg!(
+                "mesh_subscribed_rooms",
+                "Rooms subscribed in the mesh",
+                Gauge::default()
             ),
             registry,
             frames_in_by_kind: Default::default(),

@@ -24,6 +24,7 @@ use tower::ServiceExt as _;
 use crate::auth::{AuthError, Authenticator, Principal};
 use crate::cluster::Bus;
 use crate::cluster::local::LocalBus;
+use crate::cluster::mesh::MeshBus;
 use crate::config::Config;
 use crate::fanout::Hub;
 use crate::limits::{IpGate, IpSlot};
@@ -154,7 +155,22 @@ impl Node {
         let services = Services::from_config(&config.tls)?;
         let metrics = Arc::new(Metrics::new());
         let hub = Arc::new(Hub::new(metrics.clone()));
-        let bus = Bus::Standalone(LocalBus::new(hub.clone(), metrics.clone(), &config.rooms));
+        metrics
+            .node_info
+            .get_or_create(&vec![
+                ("node", node_id.to_string()),
+                ("region", config.node.region.clone()),
+            ])
+            .set(1);
+        let bus = if config.mesh.nats_urls.is_empty() {
+            Bus::Standalone(LocalBus::new(hub.clone(), metrics.clone(), &config.rooms))
+        } else {
+            Bus::Mesh(
+                MeshBus::start(&config, node_id.clone(), hub.clone(), metrics.clone())
+                    .await
+                    .context("joining the mesh")?,
+            )
+        };
         let ctx = Arc::new(NodeContext {
             config,
             node_id,
@@ -270,6 +286,9 @@ impl Node {
 async fn drain(ctx: &Arc<NodeContext>) {
     tracing::info!("draining: telling sessions to reconnect elsewhere");
     ctx.draining.store(true, Ordering::Relaxed);
+    // Rooms move to their next owners first, so the sessions' last publishes are sequenced
+    // there and nothing is sequenced here after the hand-off.
+    ctx.bus.drain().await;
     ctx.shutdown.cancel();
     let sessions = ctx.hub.members(&RoomName::broadcast());
     for session in &sessions {
@@ -287,6 +306,7 @@ async fn drain(ctx: &Arc<NodeContext>) {
     } else {
         tracing::info!(sessions = sessions.len(), "drained");
     }
+    ctx.bus.shut_down().await;
 }
 
 async fn accept_loop(

@@ -11,6 +11,12 @@ mod generated {
 
 pub use generated::*;
 
+/// Node-to-node messages of the NATS mesh (`proto/roomwire/mesh/v1/mesh.proto`); internal.
+#[allow(clippy::all, missing_docs)]
+pub mod mesh {
+    include!(concat!(env!("OUT_DIR"), "/roomwire.mesh.v1.rs"));
+}
+
 /// The WebSocket subprotocol a client asks for (`Sec-WebSocket-Protocol`).
 pub const WS_SUBPROTOCOL: &str = "roomwire.v1";
 
@@ -18,6 +24,16 @@ impl ServerFrame {
     /// Encodes the frame once into shared bytes; every receiver of a fan-out gets a clone of them.
     pub fn encode_shared(&self) -> Bytes {
         Bytes::from(self.encode_to_vec())
+    }
+
+    /// Encodes `header` followed by the frame into one buffer (the mesh's room subject carries a
+    /// small header before the frame); `bytes.slice(header.len()..)` is the encoded frame, so the
+    /// owner's local fan-out and its one NATS publish share a single encoding.
+    pub fn encode_after(&self, header: &[u8]) -> Bytes {
+        let mut buf = Vec::with_capacity(header.len() + self.encoded_len());
+        buf.extend_from_slice(header);
+        self.encode(&mut buf).expect("a Vec grows as needed");
+        Bytes::from(buf)
     }
 
     pub fn reply(request_id: u64, kind: server_frame::Kind) -> Self {

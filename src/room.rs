@@ -116,6 +116,11 @@ impl Sequencer {
         Self { epoch, last_seq: 0 }
     }
 
+    /// Continues a room handed over by its previous owner at the position it reached.
+    pub fn resume(epoch: u64, last_seq: u64) -> Self {
+        Self { epoch, last_seq }
+    }
+
     /// Assigns the next position; sequence numbers start at 1 and grow by one.
     pub fn assign(&mut self) -> (u64, u64) {
         self.last_seq += 1;
@@ -183,6 +188,15 @@ impl Dedupe {
         self.seen
             .get(&(publisher.clone(), client_msg_id.to_string()))
             .copied()
+    }
+
+    /// The remembered pairs as (publisher, client_msg_id, seq, recorded at), oldest first: what a
+    /// graceful hand-off carries to the room's next owner.
+    pub fn entries(&self) -> impl Iterator<Item = (&Arc<str>, &str, u64, u64)> {
+        self.order.iter().filter_map(|((publisher, id), at)| {
+            let seq = *self.seen.get(&(publisher.clone(), id.clone()))?;
+            Some((publisher, id.as_str(), seq, *at))
+        })
     }
 
     pub fn record(

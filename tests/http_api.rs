@@ -211,7 +211,8 @@ async fn graceful_shutdown_sends_goaway_flushes_and_closes_every_session_with_10
                     other @ (Event::Error(_)
                     | Event::TokenExpiring(_)
                     | Event::Left(_)
-                    | Event::Datagram(_)),
+                    | Event::Datagram(_)
+                    | Event::EpochChanged(_)),
                 ) => {
                     panic!("unexpected {other:?}")
                 }

@@ -193,7 +193,7 @@ impl LocalBus {
     }
 }
 
-fn message_frame(p: &Publication, epoch: u64, seq: u64, now: u64) -> ServerFrame {
+pub(crate) fn message_frame(p: &Publication, epoch: u64, seq: u64, now: u64) -> ServerFrame {
     ServerFrame::reply(
         0,
         server_frame::Kind::Message(proto::Message {

@@ -3,7 +3,8 @@
 //! [`Bus`] is the interface between sessions and the room owners. Every room has exactly one
 //! owner, which assigns `(epoch, seq)` and then fans the encoded message out to every node with
 //! members. Standalone (no NATS configured), this node owns every room and the "mesh" is the
-//! in-process [`local::LocalBus`]; the NATS mesh implements the same operations across nodes.
+//! in-process [`local::LocalBus`]; the NATS mesh ([`mesh::MeshBus`], membership in
+//! [`membership`], owners from [`ring`]) implements the same operations across nodes.
 
 use std::sync::Arc;
 
@@ -14,6 +15,8 @@ use crate::room::RoomName;
 use crate::session::SessionHandle;
 
 pub mod local;
+pub mod membership;
+pub mod mesh;
 pub mod ring;
 
 /// A message to be sequenced into a room.
@@ -66,6 +69,7 @@ impl BusError {
 /// The routing layer of a node: standalone now, NATS mesh when configured.
 pub enum Bus {
     Standalone(local::LocalBus),
+    Mesh(mesh::MeshBus),
 }
 
 impl Bus {
@@ -73,6 +77,7 @@ impl Bus {
     pub async fn publish(&self, publication: Publication) -> Result<Sequenced, BusError> {
         match self {
             Bus::Standalone(bus) => bus.publish(publication),
+            Bus::Mesh(bus) => bus.publish(publication).await,
         }
     }
 
@@ -83,6 +88,7 @@ impl Bus {
     ) -> crate::fanout::UnreliableReport {
         match self {
             Bus::Standalone(bus) => bus.publish_unreliable(publication),
+            Bus::Mesh(bus) => bus.publish_unreliable(publication).await,
         }
     }
 
@@ -96,18 +102,21 @@ impl Bus {
     ) -> Result<(), BusError> {
         match self {
             Bus::Standalone(bus) => bus.join(room, session, request_id),
+            Bus::Mesh(bus) => bus.join(room, session, request_id).await,
         }
     }
 
     pub async fn leave(&self, room: &RoomName, session: &Arc<SessionHandle>) {
         match self {
             Bus::Standalone(bus) => bus.leave(room, session),
+            Bus::Mesh(bus) => bus.leave(room, session),
         }
     }
 
     pub async fn room_info(&self, room: &RoomName) -> RoomInfo {
         match self {
             Bus::Standalone(bus) => bus.room_info(room),
+            Bus::Mesh(bus) => bus.room_info(room),
         }
     }
 
@@ -115,6 +124,53 @@ impl Bus {
     pub fn sweep(&self, now_ms: u64) {
         match self {
             Bus::Standalone(bus) => bus.sweep(now_ms),
+            Bus::Mesh(bus) => bus.sweep(now_ms),
+        }
+    }
+
+    /// Ready to serve: always standalone; in the mesh, connected to NATS, settled, not draining.
+    pub fn is_ready(&self) -> bool {
+        match self {
+            Bus::Standalone(_) => true,
+            Bus::Mesh(bus) => bus.is_ready(),
+        }
+    }
+
+    /// First step of a graceful shutdown: leave the ring and hand the owned rooms over.
+    pub async fn drain(&self) {
+        if let Bus::Mesh(bus) = self {
+            bus.drain().await
+        }
+    }
+
+    /// Last step of a graceful shutdown, after the sessions have gone.
+    pub async fn shut_down(&self) {
+        if let Bus::Mesh(bus) = self {
+            bus.leave_mesh().await
+        }
+    }
+
+    /// The cluster status (`/api/v1/cluster`), with the owner of `room` when given.
+    pub fn status(
+        &self,
+        node_id: &str,
+        region: &str,
+        room: Option<&RoomName>,
+    ) -> serde_json::Value {
+        match self {
+            Bus::Mesh(bus) => bus.status(room),
+            Bus::Standalone(_) => {
+                let mut status = serde_json::json!({
+                    "mode": "standalone",
+                    "node": {"id": node_id, "region": region},
+                    "ready": true,
+                    "ring": {"nodes": [{"id": node_id, "region": region, "state": "active"}]},
+                });
+                if let Some(room) = room {
+                    status["owner"] = serde_json::json!({"room": room.as_str(), "node": node_id, "region": region});
+                }
+                status
+            }
         }
     }
 }

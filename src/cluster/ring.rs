@@ -56,6 +56,20 @@ impl Ring {
         Some(&self.nodes[node as usize])
     }
 
+    /// The owner of `room` on this ring with the nodes `skip` accepts removed: the node that
+    /// owned it before those nodes joined (consistent hashing moves a room only to the node whose
+    /// point now comes first). Where a room's previous owner is found during a hand-off.
+    pub fn owner_excluding(&self, room: &str, skip: impl Fn(&str) -> bool) -> Option<&Arc<str>> {
+        if self.points.is_empty() {
+            return None;
+        }
+        let hash = xxh3_64(room.as_bytes());
+        let start = self.points.partition_point(|(point, _)| *point < hash);
+        (0..self.points.len())
+            .map(|k| &self.nodes[self.points[(start + k) % self.points.len()].1 as usize])
+            .find(|node| !skip(node))
+    }
+
     /// The node ids, sorted.
     pub fn nodes(&self) -> &[Arc<str>] {
         &self.nodes
@@ -63,6 +77,26 @@ impl Ring {
 
     pub fn is_empty(&self) -> bool {
         self.nodes.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod owner_excluding_tests {
+    use super::*;
+
+    #[test]
+    fn excluding_a_node_gives_the_owner_of_the_ring_without_it() {
+        let all = Ring::new(["a", "b", "c", "d"], 64);
+        let without_d = Ring::new(["a", "b", "c"], 64);
+        for i in 0..2_000 {
+            let room = format!("room-{i}");
+            assert_eq!(
+                all.owner_excluding(&room, |n| n == "d"),
+                without_d.owner(&room),
+                "{room}"
+            );
+        }
+        assert_eq!(all.owner_excluding("x", |_| true), None);
     }
 }
 

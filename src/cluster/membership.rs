@@ -1,0 +1,285 @@
+//! Who is alive in the mesh: heartbeats on `<prefix>.node.heartbeat`, and the ring built from
+//! them. Pure state plus a clock passed in, so the rules are tested without NATS; the mesh
+//! publishes and receives the heartbeats.
+//!
+//! Each node publishes a [`Heartbeat`] every `heartbeat_ms` and drops a peer not heard from for
+//! `node_ttl_ms`. A node that sees a peer it did not know answers with its own heartbeat at
+//! once, so a newcomer learns the whole mesh within one round trip instead of one period.
+//! Draining nodes stay known (they still answer hand-off requests) but leave the active ring;
+//! a node that has finished says `leaving` and is dropped at once.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::cluster::ring::Ring;
+
+/// A node's life cycle as its heartbeats announce it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeState {
+    /// Owns its share of the ring.
+    Active,
+    /// Shutting down: owns nothing, hands its rooms over, still answers requests.
+    Draining,
+    /// Gone; drop it now.
+    Leaving,
+}
+
+/// What a node announces, as JSON (small, rare, and readable with `nats sub`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub id: String,
+    pub region: String,
+    pub state: NodeState,
+    /// Unix milliseconds the process started: a restarted node with the same id is a new
+    /// incarnation (its rooms' state is gone).
+    pub started_ms: u64,
+}
+
+#[derive(Debug, Clone)]
+struct Peer {
+    region: Arc<str>,
+    state: NodeState,
+    started_ms: u64,
+    last_seen_ms: u64,
+}
+
+/// One node as the status API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeView {
+    pub id: Arc<str>,
+    pub region: Arc<str>,
+    pub state: NodeState,
+    /// Milliseconds since its last heartbeat (0 for this node).
+    pub last_seen_ms_ago: u64,
+}
+
+/// An immutable snapshot of the mesh: the active ring, and the ring that also counts draining
+/// nodes (where a room's state may still be).
+#[derive(Debug, Clone)]
+pub struct RingView {
+    /// Owners: the active nodes.
+    pub ring: Ring,
+    /// Active and draining nodes: where to look for a room's current state.
+    pub holders: Ring,
+    /// xxh3 of the sorted active ids: equal on every node that sees the same set.
+    pub version: u64,
+    pub nodes: Vec<NodeView>,
+    regions: HashMap<Arc<str>, Arc<str>>,
+}
+
+impl RingView {
+    pub fn region_of(&self, node: &str) -> Option<&Arc<str>> {
+        self.regions.get(node)
+    }
+
+    /// Active nodes per region.
+    pub fn nodes_per_region(&self) -> BTreeMap<Arc<str>, usize> {
+        let mut counts = BTreeMap::new();
+        for node in self.nodes.iter().filter(|n| n.state == NodeState::Active) {
+            *counts.entry(node.region.clone()).or_insert(0) += 1;
+        }
+        counts
+    }
+}
+
+/// What a received heartbeat changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seen {
+    /// A node this one did not know (or a new incarnation of one): answer with a heartbeat.
+    New,
+    /// A known node changed state.
+    Changed,
+    Unchanged,
+}
+
+/// The live nodes as this node knows them.
+pub struct Membership {
+    self_id: Arc<str>,
+    self_region: Arc<str>,
+    vnodes: u32,
+    ttl_ms: u64,
+    self_state: NodeState,
+    peers: HashMap<Arc<str>, Peer>,
+}
+
+impl Membership {
+    pub fn new(self_id: Arc<str>, self_region: Arc<str>, vnodes: u32, ttl_ms: u64) -> Self {
+        Self {
+            self_id,
+            self_region,
+            vnodes,
+            ttl_ms,
+            self_state: NodeState::Active,
+            peers: HashMap::new(),
+        }
+    }
+
+    pub fn set_self_state(&mut self, state: NodeState) {
+        self.self_state = state;
+    }
+
+    /// Records a heartbeat received at `now_ms`. This node's own heartbeats are ignored.
+    pub fn observe(&mut self, beat: &Heartbeat, now_ms: u64) -> Seen {
+        if *beat.id == *self.self_id {
+            return Seen::Unchanged;
+        }
+        if beat.state == NodeState::Leaving {
+            return match self.peers.remove(beat.id.as_str()) {
+                Some(_) => Seen::Changed,
+                None => Seen::Unchanged,
+            };
+        }
+        match self.peers.get_mut(beat.id.as_str()) {
+            Some(peer) if peer.started_ms == beat.started_ms => {
+                peer.last_seen_ms = now_ms;
+                if peer.state != beat.state {
+                    peer.state = beat.state;
+                    Seen::Changed
+                } else {
+                    Seen::Unchanged
+                }
+            }
+            _ => {
+                self.peers.insert(
+                    Arc::from(beat.id.as_str()),
+                    Peer {
+                        region: Arc::from(beat.region.as_str()),
+                        state: beat.state,
+                        started_ms: beat.started_ms,
+                        last_seen_ms: now_ms,
+                    },
+                );
+                Seen::New
+            }
+        }
+    }
+
+    /// Drops peers silent for longer than the TTL; true when any was dropped.
+    pub fn expire(&mut self, now_ms: u64) -> bool {
+        let before = self.peers.len();
+        let ttl = self.ttl_ms;
+        self.peers
+            .retain(|_, peer| now_ms.saturating_sub(peer.last_seen_ms) <= ttl);
+        self.peers.len() != before
+    }
+
+    /// Forgets every peer (the NATS connection was lost: nothing heard is current any more).
+    pub fn forget_peers(&mut self) {
+        self.peers.clear();
+    }
+
+    /// The current snapshot.
+    pub fn view(&self, now_ms: u64) -> RingView {
+        let mut nodes = vec![NodeView {
+            id: self.self_id.clone(),
+            region: self.self_region.clone(),
+            state: self.self_state,
+            last_seen_ms_ago: 0,
+        }];
+        nodes.extend(self.peers.iter().map(|(id, peer)| NodeView {
+            id: id.clone(),
+            region: peer.region.clone(),
+            state: peer.state,
+            last_seen_ms_ago: now_ms.saturating_sub(peer.last_seen_ms),
+        }));
+        nodes.sort_by(|a, b| a.id.cmp(&b.id));
+        let active: Vec<&str> = nodes
+            .iter()
+            .filter(|n| n.state == NodeState::Active)
+            .map(|n| &*n.id)
+            .collect();
+        let version = xxh3_64(active.join("\n").as_bytes());
+        RingView {
+            ring: Ring::new(active.iter().copied(), self.vnodes),
+            holders: Ring::new(nodes.iter().map(|n| &*n.id), self.vnodes),
+            version,
+            regions: nodes
+                .iter()
+                .map(|n| (n.id.clone(), n.region.clone()))
+                .collect(),
+            nodes,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn beat(id: &str, state: NodeState, started_ms: u64) -> Heartbeat {
+        Heartbeat {
+            id: id.into(),
+            region: "eu".into(),
+            state,
+            started_ms,
+        }
+    }
+
+    fn members() -> Membership {
+        Membership::new("a".into(), "eu".into(), 16, 1_000)
+    }
+
+    #[test]
+    fn peers_join_the_ring_and_expire_after_the_ttl() {
+        let mut m = members();
+        assert_eq!(m.observe(&beat("b", NodeState::Active, 1), 0), Seen::New);
+        assert_eq!(
+            m.observe(&beat("b", NodeState::Active, 1), 500),
+            Seen::Unchanged
+        );
+        assert_eq!(m.view(500).ring.nodes().len(), 2);
+        assert!(!m.expire(1_500), "heard 1000 ms ago: still alive");
+        assert!(m.expire(1_501));
+        assert_eq!(m.view(1_501).ring.nodes().len(), 1);
+    }
+
+    #[test]
+    fn draining_nodes_hold_but_do_not_own_and_leaving_nodes_go_at_once() {
+        let mut m = members();
+        m.observe(&beat("b", NodeState::Active, 1), 0);
+        assert_eq!(
+            m.observe(&beat("b", NodeState::Draining, 1), 10),
+            Seen::Changed
+        );
+        let view = m.view(10);
+        assert_eq!(view.ring.nodes().len(), 1);
+        assert_eq!(view.holders.nodes().len(), 2);
+        assert_eq!(
+            m.observe(&beat("b", NodeState::Leaving, 1), 20),
+            Seen::Changed
+        );
+        assert_eq!(m.view(20).holders.nodes().len(), 1);
+    }
+
+    #[test]
+    fn a_restarted_node_is_a_new_incarnation() {
+        let mut m = members();
+        m.observe(&beat("b", NodeState::Active, 1), 0);
+        assert_eq!(m.observe(&beat("b", NodeState::Active, 2), 5), Seen::New);
+    }
+
+    #[test]
+    fn the_version_is_the_same_for_the_same_active_set() {
+        let mut a = members();
+        let mut b = Membership::new("b".into(), "us".into(), 16, 1_000);
+        a.observe(&beat("b", NodeState::Active, 1), 0);
+        b.observe(&beat("a", NodeState::Active, 1), 0);
+        assert_eq!(a.view(0).version, b.view(0).version);
+        a.set_self_state(NodeState::Draining);
+        assert_ne!(a.view(0).version, b.view(0).version);
+    }
+
+    #[test]
+    fn own_heartbeats_are_ignored() {
+        let mut m = members();
+        assert_eq!(
+            m.observe(&beat("a", NodeState::Active, 1), 0),
+            Seen::Unchanged
+        );
+        assert_eq!(m.view(0).nodes.len(), 1);
+    }
+}
