@@ -307,10 +307,24 @@ impl NodeProcess {
 impl Drop for NodeProcess {
     fn drop(&mut self) {
         if std::thread::panicking() {
+            // The whole log (as far as kept) goes to a file named after the test.
+            let test = std::thread::current()
+                .name()
+                .unwrap_or("test")
+                .replace("::", "-");
+            let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("node-logs");
+            let path = dir.join(format!("{test}-{}.log", self.id));
+            let saved = std::fs::create_dir_all(&dir)
+                .and_then(|()| std::fs::write(&path, self.log_tail(LOG_LINES) + "\n"));
             eprintln!(
-                "---- node {} ({}) log (tail) ----\n{}",
+                "---- node {} ({}) log (tail; all of it in {}) ----\n{}",
                 self.id,
                 self.region,
+                if saved.is_ok() {
+                    path.display().to_string()
+                } else {
+                    "no file".into()
+                },
                 self.log_tail(40)
             );
         }
