@@ -308,9 +308,22 @@ async fn disconnect_user(
     for session in &sessions {
         session.close(CloseReason::Disconnected);
     }
-    Ok(Json(
-        json!({ "user": user, "disconnected": sessions.len() }),
-    ))
+    let other_nodes_told = ctx
+        .bus
+        .disconnect_user_elsewhere(&user)
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                e.to_string(),
+            )
+        })?;
+    Ok(Json(json!({
+        "user": user,
+        "disconnected": sessions.len(),
+        "other_nodes_told": other_nodes_told,
+    })))
 }
 
 async fn node_info(State(ctx): State<Arc<NodeContext>>, _key: ApiKey) -> Json<serde_json::Value> {

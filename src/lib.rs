@@ -17,7 +17,8 @@
 //! - [`session`]: one connection's life cycle, its reader and writer tasks, the bounded send queue
 //!   and the slow-consumer policy.
 //! - [`room`]: validated room names and the owner's sequencer (epoch, seq).
-//! - [`cluster`]: the routing interface to room owners; standalone in-process today.
+//! - [`cluster`]: the routing interface to room owners: standalone in-process, or the NATS mesh
+//!   (heartbeat membership, consistent-hash ring, forwarding, hand-off; docs/CLUSTER.md).
 //! - [`fanout`]: local membership and the encode-once push of a frame to every member's queue.
 //! - [`http`]: health, readiness, metrics and the server API, on the WebSocket port.
 //! - [`metrics`]: the Prometheus registry.

@@ -280,8 +280,10 @@ export class RoomwireClient {
   }
 
   /**
-   * cb({ room, fromSeq, toSeq, epochChanged }) when a reconnect skipped messages of a joined room:
-   * the node does not replay them yet (history is a later feature), so the application can refetch.
+   * cb({ room, fromSeq, toSeq, epochChanged }) when messages of a joined room were skipped: on a
+   * reconnect, or when the room's owner in a mesh crashed and the room restarted in a new epoch
+   * (`toSeq` null: an unknown number). The node does not replay them yet (history is a later
+   * feature), so the application can refetch.
    */
   onGap(cb) {
     this.listeners.gap.push(cb);
@@ -437,6 +439,22 @@ export class RoomwireClient {
           this.rooms.set(message.room, { epoch: message.epoch, seq: message.seq });
         }
         this.emit('message', message, { unreliable: message.seq === 0, datagram, transport: this.transport });
+        break;
+      }
+      case 'epochChanged': {
+        // The room's owner crashed and a new one restarted the room's sequence: whatever of the
+        // old epoch after previousSeq this client did not get is not coming.
+        const e = frame.epochChanged;
+        const last = this.rooms.get(e.room);
+        if (last) {
+          this.emit('gap', {
+            room: e.room,
+            fromSeq: Math.min(last.seq, Number(e.previousSeq)) + 1,
+            toSeq: null,
+            epochChanged: true,
+          });
+          this.rooms.set(e.room, { epoch: Number(e.epoch), seq: 0 });
+        }
         break;
       }
       case 'goAway':

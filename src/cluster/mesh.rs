@@ -280,6 +280,8 @@ impl MeshBus {
             .nats
             .subscribe(inner.subject_requests(&inner.node_id))
             .await?;
+        let control = inner.nats.subscribe(inner.subject_disconnect()).await?;
+        tokio::spawn(inner.clone().disconnect_loop(control));
         tokio::spawn(inner.clone().heartbeat_loop(heartbeats));
         tokio::spawn(inner.clone().request_loop(requests));
         tokio::spawn(inner.clone().rtt_loop());
@@ -331,6 +333,20 @@ impl MeshBus {
         self.inner.leave_mesh().await
     }
 
+    /// Tells every other node to close the sessions of `user` (this node closes its own).
+    pub async fn disconnect_user_elsewhere(&self, user: &str) -> Result<(), BusError> {
+        let inner = &self.inner;
+        inner.check_link()?;
+        inner
+            .nats
+            .publish(
+                inner.subject_disconnect(),
+                Bytes::copy_from_slice(user.as_bytes()),
+            )
+            .await
+            .map_err(|e| BusError::Unavailable(format!("mesh publish failed: {e}")))
+    }
+
     /// The cluster as `/api/v1/cluster` shows it.
     pub fn status(&self, room: Option<&RoomName>) -> serde_json::Value {
         let inner = &self.inner;
@@ -371,6 +387,32 @@ impl Inner {
 
     fn subject_requests(&self, node: &str) -> String {
         format!("{}.req.{node}", self.prefix)
+    }
+
+    fn subject_disconnect(&self) -> String {
+        format!("{}.ctl.disconnect", self.prefix)
+    }
+
+    /// Closes this node's sessions of the users other nodes were asked to disconnect.
+    async fn disconnect_loop(self: Arc<Self>, mut requests: async_nats::Subscriber) {
+        while let Some(message) = requests.next().await {
+            let Ok(user) = std::str::from_utf8(&message.payload) else {
+                continue;
+            };
+            if !crate::session::is_valid_user_id(user) {
+                tracing::warn!("mesh: disconnect request with an invalid user id ignored");
+                continue;
+            }
+            let sessions = self.hub.members(&RoomName::for_user(user));
+            for session in &sessions {
+                session.close(crate::session::CloseReason::Disconnected);
+            }
+            tracing::info!(
+                user,
+                sessions = sessions.len(),
+                "mesh: user disconnected on request"
+            );
+        }
     }
 
     fn subject_room(&self, room: &RoomName) -> String {

@@ -150,6 +150,14 @@ impl Bus {
         }
     }
 
+    /// Asks the other nodes of the mesh to close the sessions of `user`; `Ok(false)` standalone.
+    pub async fn disconnect_user_elsewhere(&self, user: &str) -> Result<bool, BusError> {
+        match self {
+            Bus::Standalone(_) => Ok(false),
+            Bus::Mesh(bus) => bus.disconnect_user_elsewhere(user).await.map(|()| true),
+        }
+    }
+
     /// The cluster status (`/api/v1/cluster`), with the owner of `room` when given.
     pub fn status(
         &self,
