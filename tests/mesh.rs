@@ -441,10 +441,13 @@ async fn two_regions_every_member_sees_every_message_in_one_order() {
 
     // One publisher per node, all at once, 100 messages each; a steady mesh refuses none.
     const EACH: usize = 100;
-    let mut publishers = Vec::new();
+    let mut clients = Vec::new();
     for node in &nodes {
-        let client = node.client(&format!("pub-{}", node.id)).await;
         let label = format!("pub-{}", node.id);
+        clients.push((node.client(&label).await, label));
+    }
+    let mut publishers = Vec::new();
+    for (client, label) in clients {
         publishers.push(tokio::spawn(async move {
             let mut sent = Vec::new();
             for k in 0..EACH {
@@ -474,12 +477,7 @@ async fn two_regions_every_member_sees_every_message_in_one_order() {
     let member_refs: Vec<&Member> = members.iter().collect();
     wait_received(&member_refs, &sent).await;
     let reference = members[0].received();
-    assert_eq!(
-        reference.len(),
-        3 * EACH,
-        "{}: {reference:?}",
-        members[0].label
-    );
+    assert_eq!(reference.len(), 3 * EACH, "{}", members[0].summary());
     for (i, (epoch, seq, _)) in reference.iter().enumerate() {
         assert_eq!(
             (*epoch, *seq),
@@ -489,7 +487,7 @@ async fn two_regions_every_member_sees_every_message_in_one_order() {
         );
     }
     assert_acks_match(&members[0].label, &reference, &sent);
-    for m in &members[1..] {
+    for m in &members {
         assert_eq!(
             m.received(),
             reference,
@@ -497,12 +495,7 @@ async fn two_regions_every_member_sees_every_message_in_one_order() {
             m.label,
             members[0].label
         );
-        assert!(
-            m.other_events().is_empty(),
-            "{}: {:?}",
-            m.label,
-            m.other_events()
-        );
+        assert!(m.other_events().is_empty(), "{}", m.summary());
     }
 
     // The contract's metrics: the mesh by region, each node's identity, forwarded publishes on
