@@ -1066,13 +1066,17 @@ async fn a_node_without_nats_urls_runs_standalone() {
 
 #[tokio::test]
 async fn the_nats_harness_restarts_on_the_same_port_and_joins_gateways() {
-    // Two regions: a message published in eu reaches a subscriber in us through the gateway,
+    // Three regions: a message published in eu reaches a subscriber in ap through the gateway,
     // also after eu was killed and restarted (clients reconnect to the same URL).
-    let mut regions = NatsServer::start_gateways(&["eu", "us"]).await;
+    let mut regions = NatsServer::start_gateways(&["eu", "us", "ap"]).await;
+    assert_eq!(
+        regions.iter().map(|r| r.name()).collect::<Vec<_>>(),
+        ["eu", "us", "ap"]
+    );
     let eu = async_nats::connect(regions[0].url()).await.unwrap();
-    let us = async_nats::connect(regions[1].url()).await.unwrap();
-    let mut sub = us.subscribe("harness.check").await.unwrap();
-    us.flush().await.unwrap();
+    let ap = async_nats::connect(regions[2].url()).await.unwrap();
+    let mut sub = ap.subscribe("harness.check").await.unwrap();
+    ap.flush().await.unwrap();
     let mut delivered = async || {
         // Gateway interest spreads asynchronously: publish until one arrives.
         let deadline = Instant::now() + DEADLINE;
