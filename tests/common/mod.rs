@@ -1,6 +1,11 @@
 //! The shared test harness: a real node on 127.0.0.1:0 in this process, real WebSocket clients,
 //! raw sockets for bad input, and waits on conditions with deadlines (never bare sleeps).
+//! [`nats`] starts real nats-server processes (alone or joined by gateways) and
+//! [`node_process`] runs the real `roomwire` binary, for the mesh tests.
 #![allow(dead_code)]
+
+pub mod nats;
+pub mod node_process;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -179,7 +184,22 @@ pub async fn http_request(
     key: Option<&str>,
     body: Option<&str>,
 ) -> (u16, String) {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
+    try_http_request(addr, method, path, key, body)
+        .await
+        .unwrap_or_else(|e| panic!("{method} http://{addr}{path}: {e}"))
+}
+
+/// [`http_request`] for polling: a refused or reset connection is an error, not a panic. Answers
+/// sent with `Transfer-Encoding: chunked` (Go's net/http, e.g. nats-server's monitoring port,
+/// for larger bodies) are de-chunked.
+pub async fn try_http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    body: Option<&str>,
+) -> std::io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect(addr).await?;
     let body = body.unwrap_or("");
     let auth = key
         .map(|k| format!("Authorization: Bearer {k}\r\n"))
@@ -188,23 +208,44 @@ pub async fn http_request(
         "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{auth}\r\n{body}",
         body.len()
     );
-    stream.write_all(request.as_bytes()).await.unwrap();
+    stream.write_all(request.as_bytes()).await?;
     let mut response = Vec::new();
     tokio::time::timeout(DEADLINE, stream.read_to_end(&mut response))
         .await
-        .expect("http response in time")
-        .unwrap();
+        .map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::TimedOut, "no http response in time")
+        })??;
     let response = String::from_utf8_lossy(&response).to_string();
+    let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
     let status = response
         .split(' ')
         .nth(1)
         .and_then(|s| s.parse().ok())
-        .expect("status line");
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
+        .ok_or_else(|| bad("no status line"))?;
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let chunked = head
+        .lines()
+        .any(|l| l.to_ascii_lowercase().replace(' ', "") == "transfer-encoding:chunked");
+    let body = if chunked {
+        dechunk(body).ok_or_else(|| bad("bad chunked body"))?
+    } else {
+        body.to_string()
+    };
+    Ok((status, body))
+}
+
+/// The payload of a complete HTTP/1.1 chunked body.
+fn dechunk(mut rest: &str) -> Option<String> {
+    let mut out = String::new();
+    loop {
+        let (size, after) = rest.split_once("\r\n")?;
+        let size = usize::from_str_radix(size.split(';').next()?.trim(), 16).ok()?;
+        if size == 0 {
+            return Some(out);
+        }
+        out.push_str(after.get(..size)?);
+        rest = after.get(size..)?.strip_prefix("\r\n")?;
+    }
 }
 
 pub async fn send_frame<S: AsyncRead + AsyncWrite + Unpin>(
