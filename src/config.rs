@@ -82,7 +82,7 @@ pub struct MeshConfig {
     pub route_deadline_ms: u64,
     /// Virtual nodes per node on the ring.
     pub vnodes: u32,
-    /// Messages buffered per room subscription in the NATS client; beyond it the oldest are
+    /// Messages buffered per room subscription in the NATS client; beyond it new ones are
     /// dropped (members see a sequence gap) and `roomwire_mesh_slow_subscriptions_total` counts it.
     pub subscription_capacity: usize,
 }
@@ -719,6 +719,11 @@ impl Config {
         }
         if m.heartbeat_ms == 0 || m.node_ttl_ms < 2 * m.heartbeat_ms {
             return bad("mesh.node_ttl_ms must be at least twice mesh.heartbeat_ms (> 0)");
+        }
+        if m.settle_ms < 2 * m.heartbeat_ms {
+            return bad(
+                "mesh.settle_ms must be at least twice mesh.heartbeat_ms (to hear every node)",
+            );
         }
         if m.request_timeout_ms == 0 || m.route_deadline_ms < m.request_timeout_ms {
             return bad("mesh.route_deadline_ms must be at least mesh.request_timeout_ms (> 0)");

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use subtle::ConstantTimeEq as _;
 
-use crate::cluster::Publication;
+use crate::cluster::{BusError, Publication};
 use crate::node::NodeContext;
 use crate::room::RoomName;
 use crate::session::{self, CloseReason};
@@ -248,12 +248,17 @@ async fn publish(
         publisher: SERVER_PUBLISHER.into(),
         client_msg_id: req.client_msg_id,
     };
-    let sequenced = ctx.bus.publish(publication).await.map_err(|e| {
-        ApiError::new(
+    let sequenced = ctx.bus.publish(publication).await.map_err(|e| match e {
+        BusError::TooLarge(_) => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            e.to_string(),
+        ),
+        _ => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "unavailable",
             e.to_string(),
-        )
+        ),
     })?;
     Ok(Json(PublishResponse {
         room: room.to_string(),

@@ -72,7 +72,7 @@ pub struct Metrics {
     /// Requests to an owner that did not answer (down, unreachable, timed out) and re-routed.
     pub mesh_unreachable: Counter,
     /// Round trip of a request through NATS to a node of `region` and back, seconds (one node
-    /// pinged every 2 s in turn).
+    /// pinged per heartbeat period, in turn).
     pub mesh_nats_rtt: Family<OwnedLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     /// Room states handed between nodes, by `direction` (in, out) and `how` (pulled, pushed).
     pub mesh_handoffs: Family<[(&'static str, &'static str); 2], Counter>,

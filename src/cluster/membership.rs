@@ -1,4 +1,4 @@
-//! Who is alive in the mesh: heartbeats on `<prefix>.node.heartbeat`, and the ring built from
+//! Who is alive in the mesh: heartbeats on `<prefix>.hb`, and the ring built from
 //! them. Pure state plus a clock passed in, so the rules are tested without NATS; the mesh
 //! publishes and receives the heartbeats.
 //!
@@ -15,6 +15,15 @@ use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::cluster::ring::Ring;
+
+/// True for a node id usable as one NATS subject token (what `node.id` is validated to be).
+pub fn is_subject_token(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
 
 /// A node's life cycle as its heartbeats announce it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -124,7 +133,8 @@ impl Membership {
 
     /// Records a heartbeat received at `now_ms`. This node's own heartbeats are ignored.
     pub fn observe(&mut self, beat: &Heartbeat, now_ms: u64) -> Seen {
-        if *beat.id == *self.self_id {
+        if *beat.id == *self.self_id || !is_subject_token(&beat.id) {
+            // Own heartbeats, and ids that could not name a subject (not from a roomwire node).
             return Seen::Unchanged;
         }
         if beat.state == NodeState::Leaving {
@@ -271,6 +281,18 @@ mod tests {
         assert_eq!(a.view(0).version, b.view(0).version);
         a.set_self_state(NodeState::Draining);
         assert_ne!(a.view(0).version, b.view(0).version);
+    }
+
+    #[test]
+    fn ids_that_are_not_subject_tokens_are_ignored() {
+        let mut m = members();
+        for id in ["", "a.b", "a*", "a b", ">"] {
+            assert_eq!(
+                m.observe(&beat(id, NodeState::Active, 1), 0),
+                Seen::Unchanged
+            );
+        }
+        assert_eq!(m.view(0).nodes.len(), 1);
     }
 
     #[test]

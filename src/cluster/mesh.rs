@@ -32,7 +32,7 @@ use tokio::time::Instant;
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::cluster::membership::{Heartbeat, Membership, NodeState, RingView, Seen};
-use crate::cluster::order::{Output, RoomOrder};
+use crate::cluster::order::{Effect, Output, RoomOrder};
 use crate::cluster::{BusError, Publication, RoomInfo, Sequenced};
 use crate::config::{MeshConfig, RoomsConfig};
 use crate::fanout::{Hub, UnreliableReport};
@@ -53,10 +53,11 @@ const HEADER: usize = 17;
 const MAX_CONCURRENT_REQUESTS: usize = 1024;
 /// Rooms searched for a previous holder: the ring's successors, at most this many.
 const PULL_HOPS: usize = 3;
+/// Rooms a draining node hands over at once.
+const DRAIN_PUSHES_AT_ONCE: usize = 32;
 /// Rooms remembered as given away, at most; and for how long.
 const MOVED_MAX: usize = 100_000;
 const MOVED_TTL_MS: u64 = 60_000;
-const RTT_INTERVAL: Duration = Duration::from_secs(2);
 
 fn header(kind: u8, epoch: u64, seq: u64) -> [u8; HEADER] {
     let mut h = [0u8; HEADER];
@@ -70,18 +71,28 @@ fn read_u64(bytes: &[u8], at: usize) -> Option<u64> {
     Some(u64::from_be_bytes(bytes.get(at..at + 8)?.try_into().ok()?))
 }
 
-/// The NATS connection's state, updated by the client's event callback.
+/// When the NATS connection last came up (set by the client's `Connected` event, and by the
+/// heartbeat tick when it sees a new connection; events can be dropped by the client).
 #[derive(Default)]
 struct Link {
-    connected: AtomicBool,
-    /// Bumped at every disconnect: owner state and positions from an older generation are stale.
-    generation: AtomicU64,
     connected_at_ms: AtomicU64,
 }
 
-impl Link {
-    fn generation(&self) -> u64 {
-        self.generation.load(Ordering::Acquire)
+/// Why a node-to-node request got no reply.
+#[derive(Debug)]
+enum RequestFailure {
+    /// Nobody subscribes to the node's subject: it is gone (its connection closed).
+    NoResponders,
+    /// Timed out or failed otherwise: the node may be alive but slow, or unreachable.
+    Other(String),
+}
+
+impl std::fmt::Display for RequestFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RequestFailure::NoResponders => f.write_str("no responders"),
+            RequestFailure::Other(reason) => f.write_str(reason),
+        }
     }
 }
 
@@ -144,6 +155,9 @@ struct Interest {
     room: RoomName,
     state: Mutex<InterestState>,
     task: Mutex<Option<tokio::task::AbortHandle>>,
+    /// Wakes the room's task when a gap deadline is set from outside it (the owner's own
+    /// deliveries do not come through the subscription).
+    wake: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -153,6 +167,15 @@ struct InterestState {
     generation: u64,
     pending: Vec<PendingJoin>,
     order: RoomOrder,
+}
+
+/// What a pull found.
+enum Pulled {
+    State(wire::RoomState),
+    /// No node holds the room: start a new epoch.
+    Nowhere,
+    /// A node may hold it but cannot give it now: try again later.
+    Busy(String),
 }
 
 /// The NATS mesh bus.
@@ -171,6 +194,7 @@ struct Inner {
     hub: Arc<Hub>,
     metrics: Arc<Metrics>,
     link: Arc<Link>,
+    stats: Arc<async_nats::Statistics>,
     membership: Mutex<Membership>,
     view: RwLock<Arc<RingView>>,
     ring_changes: AtomicU64,
@@ -204,6 +228,9 @@ impl MeshBus {
             .retry_on_initial_connect()
             .max_reconnects(None)
             .subscription_capacity(mesh.subscription_capacity)
+            // A dead server (or a half-open connection) is noticed after two unanswered pings,
+            // on the scale of node_ttl_ms, not the client's default minutes.
+            .ping_interval(Duration::from_millis((mesh.node_ttl_ms / 2).max(200)))
             .request_timeout(Some(Duration::from_millis(mesh.request_timeout_ms)))
             .connection_timeout(Duration::from_millis(mesh.request_timeout_ms.max(2_000)))
             .reconnect_delay_callback(|attempts| {
@@ -219,13 +246,10 @@ impl MeshBus {
                         match event {
                             async_nats::Event::Connected => {
                                 link.connected_at_ms.store(now_ms(), Ordering::Release);
-                                link.connected.store(true, Ordering::Release);
                                 metrics.mesh_connected.set(1);
                                 tracing::info!("mesh: connected to NATS");
                             }
                             async_nats::Event::Disconnected => {
-                                link.connected.store(false, Ordering::Release);
-                                link.generation.fetch_add(1, Ordering::AcqRel);
                                 metrics.mesh_connected.set(0);
                                 tracing::warn!("mesh: NATS connection lost; not ready");
                             }
@@ -252,8 +276,10 @@ impl MeshBus {
             mesh.node_ttl_ms,
         );
         let view = Arc::new(membership.view(now_ms()));
+        let stats = nats.statistics();
         let inner = Arc::new(Inner {
             nats,
+            stats,
             node_id,
             region,
             started_ms: now_ms(),
@@ -339,8 +365,7 @@ impl MeshBus {
         let inner = &self.inner;
         inner.check_link()?;
         inner
-            .nats
-            .publish(
+            .send(
                 inner.subject_disconnect(),
                 Bytes::copy_from_slice(user.as_bytes()),
             )
@@ -357,8 +382,8 @@ impl MeshBus {
             "node": {"id": &*inner.node_id, "region": &*inner.region},
             "ready": self.is_ready(),
             "nats": {
-                "connected": inner.link.connected.load(Ordering::Acquire),
-                "urls": &inner.config.nats_urls,
+                "connected": inner.connected(),
+                "urls": inner.config.nats_urls.iter().map(|u| redact(u)).collect::<Vec<_>>(),
                 "rtt_seconds_by_region": view
                     .nodes_per_region()
                     .keys()
@@ -433,7 +458,46 @@ impl Inner {
     }
 
     fn connected(&self) -> bool {
-        self.link.connected.load(Ordering::Acquire)
+        self.nats.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// Publishes with a bound: the NATS client queues while reconnecting and would block once
+    /// its queue is full; nothing in the mesh waits longer than a request may take.
+    async fn send(
+        &self,
+        subject: impl async_nats::subject::ToSubject,
+        payload: Bytes,
+    ) -> Result<(), String> {
+        let bound = Duration::from_millis(self.config.request_timeout_ms);
+        match tokio::time::timeout(bound, self.nats.publish(subject, payload)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => Err(error.to_string()),
+            Err(_) => Err("the NATS client did not take the message in time".into()),
+        }
+    }
+
+    /// A request with the same bound around the whole call (the client's own timeout starts
+    /// only once the request is queued).
+    async fn nats_request(
+        &self,
+        subject: String,
+        payload: Bytes,
+    ) -> Result<async_nats::Message, RequestFailure> {
+        let bound = Duration::from_millis(self.config.request_timeout_ms + 100);
+        match tokio::time::timeout(bound, self.nats.request(subject, payload)).await {
+            Ok(Ok(message)) => Ok(message),
+            Ok(Err(error)) if error.kind() == async_nats::RequestErrorKind::NoResponders => {
+                Err(RequestFailure::NoResponders)
+            }
+            Ok(Err(error)) => Err(RequestFailure::Other(error.to_string())),
+            Err(_) => Err(RequestFailure::Other("timed out".into())),
+        }
+    }
+
+    /// Counts the connections made so far: owner state and delivery positions from an earlier
+    /// connection are stale (another node may have owned the room meanwhile).
+    fn generation(&self) -> u64 {
+        self.stats.connects.load(Ordering::Acquire)
     }
 
     /// Connected, and connected long enough to have heard every live node's heartbeat.
@@ -456,8 +520,24 @@ impl Inner {
 
     /// A new epoch, larger than any this node gave before, with the node's hash in the low
     /// bits so that two nodes starting a room in the same millisecond still differ.
-    fn fresh_epoch(&self) -> u64 {
-        let ms = self.epochs.next(now_ms());
+    ///
+    /// It is also above any epoch of `room` this node has delivered, so a new owner whose clock
+    /// runs behind the previous owner's still moves the room forward.
+    fn fresh_epoch(&self, room: &RoomName) -> u64 {
+        let known = self
+            .interests
+            .lock()
+            .expect("interests lock poisoned")
+            .get(room)
+            .and_then(|i| {
+                i.state
+                    .lock()
+                    .expect("interest lock poisoned")
+                    .order
+                    .epoch()
+            })
+            .unwrap_or(0);
+        let ms = self.epochs.next(now_ms().max(known / 1024 + 1));
         ms * 1024 + (xxh3_64(self.node_id.as_bytes()) & 1023)
     }
 
@@ -484,7 +564,7 @@ impl Inner {
     async fn send_heartbeat(&self) {
         if self.connected() {
             let beat = self.heartbeat(self.self_state());
-            if let Err(error) = self.nats.publish(self.subject_heartbeat(), beat).await {
+            if let Err(error) = self.send(self.subject_heartbeat(), beat).await {
                 tracing::debug!(%error, "mesh: heartbeat not sent");
             }
         }
@@ -492,16 +572,15 @@ impl Inner {
 
     /// Rebuilds the ring snapshot from the membership; counts and logs a change.
     fn publish_view(&self) {
-        let view = Arc::new(
-            self.membership
-                .lock()
-                .expect("membership lock poisoned")
-                .view(now_ms()),
-        );
+        // Built and installed under the membership lock, so two callers cannot install their
+        // views in the wrong order.
+        let membership = self.membership.lock().expect("membership lock poisoned");
+        let view = Arc::new(membership.view(now_ms()));
         let previous = std::mem::replace(
             &mut *self.view.write().expect("view lock poisoned"),
             view.clone(),
         );
+        drop(membership);
         self.metrics.mesh_nodes.clear();
         for (region, count) in view.nodes_per_region() {
             self.metrics
@@ -526,20 +605,23 @@ impl Inner {
     async fn heartbeat_loop(self: Arc<Self>, mut beats: async_nats::Subscriber) {
         let mut ticker = tokio::time::interval(Duration::from_millis(self.config.heartbeat_ms));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut generation = self.link.generation();
+        let mut generation = self.generation();
         loop {
             tokio::select! {
                 _ = ticker.tick() => {
-                    let now = self.link.generation();
+                    let now = self.generation();
                     let mut changed = false;
                     {
                         let mut membership = self.membership.lock().expect("membership lock poisoned");
                         if now != generation {
-                            // Nothing heard before the disconnect is current: learn the mesh again.
+                            // A new connection: nothing heard before is current; learn the mesh
+                            // again (and settle from now, should the Connected event be lost).
                             generation = now;
                             membership.forget_peers();
+                            self.link.connected_at_ms.store(now_ms(), Ordering::Release);
                             changed = true;
                         }
+                        self.metrics.mesh_connected.set(i64::from(self.connected()));
                         membership.set_self_state(self.self_state());
                         changed |= membership.expire(now_ms());
                     }
@@ -571,10 +653,10 @@ impl Inner {
         }
     }
 
-    /// Measures the round trip of a request through NATS to each other node in turn (a ping
-    /// answered at once), per region of the answering node.
+    /// Measures the round trip of a request through NATS to each other node in turn, one per
+    /// heartbeat period (a ping answered at once), per region of the answering node.
     async fn rtt_loop(self: Arc<Self>) {
-        let mut ticker = tokio::time::interval(RTT_INTERVAL);
+        let mut ticker = tokio::time::interval(Duration::from_millis(self.config.heartbeat_ms));
         let mut turn = 0usize;
         loop {
             ticker.tick().await;
@@ -602,19 +684,19 @@ impl Inner {
 
     // ---------------------------------------------------------------- requests between nodes
 
-    async fn request(&self, node: &str, kind: request::Kind) -> Result<reply::Kind, String> {
+    async fn request(
+        &self,
+        node: &str,
+        kind: request::Kind,
+    ) -> Result<reply::Kind, RequestFailure> {
         let payload = wire::Request { kind: Some(kind) }.encode_to_vec();
-        match self
-            .nats
-            .request(self.subject_requests(node), Bytes::from(payload))
-            .await
-        {
-            Ok(message) => wire::Reply::decode(message.payload)
-                .ok()
-                .and_then(|r| r.kind)
-                .ok_or_else(|| format!("undecodable reply from {node}")),
-            Err(error) => Err(format!("{node} did not answer: {error}")),
-        }
+        let message = self
+            .nats_request(self.subject_requests(node), Bytes::from(payload))
+            .await?;
+        wire::Reply::decode(message.payload)
+            .ok()
+            .and_then(|r| r.kind)
+            .ok_or_else(|| RequestFailure::Other(format!("undecodable reply from {node}")))
     }
 
     async fn request_loop(self: Arc<Self>, mut requests: async_nats::Subscriber) {
@@ -633,7 +715,7 @@ impl Inner {
                     _ => reply::Kind::Unavailable("undecodable request".into()),
                 };
                 let reply = wire::Reply { kind: Some(kind) }.encode_to_vec();
-                if let Err(error) = inner.nats.publish(reply_to, Bytes::from(reply)).await {
+                if let Err(error) = inner.send(reply_to, Bytes::from(reply)).await {
                     tracing::debug!(%error, "mesh: reply not sent");
                 }
             });
@@ -660,6 +742,7 @@ impl Inner {
                         duplicate: s.duplicate,
                     }),
                     Step::Retry(reason) => reply::Kind::NotOwner(reason),
+                    Step::Fail(BusError::TooLarge(max)) => reply::Kind::TooLarge(max as u64),
                     Step::Fail(error) => reply::Kind::Unavailable(error.to_string()),
                 }
             }
@@ -698,7 +781,7 @@ impl Inner {
         let room = room.clone();
         tokio::spawn(async move { inner.take_over(room).await })
             .await
-            .map_err(|e| BusError::Unavailable(format!("room take-over failed: {e}")))?
+            .map_err(|e| BusError::Moving(format!("room take-over failed: {e}")))?
     }
 
     async fn take_over(self: Arc<Self>, room: RoomName) -> Result<OwnedCell, BusError> {
@@ -729,8 +812,12 @@ impl Inner {
                 "this node holds its maximum number of rooms".into(),
             ));
         }
-        let generation = self.link.generation();
-        let pulled = self.pull(room).await;
+        let generation = self.generation();
+        let pulled = match self.pull(room).await {
+            Pulled::State(state) => Some(state),
+            Pulled::Nowhere => None,
+            Pulled::Busy(reason) => return Err(BusError::Moving(reason)),
+        };
         let now = now_ms();
         let (cell, fresh) = {
             let mut owned = self.owned.lock().expect("owned lock poisoned");
@@ -747,7 +834,7 @@ impl Inner {
                     (owned_from(&state, generation, now), None)
                 }
                 None => {
-                    let epoch = self.fresh_epoch();
+                    let epoch = self.fresh_epoch(room);
                     let state = OwnedRoom {
                         sequencer: Sequencer::new(epoch),
                         dedupe: Dedupe::default(),
@@ -770,7 +857,7 @@ impl Inner {
             self.metrics.mesh_epochs_started.inc();
             self.accept(room, epoch, 0, None);
             let marker = Bytes::copy_from_slice(&header(KIND_EPOCH, epoch, 0));
-            if let Err(error) = self.nats.publish(self.subject_room(room), marker).await {
+            if let Err(error) = self.send(self.subject_room(room), marker).await {
                 tracing::debug!(%error, "mesh: epoch marker not sent");
             }
         }
@@ -778,34 +865,45 @@ impl Inner {
     }
 
     /// Asks the nodes that may hold `room` (its owner on the ring without this node, then the
-    /// next ones) to release it to this node.
-    async fn pull(&self, room: &RoomName) -> Option<wire::RoomState> {
+    /// next ones, or where it was sent) to release it to this node. `Nowhere` only when every
+    /// node asked answered that it holds nothing, or is gone.
+    async fn pull(&self, room: &RoomName) -> Pulled {
         let view = self.view();
         let mut asked: Vec<Arc<str>> = vec![self.node_id.clone()];
         let mut next: Option<Arc<str>> = None;
         for _ in 0..PULL_HOPS * 2 {
             let candidate = match next.take() {
                 Some(node) => node,
-                None => view
+                None => match view
                     .holders
-                    .owner_excluding(room.as_str(), |n| asked.iter().any(|a| **a == *n))?
-                    .clone(),
+                    .owner_excluding(room.as_str(), |n| asked.iter().any(|a| **a == *n))
+                {
+                    Some(node) => node.clone(),
+                    None => break,
+                },
             };
             let release = request::Kind::Release(wire::Release {
                 room: room.to_string(),
                 to_node: self.node_id.to_string(),
             });
             match self.request(&candidate, release).await {
-                Ok(reply::Kind::State(state)) => return Some(state),
+                Ok(reply::Kind::State(state)) => return Pulled::State(state),
                 Ok(reply::Kind::MovedTo(node)) => {
                     // Given to `node`; if that is this node, the push has been installed.
                     if !asked.iter().any(|a| **a == *node) {
                         next = Some(Arc::from(node.as_str()));
                     }
                 }
-                Ok(_) => {}
-                Err(reason) => {
-                    tracing::debug!(%room, %reason, "mesh: hand-off source unreachable")
+                Ok(reply::Kind::Done(_)) => {}
+                Ok(reply::Kind::NotOwner(reason) | reply::Kind::Unavailable(reason)) => {
+                    // It holds the room and does not see this node as its owner yet.
+                    return Pulled::Busy(reason);
+                }
+                Ok(_) => return Pulled::Busy(format!("unexpected reply from {candidate}")),
+                Err(RequestFailure::NoResponders) => {}
+                Err(RequestFailure::Other(reason)) => {
+                    // Alive by its heartbeats but not answering: it may hold the room.
+                    return Pulled::Busy(format!("{candidate} did not answer: {reason}"));
                 }
             }
             asked.push(candidate);
@@ -813,7 +911,7 @@ impl Inner {
                 break;
             }
         }
-        None
+        Pulled::Nowhere
     }
 
     /// Gives `room` up to `to`: no more sequencing here, and the state travels in the reply.
@@ -831,6 +929,20 @@ impl Inner {
         if state.moved {
             // Given to another node while this request waited (a drain's push).
             return self.moved_to(room);
+        }
+        if state.generation != self.generation() {
+            // From before a NATS reconnect: stale, and never handed on.
+            drop(state);
+            self.forget_owned(room, &cell);
+            return reply::Kind::Done(true);
+        }
+        if self.owns(room) {
+            // The asker's view is ahead of this node's (or wrong): release only once this node
+            // agrees it is not the owner, so two nodes never sequence the room at once.
+            return reply::Kind::NotOwner(format!(
+                "{} still owns {room} in its view of the ring",
+                self.node_id
+            ));
         }
         state.moved = true;
         self.forget_owned(room, &cell);
@@ -872,11 +984,14 @@ impl Inner {
 
     /// Installs a room pushed by a draining node, unless this node already holds it.
     fn take_handoff(&self, room: RoomName, state: wire::RoomState) -> reply::Kind {
+        if self.draining.load(Ordering::Acquire) || !self.settled() {
+            return reply::Kind::Done(false);
+        }
         let mut owned = self.owned.lock().expect("owned lock poisoned");
         if owned.contains_key(&room) || owned.len() >= self.rooms.max_owned_rooms {
             return reply::Kind::Done(false);
         }
-        let cell = owned_from(&state, self.link.generation(), now_ms());
+        let cell = owned_from(&state, self.generation(), now_ms());
         owned.insert(room, Arc::new(tokio::sync::Mutex::new(cell)));
         self.metrics.owned_rooms.inc();
         self.metrics
@@ -904,10 +1019,11 @@ impl Inner {
         }
         let cell = match self.owned_room(room).await {
             Ok(cell) => cell,
+            Err(BusError::Moving(reason)) => return Step::Retry(reason),
             Err(error) => return Step::Fail(error),
         };
         let state = cell.clone().lock_owned().await;
-        if state.moved || state.generation != self.link.generation() {
+        if state.moved || state.generation != self.generation() {
             // Released meanwhile, or from before a NATS disconnect (another node may have
             // sequenced the room since): never reuse it.
             if !state.moved {
@@ -948,6 +1064,19 @@ impl Inner {
                 duplicate: true,
             });
         }
+        // What cannot be published to the other nodes is refused before it takes a sequence.
+        let size = HEADER
+            + 64
+            + p.payload.len()
+            + p.room.as_str().len()
+            + p.publisher.len()
+            + p.client_msg_id.len();
+        let max = self.nats.server_info().max_payload;
+        if max > 0 && size > max {
+            return Step::Fail(BusError::TooLarge(
+                max.saturating_sub(size - p.payload.len()),
+            ));
+        }
         let (epoch, seq) = state.sequencer.assign();
         if dedupe {
             state.dedupe.record(
@@ -961,7 +1090,7 @@ impl Inner {
         let frame = super::local::message_frame(p, epoch, seq, now);
         let bytes = frame.encode_after(&header(KIND_MESSAGE, epoch, seq));
         let local_deliveries = self.accept(&p.room, epoch, seq, Some(bytes.slice(HEADER..)));
-        if let Err(error) = self.nats.publish(self.subject_room(&p.room), bytes).await {
+        if let Err(error) = self.send(self.subject_room(&p.room), bytes).await {
             // Sequenced and delivered here; other nodes' members will see the gap. The client
             // retries with the same id and is answered from the dedupe memory.
             return Step::Fail(BusError::Unavailable(format!(
@@ -988,8 +1117,7 @@ impl Inner {
         let mut marker = header(KIND_SYNC, epoch, seq).to_vec();
         marker.extend_from_slice(&token.to_be_bytes());
         match self
-            .nats
-            .publish(self.subject_room(room), Bytes::from(marker))
+            .send(self.subject_room(room), Bytes::from(marker))
             .await
         {
             Ok(()) => Step::Done(()),
@@ -1054,10 +1182,11 @@ impl Inner {
                 Step::Retry(reason)
             }
             Ok(reply::Kind::Unavailable(reason)) => Step::Retry(reason),
+            Ok(reply::Kind::TooLarge(max)) => Step::Fail(BusError::TooLarge(max as usize)),
             Ok(_) => Step::Retry(format!("unexpected reply from {owner}")),
             Err(reason) => {
                 self.metrics.mesh_unreachable.inc();
-                Step::Retry(reason)
+                Step::Retry(format!("{owner} did not answer: {reason}"))
             }
         }
     }
@@ -1068,7 +1197,7 @@ impl Inner {
         let report = self.hub.deliver_unreliable(&p.room, &bytes.slice(1..));
         if report.too_large.is_none()
             && self.connected()
-            && let Err(error) = self.nats.publish(self.subject_room(&p.room), bytes).await
+            && let Err(error) = self.send(self.subject_room(&p.room), bytes).await
         {
             tracing::debug!(%error, "mesh: unreliable message not sent");
         }
@@ -1077,7 +1206,7 @@ impl Inner {
 
     // ---------------------------------------------------------------- interest and delivery
 
-    /// This node's subscription to `room`, created (and flushed to the server) if needed.
+    /// This node's subscription to `room`, created if needed (a join marker proves it live).
     async fn interest(self: &Arc<Self>, room: &RoomName) -> Result<Arc<Interest>, BusError> {
         if let Some(interest) = self.live_interest(room) {
             return Ok(interest);
@@ -1094,10 +1223,11 @@ impl Inner {
         let interest = Arc::new(Interest {
             room: room.clone(),
             state: Mutex::new(InterestState {
-                generation: self.link.generation(),
+                generation: self.generation(),
                 ..InterestState::default()
             }),
             task: Mutex::new(None),
+            wake: tokio::sync::Notify::new(),
         });
         let task = tokio::spawn(self.clone().room_loop(interest.clone(), subscriber));
         *interest.task.lock().expect("task lock poisoned") = Some(task.abort_handle());
@@ -1141,6 +1271,8 @@ impl Inner {
                     self.skip_gap(&interest);
                     continue;
                 }
+                // A deadline was set by a delivery from outside this task: look again.
+                _ = interest.wake.notified(), if gap_deadline.is_none() => continue,
             };
             let Some(message) = message else { break };
             self.on_room_message(&interest, message.payload);
@@ -1158,13 +1290,12 @@ impl Inner {
                 else {
                     return;
                 };
-                if kind == KIND_SYNC {
-                    let token = read_u64(&payload, HEADER).unwrap_or(0);
-                    self.accept_sync(interest, epoch, seq, token);
-                } else {
-                    let frame = (kind == KIND_MESSAGE).then(|| payload.slice(HEADER..));
-                    self.accept_in(interest, epoch, seq, frame);
-                }
+                let frame = (kind == KIND_MESSAGE).then(|| payload.slice(HEADER..));
+                let token = match kind {
+                    KIND_SYNC => read_u64(&payload, HEADER).unwrap_or(0),
+                    _ => 0,
+                };
+                self.accept_in(interest, epoch, seq, frame, token);
             }
             _ => tracing::warn!(room = %interest.room, "mesh: malformed room message ignored"),
         }
@@ -1179,31 +1310,53 @@ impl Inner {
             .get(room)
             .cloned();
         match interest {
-            Some(interest) => self.accept_in(&interest, epoch, seq, frame),
+            Some(interest) => self.accept_in(&interest, epoch, seq, frame, 0),
             None => 0,
         }
     }
 
-    /// Hands `(epoch, seq)` to the room's [`RoomOrder`] under the delivery lock and fans out what
-    /// it releases; returns the sessions reached by message frames.
-    fn accept_in(&self, interest: &Interest, epoch: u64, seq: u64, frame: Option<Bytes>) -> usize {
+    /// Hands a message (or a join marker with `token`) to the room's [`RoomOrder`] under the
+    /// delivery lock and fans out what it releases; returns the sessions reached by messages.
+    fn accept_in(
+        &self,
+        interest: &Interest,
+        epoch: u64,
+        seq: u64,
+        frame: Option<Bytes>,
+        token: u64,
+    ) -> usize {
         let mut state = interest.state.lock().expect("interest lock poisoned");
-        self.ordered(interest, &mut state, |order, emit| {
-            let wait = Duration::from_millis(self.config.request_timeout_ms / 2);
-            order.accept(epoch, seq, frame, Instant::now(), wait, emit)
-        })
+        if state.closed {
+            return 0;
+        }
+        let wait = Duration::from_millis(self.config.request_timeout_ms / 2);
+        let delivered = self.ordered(interest, &mut state, |order, emit| {
+            order.accept(epoch, seq, frame, token, Instant::now(), wait, emit)
+        });
+        if state.order.gap_deadline().is_some() {
+            // The room's task sleeps until the deadline; it may be parked on NATS right now.
+            interest.wake.notify_one();
+        }
+        delivered
     }
 
-    /// Runs `step` on the room's order (after noticing a NATS reconnect) and fans its output out
-    /// to the local members; counts stale messages and skipped gaps.
+    /// Runs `step` on the room's order (after noticing a NATS reconnect) and carries out its
+    /// output: messages and epoch notices to the local members, pending joins admitted at their
+    /// marker. Counts stale messages and skipped gaps.
     fn ordered(
         &self,
         interest: &Interest,
         state: &mut InterestState,
-        step: impl FnOnce(&mut RoomOrder, &mut dyn FnMut(Output)) -> crate::cluster::order::Effect,
+        step: impl FnOnce(&mut RoomOrder, &mut dyn FnMut(Output)) -> Effect,
     ) -> usize {
         let mut delivered = 0;
         let room = &interest.room;
+        let InterestState {
+            generation,
+            pending,
+            order,
+            ..
+        } = state;
         let mut emit = |output: Output| match output {
             Output::Frame(frame) => delivered += self.hub.deliver(room, &frame),
             Output::EpochChanged {
@@ -1222,13 +1375,20 @@ impl Inner {
                 );
                 self.hub.deliver(room, &notice.encode_shared());
             }
+            Output::Join { token, epoch, seq } => {
+                if let Some(i) = pending.iter().position(|p| p.token == token) {
+                    let join = pending.swap_remove(i);
+                    self.admit(interest, &join.session, join.request_id, epoch, seq);
+                    let _ = join.done.send(());
+                }
+            }
         };
-        let generation = self.link.generation();
-        if state.generation != generation {
-            state.generation = generation;
-            state.order.reconnected(&mut emit);
+        let current = self.generation();
+        if *generation != current {
+            *generation = current;
+            order.reconnected(&mut emit);
         }
-        let effect = step(&mut state.order, &mut emit);
+        let effect = step(order, &mut emit);
         if effect.stale {
             self.metrics.mesh_stale_messages.inc();
         }
@@ -1240,33 +1400,19 @@ impl Inner {
 
     fn skip_gap(&self, interest: &Interest) {
         let mut state = interest.state.lock().expect("interest lock poisoned");
+        if state.closed {
+            return;
+        }
         self.ordered(interest, &mut state, |order, emit| {
             let skipped = order.skip_gap(Instant::now(), emit);
             if skipped {
                 tracing::debug!(room = %interest.room, "mesh: sequence gap skipped");
             }
-            crate::cluster::order::Effect {
+            Effect {
                 gap_skipped: skipped,
-                ..Default::default()
+                ..Effect::default()
             }
         });
-    }
-
-    /// The owner's marker for a joining node: completes the matching pending join exactly at
-    /// this point of the room's stream.
-    fn accept_sync(&self, interest: &Interest, epoch: u64, seq: u64, token: u64) {
-        let mut state = interest.state.lock().expect("interest lock poisoned");
-        self.ordered(interest, &mut state, |order, emit| {
-            let wait = Duration::from_millis(self.config.request_timeout_ms / 2);
-            order.accept(epoch, seq, None, Instant::now(), wait, emit)
-        });
-        let Some(i) = state.pending.iter().position(|p| p.token == token) else {
-            return;
-        };
-        let pending = state.pending.swap_remove(i);
-        let (epoch, seq) = state.order.join_at((epoch, seq));
-        self.admit(interest, &pending.session, pending.request_id, epoch, seq);
-        let _ = pending.done.send(());
     }
 
     /// Queues `Joined` at `(epoch, seq)` and makes the session a member; under the interest lock
@@ -1316,15 +1462,20 @@ impl Inner {
             match outcome {
                 Ok(true) => return Ok(()),
                 Ok(false) => continue, // the interest closed under us: take a fresh one
-                Err(error) => return Err(error),
+                Err(error) => {
+                    // A subscription made for this join alone must not outlive it.
+                    self.close_if_unused(&interest);
+                    return Err(error);
+                }
             }
         }
     }
 
-    /// Joins with a `Joined` position. Fast when this node already receives the room; otherwise
-    /// the owner publishes a sync marker on the room subject and the session joins when the
-    /// marker arrives (which also proves the subscription is live). `Ok(false)`: the interest
-    /// closed meanwhile.
+    /// Joins with a `Joined` position: at once when this node receives the room with nothing
+    /// missing; otherwise through a join marker at the owner's position, which the room's order
+    /// releases once every message up to it has been delivered. A remote owner publishes the
+    /// marker on the room subject, which also proves the subscription is live end to end.
+    /// `Ok(false)`: the interest closed meanwhile.
     async fn join_at_position(
         self: &Arc<Self>,
         interest: &Arc<Interest>,
@@ -1334,15 +1485,15 @@ impl Inner {
     ) -> Result<bool, BusError> {
         let mut token = [0u8; 8];
         getrandom::fill(&mut token).expect("the OS random source is available");
-        let token = u64::from_be_bytes(token);
+        // Token 0 marks an epoch start, never a join.
+        let token = u64::from_be_bytes(token).max(1);
         let (done, mut completed) = oneshot::channel();
         {
             let mut state = interest.state.lock().expect("interest lock poisoned");
             if state.closed {
                 return Ok(false);
             }
-            // Position known (and not invalidated by a reconnect): join right here.
-            let generation_current = state.generation == self.link.generation();
+            let generation_current = state.generation == self.generation();
             if let Some((epoch, seq)) = state.order.position().filter(|_| generation_current) {
                 self.admit(interest, session, request_id, epoch, seq);
                 return Ok(true);
@@ -1354,6 +1505,7 @@ impl Inner {
                 done,
             });
         }
+        let wait = Duration::from_millis(self.config.request_timeout_ms);
         let result = loop {
             if let Err(error) = self.check_link() {
                 break Err(error);
@@ -1361,16 +1513,12 @@ impl Inner {
             let step = match self.owner_of(&interest.room) {
                 None => Step::Retry("the mesh is settling".into()),
                 Some(owner) if owner == self.node_id => {
-                    // This node sequences the room: the position is its own, exactly.
+                    // This node sequences the room: its own position, as a local marker.
                     match self.lock_owned(&interest.room).await {
                         Step::Done(owned) => {
                             let (epoch, seq) = owned.sequencer.position();
-                            let mut state = interest.state.lock().expect("interest lock poisoned");
-                            if let Some(i) = state.pending.iter().position(|p| p.token == token) {
-                                let pending = state.pending.swap_remove(i);
-                                let at = state.order.join_at((epoch, seq));
-                                self.admit(interest, &pending.session, request_id, at.0, at.1);
-                            }
+                            self.accept_in(interest, epoch, seq, None, token);
+                            drop(owned);
                             Step::Done(())
                         }
                         Step::Retry(r) => Step::Retry(r),
@@ -1383,15 +1531,7 @@ impl Inner {
                         token,
                     });
                     match self.request(&owner, sync).await {
-                        Ok(reply::Kind::Done(_)) => {
-                            let wait = Duration::from_millis(self.config.request_timeout_ms);
-                            match tokio::time::timeout(wait, &mut completed).await {
-                                Ok(_) => Step::Done(()),
-                                Err(_) => {
-                                    Step::Retry("the owner's sync marker did not arrive".into())
-                                }
-                            }
-                        }
+                        Ok(reply::Kind::Done(_)) => Step::Done(()),
                         Ok(reply::Kind::NotOwner(reason)) => {
                             self.metrics.mesh_not_owner.inc();
                             Step::Retry(reason)
@@ -1400,10 +1540,18 @@ impl Inner {
                         Ok(_) => Step::Retry(format!("unexpected reply from {owner}")),
                         Err(reason) => {
                             self.metrics.mesh_unreachable.inc();
-                            Step::Retry(reason)
+                            Step::Retry(format!("{owner} did not answer: {reason}"))
                         }
                     }
                 }
+            };
+            let step = match step {
+                // The marker is out: the join completes when the room's order reaches it.
+                Step::Done(()) => match tokio::time::timeout(wait, &mut completed).await {
+                    Ok(_) => Step::Done(()),
+                    Err(_) => Step::Retry("the join marker did not arrive".into()),
+                },
+                other => other,
             };
             match step {
                 Step::Done(()) => break Ok(()),
@@ -1415,8 +1563,8 @@ impl Inner {
                 }
             }
         };
-        // Whatever happened, no pending entry outlives this call; one that is already gone
-        // was completed by a marker, and the session is a member.
+        // No pending entry outlives this call; one that is already gone was admitted by its
+        // marker, and the session is a member.
         let mut state = interest.state.lock().expect("interest lock poisoned");
         match state.pending.iter().position(|p| p.token == token) {
             Some(i) => {
@@ -1427,17 +1575,9 @@ impl Inner {
         }
     }
 
-    fn leave(&self, room: &RoomName, session: &Arc<SessionHandle>) {
-        self.hub.remove(room, session.key);
-        let Some(interest) = self
-            .interests
-            .lock()
-            .expect("interests lock poisoned")
-            .get(room)
-            .cloned()
-        else {
-            return;
-        };
+    /// Drops the room's subscription when no local member and no pending join needs it.
+    fn close_if_unused(&self, interest: &Arc<Interest>) {
+        let room = &interest.room;
         let mut state = interest.state.lock().expect("interest lock poisoned");
         if state.closed || !state.pending.is_empty() || self.hub.member_count(room) > 0 {
             return;
@@ -1447,14 +1587,28 @@ impl Inner {
         let mut interests = self.interests.lock().expect("interests lock poisoned");
         if interests
             .get(room)
-            .is_some_and(|i| Arc::ptr_eq(i, &interest))
+            .is_some_and(|i| Arc::ptr_eq(i, interest))
         {
             interests.remove(room);
             self.metrics.mesh_subscribed_rooms.dec();
         }
+        drop(interests);
         // Dropping the subscriber (with its task) unsubscribes.
         if let Some(task) = interest.task.lock().expect("task lock poisoned").take() {
             task.abort();
+        }
+    }
+
+    fn leave(&self, room: &RoomName, session: &Arc<SessionHandle>) {
+        self.hub.remove(room, session.key);
+        let interest = self
+            .interests
+            .lock()
+            .expect("interests lock poisoned")
+            .get(room)
+            .cloned();
+        if let Some(interest) = interest {
+            self.close_if_unused(&interest);
         }
     }
 
@@ -1531,39 +1685,63 @@ impl Inner {
             .map(|(r, c)| (r.clone(), c.clone()))
             .collect();
         let view = self.view();
-        let mut pushed = 0usize;
-        for (room, cell) in rooms {
-            let Some(target) = view.ring.owner(room.as_str()).cloned() else {
-                continue;
-            };
-            // The push happens under the room's lock, with the room still listed here: a
-            // release request meanwhile waits, then learns where the room went.
-            let mut state = cell.lock().await;
-            if state.moved {
-                continue;
-            }
-            let timeout = Duration::from_millis(self.config.request_timeout_ms / 2);
-            let _ = tokio::time::timeout(timeout, self.nats.flush()).await;
-            let handoff = request::Kind::Handoff(export(&room, &state));
-            if let Ok(reply::Kind::Done(true)) = self.request(&target, handoff).await {
-                state.moved = true;
-                self.forget_owned(&room, &cell);
-                self.remember_moved(&room, &target);
-                pushed += 1;
-                self.metrics
-                    .mesh_handoffs
-                    .get_or_create(&[("direction", "out"), ("how", "pushed")])
-                    .inc();
-            }
+        let pushed = AtomicU64::new(0);
+        let pushes = futures_util::stream::iter(rooms).for_each_concurrent(
+            DRAIN_PUSHES_AT_ONCE,
+            |(room, cell)| {
+                let view = &view;
+                let pushed = &pushed;
+                async move {
+                    if self.push(view, &room, &cell).await {
+                        pushed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            },
+        );
+        let bound = Duration::from_millis(self.config.route_deadline_ms);
+        if tokio::time::timeout(bound, pushes).await.is_err() {
+            tracing::warn!(
+                "mesh: draining, hand-offs not finished in time; the rest will be pulled"
+            );
         }
+        let pushed = pushed.into_inner();
         tracing::info!(rooms = pushed, "mesh: draining, rooms handed over");
+    }
+
+    /// Hands one room to its next owner, under the room's lock with the room still listed here:
+    /// a release request meanwhile waits, then learns where the room went. A failed push leaves
+    /// the room here for a pull.
+    async fn push(&self, view: &RingView, room: &RoomName, cell: &OwnedCell) -> bool {
+        let Some(target) = view.ring.owner(room.as_str()).cloned() else {
+            return false;
+        };
+        let mut state = cell.lock().await;
+        if state.moved || state.generation != self.generation() {
+            return false;
+        }
+        let timeout = Duration::from_millis(self.config.request_timeout_ms / 2);
+        let _ = tokio::time::timeout(timeout, self.nats.flush()).await;
+        let handoff = request::Kind::Handoff(export(room, &state));
+        if !matches!(
+            self.request(&target, handoff).await,
+            Ok(reply::Kind::Done(true))
+        ) {
+            return false;
+        }
+        state.moved = true;
+        self.forget_owned(room, cell);
+        self.remember_moved(room, &target);
+        self.metrics
+            .mesh_handoffs
+            .get_or_create(&[("direction", "out"), ("how", "pushed")])
+            .inc();
+        true
     }
 
     async fn leave_mesh(&self) {
         if self.connected() {
             let _ = self
-                .nats
-                .publish(self.subject_heartbeat(), self.heartbeat(NodeState::Leaving))
+                .send(self.subject_heartbeat(), self.heartbeat(NodeState::Leaving))
                 .await;
             let _ = tokio::time::timeout(
                 Duration::from_millis(self.config.request_timeout_ms),
@@ -1610,5 +1788,18 @@ fn owned_from(state: &wire::RoomState, generation: u64, now: u64) -> OwnedRoom {
         last_active_ms: now,
         moved: false,
         generation,
+    }
+}
+
+/// A NATS URL without its credentials (`nats://user:pass@host` → `nats://host`).
+fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if !parsed.username().is_empty() || parsed.password().is_some() => {
+            let _ = parsed.set_username("");
+            let _ = parsed.set_password(None);
+            parsed.to_string()
+        }
+        Ok(_) => url.to_string(),
+        Err(_) => "(unparsable url)".to_string(),
     }
 }

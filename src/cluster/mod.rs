@@ -57,12 +57,20 @@ pub struct RoomInfo {
 pub enum BusError {
     #[error("room owner unavailable: {0}")]
     Unavailable(String),
+    /// The message cannot cross the mesh (larger than the NATS server's max_payload allows for
+    /// the payload: this many bytes at most).
+    #[error("message too large for the mesh: payload at most {0} bytes")]
+    TooLarge(usize),
+    /// The room is changing owner (mesh); retried by the bus until its deadline.
+    #[error("room changing owner: {0}")]
+    Moving(String),
 }
 
 impl BusError {
     pub fn code(&self) -> ErrorCode {
         match self {
-            BusError::Unavailable(_) => ErrorCode::Unavailable,
+            BusError::Unavailable(_) | BusError::Moving(_) => ErrorCode::Unavailable,
+            BusError::TooLarge(_) => ErrorCode::PayloadTooLarge,
         }
     }
 }

@@ -5,7 +5,8 @@
 //! Messages are delivered strictly in `(epoch, seq)` order: older than what was delivered → dropped
 //! (stale); the next one → delivered, with whatever it unblocks; further ahead → held (bounded)
 //! until the missing ones arrive or the wait ends; a newer epoch → `EpochChanged`, then delivered.
-//! Markers (a join sync, an epoch start) move the position without a frame.
+//! A join marker at `(epoch, seq)` is released once everything up to `seq` has been, so the
+//! joining member enters exactly there and existing members lose nothing to it.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -26,6 +27,12 @@ pub enum Output {
         previous_seq: u64,
         epoch: u64,
     },
+    /// A join marker reached: the member joins at `(epoch, seq)`.
+    Join {
+        token: u64,
+        epoch: u64,
+        seq: u64,
+    },
 }
 
 /// What one `accept` did, for the metrics.
@@ -37,20 +44,31 @@ pub struct Effect {
     pub gap_skipped: bool,
 }
 
+/// Held items sort by sequence, a message before the join markers at its position.
+type Key = (u64, u8, u64);
+const FRAME: u8 = 0;
+const MARKER: u8 = 1;
+
 #[derive(Debug, Default)]
 pub struct RoomOrder {
     last: Option<(u64, u64)>,
     /// After a NATS reconnect: what was published meanwhile is gone, so the next message is taken
     /// wherever it is, but an epoch change is still announced against the old position.
     resync: bool,
-    held: BTreeMap<u64, Bytes>,
+    held: BTreeMap<Key, Option<Bytes>>,
     gap_deadline: Option<Instant>,
 }
 
 impl RoomOrder {
-    /// The position a joining member can be given (`None`: unknown, ask the owner).
+    /// The position a joining member can be given at once (`None`: unknown, join through a
+    /// marker). Held messages do not matter: they come after it, to every member alike.
     pub fn position(&self) -> Option<(u64, u64)> {
         if self.resync { None } else { self.last }
+    }
+
+    /// The epoch of the last message delivered, if any.
+    pub fn epoch(&self) -> Option<u64> {
+        self.last.map(|(epoch, _)| epoch)
     }
 
     /// When held messages stop waiting for the missing ones.
@@ -59,44 +77,30 @@ impl RoomOrder {
     }
 
     /// The connection to the mesh was lost and is back: deliver what was held (it is all there
-    /// will be before the outage) and take the next message wherever it is.
+    /// will be from before the outage) and take the next message wherever it is.
     pub fn reconnected(&mut self, emit: &mut dyn FnMut(Output)) {
         self.flush_held(emit);
         self.resync = self.last.is_some();
     }
 
-    /// Moves the position to at least `position` without delivering anything (a member joins at
-    /// the owner's position on this node); returns the position the member joins at.
-    pub fn join_at(&mut self, position: (u64, u64)) -> (u64, u64) {
-        let at = match self.last {
-            Some(last) if last > position => last,
-            _ => position,
-        };
-        if self.last != Some(at) {
-            self.held = self.held.split_off(&(at.1 + 1));
-        }
-        self.last = Some(at);
-        self.resync = false;
-        at
-    }
-
-    /// Takes `(epoch, seq)`; `frame` is `None` for a marker. `wait` is how long held messages
-    /// wait for a missing one.
+    /// Takes a message (`frame`) or a join marker (`token`) at `(epoch, seq)`. `wait` is how long
+    /// held items wait for a missing message.
+    #[allow(clippy::too_many_arguments)]
     pub fn accept(
         &mut self,
         epoch: u64,
         seq: u64,
         frame: Option<Bytes>,
+        token: u64,
         now: Instant,
         wait: Duration,
         emit: &mut dyn FnMut(Output),
     ) -> Effect {
         let mut effect = Effect::default();
+        let marker = frame.is_none();
         let Some((last_epoch, last_seq)) = self.last else {
             self.last = Some((epoch, seq));
-            if let Some(frame) = frame {
-                emit(Output::Frame(frame));
-            }
+            self.deliver(frame, token, emit);
             return effect;
         };
         if epoch > last_epoch {
@@ -109,32 +113,48 @@ impl RoomOrder {
             });
             self.last = Some((epoch, seq));
             self.resync = false;
-            if let Some(frame) = frame {
-                emit(Output::Frame(frame));
+            self.deliver(frame, token, emit);
+            return effect;
+        }
+        if epoch < last_epoch || seq <= last_seq {
+            if marker {
+                // Everything up to the marker was delivered already: join at the position (what
+                // is held comes after it, to every member alike).
+                self.deliver(None, token, emit);
+            } else {
+                effect.stale = true;
             }
-        } else if epoch < last_epoch || seq <= last_seq {
-            effect.stale = frame.is_some();
-        } else if seq == last_seq + 1 || frame.is_none() || self.resync {
-            // The next message, a marker, or the first after a reconnect: anything held below
-            // it came before it (the rest of that gap is not coming).
-            let later = self.held.split_off(&(seq + 1));
-            for (_, held) in std::mem::replace(&mut self.held, later) {
-                emit(Output::Frame(held));
-            }
+            return effect;
+        }
+        if self.resync || (!marker && seq == last_seq.saturating_add(1)) {
+            // The next message, or the first after a reconnect (held items below it came
+            // before it; the rest of that gap is not coming).
+            let later = self
+                .held
+                .split_off(&(seq, if marker { MARKER } else { FRAME }, 0));
+            let earlier = std::mem::replace(&mut self.held, later);
+            self.emit_in_order(earlier, emit);
             self.last = Some((epoch, seq));
             self.resync = false;
-            if let Some(frame) = frame {
-                emit(Output::Frame(frame));
-            }
+            self.deliver(frame, token, emit);
             self.release_ready(emit);
-        } else if let Some(frame) = frame {
-            if self.held.len() >= HOLD_MAX {
-                self.flush_held(emit);
-                effect.gap_skipped = true;
-            }
-            self.held.insert(seq, frame);
-            self.gap_deadline.get_or_insert(now + wait);
+            return effect;
         }
+        if self.held.len() >= HOLD_MAX {
+            self.flush_held(emit);
+            effect.gap_skipped = true;
+            // Judge the newcomer against the position the flush reached.
+            let more = self.accept(epoch, seq, frame, token, now, wait, emit);
+            effect.stale = more.stale;
+            return effect;
+        }
+        let key = if marker {
+            (seq, MARKER, token)
+        } else {
+            (seq, FRAME, 0)
+        };
+        self.held.insert(key, frame);
+        self.gap_deadline.get_or_insert(now + wait);
         effect
     }
 
@@ -148,16 +168,38 @@ impl RoomOrder {
         }
     }
 
-    fn release_ready(&mut self, emit: &mut dyn FnMut(Output)) {
-        while let Some((epoch, last)) = self.last {
-            let Some(frame) = self.held.remove(&(last + 1)) else {
-                break;
-            };
-            self.last = Some((epoch, last + 1));
-            emit(Output::Frame(frame));
+    /// A frame is delivered; a marker joins at the current position.
+    fn deliver(&mut self, frame: Option<Bytes>, token: u64, emit: &mut dyn FnMut(Output)) {
+        match frame {
+            Some(frame) => emit(Output::Frame(frame)),
+            None => {
+                let (epoch, seq) = self.last.expect("a position exists");
+                emit(Output::Join { token, epoch, seq });
+            }
         }
-        if let Some((_, last)) = self.last {
-            self.held = self.held.split_off(&(last + 1));
+    }
+
+    fn release_ready(&mut self, emit: &mut dyn FnMut(Output)) {
+        while let Some((&(seq, kind, token), _)) = self.held.first_key_value() {
+            let (epoch, last) = self.last.expect("held items imply a position");
+            if kind == FRAME && seq == last.saturating_add(1) {
+                let frame = self.held.pop_first().and_then(|(_, f)| f);
+                self.last = Some((epoch, seq));
+                if let Some(frame) = frame {
+                    emit(Output::Frame(frame));
+                }
+            } else if seq <= last {
+                self.held.pop_first();
+                if kind == MARKER {
+                    emit(Output::Join {
+                        token,
+                        epoch,
+                        seq: last,
+                    });
+                }
+            } else {
+                break;
+            }
         }
         if self.held.is_empty() {
             self.gap_deadline = None;
@@ -165,13 +207,30 @@ impl RoomOrder {
     }
 
     fn flush_held(&mut self, emit: &mut dyn FnMut(Output)) {
-        for (seq, frame) in std::mem::take(&mut self.held) {
-            if let Some((epoch, _)) = self.last {
-                self.last = Some((epoch, seq));
-            }
-            emit(Output::Frame(frame));
-        }
+        let held = std::mem::take(&mut self.held);
+        self.emit_in_order(held, emit);
         self.gap_deadline = None;
+    }
+
+    /// Emits held items in key order, moving the position over the frames.
+    fn emit_in_order(&mut self, held: BTreeMap<Key, Option<Bytes>>, emit: &mut dyn FnMut(Output)) {
+        for ((seq, kind, token), frame) in held {
+            let Some((epoch, last)) = self.last else {
+                continue;
+            };
+            match frame {
+                Some(frame) if kind == FRAME && seq > last => {
+                    self.last = Some((epoch, seq));
+                    emit(Output::Frame(frame));
+                }
+                Some(_) => {}
+                None => emit(Output::Join {
+                    token,
+                    epoch,
+                    seq: last,
+                }),
+            }
+        }
     }
 }
 
@@ -191,7 +250,7 @@ mod tests {
     fn run(order: &mut RoomOrder, input: &[(u64, u64)], now: Instant) -> Vec<String> {
         let mut out = Vec::new();
         for &(epoch, seq) in input {
-            order.accept(epoch, seq, Some(frame(seq)), now, WAIT, &mut |o| {
+            order.accept(epoch, seq, Some(frame(seq)), 0, now, WAIT, &mut |o| {
                 out.push(show(o))
             });
         }
@@ -206,6 +265,7 @@ mod tests {
                 previous_seq,
                 epoch,
             } => format!("epoch {previous_epoch}:{previous_seq}->{epoch}"),
+            Output::Join { token, epoch, seq } => format!("join {token} at {epoch}:{seq}"),
         }
     }
 
@@ -259,20 +319,70 @@ mod tests {
         assert_eq!(out, ["1", "2", "epoch 1:2->5", "1", "2"]);
     }
 
+    fn marker(
+        order: &mut RoomOrder,
+        epoch: u64,
+        seq: u64,
+        token: u64,
+        now: Instant,
+    ) -> Vec<String> {
+        let mut out = Vec::new();
+        order.accept(epoch, seq, None, token, now, WAIT, &mut |o| {
+            out.push(show(o))
+        });
+        out
+    }
+
     #[test]
-    fn a_marker_moves_the_position_past_a_gap() {
+    fn a_join_marker_ahead_waits_for_the_messages_before_it() {
         let mut order = RoomOrder::default();
         let now = Instant::now();
         run(&mut order, &[(1, 1), (1, 3)], now);
-        let mut out = Vec::new();
-        order.accept(1, 4, None, now, WAIT, &mut |o| out.push(show(o)));
+        assert_eq!(marker(&mut order, 1, 4, 9, now), Vec::<String>::new());
+        assert_eq!(order.position(), Some((1, 1)));
         assert_eq!(
-            out,
-            ["3"],
-            "held messages below the marker are delivered first"
+            run(&mut order, &[(1, 2), (1, 4), (1, 5)], now),
+            ["2", "3", "4", "join 9 at 1:4", "5"],
+            "existing members lose nothing; the joiner enters after 4"
         );
-        assert_eq!(order.position(), Some((1, 4)));
-        assert_eq!(run(&mut order, &[(1, 5)], now), ["5"]);
+        assert_eq!(order.position(), Some((1, 5)));
+    }
+
+    #[test]
+    fn a_join_marker_at_or_behind_the_position_joins_at_once() {
+        let mut order = RoomOrder::default();
+        let now = Instant::now();
+        run(&mut order, &[(1, 1), (1, 2)], now);
+        assert_eq!(marker(&mut order, 1, 1, 5, now), ["join 5 at 1:2"]);
+        assert_eq!(marker(&mut order, 1, 2, 6, now), ["join 6 at 1:2"]);
+    }
+
+    #[test]
+    fn a_held_marker_is_released_when_the_gap_is_skipped() {
+        let mut order = RoomOrder::default();
+        let now = Instant::now();
+        run(&mut order, &[(1, 1)], now);
+        marker(&mut order, 1, 3, 7, now);
+        let mut out = Vec::new();
+        assert!(order.skip_gap(now + WAIT, &mut |o| out.push(show(o))));
+        assert_eq!(out, ["join 7 at 1:1"]);
+    }
+
+    #[test]
+    fn a_full_hold_is_flushed_and_the_newcomer_judged_after_it() {
+        let mut order = RoomOrder::default();
+        let now = Instant::now();
+        run(&mut order, &[(1, 1)], now);
+        let last = 3 + HOLD_MAX as u64;
+        let ahead: Vec<(u64, u64)> = (3..=last).map(|s| (1, s)).collect();
+        // The hold fills with 3.., then the one that does not fit flushes it and follows it.
+        assert_eq!(run(&mut order, &ahead, now), numbers(3..=last));
+        assert_eq!(
+            run(&mut order, &[(1, 2)], now),
+            Vec::<String>::new(),
+            "too late"
+        );
+        assert_eq!(order.position(), Some((1, last)));
     }
 
     #[test]
@@ -294,15 +404,6 @@ mod tests {
         );
     }
 
-    #[test]
-    fn joining_at_the_owner_position_drops_what_came_before() {
-        let mut order = RoomOrder::default();
-        let now = Instant::now();
-        run(&mut order, &[(1, 1), (1, 4)], now);
-        assert_eq!(order.join_at((1, 5)), (1, 5));
-        assert_eq!(run(&mut order, &[(1, 5), (1, 6)], now), ["6"]);
-    }
-
     proptest! {
         /// However messages are shuffled within a window smaller than the hold, members get each
         /// one once, in sequence order, with no gap.
@@ -317,7 +418,7 @@ mod tests {
                 }
             }
             let mut order = RoomOrder::default();
-            order.join_at((7, 0));
+            order.accept(7, 0, None, 0, Instant::now(), WAIT, &mut |_| {});
             let out = run(&mut order, &input, Instant::now());
             prop_assert_eq!(out, numbers(1..=n));
             prop_assert_eq!(order.gap_deadline(), None);
