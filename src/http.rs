@@ -248,7 +248,16 @@ async fn publish(
         publisher: SERVER_PUBLISHER.into(),
         client_msg_id: req.client_msg_id,
     };
-    let sequenced = ctx.bus.publish(publication).await.map_err(|e| match e {
+    // In its own task: a client that hangs up must not cut a publish off between its sequencing
+    // and its fan-out.
+    let publishing = tokio::spawn({
+        let ctx = ctx.clone();
+        async move { ctx.bus.publish(publication).await }
+    });
+    let published = publishing
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+    let sequenced = published.map_err(|e| match e {
         BusError::TooLarge(_) => ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "payload_too_large",

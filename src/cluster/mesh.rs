@@ -1010,7 +1010,23 @@ impl Inner {
     }
 
     /// Locks the owner state of `room` if this node may sequence it now.
+    ///
+    /// Bounded by most of a request's time: a forwarding node gives up after
+    /// `request_timeout_ms` and re-sends, and the re-sent publish must not find the first one
+    /// still waiting to be sequenced. (Dropping this wait is harmless: a take-over runs in its
+    /// own task.)
     async fn lock_owned(
+        self: &Arc<Self>,
+        room: &RoomName,
+    ) -> Step<tokio::sync::OwnedMutexGuard<OwnedRoom>> {
+        let bound = Duration::from_millis(self.config.request_timeout_ms * 4 / 5);
+        match tokio::time::timeout(bound, self.lock_owned_unbounded(room)).await {
+            Ok(step) => step,
+            Err(_) => Step::Retry(format!("{room} is still being taken over")),
+        }
+    }
+
+    async fn lock_owned_unbounded(
         self: &Arc<Self>,
         room: &RoomName,
     ) -> Step<tokio::sync::OwnedMutexGuard<OwnedRoom>> {
