@@ -14,18 +14,16 @@
 //! closed with 4001 and its queue dropped, so one stuck client costs at most its bound and never
 //! stalls the room or the other members.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::Poll;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures_util::task::AtomicWaker;
-use tokio::sync::mpsc;
-use tokio::sync::mpsc::error::TrySendError;
 use tokio::time::{MissedTickBehavior, timeout};
 
 use crate::auth::{AuthError, Permissions, Principal};
@@ -241,6 +239,103 @@ impl CloseSignal {
     }
 }
 
+/// A session's send queue: what fan-out pushes into and the writer drains.
+///
+/// A mutex around a `VecDeque` rather than a channel: an idle session's queue owns no allocation
+/// (tokio's bounded mpsc allocates a 32-slot block and a cache-padded channel up front, ~1.5 KB,
+/// a fifth of an idle session), both bounds (frames and bytes) are checked under the one lock a
+/// push takes, and the writer takes a whole batch under one lock. Nobody holds the lock across
+/// anything but a few memory operations.
+#[derive(Default)]
+struct Outbox {
+    queue: Mutex<Queue>,
+    /// The writer task, woken by the push that finds the queue empty.
+    writer: AtomicWaker,
+}
+
+#[derive(Default)]
+struct Queue {
+    frames: VecDeque<Bytes>,
+    /// Bytes accepted and not yet written: in `frames` or in the writer's batch.
+    bytes: usize,
+    /// Set by the writer as it ends; later pushes are refused.
+    closed: bool,
+}
+
+/// Why a push was refused.
+#[derive(Debug)]
+enum PushRefused {
+    /// Over the frame or byte bound: the slow-consumer policy applies.
+    Full,
+    /// The writer has ended.
+    Closed,
+}
+
+impl Outbox {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().expect("send queue lock poisoned")
+    }
+
+    fn push(&self, frame: Bytes, max_frames: usize, max_bytes: usize) -> Result<(), PushRefused> {
+        let mut queue = self.lock();
+        if queue.closed {
+            return Err(PushRefused::Closed);
+        }
+        if queue.frames.len() >= max_frames || queue.bytes + frame.len() > max_bytes {
+            return Err(PushRefused::Full);
+        }
+        let was_empty = queue.frames.is_empty();
+        queue.bytes += frame.len();
+        queue.frames.push_back(frame);
+        drop(queue);
+        // Only the push that makes the queue non-empty wakes the writer: it takes every frame
+        // waiting when it runs, and re-registers before it looks again.
+        if was_empty {
+            self.writer.wake();
+        }
+        Ok(())
+    }
+
+    /// Takes up to `max` waiting frames, oldest first. Usually the whole queue is taken, buffer
+    /// and all, so an empty queue owns no memory: an idle session does not keep the buffer of
+    /// its last burst.
+    fn take(&self, max: usize) -> VecDeque<Bytes> {
+        let mut queue = self.lock();
+        if queue.frames.len() <= max {
+            std::mem::take(&mut queue.frames)
+        } else {
+            queue.frames.drain(..max).collect()
+        }
+    }
+
+    /// Resolves with the waiting frames (up to `max`) once there is at least one.
+    fn ready(&self, max: usize) -> impl Future<Output = VecDeque<Bytes>> + '_ {
+        std::future::poll_fn(move |cx| {
+            // Registered before looking, so a push in between finds the waker.
+            self.writer.register(cx.waker());
+            let batch = self.take(max);
+            if batch.is_empty() {
+                Poll::Pending
+            } else {
+                Poll::Ready(batch)
+            }
+        })
+    }
+
+    /// Takes `bytes` off the accounting once written (or dropped).
+    fn release(&self, bytes: usize) {
+        let mut queue = self.lock();
+        queue.bytes = queue.bytes.saturating_sub(bytes);
+    }
+
+    /// Refuses every later push and returns what is still waiting.
+    fn close(&self) -> VecDeque<Bytes> {
+        let mut queue = self.lock();
+        queue.closed = true;
+        std::mem::take(&mut queue.frames)
+    }
+}
+
 /// The shared face of a live session: what fan-out pushes into and what operators close.
 pub struct SessionHandle {
     /// Numeric key, unique on this node (membership tables).
@@ -251,8 +346,8 @@ pub struct SessionHandle {
     pub transport: Transport,
     pub peer: SocketAddr,
     pub client_name: String,
-    outbox: mpsc::Sender<Bytes>,
-    queued_bytes: AtomicUsize,
+    outbox: Outbox,
+    max_queued_frames: usize,
     max_queued_bytes: usize,
     state: AtomicU8,
     closing: CloseSignal,
@@ -276,8 +371,8 @@ pub enum UnreliableOutcome {
 }
 
 impl SessionHandle {
-    /// A new authenticated session and the receiving end of its send queue (what the writer
-    /// drains). Benchmarks use it to stand up sessions without sockets.
+    /// A new authenticated session; its writer drains the send queue with [`Self::take_queued`].
+    /// Benchmarks use it to stand up sessions without sockets.
     pub fn new(
         ctx: &Arc<NodeContext>,
         key: u64,
@@ -285,26 +380,24 @@ impl SessionHandle {
         transport: Transport,
         peer: SocketAddr,
         client_name: String,
-    ) -> (Arc<Self>, mpsc::Receiver<Bytes>) {
+    ) -> Arc<Self> {
         let config = &ctx.config.session;
-        let (tx, rx) = mpsc::channel(config.send_queue_frames);
-        let handle = Arc::new(SessionHandle {
+        Arc::new(SessionHandle {
             key,
             id: format!("{}:{key:x}", ctx.node_id).into(),
             user,
             transport,
             peer,
             client_name: truncate_utf8(client_name, 64),
-            outbox: tx,
-            queued_bytes: AtomicUsize::new(0),
+            outbox: Outbox::default(),
+            max_queued_frames: config.send_queue_frames,
             max_queued_bytes: config.send_queue_bytes,
             state: AtomicU8::new(State::Authenticated as u8),
             closing: CloseSignal::default(),
             reason: OnceLock::new(),
             datagrams: OnceLock::new(),
             ctx: ctx.clone(),
-        });
-        (handle, rx)
+        })
     }
 
     /// Queues one encoded frame without waiting. Returns `false` when the frame was not queued:
@@ -325,25 +418,28 @@ impl SessionHandle {
         if self.state.load(Ordering::Relaxed) != State::Authenticated as u8 {
             return false;
         }
-        let len = frame.len();
-        let queued = self.queued_bytes.fetch_add(len, Ordering::Relaxed) + len;
-        if queued > self.max_queued_bytes {
-            self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
-            self.cut_off_slow();
-            return false;
-        }
-        match self.outbox.try_send(frame) {
+        match self
+            .outbox
+            .push(frame, self.max_queued_frames, self.max_queued_bytes)
+        {
             Ok(()) => true,
-            Err(TrySendError::Full(_)) => {
-                self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+            Err(PushRefused::Full) => {
                 self.cut_off_slow();
                 false
             }
-            Err(TrySendError::Closed(_)) => {
-                self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
-                false
-            }
+            Err(PushRefused::Closed) => false,
         }
+    }
+
+    /// Takes up to `max` queued frames, oldest first (what the writer does). Their bytes stay
+    /// accounted until [`Self::written`] says they left.
+    pub fn take_queued(&self, max: usize) -> VecDeque<Bytes> {
+        self.outbox.take(max)
+    }
+
+    /// Takes frames that [`Self::take_queued`] handed out off the queue accounting.
+    pub fn written<'a>(&self, frames: impl IntoIterator<Item = &'a Bytes>) {
+        self.release(frames.into_iter().map(Bytes::len).sum());
     }
 
     /// Pushes an unreliable frame without waiting: as a datagram when the session has a datagram
@@ -410,7 +506,7 @@ impl SessionHandle {
     }
 
     pub fn queued_bytes(&self) -> usize {
-        self.queued_bytes.load(Ordering::Relaxed)
+        self.outbox.lock().bytes
     }
 
     fn reason(&self) -> CloseReason {
@@ -420,9 +516,9 @@ impl SessionHandle {
             .unwrap_or(CloseReason::ClientClosed)
     }
 
-    /// Takes `len` bytes off the queue accounting once the writer has taken frames out.
+    /// Takes `len` bytes off the queue accounting once the writer wrote (or dropped) them.
     fn release(&self, len: usize) {
-        self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+        self.outbox.release(len);
         self.ctx.metrics.queued_bytes.dec_by(len as i64);
     }
 }
@@ -467,75 +563,106 @@ impl RequestError {
     }
 }
 
-/// Runs one session to its end on the current task: handshake, then the reader loop, then
+/// Runs one session to its end on the task that polls it: handshake, then the reader loop, then
 /// teardown. The writer runs on a task of its own, spawned once the session is authenticated.
-#[tracing::instrument(name = "session", skip_all, fields(session, user, peer = %peer, transport = transport.label()))]
-pub async fn run<S: FrameSource, K: FrameSink>(
+///
+/// The span is attached by hand rather than with `#[tracing::instrument]`, whose wrapper future
+/// keeps a second copy of every argument for the session's whole life.
+pub fn run<S: FrameSource, K: FrameSink>(
+    ctx: Arc<NodeContext>,
+    transport: Transport,
+    peer: SocketAddr,
+    authenticated: Option<Principal>,
+    source: S,
+    sink: K,
+) -> impl Future<Output = ()> + Send {
+    let span = tracing::info_span!(
+        "session",
+        session = tracing::field::Empty,
+        user = tracing::field::Empty,
+        peer = %peer,
+        transport = transport.label(),
+    );
+    tracing::Instrument::instrument(
+        serve(ctx, transport, peer, authenticated, source, sink),
+        span,
+    )
+}
+
+/// The session's body. A plain function returning an `async move` block rather than an
+/// `async fn`: an `async fn` keeps its arguments twice in its state (as captured and as moved
+/// locals), and every byte of this state is held by each idle session.
+#[allow(clippy::manual_async_fn)]
+fn serve<S: FrameSource, K: FrameSink>(
     ctx: Arc<NodeContext>,
     transport: Transport,
     peer: SocketAddr,
     authenticated: Option<Principal>,
     mut source: S,
     mut sink: K,
-) {
-    let handshake = handshake(&ctx, transport, peer, authenticated, &mut source, &mut sink).await;
-    let Some((handle, rx, principal)) = handshake else {
-        linger(&mut source).await;
-        return;
-    };
-    let span = tracing::Span::current();
-    span.record("session", &*handle.id);
-    span.record("user", &*handle.user);
-    tracing::debug!(client = %handle.client_name, "session authenticated");
+) -> impl Future<Output = ()> + Send {
+    async move {
+        // The handshake, the implicit joins, each request and the teardown are boxed: they run
+        // briefly, and inline they would make every idle session's task as large as the largest
+        // of them (the mesh's join and publish futures are kilobytes).
+        let handshake = handshake(&ctx, transport, peer, authenticated, &mut source, &mut sink);
+        let Some(mut session) = Box::pin(handshake).await else {
+            Box::pin(linger(&mut source)).await;
+            return;
+        };
+        let handle = session.handle.clone();
+        tracing::Span::current()
+            .record("session", &*handle.id)
+            .record("user", &*handle.user);
+        tracing::debug!(client = %handle.client_name, "session authenticated");
+        let metrics = &ctx.metrics;
+        metrics
+            .sessions
+            .get_or_create(&[("transport", transport.label())])
+            .inc();
+        metrics
+            .sessions_opened
+            .get_or_create(&[("transport", transport.label())])
+            .inc();
 
-    let metrics = &ctx.metrics;
-    let transport_label = [("transport", transport.label())];
-    metrics.sessions.get_or_create(&transport_label).inc();
-    metrics
-        .sessions_opened
-        .get_or_create(&transport_label)
-        .inc();
-
-    let writer = tokio::spawn(write_loop(handle.clone(), rx, sink));
-    let mut session = Session {
-        ctx: ctx.clone(),
-        handle: handle.clone(),
-        rooms: HashSet::new(),
-        violations: 0,
-        budget: SessionBudget::new(&ctx.config.limits),
-        permissions: principal.permissions,
-        expires_at: principal.expires_at,
-        warned: false,
-        rearm: false,
-    };
-    let implicit = [RoomName::for_user(&handle.user), RoomName::broadcast()];
-    for room in &implicit {
-        // Membership of the user's and the broadcast room; no Joined frame is sent for them.
-        if let Err(error) = ctx.bus.join(room, &handle, None).await {
-            tracing::warn!(%error, %room, "implicit join failed");
+        let implicit = [RoomName::for_user(&handle.user), RoomName::broadcast()];
+        for room in &implicit {
+            // Membership of the user's and the broadcast room; no Joined frame is sent for them.
+            if let Err(error) = Box::pin(ctx.bus.join(room, &handle, None)).await {
+                tracing::warn!(%error, %room, "implicit join failed");
+            }
         }
-    }
-    // A drain that started after this session was authenticated but before it joined $broadcast
-    // did not see it; tell it now (the drain cancels before it takes its snapshot).
-    if ctx.shutdown.is_cancelled() {
-        handle.go_away("node shutting down");
-    }
-    session.read_loop(&mut source).await;
+        // A drain that started after this session was authenticated but before it joined
+        // $broadcast did not see it; tell it now (the drain cancels before it takes its snapshot).
+        if ctx.shutdown.is_cancelled() {
+            handle.go_away("node shutting down");
+        }
+        // Only now is the queued `Connected` written, so a client that has it is a member of its
+        // implicit rooms and a message to its user published right after reaches it. (In a mesh
+        // the owner of the user's room hands messages to its own members directly, never through
+        // NATS: a publish there in that moment found no member here and was lost to the session.)
+        // What was delivered meanwhile waits in the bounded queue behind `Connected`.
+        let writer = tokio::spawn(write_loop(handle.clone(), sink));
+        session.read_loop(&mut source).await;
 
-    // Teardown: no new pushes once memberships are gone; then let the writer finish.
-    for room in session.rooms.iter().chain(&implicit) {
-        ctx.bus.leave(room, &handle).await;
-    }
-    handle.close(CloseReason::ClientClosed);
-    let _ = writer.await;
-    linger(&mut source).await;
-    handle.state.store(State::Closed as u8, Ordering::Relaxed);
-    let reason = handle.reason();
-    metrics.sessions.get_or_create(&transport_label).dec();
-    if reason.peer_caused() {
-        tracing::debug!(reason = reason.label(), "session closed");
-    } else {
-        tracing::info!(reason = reason.label(), "session closed");
+        // Teardown: no new pushes once memberships are gone; then let the writer finish.
+        for room in session.rooms.iter().chain(&implicit) {
+            Box::pin(ctx.bus.leave(room, &handle)).await;
+        }
+        handle.close(CloseReason::ClientClosed);
+        let _ = writer.await;
+        Box::pin(linger(&mut source)).await;
+        handle.state.store(State::Closed as u8, Ordering::Relaxed);
+        let reason = handle.reason();
+        metrics
+            .sessions
+            .get_or_create(&[("transport", transport.label())])
+            .dec();
+        if reason.peer_caused() {
+            tracing::debug!(reason = reason.label(), "session closed");
+        } else {
+            tracing::info!(reason = reason.label(), "session closed");
+        }
     }
 }
 
@@ -548,7 +675,7 @@ async fn handshake<S: FrameSource, K: FrameSink>(
     authenticated: Option<Principal>,
     source: &mut S,
     sink: &mut K,
-) -> Option<(Arc<SessionHandle>, mpsc::Receiver<Bytes>, Principal)> {
+) -> Option<Session> {
     let deadline = tokio::time::Instant::now() + ctx.config.handshake_timeout();
     let (request_id, connect) = loop {
         let inbound = tokio::select! {
@@ -609,7 +736,7 @@ async fn handshake<S: FrameSource, K: FrameSink>(
     };
 
     let user = principal.user.clone();
-    let (handle, rx) = SessionHandle::new(ctx, key, user, transport, peer, connect.client_name);
+    let handle = SessionHandle::new(ctx, key, user, transport, peer, connect.client_name);
     if let Some(path) = sink.datagrams() {
         let _ = handle.datagrams.set(path);
     }
@@ -636,7 +763,17 @@ async fn handshake<S: FrameSource, K: FrameSink>(
             token_expires_at_ms: principal.expires_at.map_or(0, |s| s.saturating_mul(1000)),
         }),
     ));
-    Some((handle, rx, principal))
+    Some(Session {
+        ctx: ctx.clone(),
+        budget: SessionBudget::new(&ctx.config.limits),
+        handle,
+        rooms: HashSet::new(),
+        violations: 0,
+        permissions: principal.permissions,
+        expires_at: principal.expires_at,
+        warned: false,
+        rearm: false,
+    })
 }
 
 /// Refuses a connection that never became a session: an optional Error frame, then the close.
@@ -739,29 +876,37 @@ impl Session {
         let handle = self.handle.clone();
         let cancelled = handle.closing.wait(Waiter::Reader);
         tokio::pin!(cancelled);
-        let token_timer = tokio::time::sleep_until(self.token_deadline());
-        tokio::pin!(token_timer);
+        // One timer for both deadlines (silence for `idle`, the token's warning or expiry),
+        // re-armed only when it fires: an inbound frame just notes the time, so a busy session
+        // does not touch the timer wheel per frame, and an idle one holds a single timer.
+        let mut last_inbound = tokio::time::Instant::now();
+        let timer = tokio::time::sleep_until(self.next_deadline(last_inbound + idle));
+        tokio::pin!(timer);
         loop {
             let inbound = tokio::select! {
                 biased;
                 _ = &mut cancelled => return,
-                _ = &mut token_timer => {
-                    self.on_token_timer();
-                    token_timer.as_mut().reset(self.token_deadline());
+                _ = &mut timer => {
+                    let now = tokio::time::Instant::now();
+                    if now >= last_inbound + idle {
+                        self.handle.close(CloseReason::IdleTimeout);
+                        return;
+                    }
+                    if self.token_due_in_ms() == 0 {
+                        self.on_token_timer();
+                    }
+                    timer.as_mut().reset(self.next_deadline(last_inbound + idle));
                     continue;
                 }
-                r = timeout(idle, source.recv()) => r,
+                r = source.recv() => r,
             };
+            last_inbound = tokio::time::Instant::now();
             let inbound = match inbound {
-                Err(_) => {
-                    self.handle.close(CloseReason::IdleTimeout);
-                    return;
-                }
-                Ok(Err(error)) => {
+                Err(error) => {
                     self.handle.close(error.into());
                     return;
                 }
-                Ok(Ok(inbound)) => inbound,
+                Ok(inbound) => inbound,
             };
             // Decoding slices the buffer (no copy), so it comes before the budget: a refused
             // request is answered with its own request id.
@@ -808,7 +953,7 @@ impl Session {
             }
             match decoded {
                 Decoded::Activity => {}
-                Decoded::Datagram(bytes) => self.datagram(bytes).await,
+                Decoded::Datagram(bytes) => Box::pin(self.datagram(bytes)).await,
                 Decoded::Text => {
                     self.count_in("text");
                     self.violation(
@@ -819,7 +964,7 @@ impl Session {
                 }
                 Decoded::Frame(frame) => {
                     self.count_in(frame.kind_name());
-                    self.handle_frame(frame).await;
+                    Box::pin(self.handle_frame(frame)).await;
                 }
                 Decoded::Undecodable(error) => {
                     self.count_in("undecodable");
@@ -828,7 +973,9 @@ impl Session {
                 }
             }
             if std::mem::take(&mut self.rearm) {
-                token_timer.as_mut().reset(self.token_deadline());
+                timer
+                    .as_mut()
+                    .reset(self.next_deadline(last_inbound + idle));
             }
         }
     }
@@ -853,13 +1000,12 @@ impl Session {
         }
     }
 
-    /// When the token timer should fire next: the warning, then the expiry.
-    fn token_deadline(&self) -> tokio::time::Instant {
+    /// Milliseconds until the token's next event (the warning, then the expiry); 0 when due.
+    fn token_due_in_ms(&self) -> u64 {
         // Capped so no configuration can overflow the Instant arithmetic.
         const FAR: u64 = 365 * 86_400 * 1000;
-        let now = tokio::time::Instant::now();
         let Some(expires_at) = self.expires_at else {
-            return now + Duration::from_millis(FAR);
+            return FAR;
         };
         let warning = self.ctx.config.auth.jwt.refresh_warning_s;
         let at_s = if self.warned {
@@ -867,7 +1013,13 @@ impl Session {
         } else {
             expires_at.saturating_sub(warning)
         };
-        now + Duration::from_millis(at_s.saturating_mul(1000).saturating_sub(now_ms()).min(FAR))
+        at_s.saturating_mul(1000).saturating_sub(now_ms()).min(FAR)
+    }
+
+    /// When the read loop's timer fires next: the token's next event or the idle deadline.
+    fn next_deadline(&self, idle_at: tokio::time::Instant) -> tokio::time::Instant {
+        let token_at = tokio::time::Instant::now() + Duration::from_millis(self.token_due_in_ms());
+        token_at.min(idle_at)
     }
 
     fn on_token_timer(&mut self) {
@@ -1073,84 +1225,86 @@ impl Session {
 /// when the close reason keeps what was accepted, so the peer never sees a hole followed by later
 /// frames; it is abandoned only for a slow consumer or a dead connection. A write that makes no
 /// progress for `idle_timeout_ms` counts as a failed write.
-async fn write_loop<K: FrameSink>(
-    handle: Arc<SessionHandle>,
-    mut rx: mpsc::Receiver<Bytes>,
-    mut sink: K,
-) {
-    let ctx = handle.ctx.clone();
-    let heartbeat = ctx.config.heartbeat_interval();
-    let stall_limit = ctx.config.idle_timeout();
+///
+/// What waits between batches is kept small (it is most of an idle session's writer); each
+/// write, heartbeat and the close run boxed, since their futures are several times larger.
+async fn write_loop<K: FrameSink>(handle: Arc<SessionHandle>, mut sink: K) {
+    let heartbeat = handle.ctx.config.heartbeat_interval();
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut batch: Vec<Bytes> = Vec::new();
     let cancelled = handle.closing.wait(Waiter::Writer);
     tokio::pin!(cancelled);
     // Whether everything taken from the queue so far reached the transport in order.
-    let mut intact = true;
-    loop {
-        tokio::select! {
+    let intact = loop {
+        let written = tokio::select! {
             biased;
-            _ = &mut cancelled => break,
-            n = rx.recv_many(&mut batch, MAX_BATCH) => {
-                if n == 0 {
-                    break;
-                }
-                let written = {
-                    let send = timeout(stall_limit, sink.send_batch(&batch));
-                    tokio::pin!(send);
-                    tokio::select! {
-                        r = &mut send => matches!(r, Ok(Ok(()))),
-                        _ = &mut cancelled => {
-                            if handle.reason().flushes_queue() {
-                                matches!(timeout(CLOSE_WRITE_TIMEOUT, &mut send).await, Ok(Ok(Ok(()))))
-                            } else {
-                                false
-                            }
-                        }
-                    }
-                };
-                account_written(&handle, &batch);
-                batch.clear();
-                if !written {
-                    intact = false;
-                    break;
-                }
+            _ = &mut cancelled => break true,
+            mut batch = handle.outbox.ready(MAX_BATCH) => {
+                let written =
+                    Box::pin(write_batch(&handle, &mut sink, batch.make_contiguous(), cancelled.as_mut()))
+                        .await;
+                account_written(&handle, batch.make_contiguous());
+                written
             }
-            _ = ticker.tick() => {
-                let sent = tokio::select! {
-                    r = timeout(stall_limit, sink.heartbeat()) => matches!(r, Ok(Ok(()))),
-                    _ = &mut cancelled => true,
-                };
-                if !sent {
-                    intact = false;
-                    break;
-                }
+            _ = ticker.tick() => Box::pin(send_heartbeat(&handle, &mut sink, cancelled.as_mut())).await,
+        };
+        if !written {
+            break false;
+        }
+    };
+    Box::pin(finish_writing(&handle, &mut sink, intact)).await;
+}
+
+/// Writes one batch; `false` when it failed or stalled past `idle_timeout_ms`.
+async fn write_batch<K: FrameSink>(
+    handle: &SessionHandle,
+    sink: &mut K,
+    batch: &[Bytes],
+    cancelled: std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> bool {
+    let send = timeout(handle.ctx.config.idle_timeout(), sink.send_batch(batch));
+    tokio::pin!(send);
+    tokio::select! {
+        r = &mut send => matches!(r, Ok(Ok(()))),
+        _ = cancelled => {
+            if handle.reason().flushes_queue() {
+                matches!(timeout(CLOSE_WRITE_TIMEOUT, &mut send).await, Ok(Ok(Ok(()))))
+            } else {
+                false
             }
         }
     }
+}
+
+/// Sends the transport's heartbeat; `false` when it failed or stalled.
+async fn send_heartbeat<K: FrameSink>(
+    handle: &SessionHandle,
+    sink: &mut K,
+    cancelled: std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> bool {
+    tokio::select! {
+        r = timeout(handle.ctx.config.idle_timeout(), sink.heartbeat()) => matches!(r, Ok(Ok(()))),
+        _ = cancelled => true,
+    }
+}
+
+/// The writer's end: what is still queued is written (or dropped, for a slow consumer or a dead
+/// connection), then the close frame.
+async fn finish_writing<K: FrameSink>(handle: &SessionHandle, sink: &mut K, intact: bool) {
     if !intact {
         // No-op when a reason was already set (e.g. slow consumer); otherwise the write failed.
         handle.close(CloseReason::WriteFailed);
     }
     let reason = handle.reason();
-    rx.close();
-    if reason.flushes_queue() && intact {
-        let mut rest = Vec::new();
-        while let Ok(frame) = rx.try_recv() {
-            rest.push(frame);
-        }
-        if !rest.is_empty() {
-            let _ = timeout(CLOSE_WRITE_TIMEOUT, sink.send_batch(&rest)).await;
-            account_written(&handle, &rest);
-        }
+    let mut rest = handle.outbox.close();
+    if reason.flushes_queue() && intact && !rest.is_empty() {
+        let _ = timeout(CLOSE_WRITE_TIMEOUT, sink.send_batch(rest.make_contiguous())).await;
+        account_written(handle, rest.make_contiguous());
+    } else {
+        // A slow consumer's queue (or one behind a dead connection) is dropped, its bytes
+        // released.
+        handle.written(&rest);
     }
-    // Whatever is left (a slow consumer's queue) is dropped, and its bytes released.
-    let mut dropped = 0;
-    while let Ok(frame) = rx.try_recv() {
-        dropped += frame.len();
-    }
-    handle.release(dropped);
     if reason != CloseReason::WriteFailed {
         let _ = timeout(
             CLOSE_WRITE_TIMEOUT,
@@ -1174,4 +1328,58 @@ pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(len: usize) -> Bytes {
+        Bytes::from(vec![0u8; len])
+    }
+
+    #[test]
+    fn the_send_queue_refuses_past_either_bound_and_after_close() {
+        let outbox = Outbox::default();
+        assert!(outbox.push(frame(10), 2, 25).is_ok());
+        assert!(outbox.push(frame(10), 2, 25).is_ok());
+        // Third frame: over the frame bound.
+        assert!(matches!(
+            outbox.push(frame(1), 2, 25),
+            Err(PushRefused::Full)
+        ));
+        let batch = outbox.take(1);
+        assert_eq!(batch.len(), 1);
+        // Taken but not yet written: its bytes still count against the byte bound.
+        assert!(matches!(
+            outbox.push(frame(10), 2, 25),
+            Err(PushRefused::Full)
+        ));
+        outbox.release(10);
+        assert!(outbox.push(frame(10), 2, 25).is_ok());
+        let rest = outbox.close();
+        assert_eq!(rest.len(), 2);
+        assert!(matches!(
+            outbox.push(frame(1), 2, 25),
+            Err(PushRefused::Closed)
+        ));
+    }
+
+    #[test]
+    fn an_emptied_send_queue_keeps_no_buffer() {
+        let outbox = Outbox::default();
+        for _ in 0..100 {
+            outbox.push(frame(8), 1024, 1 << 20).unwrap();
+        }
+        assert_eq!(outbox.take(usize::MAX).len(), 100);
+        assert_eq!(outbox.lock().frames.capacity(), 0);
+        // A partial take keeps the rest, in order.
+        for i in 0..10u8 {
+            outbox.push(Bytes::from(vec![i]), 1024, 1 << 20).unwrap();
+        }
+        let first: Vec<u8> = outbox.take(4).iter().map(|b| b[0]).collect();
+        let rest: Vec<u8> = outbox.take(100).iter().map(|b| b[0]).collect();
+        assert_eq!(first, [0, 1, 2, 3]);
+        assert_eq!(rest, [4, 5, 6, 7, 8, 9]);
+    }
 }

@@ -9,7 +9,7 @@ use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use http::{HeaderValue, StatusCode, header};
 use hyper_util::rt::TokioIo;
 use tokio_tungstenite::WebSocketStream;
@@ -149,16 +149,17 @@ pub async fn upgrade(State(ctx): State<Arc<NodeContext>>, mut req: Request) -> R
                 .await;
         let (sink, source) = ws.split();
         let peer = peer.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
-        crate::session::run(
-            task_ctx,
+        let session = crate::session::run(
+            task_ctx.clone(),
             Transport::WebSocket,
             peer,
             authenticated,
             WsSource { inner: source },
             WsSink { inner: sink },
-        )
-        .await;
-        drop(permit);
+        );
+        // A task of its own, so what the upgrade needed is not kept for the session's life
+        // (and `map`, not an `async` block, which would hold the session's future twice).
+        task_ctx.tracker.spawn(session.map(move |()| drop(permit)));
     });
 
     let mut response = Response::new(Body::empty());
