@@ -274,7 +274,9 @@ pub struct SessionConfig {
     /// the session is closed with 4000.
     pub max_violations: u32,
     /// WebSocket read buffer per connection, in bytes. tungstenite allocates it eagerly, so it is
-    /// the largest fixed cost of an idle session; its own default of 128 KiB is far too large.
+    /// the largest fixed cost of an idle session (its own default of 128 KiB is far too large).
+    /// It is also the most one read system call takes in: a frame larger than the buffer arrives
+    /// in buffer-sized reads, so nodes whose clients publish large messages may raise it.
     pub ws_read_buffer_bytes: usize,
     /// Outbound bytes gathered before a write system call; queued frames are coalesced up to it.
     pub ws_write_buffer_bytes: usize,
@@ -290,7 +292,7 @@ impl Default for SessionConfig {
             send_queue_bytes: 4 * 1024 * 1024,
             max_rooms: 128,
             max_violations: 5,
-            ws_read_buffer_bytes: 4 * 1024,
+            ws_read_buffer_bytes: 1024,
             ws_write_buffer_bytes: 64 * 1024,
         }
     }
