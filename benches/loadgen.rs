@@ -3,14 +3,20 @@
 //! docs/BENCHMARKS.md reports. Each run prints one JSON object per measured step.
 //!
 //! ```text
-//! loadgen idle   --target roomwire --url ws://127.0.0.1:8080/ws --sessions 10000 --pid <node pid>
-//! loadgen fanout --target nats --url ws://127.0.0.1:8222 --members 2000 --size 64 --rates 100,200,400
-//! loadgen chat   --target roomwire --url ... --rooms 1000 --members-per-room 10 --rate 0.5 --secs 20
+//! loadgen idle    --target roomwire --url ws://127.0.0.1:8080/ws --sessions 10000 --pid <node pid>
+//! loadgen fanout  --target nats --url ws://127.0.0.1:8222 --members 2000 --size 64 --rates 100,200,400
+//! loadgen latency --target roomwire --url ... --rates 100,1000,10000 --step-secs 3
+//! loadgen chat    --target roomwire --url ... --rooms 1000 --members-per-room 10 --rate 0.5 --secs 20
+//! loadgen --threads 2 fanout --url ws://a/ws,ws://b/ws --pid <a>,<b>,<nats> ...   (two nodes)
 //! ```
 //!
 //! Payloads carry the publisher's sequence number and a send timestamp (Unix nanoseconds; the
 //! generator and the server share this machine's clock), so every receiver measures
 //! publish-to-receive latency and checks for loss and reordering.
+//!
+//! Throughput is measured at the end of the publishing window (what arrived while the publisher
+//! was still publishing), and the time the backlog then takes to arrive is reported beside it:
+//! a system that falls behind shows it in both, not as a late 100 %.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -35,11 +41,25 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 type Stream = WebSocketStream<MaybeTlsStream<TcpStream>>;
 type SharedSink = Arc<Mutex<SplitSink<Stream, Ws>>>;
 
-/// Receivers fold their local latency histograms into the shared one this often.
-const MERGE_EVERY: Duration = Duration::from_millis(100);
+/// Shards of the shared tally (see [`Received`]): enough that receivers on different worker
+/// threads rarely meet on one lock.
+const SHARDS: usize = 16;
+
+/// A step keeps up when what arrived within the publishing window is at least this share of
+/// what was offered (and the backlog drains within [`KEEP_UP_DRAIN`]); benches/report.py
+/// applies the same rule to find each system's ceiling.
+const KEEP_UP_SHARE: f64 = 0.95;
+const KEEP_UP_DRAIN: Duration = Duration::from_secs(1);
+
+/// After publishing stops, the drain gives up when no delivery arrives for this long.
+const DRAIN_STALL: Duration = Duration::from_secs(2);
 
 #[derive(Parser)]
 struct Args {
+    /// Worker threads of the generator's tokio runtime; 1 runs everything on one thread (a
+    /// current-thread runtime), leaving the other core of a 2-core box to the server.
+    #[arg(long, global = true, default_value_t = 1)]
+    threads: usize,
     #[command(subcommand)]
     scenario: Scenario,
 }
@@ -67,15 +87,17 @@ enum Member {
 struct Common {
     #[arg(long, value_enum)]
     target: Target,
-    /// WebSocket URL of the server.
-    #[arg(long)]
-    url: String,
+    /// WebSocket URL of the server, or a comma-separated list (several nodes, or clustered
+    /// nats-servers): member i connects to url[i % n], publishers of one-room scenarios to the
+    /// first.
+    #[arg(long, value_delimiter = ',', required = true)]
+    url: Vec<String>,
     /// Source addresses to spread connections over (e.g. 127.0.0.1,127.0.0.2).
     #[arg(long, value_delimiter = ',', default_value = "127.0.0.1")]
     sources: Vec<String>,
-    /// Server process to sample CPU and RSS from.
-    #[arg(long)]
-    pid: Option<u32>,
+    /// Server processes to sample CPU and RSS from (comma-separated); the figures are summed.
+    #[arg(long, value_delimiter = ',')]
+    pid: Vec<u32>,
     /// Label written into every result line.
     #[arg(long, default_value = "")]
     label: String,
@@ -92,6 +114,29 @@ struct Common {
     /// Connections opened at once.
     #[arg(long, default_value_t = 200)]
     connect_concurrency: usize,
+    /// Pause between the last member joining and the first publish, so that interest reaches
+    /// every server of a cluster (NATS routes propagate subscriptions asynchronously).
+    #[arg(long, default_value_t = 0)]
+    settle_ms: u64,
+}
+
+/// How a one-room scenario (fanout, latency) steps its rate.
+#[derive(clap::Args, Clone)]
+struct Steps {
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+    /// Messages per second offered by the publisher, one step each.
+    #[arg(long, value_delimiter = ',', default_value = "50,100,200")]
+    rates: Vec<u64>,
+    #[arg(long, default_value_t = 10)]
+    step_secs: u64,
+    /// Stop stepping after this many consecutive steps that do not keep up (less than 95 % of
+    /// the offered deliveries within the window, or a drain longer than 1 s); 0 runs every rate.
+    #[arg(long, default_value_t = 0)]
+    stop_after_misses: usize,
+    /// Longest wait for the backlog after a step's publishing window.
+    #[arg(long, default_value_t = 30)]
+    drain_max_secs: u64,
 }
 
 #[derive(Subcommand)]
@@ -109,13 +154,17 @@ enum Scenario {
         common: Common,
         #[arg(long, default_value_t = 2000)]
         members: usize,
-        #[arg(long, default_value_t = 64)]
-        size: usize,
-        /// Messages per second offered by the publisher, one step each.
-        #[arg(long, value_delimiter = ',', default_value = "50,100,200")]
-        rates: Vec<u64>,
-        #[arg(long, default_value_t = 10)]
-        step_secs: u64,
+        #[command(flatten)]
+        steps: Steps,
+    },
+    /// One publisher, one member (by default): the latency of a lightly loaded path.
+    Latency {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, default_value_t = 1)]
+        members: usize,
+        #[command(flatten)]
+        steps: Steps,
     },
     /// Many small rooms, every member publishing slowly.
     Chat {
@@ -132,6 +181,8 @@ enum Scenario {
         size: usize,
         #[arg(long, default_value_t = 20)]
         secs: u64,
+        #[arg(long, default_value_t = 30)]
+        drain_max_secs: u64,
     },
 }
 
@@ -158,52 +209,77 @@ fn proc_sample(pid: &str) -> Option<(f64, u64)> {
     Some((ticks / 100.0, rss_kb * 1024))
 }
 
+/// The summed RSS of the server processes, when every one of them could be read.
+fn servers_rss(pids: &[u32]) -> Option<u64> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter()
+        .map(|p| proc_sample(&p.to_string()).map(|s| s.1))
+        .sum()
+}
+
 struct Sampler {
-    server: Option<String>,
+    servers: Vec<String>,
     start: Instant,
-    server0: Option<(f64, u64)>,
+    servers0: Vec<Option<(f64, u64)>>,
     own0: Option<(f64, u64)>,
 }
 
 impl Sampler {
-    fn start(pid: Option<u32>) -> Self {
-        let server = pid.map(|p| p.to_string());
+    fn start(pids: &[u32]) -> Self {
+        let servers: Vec<String> = pids.iter().map(|p| p.to_string()).collect();
         Self {
-            server0: server.as_deref().and_then(proc_sample),
+            servers0: servers.iter().map(|p| proc_sample(p)).collect(),
             own0: proc_sample("self"),
-            server,
+            servers,
             start: Instant::now(),
         }
     }
 
-    /// CPU cores used by the server and by this generator since start, and the server's RSS.
+    /// CPU cores used by the servers (summed, and each) and by this generator since start, and
+    /// the servers' summed RSS.
     fn finish(&self) -> serde_json::Value {
         let secs = self.start.elapsed().as_secs_f64();
-        let server = self.server.as_deref().and_then(proc_sample);
-        let own = proc_sample("self");
         let cores = |a: Option<(f64, u64)>, b: Option<(f64, u64)>| match (a, b) {
-            (Some(a), Some(b)) => json!((b.0 - a.0) / secs),
-            _ => json!(null),
+            (Some(a), Some(b)) => Some((b.0 - a.0) / secs),
+            _ => None,
         };
+        let now: Vec<Option<(f64, u64)>> = self.servers.iter().map(|p| proc_sample(p)).collect();
+        let each: Vec<Option<f64>> = self
+            .servers0
+            .iter()
+            .zip(&now)
+            .map(|(a, b)| cores(*a, *b))
+            .collect();
+        // A sum only when every process could be read: a partial sum would look like a figure.
+        let cpu: Option<Vec<f64>> = each.iter().copied().collect();
+        let rss: Option<Vec<u64>> = now.iter().map(|s| s.map(|s| s.1)).collect();
         json!({
-            "server_cpu_cores": cores(self.server0, server),
-            "loadgen_cpu_cores": cores(self.own0, own),
-            "server_rss_bytes": server.map(|s| s.1),
+            "server_cpu_cores": cpu.filter(|v| !v.is_empty()).map(|v| v.iter().sum::<f64>()),
+            "server_cpu_cores_each": each,
+            "loadgen_cpu_cores": cores(self.own0, proc_sample("self")),
+            "server_rss_bytes": rss.filter(|v| !v.is_empty()).map(|v| v.iter().sum::<u64>()),
         })
     }
 }
 
 /// Payload: publisher sequence number, send time, padding to `size`.
 fn payload(seq: u64, size: usize) -> Bytes {
-    let mut b = BytesMut::zeroed(size.max(16));
+    let mut b = BytesMut::zeroed(size.max(24));
     b[..8].copy_from_slice(&seq.to_le_bytes());
     b[8..16].copy_from_slice(&now_ns().to_le_bytes());
     b.freeze()
 }
 
-async fn open(common: &Common, index: usize) -> anyhow::Result<Stream> {
+/// The server URL member `index` connects to.
+fn url_of(common: &Common, index: usize) -> &str {
+    &common.url[index % common.url.len()]
+}
+
+async fn open(common: &Common, index: usize, url: &str) -> anyhow::Result<Stream> {
     let source: std::net::IpAddr = common.sources[index % common.sources.len()].parse()?;
-    let mut request = common.url.as_str().into_client_request()?;
+    let mut request = url.into_client_request()?;
     let host = request
         .uri()
         .authority()
@@ -284,9 +360,9 @@ async fn nats_until(ws: &mut Stream, prefix: &str) -> anyhow::Result<()> {
     anyhow::bail!("closed before {prefix}")
 }
 
-/// Connects one session and makes it a member of `room`; `user` names it.
-async fn member(common: &Common, index: usize, room: &str) -> anyhow::Result<Stream> {
-    let mut ws = open(common, index).await?;
+/// Connects session `index` to `url` and makes it a member of `room` (none when empty).
+async fn member(common: &Common, index: usize, url: &str, room: &str) -> anyhow::Result<Stream> {
+    let mut ws = open(common, index, url).await?;
     match common.target {
         Target::Roomwire => {
             ws.send(client_frame(
@@ -363,7 +439,9 @@ async fn members(
             let room = room_of(i);
             async move {
                 match common.transport {
-                    Transport::Ws => member(common, i, &room).await.map(Member::Ws),
+                    Transport::Ws => member(common, i, url_of(common, i), &room)
+                        .await
+                        .map(Member::Ws),
                     Transport::Wt => wt_member(common, i, &room).await.map(Member::Wt),
                 }
             }
@@ -376,36 +454,81 @@ async fn members(
     Ok((all, n as f64 / start.elapsed().as_secs_f64()))
 }
 
-/// What one receiving session saw.
+/// One shard of the shared tally.
+struct Shard {
+    latency: Histogram<u64>,
+    count: u64,
+    out_of_order: u64,
+}
+
+/// What every receiving session of a run saw. Receivers record straight into one of
+/// [`SHARDS`] shards, each behind a std mutex held for one record: no histogram per receiver to
+/// fold in (a histogram is ~150 KB, and adding or clearing one walks all of it), no merge timer
+/// per receiver, and a step's figures are complete the moment its last message is counted.
 struct Received {
-    count: AtomicU64,
-    out_of_order: AtomicU64,
-    latency: Mutex<Histogram<u64>>,
+    shards: Vec<std::sync::Mutex<Shard>>,
+    /// Receivers whose stream ended (a server that drops slow consumers shows here).
+    closed: AtomicU64,
 }
 
 impl Received {
     fn new() -> Arc<Self> {
         Arc::new(Self {
-            count: AtomicU64::new(0),
-            out_of_order: AtomicU64::new(0),
-            latency: Mutex::new(Histogram::new_with_bounds(1, 120_000_000, 3).unwrap()),
+            shards: (0..SHARDS)
+                .map(|_| {
+                    std::sync::Mutex::new(Shard {
+                        latency: Histogram::new_with_bounds(1, 120_000_000, 3).unwrap(),
+                        count: 0,
+                        out_of_order: 0,
+                    })
+                })
+                .collect(),
+            closed: AtomicU64::new(0),
         })
+    }
+
+    fn shard(&self, i: usize) -> std::sync::MutexGuard<'_, Shard> {
+        self.shards[i].lock().expect("tally shard poisoned")
+    }
+
+    fn count(&self) -> u64 {
+        (0..SHARDS).map(|i| self.shard(i).count).sum()
+    }
+
+    fn out_of_order(&self) -> u64 {
+        (0..SHARDS).map(|i| self.shard(i).out_of_order).sum()
+    }
+
+    fn latency(&self) -> Histogram<u64> {
+        let mut all = Histogram::new_with_bounds(1, 120_000_000, 3).unwrap();
+        for i in 0..SHARDS {
+            all.add(&self.shard(i).latency).unwrap();
+        }
+        all
+    }
+
+    fn reset(&self) {
+        for i in 0..SHARDS {
+            let mut shard = self.shard(i);
+            shard.latency.reset();
+            shard.count = 0;
+            shard.out_of_order = 0;
+        }
     }
 }
 
-/// One receiver's records: latency into a local histogram (folded into the shared one by
-/// `merge`), count, and order per publisher.
+/// One receiver's view: order per publisher, and the shard it records into.
 struct Tally {
-    local: Histogram<u64>,
     last_seq: std::collections::HashMap<u64, u64>,
+    shard: usize,
     received: Arc<Received>,
 }
 
 impl Tally {
-    fn new(received: Arc<Received>) -> Self {
+    fn new(received: Arc<Received>, index: usize) -> Self {
         Self {
-            local: Histogram::new_with_bounds(1, 120_000_000, 3).unwrap(),
             last_seq: Default::default(),
+            shard: index % SHARDS,
             received,
         }
     }
@@ -417,40 +540,30 @@ impl Tally {
         let seq = u64::from_le_bytes(p[..8].try_into().unwrap());
         let sent = u64::from_le_bytes(p[8..16].try_into().unwrap());
         let publisher = u64::from_le_bytes(p[16..24].try_into().unwrap());
-        let _ = self
-            .local
-            .record((now_ns().saturating_sub(sent) / 1_000).max(1));
         let last = self.last_seq.entry(publisher).or_insert(0);
-        if seq <= *last {
-            self.received.out_of_order.fetch_add(1, Ordering::Relaxed);
-        }
+        let in_order = seq > *last;
         *last = seq;
-        self.received.count.fetch_add(1, Ordering::Relaxed);
-    }
-
-    async fn merge(&mut self) {
-        if !self.local.is_empty() {
-            self.received.latency.lock().await.add(&self.local).unwrap();
-            self.local.reset();
+        let mut shard = self.received.shard(self.shard);
+        let _ = shard
+            .latency
+            .record((now_ns().saturating_sub(sent) / 1_000).max(1));
+        shard.count += 1;
+        if !in_order {
+            shard.out_of_order += 1;
         }
     }
 }
 
 /// A WebTransport member (through the library client): records every Message it receives.
-async fn receive_wt(mut client: roomwire::client::Client, received: Arc<Received>) {
-    let mut tally = Tally::new(received);
-    let mut merge = tokio::time::interval(MERGE_EVERY);
+async fn receive_wt(mut client: roomwire::client::Client, mut tally: Tally) {
     loop {
-        tokio::select! {
-            event = client.next_event() => match event {
-                Some(roomwire::client::Event::Message(m)) => tally.record(&m.payload),
-                Some(roomwire::client::Event::Closed { .. }) | None => break,
-                Some(_) => {}
-            },
-            _ = merge.tick() => tally.merge().await,
+        match client.next_event().await {
+            Some(roomwire::client::Event::Message(m)) => tally.record(&m.payload),
+            Some(roomwire::client::Event::Closed { .. }) | None => break,
+            Some(_) => {}
         }
     }
-    tally.merge().await;
+    tally.received.closed.fetch_add(1, Ordering::Relaxed);
 }
 
 /// Reads a member's stream, recording every message: latency, count, and order per publisher.
@@ -458,20 +571,10 @@ async fn receive(
     target: Target,
     mut stream: SplitStream<Stream>,
     sink: SharedSink,
-    received: Arc<Received>,
+    mut tally: Tally,
 ) {
-    let mut tally = Tally::new(received);
     let mut pending = BytesMut::new();
-    let mut merge = tokio::time::interval(MERGE_EVERY);
-    loop {
-        let message = tokio::select! {
-            m = stream.next() => m,
-            _ = merge.tick() => {
-                tally.merge().await;
-                continue;
-            }
-        };
-        let Some(Ok(message)) = message else { break };
+    while let Some(Ok(message)) = stream.next().await {
         let data = match message {
             Ws::Binary(b) => b,
             Ws::Text(t) => Bytes::copy_from_slice(t.as_bytes()),
@@ -512,7 +615,7 @@ async fn receive(
             }
         }
     }
-    tally.merge().await;
+    tally.received.closed.fetch_add(1, Ordering::Relaxed);
 }
 
 fn ascii_number(digits: &[u8]) -> usize {
@@ -549,20 +652,22 @@ fn message_payload(frame: &[u8]) -> Option<&[u8]> {
     field(field(frame, 6)?, 4)
 }
 
-/// Spawns a receiver per member; returns the shared tallies.
+/// Spawns a receiver per member; returns the shared tallies and each WebSocket member's sink
+/// (in member order; WebTransport members have none).
 fn spawn_receivers(target: Target, members: Vec<Member>) -> (Arc<Received>, Vec<SharedSink>) {
     let received = Received::new();
     let mut sinks = Vec::new();
-    for member in members {
+    for (i, member) in members.into_iter().enumerate() {
+        let tally = Tally::new(received.clone(), i);
         match member {
             Member::Ws(ws) => {
                 let (sink, stream) = ws.split();
                 let sink = Arc::new(Mutex::new(sink));
                 sinks.push(sink.clone());
-                tokio::spawn(receive(target, stream, sink, received.clone()));
+                tokio::spawn(receive(target, stream, sink, tally));
             }
             Member::Wt(client) => {
-                tokio::spawn(receive_wt(client, received.clone()));
+                tokio::spawn(receive_wt(client, tally));
             }
         }
     }
@@ -605,38 +710,40 @@ struct Publisher {
     size: usize,
 }
 
-/// Publishes at `rate` per second for `secs` from one session, sequence numbers after
-/// `first_seq`; returns the number sent.
+/// Publishes `floor(rate × secs)` messages from one session, the k-th due `(k - 1) / rate`
+/// seconds after the start (so the last is due `1 / rate` before the window ends, not at its
+/// end), sequence numbers after `first_seq`, then waits out the window; returns the number sent.
+/// The task sleeps until its next message is due (a 20,000-member chat at 0.5 msg/s wakes
+/// 10,000 times a second, not once per member every few milliseconds); when it wakes late (timer
+/// granularity, a busy thread, a server pushing back) it sends everything due in one batch, so
+/// the rate stays exact. `Err` carries the number sent before the session failed.
 async fn publish_steady(
     p: &Publisher,
     sink: &SharedSink,
     first_seq: u64,
     rate: f64,
     secs: f64,
-) -> u64 {
-    let start = Instant::now();
+) -> Result<u64, u64> {
+    let start = tokio::time::Instant::now();
+    let total = (rate * secs + 1e-9).floor() as u64;
     let mut sent = 0u64;
-    let mut tick = tokio::time::interval(Duration::from_millis(2));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    while start.elapsed().as_secs_f64() < secs {
-        tick.tick().await;
-        let due = ((start.elapsed().as_secs_f64() * rate) as u64).saturating_sub(sent);
-        if due == 0 {
-            continue;
-        }
+    while sent < total {
+        tokio::time::sleep_until(start + Duration::from_secs_f64(sent as f64 / rate)).await;
+        let due_now = ((start.elapsed().as_secs_f64() * rate) as u64 + 1).clamp(sent + 1, total);
         let mut sink = sink.lock().await;
-        for _ in 0..due {
+        while sent < due_now {
             sent += 1;
             let message = publish_message(p.target, &p.room, first_seq + sent, p.id, p.size);
             if sink.feed(Ws::Binary(message)).await.is_err() {
-                return sent;
+                return Err(sent);
             }
         }
         if sink.flush().await.is_err() {
-            return sent;
+            return Err(sent);
         }
     }
-    sent
+    tokio::time::sleep_until(start + Duration::from_secs_f64(secs)).await;
+    Ok(sent)
 }
 
 fn percentiles(h: &Histogram<u64>) -> serde_json::Value {
@@ -646,26 +753,56 @@ fn percentiles(h: &Histogram<u64>) -> serde_json::Value {
         "p99_ms": h.value_at_quantile(0.99) as f64 / 1000.0,
         "p999_ms": h.value_at_quantile(0.999) as f64 / 1000.0,
         "max_ms": h.max() as f64 / 1000.0,
+        "samples": h.len(),
     })
 }
 
-/// Waits until `expected` messages arrived or the count stops growing for two seconds.
-async fn drain(received: &Received, expected: u64) -> u64 {
+/// Waits, from `since` (the end of the publishing window), until `expected` deliveries have
+/// arrived; gives up when none arrives for [`DRAIN_STALL`] or after `max`. Returns the count and,
+/// when everything arrived, how long after `since` the last one did.
+async fn drain(
+    received: &Received,
+    expected: u64,
+    since: Instant,
+    max: Duration,
+) -> (u64, Option<Duration>) {
     let mut last = u64::MAX;
     let mut still = Instant::now();
     loop {
-        let now = received.count.load(Ordering::Relaxed);
+        let now = received.count();
         if now >= expected {
-            return now;
+            return (now, Some(since.elapsed()));
         }
         if now != last {
             last = now;
             still = Instant::now();
-        } else if still.elapsed() > Duration::from_secs(2) {
-            return now;
+        } else if still.elapsed() > DRAIN_STALL || since.elapsed() > max {
+            return (now, None);
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// What a measured window delivered: the fields every throughput line shares.
+fn delivery_figures(
+    expected: u64,
+    in_window: u64,
+    window: f64,
+    got: u64,
+    drained: Option<Duration>,
+    received: &Received,
+) -> serde_json::Value {
+    json!({
+        "expected": expected,
+        "in_window_received": in_window,
+        "in_window_deliveries_per_sec": in_window as f64 / window,
+        "window_secs": window,
+        "drain_secs": drained.map(|d| d.as_secs_f64()),
+        "received": got,
+        "lost": expected.saturating_sub(got),
+        "out_of_order": received.out_of_order(),
+        "closed_members": received.closed.load(Ordering::Relaxed),
+    })
 }
 
 /// `roomwire` (WebSocket), `roomwire-wt` (WebTransport members) or `nats`.
@@ -676,80 +813,128 @@ fn target_name(common: &Common) -> String {
     }
 }
 
-fn emit(value: serde_json::Value) {
-    println!("{value}");
+/// Adds `extra`'s fields to `base` and prints it as one line.
+fn emit(mut base: serde_json::Value, extra: serde_json::Value) {
+    if let (Some(base), serde_json::Value::Object(extra)) = (base.as_object_mut(), extra) {
+        base.extend(extra);
+    }
+    println!("{base}");
 }
 
-// One thread: on a 2-core box the other core belongs to the server under test.
-#[tokio::main(flavor = "current_thread")]
-async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    match args.scenario {
+/// One publisher (on the first URL), `n` members in `room`, one measured step per rate.
+async fn one_room(
+    scenario: &str,
+    room: &str,
+    common: Common,
+    n: usize,
+    steps: Steps,
+    threads: usize,
+) -> anyhow::Result<()> {
+    let (streams, connect_rate) = members(&common, n, |_| room.to_string()).await?;
+    let (received, _sinks) = spawn_receivers(common.target, streams);
+    let publisher = member(&common, n, &common.url[0], "").await?;
+    let (pub_sink, mut pub_stream) = publisher.split();
+    // The publisher's acks (roomwire) are read and dropped so its queue never fills.
+    tokio::spawn(async move { while let Some(Ok(_)) = pub_stream.next().await {} });
+    let pub_sink = Arc::new(Mutex::new(pub_sink));
+    tokio::time::sleep(Duration::from_millis(common.settle_ms)).await;
+    let publisher = Publisher {
+        target: common.target,
+        room: room.into(),
+        id: 1,
+        size: steps.size,
+    };
+    let mut seq = 0u64;
+    let mut misses = 0;
+    for rate in steps.rates {
+        received.reset();
+        let sampler = Sampler::start(&common.pid);
+        let outcome = publish_steady(
+            &publisher,
+            &pub_sink,
+            seq,
+            rate as f64,
+            steps.step_secs as f64,
+        )
+        .await;
+        let sent = outcome.unwrap_or_else(|sent| sent);
+        let in_window = received.count();
+        let window_end = Instant::now();
+        seq += sent;
+        let window = sampler.start.elapsed().as_secs_f64();
+        let expected = sent * n as u64;
+        let (got, drained) = drain(
+            &received,
+            expected,
+            window_end,
+            Duration::from_secs(steps.drain_max_secs),
+        )
+        .await;
+        let resources = sampler.finish();
+        let offered = rate * n as u64;
+        let kept_up = in_window as f64 / window >= KEEP_UP_SHARE * offered as f64
+            && drained.is_some_and(|d| d <= KEEP_UP_DRAIN);
+        emit(
+            json!({
+                "scenario": scenario, "target": target_name(&common), "label": common.label,
+                "nodes": common.url.len(), "threads": threads,
+                "members": n, "size": steps.size, "offered_msgs_per_sec": rate,
+                "offered_deliveries_per_sec": offered, "sent": sent, "kept_up": kept_up,
+                "latency": percentiles(&received.latency()), "resources": resources,
+                "connects_per_sec": connect_rate,
+            }),
+            delivery_figures(expected, in_window, window, got, drained, &received),
+        );
+        // Later steps would measure nothing: the publisher is gone.
+        anyhow::ensure!(
+            outcome.is_ok(),
+            "{scenario}: the server closed the publisher's session at {rate} msgs/s"
+        );
+        misses = if kept_up { 0 } else { misses + 1 };
+        if steps.stop_after_misses > 0 && misses >= steps.stop_after_misses {
+            eprintln!(
+                "{scenario}: {misses} steps in a row did not keep up; stopping at {rate} msgs/s"
+            );
+            break;
+        }
+    }
+    Ok(())
+}
+
+async fn run(scenario: Scenario, threads: usize) -> anyhow::Result<()> {
+    match scenario {
         Scenario::Idle { common, sessions } => {
-            let before = common.pid.and_then(|p| proc_sample(&p.to_string()));
+            let before = servers_rss(&common.pid);
             let (held, connect_rate) = members(&common, sessions, |_| String::new()).await?;
             // Let the server settle (allocators, lazy buffers) before reading its RSS.
             tokio::time::sleep(Duration::from_secs(2)).await;
-            let after = common.pid.and_then(|p| proc_sample(&p.to_string()));
+            let after = servers_rss(&common.pid);
             let per_session = match (before, after) {
-                (Some(b), Some(a)) => json!((a.1 as f64 - b.1 as f64) / sessions as f64),
+                (Some(b), Some(a)) => json!((a as f64 - b as f64) / sessions as f64),
                 _ => json!(null),
             };
-            emit(json!({
-                "scenario": "idle", "target": target_name(&common), "label": common.label,
-                "sessions": sessions, "connects_per_sec": connect_rate,
-                "server_rss_before": before.map(|b| b.1), "server_rss_after": after.map(|a| a.1),
-                "rss_per_session_bytes": per_session,
-            }));
+            emit(
+                json!({
+                    "scenario": "idle", "target": target_name(&common), "label": common.label,
+                    "nodes": common.url.len(), "threads": threads,
+                    "sessions": sessions, "connects_per_sec": connect_rate,
+                    "server_rss_before": before, "server_rss_after": after,
+                    "rss_per_session_bytes": per_session,
+                }),
+                json!({}),
+            );
             drop(held);
         }
         Scenario::Fanout {
             common,
-            members: n,
-            size,
-            rates,
-            step_secs,
-        } => {
-            let room = "bench.fanout";
-            let (streams, connect_rate) = members(&common, n, |_| room.to_string()).await?;
-            let (received, _sinks) = spawn_receivers(common.target, streams);
-            let publisher = member(&common, n, "").await?;
-            let (pub_sink, mut pub_stream) = publisher.split();
-            // The publisher's acks (roomwire) are read and dropped so its queue never fills.
-            tokio::spawn(async move { while let Some(Ok(_)) = pub_stream.next().await {} });
-            let pub_sink = Arc::new(Mutex::new(pub_sink));
-            let mut seq = 0u64;
-            for rate in rates {
-                received.count.store(0, Ordering::Relaxed);
-                received.out_of_order.store(0, Ordering::Relaxed);
-                received.latency.lock().await.reset();
-                let sampler = Sampler::start(common.pid);
-                let publisher = Publisher {
-                    target: common.target,
-                    room: room.into(),
-                    id: 1,
-                    size,
-                };
-                let sent =
-                    publish_steady(&publisher, &pub_sink, seq, rate as f64, step_secs as f64).await;
-                seq += sent;
-                let window = sampler.start.elapsed().as_secs_f64();
-                let got = drain(&received, sent * n as u64).await;
-                // Let every receiver fold its last latencies in.
-                tokio::time::sleep(MERGE_EVERY * 3).await;
-                let resources = sampler.finish();
-                let latency = received.latency.lock().await.clone();
-                emit(json!({
-                    "scenario": "fanout", "target": target_name(&common), "label": common.label,
-                    "members": n, "size": size, "offered_msgs_per_sec": rate,
-                    "offered_deliveries_per_sec": rate * n as u64,
-                    "sent": sent, "expected": sent * n as u64, "received": got,
-                    "lost": (sent * n as u64).saturating_sub(got), "out_of_order": received.out_of_order.load(Ordering::Relaxed),
-                    "deliveries_per_sec": got as f64 / window, "window_secs": window,
-                    "latency": percentiles(&latency), "resources": resources, "connects_per_sec": connect_rate,
-                }));
-            }
-        }
+            members,
+            steps,
+        } => one_room("fanout", "bench.fanout", common, members, steps, threads).await?,
+        Scenario::Latency {
+            common,
+            members,
+            steps,
+        } => one_room("latency", "bench.latency", common, members, steps, threads).await?,
         Scenario::Chat {
             common,
             rooms,
@@ -757,6 +942,7 @@ async fn main() -> anyhow::Result<()> {
             rate,
             size,
             secs,
+            drain_max_secs,
         } => {
             anyhow::ensure!(
                 common.transport == Transport::Ws,
@@ -766,7 +952,8 @@ async fn main() -> anyhow::Result<()> {
             let room_of = |i: usize| format!("bench.chat.r{}", i / members_per_room);
             let (streams, connect_rate) = members(&common, n, room_of).await?;
             let (received, sinks) = spawn_receivers(common.target, streams);
-            let sampler = Sampler::start(common.pid);
+            tokio::time::sleep(Duration::from_millis(common.settle_ms)).await;
+            let sampler = Sampler::start(&common.pid);
             let mut tasks = Vec::new();
             for (i, sink) in sinks.into_iter().enumerate() {
                 let publisher = Publisher {
@@ -781,25 +968,60 @@ async fn main() -> anyhow::Result<()> {
                     publish_steady(&publisher, &sink, 0, rate, secs as f64 - 1.0).await
                 }));
             }
-            let mut sent = 0;
+            let (mut sent, mut publishers_closed) = (0, 0);
             for task in tasks {
-                sent += task.await?;
+                match task.await? {
+                    Ok(n) => sent += n,
+                    Err(n) => {
+                        sent += n;
+                        publishers_closed += 1;
+                    }
+                }
             }
+            let in_window = received.count();
+            let window_end = Instant::now();
             let window = sampler.start.elapsed().as_secs_f64();
             let expected = sent * members_per_room as u64;
-            let got = drain(&received, expected).await;
-            tokio::time::sleep(MERGE_EVERY * 3).await;
+            let (got, drained) = drain(
+                &received,
+                expected,
+                window_end,
+                Duration::from_secs(drain_max_secs),
+            )
+            .await;
             let resources = sampler.finish();
-            let latency = received.latency.lock().await.clone();
-            emit(json!({
-                "scenario": "chat", "target": target_name(&common), "label": common.label,
-                "rooms": rooms, "members_per_room": members_per_room, "rate_per_member": rate, "size": size,
-                "sent": sent, "expected": expected, "received": got, "lost": expected.saturating_sub(got),
-                "out_of_order": received.out_of_order.load(Ordering::Relaxed),
-                "deliveries_per_sec": got as f64 / window, "latency": percentiles(&latency),
-                "resources": resources, "connects_per_sec": connect_rate,
-            }));
+            emit(
+                json!({
+                    "scenario": "chat", "target": target_name(&common), "label": common.label,
+                    "nodes": common.url.len(), "threads": threads,
+                    "rooms": rooms, "members_per_room": members_per_room, "rate_per_member": rate,
+                    "size": size, "sent": sent, "publishers_closed": publishers_closed,
+                    // What the publishers offered over the measured window (their starts are
+                    // spread over a second, so this is a little under the nominal rate).
+                    "offered_deliveries_per_sec": expected as f64 / window,
+                    "nominal_deliveries_per_sec": rate * n as f64 * members_per_room as f64,
+                    "latency": percentiles(&received.latency()), "resources": resources,
+                    "connects_per_sec": connect_rate,
+                }),
+                delivery_figures(expected, in_window, window, got, drained, &received),
+            );
         }
     }
     Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let threads = args.threads.max(1);
+    // One thread by default: on a 2-core box the other core belongs to the server under test.
+    let mut builder = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(threads);
+        builder
+    };
+    let runtime = builder.enable_all().build()?;
+    // The scenario runs as a task, so that with N workers nothing runs on the main thread.
+    runtime.block_on(async move { tokio::spawn(run(args.scenario, threads)).await? })
 }

@@ -1,16 +1,30 @@
 #!/usr/bin/env python3
-"""Writes docs/BENCHMARKS.md and the latency plot from the load generator's JSON lines.
+"""Writes docs/BENCHMARKS.md and its plots from the load generator's JSON lines.
 
-Usage: benches/report.py RESULTS.jsonl OUT.md OUT.svg   (benches/run.sh calls it)
+Usage: benches/report.py RESULTS.jsonl OUT.md LATENCY.svg [DELIVERED.svg]
+(benches/run.sh calls it). The plots go beside OUT.md, which links them by file name; without
+DELIVERED.svg the delivered-against-offered plot is written as bench-fanout-delivered.svg beside
+LATENCY.svg. The hand-written narrative, benches/NOTES.md, is appended once.
 Standard library only, so the report regenerates anywhere Python 3 runs.
 """
 import json
+import math
 import os
 import platform
 import subprocess
 import sys
 from collections import defaultdict
 from datetime import datetime, timezone
+
+# A step keeps up when at least this share of the offered deliveries arrived within the
+# publishing window and the backlog drained within KEEP_UP_DRAIN_SECS after it (the same rule
+# as loadgen's --stop-after-misses).
+KEEP_UP_SHARE = 0.95
+KEEP_UP_DRAIN_SECS = 1.0
+TARGET_CEILING_RATIO = 1.5
+TARGET_SINGLE_P99_MS = 1.0
+SYSTEMS = ("roomwire", "nats")
+COLORS = {"roomwire": "#1f77b4", "nats": "#d62728"}
 
 
 def machine():
@@ -22,11 +36,14 @@ def machine():
                 break
     with open("/proc/meminfo") as f:
         mem_kb = int(f.readline().split()[1])
-    nats = subprocess.run([os.environ.get("NATS_SERVER", ".venv-nats/bin/nats-server"), "--version"],
-                          capture_output=True, text=True).stdout.strip() or "nats-server (version unknown)"
+    try:
+        nats = subprocess.run([os.environ.get("NATS_SERVER", ".venv-nats/bin/nats-server"), "--version"],
+                              capture_output=True, text=True).stdout.strip()
+    except OSError:
+        nats = ""
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     return (f"{os.cpu_count()} cores ({cpu}), {mem_kb / 1048576:.0f} GiB RAM, Linux {platform.release()}; "
-            f"roomwire at commit `{commit}`; peer {nats}")
+            f"roomwire at commit `{commit}`; peer {nats or 'nats-server (version unknown)'}")
 
 
 def ratio(a, b):
@@ -37,54 +54,157 @@ def fmt(n, digits=0):
     return "n/a" if n is None else f"{n:,.{digits}f}"
 
 
-def svg_plot(fanout, path):
-    """Latency percentiles (p50, p99) against offered deliveries/s, both systems."""
-    width, height, left, bottom, top, right = 760, 420, 70, 50, 30, 170
-    series = []
-    colors = {"roomwire": "#1f77b4", "nats": "#d62728"}
-    for target, rows in sorted(fanout.items()):
-        rows = sorted(rows, key=lambda r: r["offered_deliveries_per_sec"])
-        for pct, dash in (("p50_ms", ""), ("p99_ms", "6,4")):
-            pts = [(r["offered_deliveries_per_sec"], r["latency"][pct]) for r in rows]
-            series.append((f"{target} {pct[:3]}", colors.get(target, "#333"), dash, pts))
+def ms(v):
+    """A latency in milliseconds, to three significant figures or so."""
+    if v is None:
+        return "n/a"
+    return f"{v:.3f}" if v < 1 else f"{v:.2f}" if v < 10 else f"{v:.1f}" if v < 1000 else f"{v:,.0f}"
+
+
+def lat(r, keys=("p50_ms", "p90_ms", "p99_ms", "p999_ms", "max_ms")):
+    return "n/a" if not r else " / ".join(ms(r["latency"].get(k)) for k in keys)
+
+
+def cores(r, key="server_cpu_cores"):
+    v = r and r["resources"].get(key)
+    return "n/a" if v is None else f"{v:.2f}"
+
+
+def in_window(r):
+    """Deliveries/s counted at the end of the publishing window (older results: all received)."""
+    return r and r.get("in_window_deliveries_per_sec", r.get("deliveries_per_sec"))
+
+
+def drain(r):
+    if not r:
+        return "n/a"
+    d = r.get("drain_secs")
+    return f"{d:.2f}" if d is not None else "gave up"
+
+
+def loss(r):
+    if not r:
+        return "n/a"
+    closed = r.get("closed_members")
+    return f"{r['lost']:,}, {r['out_of_order']:,}" + (f" ({closed} closed)" if closed else "")
+
+
+def keeps_up(r):
+    return bool(r) and (in_window(r) or 0) >= KEEP_UP_SHARE * r["offered_deliveries_per_sec"] \
+        and r.get("drain_secs") is not None and r["drain_secs"] <= KEEP_UP_DRAIN_SECS
+
+
+def yes(r):
+    return "n/a" if not r else ("yes" if keeps_up(r) else "no")
+
+
+def at(rows, offered):
+    return next((r for r in rows if r["offered_deliveries_per_sec"] == offered), None)
+
+
+def rate(v):
+    return f"{v / 1e6:g}M" if v >= 1e6 else f"{v / 1e3:g}k" if v >= 1e3 else f"{v:g}"
+
+
+def ceiling(rows):
+    """(highest offered deliveries/s that kept up or None, whether the highest step run kept up)."""
+    rows = sorted(rows, key=lambda r: r["offered_deliveries_per_sec"])
+    kept = [r["offered_deliveries_per_sec"] for r in rows if keeps_up(r)]
+    return (max(kept) if kept else None), bool(rows) and keeps_up(rows[-1])
+
+
+def step_secs(rows):
+    w = sorted(r["window_secs"] for r in rows if r.get("window_secs"))
+    return f"{w[len(w) // 2]:.0f}" if w else "?"
+
+
+def svg_plot(path, title, xlabel, ylabel, series, logy=False, diagonal=False):
+    """A line plot: series = [(name, color, dash, [(x, y), ...])]; x linear from 0, y linear or log."""
+    series = [s for s in series if s[3]]
     if not series:
-        return
-    xmax = max(x for _, _, _, pts in series for x, _ in pts) or 1
-    ymax = max(y for _, _, _, pts in series for _, y in pts) or 1
+        return False
+    width, height, left, bottom, top, right = 780, 430, 80, 50, 34, 180
+    xs = [x for *_, pts in series for x, _ in pts]
+    ys = [y for *_, pts in series for _, y in pts if y and y > 0]
+    xmax = max(xs) or 1
+    if logy:
+        lo = math.floor(math.log10(min(ys))) if ys else 0
+        hi = max(math.ceil(math.log10(max(ys))) if ys else 1, lo + 1)
+        sy = lambda y: height - bottom - (height - bottom - top) * (math.log10(max(y, 10 ** lo)) - lo) / (hi - lo)
+        yticks = [10 ** e for e in range(lo, hi + 1)]
+    else:
+        ymax = max(max(ys) if ys else 1, xmax if diagonal else 0)
+        sy = lambda y: height - bottom - (height - bottom - top) * y / ymax
+        yticks = [ymax * i / 5 for i in range(6)]
     sx = lambda x: left + (width - left - right) * x / xmax
-    sy = lambda y: height - bottom - (height - bottom - top) * y / ymax
+    tick = lambda v: rate(v) if v >= 1000 else f"{v:g}"
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">',
            f'<rect width="{width}" height="{height}" fill="white"/>',
-           f'<text x="{left}" y="18" font-size="14">Fan-out: publish-to-receive latency vs offered load (2000 members, 64 B)</text>',
+           f'<text x="{left}" y="20" font-size="14">{title}</text>',
            f'<line x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}" stroke="black"/>',
            f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" stroke="black"/>']
     for i in range(6):
-        x, y = xmax * i / 5, ymax * i / 5
-        out.append(f'<text x="{sx(x):.0f}" y="{height - bottom + 16}" text-anchor="middle">{x / 1000:.0f}k</text>')
-        out.append(f'<text x="{left - 6}" y="{sy(y) + 4:.0f}" text-anchor="end">{y:.0f}</text>')
+        x = xmax * i / 5
+        out.append(f'<text x="{sx(x):.0f}" y="{height - bottom + 16}" text-anchor="middle">{tick(x)}</text>')
+    for y in yticks:
+        out.append(f'<text x="{left - 6}" y="{sy(y) + 4:.0f}" text-anchor="end">{tick(y)}</text>')
         out.append(f'<line x1="{left}" y1="{sy(y):.0f}" x2="{width - right}" y2="{sy(y):.0f}" stroke="#eee"/>')
-    out.append(f'<text x="{(left + width - right) / 2}" y="{height - 12}" text-anchor="middle">offered deliveries per second</text>')
-    out.append(f'<text x="16" y="{(top + height - bottom) / 2}" transform="rotate(-90 16,{(top + height - bottom) / 2})" text-anchor="middle">latency (ms)</text>')
+    out.append(f'<text x="{(left + width - right) / 2}" y="{height - 12}" text-anchor="middle">{xlabel}</text>')
+    out.append(f'<text x="16" y="{(top + height - bottom) / 2}" transform="rotate(-90 16,{(top + height - bottom) / 2})" text-anchor="middle">{ylabel}</text>')
+    if diagonal:
+        out.append(f'<line x1="{sx(0):.1f}" y1="{sy(0):.1f}" x2="{sx(xmax):.1f}" y2="{sy(xmax):.1f}" stroke="#999" stroke-dasharray="2,3"/>')
+        series = series + [("offered", "#999", "2,3", [])]
     for i, (name, color, dash, pts) in enumerate(series):
-        d = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
-        out.append(f'<polyline points="{d}" fill="none" stroke="{color}" stroke-width="2" stroke-dasharray="{dash}"/>')
-        for x, y in pts:
-            out.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="{color}"/>')
+        if pts:
+            d = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
+            out.append(f'<polyline points="{d}" fill="none" stroke="{color}" stroke-width="2" stroke-dasharray="{dash}"/>')
+            for x, y in pts:
+                out.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="{color}"/>')
         ly = top + 20 + i * 18
         out.append(f'<line x1="{width - right + 15}" y1="{ly}" x2="{width - right + 45}" y2="{ly}" stroke="{color}" stroke-width="2" stroke-dasharray="{dash}"/>')
         out.append(f'<text x="{width - right + 50}" y="{ly + 4}">{name}</text>')
     out.append("</svg>")
     with open(path, "w") as f:
         f.write("\n".join(out) + "\n")
+    return True
 
 
-def main(results_path, md_path, svg_path):
+def fanout_plots(fanout, latency_svg, delivered_svg, members):
+    by_offered = {t: sorted(rows, key=lambda r: r["offered_deliveries_per_sec"]) for t, rows in fanout.items()}
+    lat_series, del_series = [], []
+    for target in SYSTEMS:
+        rows = by_offered.get(target, [])
+        for pct, dash in (("p50_ms", ""), ("p99_ms", "6,4")):
+            lat_series.append((f"{target} {pct[:3]}", COLORS[target], dash,
+                               [(r["offered_deliveries_per_sec"], r["latency"][pct]) for r in rows]))
+        del_series.append((f"{target} in-window", COLORS[target], "",
+                           [(r["offered_deliveries_per_sec"], in_window(r)) for r in rows]))
+    plots = []
+    if svg_plot(latency_svg, f"Fan-out: publish-to-receive latency vs offered load ({members:,} members, 64 B)",
+                "offered deliveries per second", "latency (ms, log scale)", lat_series, logy=True):
+        plots.append(("latency against offered load", latency_svg))
+    if delivered_svg and svg_plot(delivered_svg, f"Fan-out: deliveries within the publishing window ({members:,} members)",
+                                  "offered deliveries per second", "delivered per second", del_series, diagonal=True):
+        plots.append(("delivered against offered load", delivered_svg))
+    return plots
+
+
+def main(results_path, md_path, svg_path, delivered_svg=None):
+    if delivered_svg is None:
+        delivered_svg = os.path.join(os.path.dirname(svg_path), "bench-fanout-delivered.svg")
     rows = [json.loads(line) for line in open(results_path) if line.strip()]
     by = defaultdict(lambda: defaultdict(list))
     transports = [r for r in rows if r.get("label") == "transports"]
+    mesh = defaultdict(list)
+    owner = {}
     for r in rows:
-        if r.get("label") != "transports":
+        if r["scenario"] == "mesh-owner":
+            owner[r["phase"]] = r
+        elif r.get("label") == "mesh":
+            mesh[r["target"]].append(r)
+        elif r.get("label") != "transports":
             by[r["scenario"]][r["target"]].append(r)
+    threads = sorted({r.get("threads", 1) for r in rows if r["scenario"] != "mesh-owner"}) or [1]
 
     md = ["# roomwire benchmarks", "",
           "Generated by `benches/run.sh` (which calls `benches/report.py`); do not edit by hand. "
@@ -93,8 +213,13 @@ def main(results_path, md_path, svg_path):
           f"- **Run:** {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
           "- **Peer:** nats-server's WebSocket listener (`websocket { no_tls: true }`), driven by the same "
           "generator speaking the NATS text protocol (CONNECT / SUB / PUB / MSG) over WebSocket.",
-          "- **Generator:** `cargo build --release --example loadgen` (`benches/loadgen.rs`): one tokio "
-          "thread per process, payload = publisher sequence + send timestamp, HDR histograms.",
+          "- **Generator:** `cargo build --release --example loadgen` (`benches/loadgen.rs`): one process per "
+          f"scenario (two for chat), a tokio runtime with {' or '.join(map(str, threads))} worker thread(s) "
+          "(`--threads`), payload = publisher sequence + send timestamp, HDR histograms.",
+          "- **Delivered/s** is counted at the end of each publishing window (deliveries that arrived while "
+          "the publisher was still publishing, divided by the window); **drain** is the time after the window "
+          "until every expected delivery had arrived (\"gave up\": some never did, see lost). Lost and "
+          "out-of-order are counted after the drain.",
           "- **Ratios** are roomwire / nats-server: above 1 is better for throughput and connect rate, "
           "below 1 is better for memory, CPU and latency.", ""]
 
@@ -118,44 +243,130 @@ def main(results_path, md_path, svg_path):
 
     fanout = by.get("fanout", {})
     if fanout:
+        all_rows = [r for t in fanout.values() for r in t]
+        members = all_rows[0]["members"]
         md += ["## (b) One large room: fan-out", "",
-               "One publisher, 2,000 members in one room, 64-byte messages; the offered rate is stepped up "
-               "(5 s per step). Deliveries/s counts messages received by members; lost and out-of-order are "
-               "per member and must be 0. CPU is cores used over the step (`/proc/<pid>/stat`).", "",
-               "| offered deliveries/s | roomwire delivered/s | nats delivered/s | ratio | roomwire p50 / p99 / max ms | nats p50 / p99 / max ms | roomwire CPU | nats CPU | generator CPU (rw / nats) | lost, out of order (rw / nats) |",
-               "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        offered = sorted({r["offered_deliveries_per_sec"] for t in fanout.values() for r in t})
-        for o in offered:
-            rw = next((r for r in fanout.get("roomwire", []) if r["offered_deliveries_per_sec"] == o), None)
-            na = next((r for r in fanout.get("nats", []) if r["offered_deliveries_per_sec"] == o), None)
-            lat = lambda r: "n/a" if not r else f"{r['latency']['p50_ms']:.1f} / {r['latency']['p99_ms']:.1f} / {r['latency']['max_ms']:.1f}"
-            cpu = lambda r, k: "n/a" if not r or r["resources"][k] is None else f"{r['resources'][k]:.2f}"
-            loss = lambda r: "n/a" if not r else f"{r['lost']}, {r['out_of_order']}"
-            md.append(f"| {o:,} | {fmt(rw and rw['deliveries_per_sec'])} | {fmt(na and na['deliveries_per_sec'])} | "
-                      f"{ratio(rw and rw['deliveries_per_sec'], na and na['deliveries_per_sec'])} | {lat(rw)} | {lat(na)} | "
-                      f"{cpu(rw, 'server_cpu_cores')} | {cpu(na, 'server_cpu_cores')} | "
-                      f"{cpu(rw, 'loadgen_cpu_cores')} / {cpu(na, 'loadgen_cpu_cores')} | {loss(rw)} / {loss(na)} |")
-        md += ["", f"![latency against offered load]({os.path.basename(svg_path)})", ""]
-        svg_plot(fanout, svg_path)
+               f"One publisher, {members:,} members in one room, 64-byte messages; the offered rate is stepped up "
+               f"({step_secs(all_rows)} s per step; a system stops after two steps in a row that do not keep up). "
+               "Lost and out-of-order are per member and must be 0 (\"closed\": members the server "
+               "disconnected). CPU is cores used over the step and its drain (`/proc/<pid>/stat`). "
+               "Latency is over every delivery of the step, the drained backlog included.", "",
+               f"**Rule for the ceiling:** a step *keeps up* when the deliveries that arrived within the "
+               f"publishing window are at least {KEEP_UP_SHARE:.0%} of those offered and the backlog after it "
+               f"drains within {KEEP_UP_DRAIN_SECS:g} s; a system's fan-out ceiling is the highest offered "
+               "rate at which it kept up.", ""]
+        ceilings = {t: ceiling(fanout.get(t, [])) for t in SYSTEMS}
+        def describe(t):
+            c, top_kept = ceilings[t]
+            if c is None:
+                return "no step kept up"
+            return f"≥ {c:,} deliveries/s (not reached: the highest step kept up)" if top_kept else f"{c:,} deliveries/s"
+        rw_c, na_c = ceilings["roomwire"][0], ceilings["nats"][0]
+        verdict = "n/a"
+        if rw_c and na_c:
+            sign = "≥ " if ceilings["roomwire"][1] and not ceilings["nats"][1] else ""
+            if ceilings["nats"][1]:
+                verdict = f"{rw_c / na_c:.2f} (nats-server's ceiling not reached, so this bounds nothing)"
+            else:
+                verdict = (f"{sign}{rw_c / na_c:.2f} (target ≥ {TARGET_CEILING_RATIO}: "
+                           f"{'met' if rw_c / na_c >= TARGET_CEILING_RATIO else ('not shown' if sign else 'not met')})")
+        md += [f"- **Ceiling, roomwire:** {describe('roomwire')}",
+               f"- **Ceiling, nats-server:** {describe('nats')}",
+               f"- **Ratio of ceilings (roomwire / nats):** {verdict}", "",
+               "| offered deliveries/s | roomwire delivered/s | nats delivered/s | ratio | drain s (rw / nats) | keeps up (rw / nats) | roomwire p50 / p90 / p99 / p99.9 / max ms | nats p50 / p90 / p99 / p99.9 / max ms | server CPU (rw / nats) | generator CPU (rw / nats) | lost, out of order (rw / nats) |",
+               "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for o in sorted({r["offered_deliveries_per_sec"] for r in all_rows}):
+            rw, na = at(fanout.get("roomwire", []), o), at(fanout.get("nats", []), o)
+            nr = lambda r: fmt(in_window(r)) if r else "not run"
+            md.append(f"| {o:,} | {nr(rw)} | {nr(na)} | {ratio(in_window(rw), in_window(na))} | "
+                      f"{drain(rw)} / {drain(na)} | {yes(rw)} / {yes(na)} | {lat(rw)} | {lat(na)} | "
+                      f"{cores(rw)} / {cores(na)} | {cores(rw, 'loadgen_cpu_cores')} / {cores(na, 'loadgen_cpu_cores')} | "
+                      f"{loss(rw)} / {loss(na)} |")
+        md += ["", "\"not run\": the system had stopped stepping (two steps in a row past its ceiling).", ""]
+        for alt, path in fanout_plots(fanout, svg_path, delivered_svg, members):
+            md += [f"![{alt}]({os.path.basename(path)})", ""]
+
+    single = by.get("latency", {})
+    if single:
+        all_rows = [r for t in single.values() for r in t]
+        md += ["## Single subscriber: latency", "",
+               f"One publisher and {all_rows[0]['members']} member in one room, 64-byte messages, "
+               f"{step_secs(all_rows)} s per rate: the latency of the path itself, without a large fan-out "
+               "for the generator to read. Target: p99 below "
+               f"{TARGET_SINGLE_P99_MS:g} ms. Below 1,000 samples in a step (rate × step), p99.9 is the maximum.", "",
+               "| offered msgs/s | roomwire p50 / p90 / p99 / p99.9 / max ms | nats p50 / p90 / p99 / p99.9 / max ms | p99 < 1 ms (rw / nats) | delivered/s (rw / nats) | lost, out of order (rw / nats) | server CPU (rw / nats) |",
+               "|---:|---:|---:|---:|---:|---:|---:|"]
+        for o in sorted({r["offered_msgs_per_sec"] for r in all_rows}):
+            rw = next((r for r in single.get("roomwire", []) if r["offered_msgs_per_sec"] == o), None)
+            na = next((r for r in single.get("nats", []) if r["offered_msgs_per_sec"] == o), None)
+            under = lambda r: "n/a" if not r else ("yes" if r["latency"]["p99_ms"] < TARGET_SINGLE_P99_MS else "no")
+            md.append(f"| {o:,} | {lat(rw)} | {lat(na)} | {under(rw)} / {under(na)} | "
+                      f"{fmt(in_window(rw))} / {fmt(in_window(na))} | {loss(rw)} / {loss(na)} | {cores(rw)} / {cores(na)} |")
+        md.append("")
 
     chat = by.get("chat", {})
     if chat:
+        any_half = next(r for t in chat.values() for r in t)
         md += ["## (c) Chat: many small rooms", "",
-               "2,000 rooms × 10 members, every member publishing 0.5 messages/s (64 B) for 20 s. 20,000 "
-               "sessions exceed what one process may hold open here (20,000 files), so two server processes "
-               "each hold 1,000 rooms, each driven by its own generator; the table sums both halves and shows "
-               "each half's latency.", "",
-               "| system | delivered/s (sum) | lost | out of order | half A p50 / p99 ms | half B p50 / p99 ms | server CPU (sum) |",
-               "|---|---:|---:|---:|---:|---:|---:|"]
-        for target in ("roomwire", "nats"):
+               f"2 × {any_half['rooms']:,} rooms × {any_half['members_per_room']} members, every member publishing "
+               f"{any_half['rate_per_member']:g} messages/s (64 B) from its own session, each on its own schedule "
+               "(the members' starts spread over the first second). The full run's 20,000 sessions exceed what "
+               "one process may hold open here (20,000 files), so two server processes each hold half of the "
+               "rooms, each driven by its own generator; the table sums both halves and shows each half's "
+               "latency. Offered deliveries/s is what the publishers sent times the room size, over the window.", "",
+               "| system | offered deliveries/s | delivered/s (sum) | drain s (slower half) | lost | out of order | half A p50 / p99 / max ms | half B p50 / p99 / max ms | server CPU (sum) | generator CPU (sum) |",
+               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for target in SYSTEMS:
             halves = sorted(chat.get(target, []), key=lambda r: r["label"])
             if not halves:
                 continue
-            total = sum(h["deliveries_per_sec"] for h in halves)
-            lat = [f"{h['latency']['p50_ms']:.1f} / {h['latency']['p99_ms']:.1f}" for h in halves] + ["n/a", "n/a"]
-            cpu = sum(h["resources"]["server_cpu_cores"] or 0 for h in halves)
-            md.append(f"| {target} | {fmt(total)} | {sum(h['lost'] for h in halves)} | {sum(h['out_of_order'] for h in halves)} | "
-                      f"{lat[0]} | {lat[1]} | {cpu:.2f} |")
+            drains = [h.get("drain_secs") for h in halves]
+            worst = "gave up" if None in drains else f"{max(drains):.2f}"
+            lats = [lat(h, ("p50_ms", "p99_ms", "max_ms")) for h in halves] + ["n/a", "n/a"]
+            offered = sum(h.get("offered_deliveries_per_sec", 0) for h in halves)
+            cpu = lambda key: sum(h["resources"].get(key) or 0 for h in halves)
+            md.append(f"| {target} | {fmt(offered)} | {fmt(sum(in_window(h) for h in halves))} | {worst} | "
+                      f"{sum(h['lost'] for h in halves):,} | {sum(h['out_of_order'] for h in halves):,} | "
+                      f"{lats[0]} | {lats[1]} | {cpu('server_cpu_cores'):.2f} | {cpu('loadgen_cpu_cores'):.2f} |")
+        md.append("")
+
+    if mesh:
+        all_rows = [r for t in mesh.values() for r in t]
+        members = all_rows[0]["members"]
+        md += ["## (d) Two servers over NATS: members split across them", "",
+               f"One publisher, {members:,} members in one room, half on each of two servers (member *i* on "
+               f"server *i* mod 2), the publisher on the first; 64-byte messages, {step_secs(all_rows)} s per "
+               "step. **roomwire:** two nodes meshed over one nats-server (the backbone); the room's owner "
+               "sequences every message and each message crosses NATS once per node with members. "
+               "**Peer:** two nats-servers joined as a cluster (routes), each with its own WebSocket listener. "
+               "Server CPU is the sum of every process the system needs: for roomwire both nodes *and* the "
+               "backbone nats-server (the mesh does not run without it), for the peer both nats-servers. "
+               "As under (b), a system stops stepping after two steps in a row that do not keep up (\"not run\").", ""]
+        before, after = owner.get("before"), owner.get("after")
+        if before:
+            where = "the publisher's node" if before["owner_is_publisher_node"] else "the other node (not the publisher's)"
+            md.append(f"- **Owner of the room** (`GET /api/v1/cluster?room={before['room']}`): `{before['owner']}`, "
+                      f"{where}; the publisher is on `{before['publisher_node']}`"
+                      + ("" if before["owners_agree"] else " (the nodes disagreed on the owner!)") + ".")
+        if before and after:
+            changes = lambda s: sum(n["ring_changes"] for n in s["nodes"])
+            moved = changes(after) - changes(before)
+            md.append(f"- **Ring changes during the run:** {moved}" + (
+                "" if moved == 0 else f" (the owner afterwards: `{after['owner']}`)") + ".")
+        md += ["", "| offered deliveries/s | roomwire delivered/s | nats delivered/s | ratio | drain s (rw / nats) | roomwire p50 / p90 / p99 / p99.9 / max ms | nats p50 / p90 / p99 / p99.9 / max ms | lost, out of order (rw / nats) | roomwire CPU: nodes + backbone = sum | nats CPU: servers = sum | generator CPU (rw / nats) |",
+               "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        def breakdown(r):
+            if not r:
+                return "n/a"
+            each = r["resources"].get("server_cpu_cores_each") or []
+            parts = " + ".join("n/a" if c is None else f"{c:.2f}" for c in each)
+            return f"{parts} = {cores(r)}"
+        for o in sorted({r["offered_deliveries_per_sec"] for r in all_rows}):
+            rw, na = at(mesh.get("roomwire", []), o), at(mesh.get("nats", []), o)
+            nr = lambda r: fmt(in_window(r)) if r else "not run"
+            md.append(f"| {o:,} | {nr(rw)} | {nr(na)} | {ratio(in_window(rw), in_window(na))} | "
+                      f"{drain(rw)} / {drain(na)} | {lat(rw)} | {lat(na)} | {loss(rw)} / {loss(na)} | "
+                      f"{breakdown(rw)} | {breakdown(na)} | {cores(rw, 'loadgen_cpu_cores')} / {cores(na, 'loadgen_cpu_cores')} |")
         md.append("")
 
     if transports:
@@ -163,24 +374,30 @@ def main(results_path, md_path, svg_path):
                "One node; members connect over WebSocket or over WebTransport (QUIC, the generated "
                "certificate pinned by hash); the publisher stays on WebSocket. WebTransport members "
                "use the library client (`roomwire::client`), which decodes whole frames, so the "
-               "generator works harder for them than for the WebSocket members it reads raw.", "",
-               "| members over | idle bytes/session (2,000) | connects/s | fan-out offered/s | delivered/s | p50 / p99 ms | lost, out of order | server CPU |",
-               "|---|---:|---:|---:|---:|---:|---:|---:|"]
+               "generator works harder for them than for the WebSocket members it reads raw.", ""]
+        idle_n = next((r["sessions"] for r in transports if r["scenario"] == "idle"), None)
+        md += [f"| members over | idle bytes/session ({fmt(idle_n)}) | connects/s | fan-out offered/s | delivered/s | drain s | p50 / p99 / max ms | lost, out of order | server CPU |",
+               "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for name, target in (("WebSocket", "roomwire"), ("WebTransport", "roomwire-wt")):
             idle_row = next((r for r in transports if r["scenario"] == "idle" and r["target"] == target), {})
             for f in sorted((r for r in transports if r["scenario"] == "fanout" and r["target"] == target),
                             key=lambda r: r["offered_deliveries_per_sec"]):
-                cpu = f["resources"]["server_cpu_cores"]
                 md.append(f"| {name} | {fmt(idle_row.get('rss_per_session_bytes'))} | {fmt(idle_row.get('connects_per_sec'))} | "
-                          f"{f['offered_deliveries_per_sec']:,} | {fmt(f['deliveries_per_sec'])} | "
-                          f"{f['latency']['p50_ms']:.1f} / {f['latency']['p99_ms']:.1f} | {f['lost']}, {f['out_of_order']} | "
-                          f"{'n/a' if cpu is None else f'{cpu:.2f}'} |")
+                          f"{f['offered_deliveries_per_sec']:,} | {fmt(in_window(f))} | {drain(f)} | "
+                          f"{lat(f, ('p50_ms', 'p99_ms', 'max_ms'))} | {loss(f)} | {cores(f)} |")
         md.append("")
 
     md += [open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "NOTES.md")).read()]
+    text = "\n".join(md) + "\n"
+    headings = [line for line in text.splitlines() if line.startswith("## ")]
+    repeated = sorted({h for h in headings if headings.count(h) > 1})
+    if repeated:
+        sys.exit(f"report.py: sections appear twice (is the narrative in NOTES.md repeated?): {repeated}")
     with open(md_path, "w") as f:
-        f.write("\n".join(md) + "\n")
+        f.write(text)
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    if len(sys.argv) not in (4, 5):
+        sys.exit(__doc__)
+    main(*sys.argv[1:5])

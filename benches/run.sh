@@ -1,23 +1,59 @@
 #!/usr/bin/env bash
 # Regenerates docs/BENCHMARKS.md: builds the release node and the load generator, runs every
 # scenario against roomwire and, in the same run, against nats-server's WebSocket listener (the
-# peer), then writes the report and its plot. Loopback only; bounded in time (~6 minutes).
+# peer), then writes the report and its plots. Loopback only; bounded in time (~8 minutes).
 #
-#   benches/run.sh            # everything
-#   SCENARIOS="fanout" benches/run.sh
+#   benches/run.sh                          # everything
+#   SCENARIOS="fanout latency" benches/run.sh
+#   QUICK=1 benches/run.sh                  # smoke run: tiny sizes, 1 s steps, report under $OUT
+#
+# Knobs (environment):
+#   SCENARIOS    any of: idle fanout latency chat mesh transports (default: all, in that order)
+#   QUICK=1      a smoke run of every scenario in well under a minute each; the report goes to
+#                $OUT/BENCHMARKS.md, never over docs/
+#   THREADS      worker threads of the generator's runtime (loadgen --threads; default 1)
+#   PORT_BASE    first port tried for servers (default 19080); every server takes the next free
+#                ones at or above it, so two runs on one machine do not meet (4222 is never used)
+#   OUT          results and server logs (default target/bench)
+#   REPORT_DIR   where BENCHMARKS.md and its plots go (default docs/, or $OUT with QUICK=1)
+#   NATS_SERVER  the nats-server binary (default: the one scripts/nats-server.sh installs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=target/bench
+OUT=${OUT:-target/bench}
 mkdir -p "$OUT"
 RESULTS="$OUT/results.jsonl"
 : > "$RESULTS"
-SCENARIOS=${SCENARIOS:-"idle fanout chat transports"}
+SCENARIOS=${SCENARIOS:-"idle fanout latency chat mesh transports"}
+QUICK=${QUICK:-0}
+THREADS=${THREADS:-1}
+NEXT_PORT=${PORT_BASE:-19080}
+if [ "$QUICK" = 1 ]; then REPORT_DIR=${REPORT_DIR:-$OUT}; else REPORT_DIR=${REPORT_DIR:-docs}; fi
 
-step() { printf '\n==> %s\n' "$*" >&2; }
+# Sizes: the full run, or (QUICK=1) the smallest that still exercises every code path.
+if [ "$QUICK" = 1 ]; then
+  IDLE_SIZES="200 1000"
+  FANOUT_MEMBERS=200 FANOUT_RATES=5,50,500 FANOUT_STEP=1
+  LATENCY_RATES=100,1000 LATENCY_STEP=1
+  CHAT_ROOMS=50 CHAT_SECS=3
+  MESH_MEMBERS=200 MESH_RATES=50,500 MESH_STEP=1
+  WT_IDLE=200 WT_MEMBERS=100 WT_RATES=25 WT_STEP=1
+else
+  IDLE_SIZES="1000 10000 19000"
+  # 2,000 members: 10k to 3M deliveries/s, past both systems' ceilings; a system stops stepping
+  # after two steps in a row that do not keep up (its ceiling is then behind it).
+  FANOUT_MEMBERS=2000 FANOUT_STEP=4
+  FANOUT_RATES=5,25,50,100,150,200,250,300,400,500,600,700,800,1000,1200,1500
+  LATENCY_RATES=100,1000,10000 LATENCY_STEP=3
+  CHAT_ROOMS=1000 CHAT_SECS=20
+  MESH_MEMBERS=2000 MESH_RATES=50,100,200,300,400,500 MESH_STEP=3
+  WT_IDLE=2000 WT_MEMBERS=1000 WT_RATES=25,100 WT_STEP=5
+fi
+
+step() { printf '\n==> %s (at %ss)\n' "$*" "$SECONDS" >&2; }
 
 step "building (release)"
 cargo build --release --locked --bin roomwire --example loadgen
-LOADGEN=target/release/examples/loadgen
+LOADGEN=(target/release/examples/loadgen --threads "$THREADS")
 NODE=target/release/roomwire
 
 # The peer: the same nats-server the tests use (scripts/nats-server.sh installs it into
@@ -34,88 +70,234 @@ NODE_ARGS=(--set limits.connections_per_ip_per_second=1000000 --set limits.conne
   --set limits.session_byte_burst=1000000000 --set server.max_connections=19900
   --set webtransport.enabled=false)
 SOURCES=127.0.0.1,127.0.0.2,127.0.0.3,127.0.0.4,127.0.0.5,127.0.0.6
+API_KEY=bench-api-key-0123456789
 PIDS=()
 cleanup() { for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done; }
 trap cleanup EXIT
 
-wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; return 1; }
+# free_port VAR: sets VAR to the next port at or above NEXT_PORT that is free for TCP and UDP on
+# 127.0.0.1 (never 4222: this machine's own NATS), and moves NEXT_PORT past it.
+free_port() {
+  local found # not named like any caller's variable, which printf -v must reach
+  found=$(python3 - "$NEXT_PORT" <<'EOF'
+import socket, sys
+port = int(sys.argv[1])
+while True:
+    try:
+        if port == 4222:
+            raise OSError
+        for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+            with socket.socket(socket.AF_INET, kind) as s:
+                s.bind(("127.0.0.1", port))
+        break
+    except OSError:
+        port += 1
+print(port)
+EOF
+)
+  NEXT_PORT=$((found + 1))
+  printf -v "$1" '%s' "$found"
+}
 
-# start_server roomwire|nats PORT -> sets SERVER_PID and SERVER_URL
+# wait_port PORT PID: until PORT accepts connections; fails if PID (its server) exits first.
+wait_port() {
+  for _ in $(seq 200); do
+    (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0
+    kill -0 "$2" 2>/dev/null || { echo "server $2 for port $1 exited" >&2; return 1; }
+    sleep 0.05
+  done
+  echo "port $1 never opened" >&2
+  return 1
+}
+
+# wait_until SECONDS COMMAND...: until COMMAND succeeds.
+wait_until() {
+  local deadline=$((SECONDS + $1))
+  shift
+  until "$@" >/dev/null 2>&1; do
+    [ "$SECONDS" -lt "$deadline" ] || { echo "timed out waiting for: $*" >&2; return 1; }
+    sleep 0.1
+  done
+}
+
+# start_server roomwire|nats -> sets SERVER_PID and SERVER_URL
 start_server() {
-  local target=$1 port=$2
+  local target=$1 port client
+  free_port port
   if [ "$target" = roomwire ]; then
     RUST_LOG=warn "$NODE" --set "server.listen=[\"127.0.0.1:$port\"]" "${NODE_ARGS[@]}" >"$OUT/node-$port.log" 2>&1 &
     SERVER_URL="ws://127.0.0.1:$port/ws"
   else
-    printf 'listen: 127.0.0.1:%s\nmax_connections: 64000\nwebsocket { listen: "127.0.0.1:%s", no_tls: true }\n' "$((port + 1000))" "$port" >"$OUT/nats-$port.conf"
+    free_port client
+    printf 'listen: 127.0.0.1:%s\nmax_connections: 64000\nwebsocket { listen: "127.0.0.1:%s", no_tls: true }\n' "$client" "$port" >"$OUT/nats-$port.conf"
     "$NATS" -c "$OUT/nats-$port.conf" >"$OUT/nats-$port.log" 2>&1 &
     SERVER_URL="ws://127.0.0.1:$port"
   fi
   SERVER_PID=$!
   PIDS+=("$SERVER_PID")
-  wait_port "$port"
+  wait_port "$port" "$SERVER_PID"
 }
-stop_server() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+stop_server() { for p in "$@"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; }
+
+# (d) roomwire: a backbone nats-server and two nodes meshed over it -> sets MESH_URLS, MESH_PIDS
+# (node a, node b, backbone: the mesh needs the backbone, so its CPU is counted) and MESH_HTTP.
+start_roomwire_mesh() {
+  local backbone a b
+  free_port backbone
+  "$NATS" -a 127.0.0.1 -p "$backbone" >"$OUT/nats-backbone-$backbone.log" 2>&1 &
+  local backbone_pid=$!
+  PIDS+=("$backbone_pid")
+  wait_port "$backbone" "$backbone_pid"
+  free_port a
+  free_port b
+  local pids=()
+  for node in a b; do
+    local port=${!node}
+    RUST_LOG=warn "$NODE" --set "server.listen=[\"127.0.0.1:$port\"]" "${NODE_ARGS[@]}" \
+      --set "node.id=bench-$node" --set "mesh.nats_urls=[\"nats://127.0.0.1:$backbone\"]" \
+      --set "api.keys=[\"$API_KEY\"]" >"$OUT/node-mesh-$node-$port.log" 2>&1 &
+    pids+=($!)
+    PIDS+=($!)
+  done
+  for port in "$a" "$b"; do
+    wait_until 30 curl -fsS "http://127.0.0.1:$port/readyz"
+    # Both nodes on both rings before anyone joins, so no room moves during the run.
+    wait_until 30 python3 -c 'import json,sys,urllib.request as u
+r = u.Request(sys.argv[1], headers={"Authorization": "Bearer " + sys.argv[2]})
+sys.exit(len(json.load(u.urlopen(r))["ring"]["nodes"]) != 2)' "http://127.0.0.1:$port/api/v1/cluster" "$API_KEY"
+  done
+  MESH_URLS="ws://127.0.0.1:$a/ws,ws://127.0.0.1:$b/ws"
+  MESH_PIDS="${pids[0]},${pids[1]},$backbone_pid"
+  MESH_HTTP=("http://127.0.0.1:$a" "http://127.0.0.1:$b")
+}
+
+# (d) the peer: two nats-servers joined as a cluster (routes), each with its own WebSocket
+# listener -> sets MESH_URLS, MESH_PIDS.
+start_nats_cluster() {
+  local ws=() http=() route=() client=() pids=()
+  for i in 0 1; do free_port "ws[$i]"; free_port "http[$i]"; free_port "route[$i]"; free_port "client[$i]"; done
+  for i in 0 1; do
+    local other=$((1 - i)) conf="$OUT/nats-cluster-${ws[$i]}.conf"
+    printf 'server_name: bench-%s\nlisten: 127.0.0.1:%s\nhttp: 127.0.0.1:%s\nmax_connections: 64000\nwebsocket { listen: "127.0.0.1:%s", no_tls: true }\ncluster { name: bench, listen: "127.0.0.1:%s", routes: ["nats-route://127.0.0.1:%s"] }\n' \
+      "$i" "${client[$i]}" "${http[$i]}" "${ws[$i]}" "${route[$i]}" "${route[$other]}" >"$conf"
+    "$NATS" -c "$conf" >"$OUT/nats-cluster-${ws[$i]}.log" 2>&1 &
+    pids+=($!)
+    PIDS+=($!)
+  done
+  for i in 0 1; do
+    wait_port "${ws[$i]}" "${pids[$i]}"
+    wait_until 30 python3 -c 'import json,sys,urllib.request as u
+sys.exit(json.load(u.urlopen(sys.argv[1]))["num_routes"] < 1)' "http://127.0.0.1:${http[$i]}/routez"
+  done
+  MESH_URLS="ws://127.0.0.1:${ws[0]},ws://127.0.0.1:${ws[1]}"
+  MESH_PIDS="${pids[0]},${pids[1]}"
+}
+
+# mesh_status PHASE: one result line with the room's owner, as each node sees it, and how often
+# each node's ring changed (a change during the run would move the room).
+mesh_status() {
+  python3 - "$1" "$API_KEY" "${MESH_HTTP[@]}" >>"$RESULTS" <<'EOF'
+import json, sys, urllib.request as u
+phase, key, urls = sys.argv[1], sys.argv[2], sys.argv[3:]
+seen = []
+for url in urls:
+    r = u.Request(url + "/api/v1/cluster?room=bench.fanout", headers={"Authorization": "Bearer " + key})
+    s = json.load(u.urlopen(r))
+    seen.append({"node": s["node"]["id"], "owner": s["owner"]["node"], "ring_changes": s["ring"]["changes"],
+                 "ring_nodes": [n["id"] if isinstance(n, dict) else n for n in s["ring"]["nodes"]]})
+print(json.dumps({"scenario": "mesh-owner", "target": "roomwire", "label": "mesh", "phase": phase,
+                  "room": "bench.fanout", "publisher_node": seen[0]["node"], "owner": seen[0]["owner"],
+                  "owners_agree": len({s["owner"] for s in seen}) == 1,
+                  "owner_is_publisher_node": seen[0]["owner"] == seen[0]["node"], "nodes": seen}))
+EOF
+}
 
 for scenario in $SCENARIOS; do
-  if [ "$scenario" = transports ]; then
-    # (e) The same node, members over WebSocket or over WebTransport (the publisher stays on
-    # WebSocket; the protocol is the same). roomwire only: the peer has no WebTransport.
-    for transport in ws wt; do
-      for kind in idle fanout; do
-        step "transports: $kind over $transport"
-        RUST_LOG=warn "$NODE" --set 'server.listen=["127.0.0.1:19080"]' "${NODE_ARGS[@]}" \
-          --set webtransport.enabled=true --set 'webtransport.listen=["127.0.0.1:19443"]' \
-          --set webtransport.max_connections=20000 >"$OUT/node-wt.log" 2>&1 &
-        SERVER_PID=$!
-        PIDS+=("$SERVER_PID")
-        wait_port 19080
-        HASH=$(python3 -c 'import json,sys,urllib.request; print(json.load(urllib.request.urlopen("http://127.0.0.1:19080/webtransport/certhash"))["hex"])')
-        WT=(--target roomwire --transport "$transport" --url ws://127.0.0.1:19080/ws
-          --wt-url https://127.0.0.1:19443/wt --cert-hash "$HASH" --pid "$SERVER_PID" --sources "$SOURCES" --label transports)
-        if [ "$kind" = idle ]; then
-          "$LOADGEN" idle "${WT[@]}" --sessions 2000 >>"$RESULTS"
-        else
-          "$LOADGEN" fanout "${WT[@]}" --members 1000 --size 64 --rates 25,100 --step-secs 5 >>"$RESULTS"
-        fi
-        stop_server "$SERVER_PID"
+  case $scenario in
+    transports)
+      # (e) The same node, members over WebSocket or over WebTransport (the publisher stays on
+      # WebSocket; the protocol is the same). roomwire only: the peer has no WebTransport.
+      for transport in ws wt; do
+        for kind in idle fanout; do
+          step "transports: $kind over $transport"
+          free_port http
+          free_port quic
+          RUST_LOG=warn "$NODE" --set "server.listen=[\"127.0.0.1:$http\"]" "${NODE_ARGS[@]}" \
+            --set webtransport.enabled=true --set "webtransport.listen=[\"127.0.0.1:$quic\"]" \
+            --set webtransport.max_connections=20000 >"$OUT/node-wt-$http.log" 2>&1 &
+          SERVER_PID=$!
+          PIDS+=("$SERVER_PID")
+          wait_port "$http" "$SERVER_PID"
+          HASH=$(python3 -c 'import json,sys,urllib.request; print(json.load(urllib.request.urlopen(sys.argv[1]))["hex"])' "http://127.0.0.1:$http/webtransport/certhash")
+          WT=(--target roomwire --transport "$transport" --url "ws://127.0.0.1:$http/ws"
+            --wt-url "https://127.0.0.1:$quic/wt" --cert-hash "$HASH" --pid "$SERVER_PID" --sources "$SOURCES" --label transports)
+          if [ "$kind" = idle ]; then
+            "${LOADGEN[@]}" idle "${WT[@]}" --sessions "$WT_IDLE" >>"$RESULTS"
+          else
+            "${LOADGEN[@]}" fanout "${WT[@]}" --members "$WT_MEMBERS" --size 64 --rates "$WT_RATES" --step-secs "$WT_STEP" >>"$RESULTS"
+          fi
+          stop_server "$SERVER_PID"
+        done
       done
-    done
-    continue
-  fi
+      continue
+      ;;
+    idle | fanout | latency | chat | mesh) ;;
+    *) echo "unknown scenario $scenario" >&2; exit 64 ;;
+  esac
   for target in roomwire nats; do
     case $scenario in
       idle)
-        for n in 1000 10000 19000; do
+        for n in $IDLE_SIZES; do
           step "idle: $n sessions on $target"
-          start_server "$target" 19080
-          "$LOADGEN" idle --target "$target" --url "$SERVER_URL" --sessions "$n" --pid "$SERVER_PID" --sources "$SOURCES" >>"$RESULTS"
+          start_server "$target"
+          "${LOADGEN[@]}" idle --target "$target" --url "$SERVER_URL" --sessions "$n" --pid "$SERVER_PID" --sources "$SOURCES" >>"$RESULTS"
           stop_server "$SERVER_PID"
         done
         ;;
       fanout)
-        step "fanout: 1 publisher, 2000 members, 64 B, stepped rate, on $target"
-        start_server "$target" 19080
-        "$LOADGEN" fanout --target "$target" --url "$SERVER_URL" --members 2000 --size 64 \
-          --rates 5,25,50,100,150,200,250,300 --step-secs 5 --pid "$SERVER_PID" --sources "$SOURCES" >>"$RESULTS"
+        step "fanout: 1 publisher, $FANOUT_MEMBERS members, 64 B, stepped rate, on $target"
+        start_server "$target"
+        "${LOADGEN[@]}" fanout --target "$target" --url "$SERVER_URL" --members "$FANOUT_MEMBERS" --size 64 \
+          --rates "$FANOUT_RATES" --step-secs "$FANOUT_STEP" --stop-after-misses 2 --drain-max-secs 15 \
+          --pid "$SERVER_PID" --sources "$SOURCES" >>"$RESULTS"
+        stop_server "$SERVER_PID"
+        ;;
+      latency)
+        step "latency: 1 publisher, 1 member, rates $LATENCY_RATES, on $target"
+        start_server "$target"
+        "${LOADGEN[@]}" latency --target "$target" --url "$SERVER_URL" --members 1 --size 64 \
+          --rates "$LATENCY_RATES" --step-secs "$LATENCY_STEP" --pid "$SERVER_PID" >>"$RESULTS"
         stop_server "$SERVER_PID"
         ;;
       chat)
         # 2000 rooms x 10 members = 20,000 sessions: more than one process may hold open files
         # here, so two server processes hold 1000 rooms each, with one generator per server.
-        step "chat: 2 x (1000 rooms x 10 members), 0.5 msg/s per member, on $target"
-        start_server "$target" 19080; A=$SERVER_PID; URL_A=$SERVER_URL
-        start_server "$target" 19081; B=$SERVER_PID; URL_B=$SERVER_URL
-        "$LOADGEN" chat --target "$target" --url "$URL_A" --rooms 1000 --members-per-room 10 --rate 0.5 --secs 20 --pid "$A" --sources 127.0.0.1,127.0.0.2,127.0.0.3 --label half-a >>"$RESULTS" &
+        step "chat: 2 x ($CHAT_ROOMS rooms x 10 members), 0.5 msg/s per member, on $target"
+        start_server "$target"; A=$SERVER_PID; URL_A=$SERVER_URL
+        start_server "$target"; B=$SERVER_PID; URL_B=$SERVER_URL
+        "${LOADGEN[@]}" chat --target "$target" --url "$URL_A" --rooms "$CHAT_ROOMS" --members-per-room 10 --rate 0.5 --secs "$CHAT_SECS" --pid "$A" --sources 127.0.0.1,127.0.0.2,127.0.0.3 --label half-a >>"$RESULTS" &
         G1=$!
-        "$LOADGEN" chat --target "$target" --url "$URL_B" --rooms 1000 --members-per-room 10 --rate 0.5 --secs 20 --pid "$B" --sources 127.0.0.4,127.0.0.5,127.0.0.6 --label half-b >>"$RESULTS" &
+        "${LOADGEN[@]}" chat --target "$target" --url "$URL_B" --rooms "$CHAT_ROOMS" --members-per-room 10 --rate 0.5 --secs "$CHAT_SECS" --pid "$B" --sources 127.0.0.4,127.0.0.5,127.0.0.6 --label half-b >>"$RESULTS" &
         G2=$!
         wait "$G1" "$G2"
-        stop_server "$A"; stop_server "$B"
+        stop_server "$A" "$B"
+        ;;
+      mesh)
+        # (d) Two servers, members split half and half, the publisher on the first.
+        step "mesh: two servers, $MESH_MEMBERS members split across them, on $target"
+        if [ "$target" = roomwire ]; then start_roomwire_mesh; mesh_status before; else start_nats_cluster; fi
+        "${LOADGEN[@]}" fanout --target "$target" --url "$MESH_URLS" --members "$MESH_MEMBERS" --size 64 \
+          --rates "$MESH_RATES" --step-secs "$MESH_STEP" --settle-ms 1000 --stop-after-misses 2 --drain-max-secs 15 \
+          --pid "$MESH_PIDS" --sources "$SOURCES" --label mesh >>"$RESULTS"
+        [ "$target" = roomwire ] && mesh_status after
+        IFS=, read -ra stop <<<"$MESH_PIDS"
+        stop_server "${stop[@]}"
         ;;
     esac
   done
 done
 
-step "writing docs/BENCHMARKS.md"
-python3 benches/report.py "$RESULTS" docs/BENCHMARKS.md docs/bench-fanout-latency.svg
+step "writing $REPORT_DIR/BENCHMARKS.md"
+mkdir -p "$REPORT_DIR"
+python3 benches/report.py "$RESULTS" "$REPORT_DIR/BENCHMARKS.md" "$REPORT_DIR/bench-fanout-latency.svg" "$REPORT_DIR/bench-fanout-delivered.svg"
+step "done"
