@@ -468,7 +468,8 @@ impl RequestError {
 }
 
 /// Runs one session to its end on the current task: handshake, then the reader loop, then
-/// teardown. The writer runs on a task of its own, spawned once the session is authenticated.
+/// teardown. The writer runs on a task of its own, spawned once the session is authenticated and
+/// a member of its implicit rooms.
 #[tracing::instrument(name = "session", skip_all, fields(session, user, peer = %peer, transport = transport.label()))]
 pub async fn run<S: FrameSource, K: FrameSink>(
     ctx: Arc<NodeContext>,
@@ -496,7 +497,6 @@ pub async fn run<S: FrameSource, K: FrameSink>(
         .get_or_create(&transport_label)
         .inc();
 
-    let writer = tokio::spawn(write_loop(handle.clone(), rx, sink));
     let mut session = Session {
         ctx: ctx.clone(),
         handle: handle.clone(),
@@ -520,6 +520,12 @@ pub async fn run<S: FrameSource, K: FrameSink>(
     if ctx.shutdown.is_cancelled() {
         handle.go_away("node shutting down");
     }
+    // Only now is the queued `Connected` written, so a client that has it is a member of its
+    // implicit rooms and a message to its user published right after reaches it. (In a mesh the
+    // owner of the user's room hands messages to its own members directly, never through NATS:
+    // a publish there in that moment found no member here and was lost to the session.) What
+    // was delivered meanwhile waits in the bounded queue behind `Connected`.
+    let writer = tokio::spawn(write_loop(handle.clone(), rx, sink));
     session.read_loop(&mut source).await;
 
     // Teardown: no new pushes once memberships are gone; then let the writer finish.
