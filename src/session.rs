@@ -564,7 +564,8 @@ impl RequestError {
 }
 
 /// Runs one session to its end on the task that polls it: handshake, then the reader loop, then
-/// teardown. The writer runs on a task of its own, spawned once the session is authenticated.
+/// teardown. The writer runs on a task of its own, spawned once the session is authenticated and
+/// a member of its implicit rooms.
 ///
 /// The span is attached by hand rather than with `#[tracing::instrument]`, whose wrapper future
 /// keeps a second copy of every argument for the session's whole life.

@@ -1,8 +1,9 @@
 //! The mesh, end to end: real nats-server processes (joined by gateways where a test spans
 //! regions), real `roomwire` processes, real WebSocket clients. These are the acceptance tests of
 //! the mesh: order across nodes and regions, an owner killed with SIGKILL, a node joining and one
-//! leaving gracefully, a NATS server restarting under load; plus the harness's own checks and
-//! the validity of the files in regions/.
+//! leaving gracefully, a NATS server restarting under load, messages to a user and broadcasts
+//! reaching sessions on every node and a user's disconnect closing them there; plus the
+//! harness's own checks and the validity of the files in regions/.
 //!
 //! Every wait is on a condition with a deadline. A failing test prints the log tails of its
 //! nodes and NATS servers; `ROOMWIRE_TEST_LOG=roomwire=debug` makes the nodes log more.
@@ -20,7 +21,9 @@ use common::*;
 use futures_util::StreamExt;
 use roomwire::client::{Client, ClientError, Event};
 use roomwire::cluster::ring::{DEFAULT_VNODES, Ring};
-use roomwire::proto::{self, ErrorCode};
+use roomwire::proto::{self, CloseCode, ErrorCode};
+use serde_json::json;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 const BIN: &str = env!("CARGO_BIN_EXE_roomwire");
@@ -29,44 +32,101 @@ const BIN: &str = env!("CARGO_BIN_EXE_roomwire");
 // Members and publishers
 // ---------------------------------------------------------------------------------------------
 
-/// A client that joined a room; a task collects everything the node sends it, in order.
+/// A publish the member's task makes on the member's own session: room, payload (also the
+/// client_msg_id), and where the outcome goes.
+type PublishOrder = (
+    String,
+    String,
+    oneshot::Sender<Result<proto::PublishAck, ClientError>>,
+);
+
+/// A client that joined a room; a task collects everything the node sends it, in order, and
+/// publishes on its session when asked ([`Member::publish`]).
 struct Member {
     label: String,
     joined: proto::Joined,
     events: Arc<Mutex<Vec<Event>>>,
+    publishes: mpsc::Sender<PublishOrder>,
     task: JoinHandle<()>,
 }
 
 impl Member {
     async fn join(node: &NodeProcess, user: &str, room: &str) -> Member {
-        let mut client = node.client(user).await;
+        let client = node.client(user).await;
         let joined = client
             .join(room)
             .await
             .unwrap_or_else(|e| panic!("{user}@{} joins {room}: {e}", node.id));
+        Self::watch(format!("{user}@{}", node.id), client, joined)
+    }
+
+    /// A session of `user` that joined no room: it is a member of its implicit rooms only
+    /// (`$user.<user>` and `$broadcast`); `joined` is left empty.
+    async fn connect(node: &NodeProcess, user: &str) -> Member {
+        let client = node.client(user).await;
+        Self::watch(
+            format!("{user}@{}", node.id),
+            client,
+            proto::Joined::default(),
+        )
+    }
+
+    fn watch(label: String, mut client: Client, joined: proto::Joined) -> Member {
         let events = Arc::new(Mutex::new(Vec::new()));
         let sink = events.clone();
+        // One publish at a time; nobody asks for more.
+        let (publishes, mut orders) = mpsc::channel::<PublishOrder>(1);
         let task = tokio::spawn(async move {
-            while let Some(event) = client.next_event().await {
-                sink.lock().unwrap().push(event);
+            loop {
+                tokio::select! {
+                    event = client.next_event() => match event {
+                        Some(event) => sink.lock().unwrap().push(event),
+                        None => break,
+                    },
+                    Some((room, payload, done)) = orders.recv() => {
+                        let _ = done.send(client.publish(&room, payload.clone(), &payload).await);
+                    }
+                }
             }
         });
         Member {
-            label: format!("{user}@{}", node.id),
+            label,
             joined,
             events,
+            publishes,
             task,
         }
     }
 
+    /// Publishes `payload` (its own client_msg_id) into `room` on this member's session.
+    async fn publish(&self, room: &str, payload: &str) -> Result<proto::PublishAck, ClientError> {
+        let (done, outcome) = oneshot::channel();
+        self.publishes
+            .send((room.into(), payload.into(), done))
+            .await
+            .unwrap_or_else(|_| panic!("{}: the session's task has ended", self.label));
+        outcome
+            .await
+            .unwrap_or_else(|_| panic!("{}: the session's task has ended", self.label))
+    }
+
     /// (epoch, seq, payload) of every message received so far, in arrival order.
     fn received(&self) -> Vec<(u64, u64, String)> {
+        self.received_where(|_| true)
+    }
+
+    /// [`Member::received`], of the messages of `room` only.
+    fn received_in(&self, room: &str) -> Vec<(u64, u64, String)> {
+        self.received_where(|m| m.room == room)
+    }
+
+    fn received_where(&self, keep: impl Fn(&proto::Message) -> bool) -> Vec<(u64, u64, String)> {
         self.events
             .lock()
             .unwrap()
             .iter()
             .filter_map(|e| match e {
-                Event::Message(m) => Some((
+                Event::Message(m) if keep(m) => Some((
                     m.epoch,
                     m.seq,
                     String::from_utf8_lossy(&m.payload).into_owned(),
@@ -74,6 +134,14 @@ impl Member {
                 _ => None,
             })
             .collect()
+    }
+
+    /// The close code, once the session has closed (`Some(None)`: closed without a code).
+    fn closed(&self) -> Option<Option<u16>> {
+        self.events.lock().unwrap().iter().find_map(|e| match e {
+            Event::Closed { code, .. } => Some(*code),
+            _ => None,
+        })
     }
 
     /// Every event other than a message (GoAway, Closed, EpochChanged...), in order.
@@ -1005,6 +1073,238 @@ async fn a_nats_restart_under_load_loses_no_acknowledged_message_on_the_owner() 
     let owner_member = &members[on_owner];
     wait_received(&[owner_member], &sent).await;
     assert_acks_match(&owner_member.label, &owner_member.received(), &sent);
+}
+
+// ---------------------------------------------------------------------------------------------
+// e. Users and broadcasts: every session on every node, and a disconnect that reaches them all
+// ---------------------------------------------------------------------------------------------
+
+/// `POST path` with the API key and a JSON body; the node must answer 200 with JSON.
+async fn api_post(node: &NodeProcess, path: &str, body: &serde_json::Value) -> serde_json::Value {
+    let (status, response) = http_request(
+        node.addr,
+        "POST",
+        path,
+        Some(API_KEY),
+        Some(&body.to_string()),
+    )
+    .await;
+    assert_eq!(status, 200, "{} POST {path} {body}: {response}", node.id);
+    serde_json::from_str(&response)
+        .unwrap_or_else(|e| panic!("{} POST {path}: not JSON ({e}): {response}", node.id))
+}
+
+/// Publishes `data` through `node`'s HTTP API to `target` (`{"user": ...}` or
+/// `{"broadcast": true}`); checks the answer names `room`, and that `local_deliveries` counts
+/// `local` sessions when `node` owns the room and none otherwise (a forwarded publish is
+/// answered by the owner before the message comes back to this node's members through NATS).
+async fn api_publish(
+    node: &NodeProcess,
+    mut target: serde_json::Value,
+    data: &str,
+    room: &str,
+    local: u64,
+) -> Sent {
+    target["data"] = data.into();
+    let answer = api_post(node, "/api/v1/publish", &target).await;
+    let owner = node.owner_of(room).await;
+    assert_eq!(answer["room"], room, "{}: {answer}", node.id);
+    assert_eq!(answer["duplicate"], false, "{}: {answer}", node.id);
+    assert_eq!(
+        answer["local_deliveries"].as_u64(),
+        Some(if owner == node.id { local } else { 0 }),
+        "{} (owner of {room}: {owner}): {answer}",
+        node.id
+    );
+    let position = |key: &str| {
+        answer[key]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{}: no {key}: {answer}", node.id))
+    };
+    Sent {
+        payload: data.into(),
+        ack: proto::PublishAck {
+            room: room.into(),
+            epoch: position("epoch"),
+            seq: position("seq"),
+            ..Default::default()
+        },
+        refusals: Vec::new(),
+    }
+}
+
+/// The requirement "user-directed messages and broadcasts reach sessions on every node", and
+/// the disconnect of a user, which the node that gets the request passes on to every other node
+/// (`roomwire.ctl.disconnect`). Three nodes in two regions; alice has a session on each of them,
+/// joined to no room (her user room and the broadcast room are all she is in); bob (on n1) and
+/// carol (on n3) share a room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_messages_broadcasts_and_disconnects_reach_every_node() {
+    let nats = NatsServer::start_gateways(&["eu", "us"]).await;
+    let n1 = NodeProcess::mesh("n1", "eu", &[nats[0].url()]).await;
+    let n2 = NodeProcess::mesh("n2", "eu", &[nats[0].url()]).await;
+    let n3 = NodeProcess::mesh("n3", "us", &[nats[1].url()]).await;
+    let nodes = [&n1, &n2, &n3];
+    wait_converged(&nodes).await;
+
+    let room = "chat.friends";
+    let bob = Member::join(&n1, "bob", room).await;
+    let carol = Member::join(&n3, "carol", room).await;
+    let alice_room = "$user.alice";
+    let owner = n1.owner_of(alice_room).await;
+    let at = nodes.iter().position(|n| n.id == owner).unwrap();
+    // The owner of alice's user room first, then the other two.
+    let turns: Vec<&NodeProcess> = (0..3).map(|i| nodes[(at + i) % 3]).collect();
+
+    // a. Alice has sessions on the two nodes that do not own her user room; a first message to
+    //    her, through the owner, reaches both.
+    let mut alice = vec![
+        Member::connect(turns[1], "alice").await,
+        Member::connect(turns[2], "alice").await,
+    ];
+    let data = format!("to-alice#0 via {}", turns[0].id);
+    let first = api_publish(turns[0], json!({"user": "alice"}), &data, alice_room, 0).await;
+    wait_received(
+        &alice.iter().collect::<Vec<_>>(),
+        std::slice::from_ref(&first),
+    )
+    .await;
+    // Then she opens a session on the owner, and the next message goes out through the owner
+    // at once: `Connected` means the session is a member of `$user.alice`, and the owner
+    // delivers to its own members before it answers. Four more follow, one after the other,
+    // through each node in turn (forwarded to the owner; across the gateway for one of them).
+    alice.push(Member::connect(turns[0], "alice").await);
+    let mut to_alice = vec![first];
+    for k in 1..6 {
+        let node = turns[(k - 1) % 3];
+        let data = format!("to-alice#{k} via {}", node.id);
+        to_alice.push(api_publish(node, json!({"user": "alice"}), &data, alice_room, 1).await);
+    }
+    for w in to_alice.windows(2) {
+        assert_eq!(
+            (w[1].ack.epoch, w[1].ack.seq),
+            (w[0].ack.epoch, w[0].ack.seq + 1),
+            "one after the other, the owner gave them consecutive positions: {to_alice:?}"
+        );
+    }
+    let alice_refs: Vec<&Member> = alice.iter().collect();
+    wait_received(&alice_refs[..2], &to_alice).await;
+    wait_received(&alice_refs[2..], &to_alice[1..]).await;
+    for (m, expected) in alice
+        .iter()
+        .zip([&to_alice[..], &to_alice[..], &to_alice[1..]])
+    {
+        let got = m.received_in(alice_room);
+        assert_eq!(
+            got.iter().map(|(_, _, p)| p.clone()).collect::<Vec<_>>(),
+            payloads(expected),
+            "{}: not every message to alice since it connected exactly once, in the order sent",
+            m.label
+        );
+        // At the acknowledged (epoch, seq), hence where every other session of alice has it.
+        assert_acks_match(&m.label, &got, expected);
+    }
+    let everyone: Vec<&Member> = alice.iter().chain([&bob, &carol]).collect();
+
+    // b. One broadcast, through n3 (us): every session on every node.
+    let broadcast_room = "$broadcast";
+    let shout = api_publish(
+        &n3,
+        json!({"broadcast": true}),
+        "to everyone",
+        broadcast_room,
+        2,
+    )
+    .await;
+    wait_received(&everyone, std::slice::from_ref(&shout)).await;
+    let shouted = vec![(shout.ack.epoch, shout.ack.seq, shout.payload.clone())];
+    for m in &everyone {
+        assert_eq!(m.received_in(broadcast_room), shouted, "{}", m.label);
+        assert!(m.other_events().is_empty(), "{}", m.summary());
+    }
+    // Nothing meant for alice reached bob or carol: the broadcast is all they got.
+    for m in [&bob, &carol] {
+        assert_eq!(m.received(), shouted, "{}", m.summary());
+    }
+
+    // c. Disconnect alice through n2: her sessions close on every node with 4005
+    //    (DISCONNECTED); bob's and carol's stay, and keep working.
+    let answer = api_post(&n2, "/api/v1/users/alice/disconnect", &json!({})).await;
+    assert_eq!(
+        answer,
+        json!({"user": "alice", "disconnected": 1, "other_nodes_told": true})
+    );
+    for m in &alice {
+        eventually(&format!("{} closed", m.label), || async {
+            m.closed().is_some()
+        })
+        .await;
+        assert_eq!(
+            m.closed(),
+            Some(Some(CloseCode::Disconnected as u16)),
+            "{}",
+            m.summary()
+        );
+        assert_eq!(
+            m.other_events().len(),
+            1,
+            "{}: more than the close",
+            m.summary()
+        );
+    }
+    for node in &nodes {
+        eventually(
+            &format!("{}: no session of alice left", node.id),
+            || async {
+                let (_, body) = node
+                    .try_get("/api/v1/rooms/$user.alice")
+                    .await
+                    .expect("the node answers");
+                body.contains(r#""local_members":0"#)
+            },
+        )
+        .await;
+        // One session closed on each node: by n2 itself, and by the others on its NATS message
+        // (a node does not hear its own, the mesh connection does not echo).
+        assert_eq!(
+            node.metric(r#"roomwire_sessions_closed_total{reason="disconnected"}"#)
+                .await,
+            1.0,
+            "{}",
+            node.id
+        );
+    }
+    let mut after = Vec::new();
+    for m in [&bob, &carol] {
+        assert_eq!(m.closed(), None, "{}", m.summary());
+        let payload = format!("{} is still here", m.label);
+        let ack = m
+            .publish(room, &payload)
+            .await
+            .unwrap_or_else(|e| panic!("{}: publish after the disconnect: {e}", m.label));
+        after.push(Sent {
+            payload,
+            ack,
+            refusals: Vec::new(),
+        });
+    }
+    wait_received(&[&bob, &carol], &after).await;
+    for m in [&bob, &carol] {
+        let got = m.received_in(room);
+        assert_eq!(
+            got.iter().map(|(_, _, p)| p.clone()).collect::<Vec<_>>(),
+            payloads(&after),
+            "{}",
+            m.label
+        );
+        assert_acks_match(&m.label, &got, &after);
+    }
+    // A message to bob, through the other region, still reaches him.
+    let to_bob = api_publish(&n3, json!({"user": "bob"}), "to-bob", "$user.bob", 0).await;
+    wait_received(&[&bob], std::slice::from_ref(&to_bob)).await;
+    for m in [&bob, &carol] {
+        assert!(m.other_events().is_empty(), "{}", m.summary());
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
