@@ -6,7 +6,7 @@
 # three NATS servers (eu, us, ap: regions/*.nats.conf) joined by gateways, and two roomwire nodes
 # per region (regions/<region>.toml, the second one with its id and ports overridden), built with
 # `cargo build --release`. It prints the URLs once every node is ready, and stops everything on
-# Ctrl-C: the nodes first (they drain and hand their rooms over), then the NATS servers.
+# Ctrl-C: the nodes first (each drains: GoAway to its sessions, close 1001), then the NATS servers.
 # Logs: target/regions/*.log. The API key for /api/v1/* is printed (ROOMWIRE_API_KEY sets it).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -629,8 +629,12 @@ fn serve<S: FrameSource, K: FrameSink>(
         let implicit = [RoomName::for_user(&handle.user), RoomName::broadcast()];
         for room in &implicit {
             // Membership of the user's and the broadcast room; no Joined frame is sent for them.
+            // A session that could not become a member would silently miss what is sent to its
+            // user: it is told to reconnect (elsewhere) instead.
             if let Err(error) = Box::pin(ctx.bus.join(room, &handle, None)).await {
-                tracing::warn!(%error, %room, "implicit join failed");
+                tracing::warn!(%error, %room, "implicit join failed; sending the session away");
+                handle.go_away("this node cannot serve the session now; reconnect");
+                break;
             }
         }
         // A drain that started after this session was authenticated but before it joined

@@ -1231,11 +1231,17 @@ impl Inner {
         if let Some(interest) = self.live_interest(room) {
             return Ok(interest);
         }
-        let subscriber = self
-            .nats
-            .subscribe(self.subject_room(room))
-            .await
-            .map_err(|e| BusError::Unavailable(format!("mesh subscribe failed: {e}")))?;
+        // Bounded like every NATS call of the mesh: while reconnecting the client queues the
+        // subscription instead of failing it.
+        let bound = Duration::from_millis(self.config.request_timeout_ms);
+        let subscriber =
+            match tokio::time::timeout(bound, self.nats.subscribe(self.subject_room(room))).await {
+                Ok(Ok(subscriber)) => subscriber,
+                Ok(Err(e)) => {
+                    return Err(BusError::Unavailable(format!("mesh subscribe failed: {e}")));
+                }
+                Err(_) => return Err(BusError::Unavailable("mesh subscribe timed out".into())),
+            };
         let interest = Arc::new(Interest {
             room: room.clone(),
             state: Mutex::new(InterestState {
