@@ -67,6 +67,7 @@ pub struct Metrics {
     pub mesh_ring_changes: Counter,
     /// Publishes this node sent to another node, the room's owner.
     pub mesh_forwarded_publishes: Counter,
+    pub mesh_forward_requests: Counter,
     /// "Not owner" answers (the ring was changing) after which the publish or join re-routed.
     pub mesh_not_owner: Counter,
     /// Requests to an owner that did not answer (down, unreachable, timed out) and re-routed.
@@ -249,6 +250,11 @@ impl Metrics {
             mesh_forwarded_publishes: reg!(
                 "mesh_forwarded_publishes",
                 "Publishes forwarded to the room's owner",
+                Counter::default()
+            ),
+            mesh_forward_requests: reg!(
+                "mesh_forward_requests",
+                "Requests that carried forwarded publishes to an owner (one or more each)",
                 Counter::default()
             ),
             mesh_not_owner: reg!(

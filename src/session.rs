@@ -27,7 +27,7 @@ use futures_util::task::AtomicWaker;
 use tokio::time::{MissedTickBehavior, timeout};
 
 use crate::auth::{AuthError, Permissions, Principal};
-use crate::cluster::{BusError, Publication};
+use crate::cluster::{BusError, Publication, Sequenced};
 use crate::limits::{Admit, SessionBudget};
 use crate::node::NodeContext;
 use crate::proto::{
@@ -43,6 +43,10 @@ const MAX_BATCH: usize = 256;
 const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a closed session keeps reading for the peer's close reply.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
+/// Publishes a session may have accepted and not yet had sequenced, in count and payload bytes;
+/// past either, the session stops reading until the bus catches up (TCP pushes back).
+const MAX_UNSEQUENCED_PUBLISHES: usize = 256;
+const MAX_UNSEQUENCED_BYTES: usize = 1024 * 1024;
 /// Longest client message id, in bytes: the owner remembers ids for de-duplication, so they
 /// must stay small.
 pub const MAX_CLIENT_MSG_ID_BYTES: usize = 128;
@@ -778,6 +782,10 @@ async fn handshake<S: FrameSource, K: FrameSink>(
         expires_at: principal.expires_at,
         warned: false,
         rearm: false,
+        publishing: None,
+        in_flight: Vec::new(),
+        waiting: Vec::new(),
+        waiting_bytes: 0,
     })
 }
 
@@ -873,6 +881,23 @@ struct Session {
     warned: bool,
     /// Set by a Refresh: the expiry timer must be re-armed.
     rearm: bool,
+    /// The publishes being sequenced now (one batch at the bus at a time, so they take their
+    /// positions in the order the client sent them) and their acknowledgements' details.
+    publishing: Option<PublishBatch>,
+    in_flight: Vec<Unacked>,
+    /// Publishes read since that batch left, sent together when it is done.
+    waiting: Vec<(Unacked, Publication)>,
+    waiting_bytes: usize,
+}
+
+type PublishBatch =
+    std::pin::Pin<Box<dyn Future<Output = Vec<Result<Sequenced, BusError>>> + Send>>;
+
+/// What the acknowledgement of a publish needs once the bus has sequenced it.
+struct Unacked {
+    request_id: u64,
+    room: RoomName,
+    client_msg_id: String,
 }
 
 impl Session {
@@ -888,9 +913,25 @@ impl Session {
         let timer = tokio::time::sleep_until(self.next_deadline(last_inbound + idle));
         tokio::pin!(timer);
         loop {
+            let reading = self.waiting.len() < MAX_UNSEQUENCED_PUBLISHES
+                && self.waiting_bytes < MAX_UNSEQUENCED_BYTES;
             let inbound = tokio::select! {
                 biased;
-                _ = &mut cancelled => return,
+                _ = &mut cancelled => {
+                    // What is being sequenced is acknowledged if it can be (a drain lets the
+                    // writer flush); what was only read is not accepted and gets no answer.
+                    if let Some(batch) = self.publishing.take()
+                        && let Ok(results) = timeout(CLOSE_WRITE_TIMEOUT, batch).await
+                    {
+                        self.acknowledge(results);
+                    }
+                    return;
+                }
+                results = in_flight(&mut self.publishing), if self.publishing.is_some() => {
+                    self.acknowledge(results);
+                    self.start_publishing();
+                    continue;
+                }
                 _ = &mut timer => {
                     let now = tokio::time::Instant::now();
                     if now >= last_inbound + idle {
@@ -903,7 +944,7 @@ impl Session {
                     timer.as_mut().reset(self.next_deadline(last_inbound + idle));
                     continue;
                 }
-                r = source.recv() => r,
+                r = source.recv(), if reading => r,
             };
             last_inbound = tokio::time::Instant::now();
             let inbound = match inbound {
@@ -1206,21 +1247,75 @@ impl Session {
             }
             return Ok(());
         }
-        let client_msg_id = publication.client_msg_id.clone();
-        let room = publication.room.to_string();
-        let sequenced = self.ctx.bus.publish(publication).await?;
-        self.handle.push_frame(&ServerFrame::reply(
+        let unacked = Unacked {
             request_id,
-            server_frame::Kind::PublishAck(proto::PublishAck {
-                room,
-                client_msg_id,
-                epoch: sequenced.epoch,
-                seq: sequenced.seq,
-                duplicate: sequenced.duplicate,
-            }),
-        ));
+            room: publication.room.clone(),
+            client_msg_id: publication.client_msg_id.clone(),
+        };
+        self.waiting_bytes += publication.payload.len();
+        self.waiting.push((unacked, publication));
+        self.start_publishing();
         Ok(())
     }
+
+    /// Sends what is waiting to the bus as one batch, unless a batch is out already (it goes
+    /// when that one is done). Standalone, or for rooms this node owns, the batch is done at its
+    /// first poll, which the read loop makes before it reads the next frame.
+    fn start_publishing(&mut self) {
+        if self.publishing.is_some() || self.waiting.is_empty() {
+            return;
+        }
+        let (unacked, publications): (Vec<Unacked>, Vec<Publication>) =
+            self.waiting.drain(..).unzip();
+        self.waiting_bytes = 0;
+        self.in_flight = unacked;
+        let ctx = self.ctx.clone();
+        self.publishing = Some(Box::pin(async move {
+            ctx.bus.publish_batch(publications).await
+        }));
+    }
+
+    /// Answers the batch that was in flight: an ack, or an error, per publish, in order.
+    fn acknowledge(&mut self, results: Vec<Result<Sequenced, BusError>>) {
+        for (unacked, result) in std::mem::take(&mut self.in_flight).into_iter().zip(results) {
+            match result {
+                Ok(sequenced) => {
+                    self.handle.push_frame(&ServerFrame::reply(
+                        unacked.request_id,
+                        server_frame::Kind::PublishAck(proto::PublishAck {
+                            room: unacked.room.to_string(),
+                            client_msg_id: unacked.client_msg_id,
+                            epoch: sequenced.epoch,
+                            seq: sequenced.seq,
+                            duplicate: sequenced.duplicate,
+                        }),
+                    ));
+                }
+                Err(error) => {
+                    let error = RequestError::from(error);
+                    tracing::debug!(%error, "publish refused");
+                    self.send_error(unacked.request_id, error.code(), &error.to_string());
+                }
+            }
+        }
+    }
+}
+
+/// Resolves with the results of the batch in flight (the read loop polls it only while there is
+/// one) and clears the slot.
+fn in_flight(
+    slot: &mut Option<PublishBatch>,
+) -> impl Future<Output = Vec<Result<Sequenced, BusError>>> + '_ {
+    std::future::poll_fn(move |cx| match slot.as_mut() {
+        Some(batch) => match batch.as_mut().poll(cx) {
+            Poll::Ready(results) => {
+                *slot = None;
+                Poll::Ready(results)
+            }
+            Poll::Pending => Poll::Pending,
+        },
+        None => Poll::Pending,
+    })
 }
 
 /// The writer task: drains the send queue into the transport, one coalesced write per batch,

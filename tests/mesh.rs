@@ -1308,6 +1308,82 @@ async fn user_messages_broadcasts_and_disconnects_reach_every_node() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// f. Publishes pipelined through a node that does not own the room
+// ---------------------------------------------------------------------------------------------
+
+/// A client that sends many publishes without waiting for each acknowledgement, through a node
+/// that does not own the room: its node carries them to the owner several per request (a
+/// session is not held to one publish per round trip), and they take their positions in the
+/// order the client sent them, for every member on either node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_publishes_travel_to_the_owner_together_and_keep_their_order() {
+    let nats = NatsServer::start().await;
+    let n1 = NodeProcess::mesh("n1", "local", &[nats.url()]).await;
+    let n2 = NodeProcess::mesh("n2", "local", &[nats.url()]).await;
+    wait_converged(&[&n1, &n2]).await;
+    let room = (0..)
+        .map(|i| format!("chat.pipelined{i}"))
+        .find(|r| ring_owners(&["n1", "n2"], std::slice::from_ref(r))[0] == "n2")
+        .unwrap();
+    assert_eq!(n1.owner_of(&room).await, "n2");
+    let members = [
+        Member::join(&n1, "m-n1", &room).await,
+        Member::join(&n2, "m-n2", &room).await,
+    ];
+    let forwarded_before = n1.metric("roomwire_mesh_forwarded_publishes_total").await;
+    let requests_before = n1.metric("roomwire_mesh_forward_requests_total").await;
+
+    const N: usize = 300;
+    let publisher = n1.client("pub").await;
+    let sent: Vec<String> = (0..N).map(|i| format!("p#{i}")).collect();
+    // Every publish is written before the first acknowledgement is awaited.
+    let acks =
+        futures_util::future::join_all(sent.iter().map(|p| publisher.publish(&room, p.clone(), p)))
+            .await;
+    let acks: Vec<proto::PublishAck> = acks
+        .into_iter()
+        .enumerate()
+        .map(|(i, a)| a.unwrap_or_else(|e| panic!("publish {i}: {e}")))
+        .collect();
+    for w in acks.windows(2) {
+        assert!(
+            (w[0].epoch, w[0].seq) < (w[1].epoch, w[1].seq),
+            "acknowledged out of the order sent: {} at {}:{}, then {} at {}:{}",
+            w[0].client_msg_id,
+            w[0].epoch,
+            w[0].seq,
+            w[1].client_msg_id,
+            w[1].epoch,
+            w[1].seq
+        );
+    }
+    for m in &members {
+        eventually(&format!("{} receives all {N}", m.label), || async {
+            m.received_in(&room).len() >= N
+        })
+        .await;
+        let got = m.received_in(&room);
+        let payloads: Vec<String> = got.iter().map(|(_, _, p)| p.clone()).collect();
+        assert_eq!(payloads, sent, "{}: not in the order sent", m.label);
+        let positions: Vec<(u64, u64)> = got.iter().map(|(e, s, _)| (*e, *s)).collect();
+        let acked: Vec<(u64, u64)> = acks.iter().map(|a| (a.epoch, a.seq)).collect();
+        assert_eq!(
+            positions, acked,
+            "{}: not at the acknowledged positions",
+            m.label
+        );
+    }
+    let forwarded = n1.metric("roomwire_mesh_forwarded_publishes_total").await - forwarded_before;
+    let requests = n1.metric("roomwire_mesh_forward_requests_total").await - requests_before;
+    assert_eq!(forwarded, N as f64, "every publish went to the owner once");
+    assert!(
+        requests < forwarded,
+        "{forwarded} publishes took {requests} requests: none travelled together"
+    );
+    eprintln!("pipelined: {N} publishes in {requests} requests to the owner");
+}
+
+// ---------------------------------------------------------------------------------------------
 // Readiness, standalone mode, the harness itself, regions/
 // ---------------------------------------------------------------------------------------------
 

@@ -96,6 +96,9 @@ impl std::fmt::Display for RequestFailure {
     }
 }
 
+/// Publications sent to an owner in one request at most.
+const MAX_FORWARD_BATCH: usize = 64;
+
 /// One step of routing a request to a room's owner.
 enum Step<T> {
     Done(T),
@@ -315,8 +318,13 @@ impl MeshBus {
         Ok(MeshBus { inner })
     }
 
-    pub async fn publish(&self, p: Publication) -> Result<Sequenced, BusError> {
-        self.inner.publish(p).await
+    /// Sequences every publication at its room's owner; one result per publication, in order.
+    /// Publications to one room are sequenced in the order given; rooms proceed concurrently.
+    pub async fn publish_batch(
+        &self,
+        publications: Vec<Publication>,
+    ) -> Vec<Result<Sequenced, BusError>> {
+        self.inner.publish_batch(publications).await
     }
 
     pub async fn publish_unreliable(&self, p: Publication) -> UnreliableReport {
@@ -725,26 +733,20 @@ impl Inner {
     async fn serve(self: &Arc<Self>, kind: request::Kind) -> reply::Kind {
         let parse = |room: &str| RoomName::parse_any(room, self.rooms.max_name_bytes);
         match kind {
-            request::Kind::Forward(f) => {
-                let Ok(room) = parse(&f.room) else {
-                    return reply::Kind::Unavailable("invalid room name".into());
-                };
-                let publication = Publication {
-                    room,
-                    payload: f.payload,
-                    publisher: Arc::from(f.publisher.as_str()),
-                    client_msg_id: f.client_msg_id,
-                };
-                match self.sequence_here(&publication).await {
-                    Step::Done(s) => reply::Kind::Sequenced(wire::Sequenced {
-                        epoch: s.epoch,
-                        seq: s.seq,
-                        duplicate: s.duplicate,
-                    }),
-                    Step::Retry(reason) => reply::Kind::NotOwner(reason),
-                    Step::Fail(BusError::TooLarge(max)) => reply::Kind::TooLarge(max as u64),
-                    Step::Fail(error) => reply::Kind::Unavailable(error.to_string()),
+            request::Kind::Forward(batch) => {
+                // In order; a publish that must be re-routed ends the batch (its reply is the
+                // last), so the sender re-sends the rest in the same order.
+                let mut replies = Vec::with_capacity(batch.publishes.len());
+                for f in batch.publishes {
+                    let kind = self.serve_forward(f).await;
+                    let last =
+                        matches!(kind, reply::Kind::NotOwner(_) | reply::Kind::Unavailable(_));
+                    replies.push(wire::Reply { kind: Some(kind) });
+                    if last {
+                        break;
+                    }
                 }
+                reply::Kind::Batch(wire::BatchReply { replies })
             }
             request::Kind::Sync(s) => {
                 let Ok(room) = parse(&s.room) else {
@@ -765,6 +767,28 @@ impl Inner {
                 Ok(room) => self.take_handoff(room, state),
                 Err(_) => reply::Kind::Done(true),
             },
+        }
+    }
+
+    async fn serve_forward(self: &Arc<Self>, f: wire::Forward) -> reply::Kind {
+        let Ok(room) = RoomName::parse_any(&f.room, self.rooms.max_name_bytes) else {
+            return reply::Kind::Unavailable("invalid room name".into());
+        };
+        let publication = Publication {
+            room,
+            payload: f.payload,
+            publisher: Arc::from(f.publisher.as_str()),
+            client_msg_id: f.client_msg_id,
+        };
+        match self.sequence_here(&publication).await {
+            Step::Done(s) => reply::Kind::Sequenced(wire::Sequenced {
+                epoch: s.epoch,
+                seq: s.seq,
+                duplicate: s.duplicate,
+            }),
+            Step::Retry(reason) => reply::Kind::NotOwner(reason),
+            Step::Fail(BusError::TooLarge(max)) => reply::Kind::TooLarge(max as u64),
+            Step::Fail(error) => reply::Kind::Unavailable(error.to_string()),
         }
     }
 
@@ -1161,50 +1185,171 @@ impl Inner {
         self.view().ring.owner(room.as_str()).cloned()
     }
 
-    async fn publish(self: &Arc<Self>, p: Publication) -> Result<Sequenced, BusError> {
-        let mut route = Route::new(&self.config);
-        loop {
-            self.check_link()?;
-            let step = match self.owner_of(&p.room) {
-                None => Step::Retry("the mesh is settling".into()),
-                Some(owner) if owner == self.node_id => self.sequence_here(&p).await,
-                Some(owner) => self.forward(&owner, &p).await,
-            };
-            match step {
-                Step::Done(sequenced) => return Ok(sequenced),
-                Step::Fail(error) => return Err(error),
-                Step::Retry(reason) => route.pause(reason).await?,
+    async fn publish_batch(
+        self: &Arc<Self>,
+        publications: Vec<Publication>,
+    ) -> Vec<Result<Sequenced, BusError>> {
+        // One run per room, in the order given; runs of different rooms proceed concurrently.
+        let mut runs: Vec<(RoomName, Vec<usize>)> = Vec::new();
+        for (i, p) in publications.iter().enumerate() {
+            match runs.iter_mut().find(|(room, _)| *room == p.room) {
+                Some((_, indices)) => indices.push(i),
+                None => runs.push((p.room.clone(), vec![i])),
             }
         }
+        let mut slots: Vec<Option<Publication>> = publications.into_iter().map(Some).collect();
+        let runs: Vec<(Vec<usize>, Vec<Publication>)> = runs
+            .into_iter()
+            .map(|(_, indices)| {
+                let run = indices.iter().filter_map(|&i| slots[i].take()).collect();
+                (indices, run)
+            })
+            .collect();
+        let outcomes =
+            futures_util::future::join_all(runs.iter().map(|(_, run)| self.publish_run(run))).await;
+        let mut results: Vec<Option<Result<Sequenced, BusError>>> =
+            (0..slots.len()).map(|_| None).collect();
+        for ((indices, _), outcome) in runs.iter().zip(outcomes) {
+            for (&i, result) in indices.iter().zip(outcome) {
+                results[i] = Some(result);
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.expect("every publication has a result"))
+            .collect()
     }
 
-    async fn forward(&self, owner: &str, p: &Publication) -> Step<Sequenced> {
-        self.metrics.mesh_forwarded_publishes.inc();
-        let forward = request::Kind::Forward(wire::Forward {
-            room: p.room.to_string(),
-            payload: p.payload.clone(),
-            publisher: p.publisher.to_string(),
-            client_msg_id: p.client_msg_id.clone(),
-        });
-        match self.request(owner, forward).await {
-            Ok(reply::Kind::Sequenced(s)) => Step::Done(Sequenced {
-                epoch: s.epoch,
-                seq: s.seq,
-                local_deliveries: 0,
-                duplicate: s.duplicate,
-            }),
+    /// Sequences publications to one room, in order: here when this node owns the room,
+    /// otherwise at the owner, as many per request as fit. Whatever must be re-routed (the owner
+    /// changed, the mesh is settling, the owner did not answer) is retried in order until
+    /// `route_deadline_ms`; then it fails with the retryable UNAVAILABLE.
+    async fn publish_run(
+        self: &Arc<Self>,
+        run: &[Publication],
+    ) -> Vec<Result<Sequenced, BusError>> {
+        let mut results = Vec::with_capacity(run.len());
+        let mut route = Route::new(&self.config);
+        while results.len() < run.len() {
+            let rest = &run[results.len()..];
+            let retry = match self.check_link() {
+                Err(error) => Some(Err(error)),
+                Ok(()) => match self.owner_of(&rest[0].room) {
+                    None => Some(Ok("the mesh is settling".to_string())),
+                    Some(owner) if owner == self.node_id => {
+                        match self.sequence_here(&rest[0]).await {
+                            Step::Done(sequenced) => {
+                                results.push(Ok(sequenced));
+                                None
+                            }
+                            Step::Fail(error) => {
+                                results.push(Err(error));
+                                None
+                            }
+                            Step::Retry(reason) => Some(Ok(reason)),
+                        }
+                    }
+                    Some(owner) => {
+                        let (done, retry) = self.forward(&owner, rest).await;
+                        results.extend(done);
+                        retry.map(Ok)
+                    }
+                },
+            };
+            let failed = match retry {
+                None => continue,
+                Some(Err(error)) => error,
+                Some(Ok(reason)) => match route.pause(reason).await {
+                    Ok(()) => continue,
+                    Err(error) => error,
+                },
+            };
+            results.extend(std::iter::repeat_n(Err(failed), run.len() - results.len()));
+        }
+        results
+    }
+
+    /// Sends the first publications of `rest` (as many as fit one request) to `owner`. Returns
+    /// the results of those it settled, in order, and, when the rest must be re-routed, why.
+    async fn forward(
+        &self,
+        owner: &str,
+        rest: &[Publication],
+    ) -> (Vec<Result<Sequenced, BusError>>, Option<String>) {
+        // Half the server's max_payload per request, so a batch never nears it; a publication
+        // larger than that goes alone (the owner refuses what cannot cross the mesh).
+        let budget = match self.nats.server_info().max_payload {
+            0 => 512 * 1024,
+            max => max / 2,
+        };
+        let mut bytes = 0;
+        let chunk: Vec<wire::Forward> = rest
+            .iter()
+            .take(MAX_FORWARD_BATCH)
+            .take_while(|p| {
+                bytes += p.payload.len() + p.client_msg_id.len() + p.publisher.len() + 64;
+                bytes <= budget
+            })
+            .map(|p| wire::Forward {
+                room: p.room.to_string(),
+                payload: p.payload.clone(),
+                publisher: p.publisher.to_string(),
+                client_msg_id: p.client_msg_id.clone(),
+            })
+            .collect();
+        let chunk = if chunk.is_empty() {
+            let p = &rest[0];
+            vec![wire::Forward {
+                room: p.room.to_string(),
+                payload: p.payload.clone(),
+                publisher: p.publisher.to_string(),
+                client_msg_id: p.client_msg_id.clone(),
+            }]
+        } else {
+            chunk
+        };
+        let sent = chunk.len();
+        self.metrics.mesh_forwarded_publishes.inc_by(sent as u64);
+        self.metrics.mesh_forward_requests.inc();
+        let request = request::Kind::Forward(wire::ForwardBatch { publishes: chunk });
+        let replies = match self.request(owner, request).await {
+            Ok(reply::Kind::Batch(batch)) => batch.replies,
             Ok(reply::Kind::NotOwner(reason)) => {
                 self.metrics.mesh_not_owner.inc();
-                Step::Retry(reason)
+                return (Vec::new(), Some(reason));
             }
-            Ok(reply::Kind::Unavailable(reason)) => Step::Retry(reason),
-            Ok(reply::Kind::TooLarge(max)) => Step::Fail(BusError::TooLarge(max as usize)),
-            Ok(_) => Step::Retry(format!("unexpected reply from {owner}")),
+            Ok(reply::Kind::Unavailable(reason)) => return (Vec::new(), Some(reason)),
+            Ok(_) => return (Vec::new(), Some(format!("unexpected reply from {owner}"))),
             Err(reason) => {
                 self.metrics.mesh_unreachable.inc();
-                Step::Retry(format!("{owner} did not answer: {reason}"))
+                return (
+                    Vec::new(),
+                    Some(format!("{owner} did not answer: {reason}")),
+                );
+            }
+        };
+        let mut done = Vec::with_capacity(sent);
+        for reply in replies.into_iter().take(sent) {
+            match reply.kind {
+                Some(reply::Kind::Sequenced(s)) => done.push(Ok(Sequenced {
+                    epoch: s.epoch,
+                    seq: s.seq,
+                    local_deliveries: 0,
+                    duplicate: s.duplicate,
+                })),
+                Some(reply::Kind::TooLarge(max)) => {
+                    done.push(Err(BusError::TooLarge(max as usize)))
+                }
+                Some(reply::Kind::NotOwner(reason)) => {
+                    self.metrics.mesh_not_owner.inc();
+                    return (done, Some(reason));
+                }
+                Some(reply::Kind::Unavailable(reason)) => return (done, Some(reason)),
+                _ => return (done, Some(format!("unexpected reply from {owner}"))),
             }
         }
+        let retry = (done.len() < sent).then(|| format!("{owner} answered only part of a batch"));
+        (done, retry)
     }
 
     async fn publish_unreliable(self: &Arc<Self>, p: Publication) -> UnreliableReport {

@@ -84,9 +84,23 @@ pub enum Bus {
 impl Bus {
     /// Sequences a message at the room's owner and fans it out to every member.
     pub async fn publish(&self, publication: Publication) -> Result<Sequenced, BusError> {
+        self.publish_batch(vec![publication])
+            .await
+            .pop()
+            .expect("one result per publication")
+    }
+
+    /// Sequences several messages, one result each, in order: messages to one room take
+    /// positions in the order given. In a mesh, messages to a room owned elsewhere travel to
+    /// the owner together, so a session publishing faster than one round trip is not held to
+    /// one message per round trip.
+    pub async fn publish_batch(
+        &self,
+        publications: Vec<Publication>,
+    ) -> Vec<Result<Sequenced, BusError>> {
         match self {
-            Bus::Standalone(bus) => bus.publish(publication),
-            Bus::Mesh(bus) => bus.publish(publication).await,
+            Bus::Standalone(bus) => publications.into_iter().map(|p| bus.publish(p)).collect(),
+            Bus::Mesh(bus) => bus.publish_batch(publications).await,
         }
     }
 
