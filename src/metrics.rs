@@ -65,8 +65,9 @@ pub struct Metrics {
     pub mesh_nodes: Family<OwnedLabels, Gauge>,
     /// Times this node's view of the ring changed.
     pub mesh_ring_changes: Counter,
-    /// Publishes this node sent to another node, the room's owner.
+    /// Publishes this node sent to another node, the room's owner (each attempt counts).
     pub mesh_forwarded_publishes: Counter,
+    /// Requests that carried them, one or more publishes each.
     pub mesh_forward_requests: Counter,
     /// "Not owner" answers (the ring was changing) after which the publish or join re-routed.
     pub mesh_not_owner: Counter,

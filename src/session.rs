@@ -5,9 +5,11 @@
 //! (a [`CloseReason`] is set: by the peer, an error, the slow-consumer policy, an operator or the
 //! drain) → **closed** (memberships dropped, close code sent, tasks ended).
 //!
-//! Two tasks per session: the reader (this module's [`run`], on the connection's task) handles
+//! Two tasks per session: the reader (this module's [`run`], on the session's task) handles
 //! inbound frames; the writer drains the bounded send queue into the transport, coalescing every
-//! frame waiting in the queue into one write, and sends heartbeats.
+//! frame waiting in the queue into one write, and sends heartbeats. Publishes whose room is
+//! owned by another node are sequenced on a third, short-lived task, one batch at a time, while
+//! the reader goes on reading (bounded: see `MAX_UNSEQUENCED_PUBLISHES`).
 //!
 //! Slow-consumer policy: the send queue is bounded in frames (`send_queue_frames`) and bytes
 //! (`send_queue_bytes`). Pushing never waits; when a push would exceed either bound the session is
@@ -23,6 +25,7 @@ use std::task::Poll;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use futures_util::task::AtomicWaker;
 use tokio::time::{MissedTickBehavior, timeout};
 
@@ -653,6 +656,7 @@ fn serve<S: FrameSource, K: FrameSink>(
         // What was delivered meanwhile waits in the bounded queue behind `Connected`.
         let writer = tokio::spawn(write_loop(handle.clone(), sink));
         session.read_loop(&mut source).await;
+        session.detach_publishing();
 
         // Teardown: no new pushes once memberships are gone; then let the writer finish.
         for room in session.rooms.iter().chain(&implicit) {
@@ -784,6 +788,7 @@ async fn handshake<S: FrameSource, K: FrameSink>(
         rearm: false,
         publishing: None,
         in_flight: Vec::new(),
+        in_flight_bytes: 0,
         waiting: Vec::new(),
         waiting_bytes: 0,
     })
@@ -881,17 +886,17 @@ struct Session {
     warned: bool,
     /// Set by a Refresh: the expiry timer must be re-armed.
     rearm: bool,
-    /// The publishes being sequenced now (one batch at the bus at a time, so they take their
-    /// positions in the order the client sent them) and their acknowledgements' details.
-    publishing: Option<PublishBatch>,
+    /// The publishes being sequenced now, on a task of their own (one batch at the bus at a
+    /// time, so they take their positions in the order the client sent them; a task, so a
+    /// batch is never left half done or unpolled while the session awaits something else), and
+    /// their acknowledgements' details.
+    publishing: Option<tokio::task::JoinHandle<Vec<Result<Sequenced, BusError>>>>,
     in_flight: Vec<Unacked>,
+    in_flight_bytes: usize,
     /// Publishes read since that batch left, sent together when it is done.
     waiting: Vec<(Unacked, Publication)>,
     waiting_bytes: usize,
 }
-
-type PublishBatch =
-    std::pin::Pin<Box<dyn Future<Output = Vec<Result<Sequenced, BusError>>> + Send>>;
 
 /// What the acknowledgement of a publish needs once the bus has sequenced it.
 struct Unacked {
@@ -913,20 +918,11 @@ impl Session {
         let timer = tokio::time::sleep_until(self.next_deadline(last_inbound + idle));
         tokio::pin!(timer);
         loop {
-            let reading = self.waiting.len() < MAX_UNSEQUENCED_PUBLISHES
-                && self.waiting_bytes < MAX_UNSEQUENCED_BYTES;
+            let reading = self.waiting.len() + self.in_flight.len() < MAX_UNSEQUENCED_PUBLISHES
+                && self.waiting_bytes + self.in_flight_bytes < MAX_UNSEQUENCED_BYTES;
             let inbound = tokio::select! {
                 biased;
-                _ = &mut cancelled => {
-                    // What is being sequenced is acknowledged if it can be (a drain lets the
-                    // writer flush); what was only read is not accepted and gets no answer.
-                    if let Some(batch) = self.publishing.take()
-                        && let Ok(results) = timeout(CLOSE_WRITE_TIMEOUT, batch).await
-                    {
-                        self.acknowledge(results);
-                    }
-                    return;
-                }
+                _ = &mut cancelled => return,
                 results = in_flight(&mut self.publishing), if self.publishing.is_some() => {
                     self.acknowledge(results);
                     self.start_publishing();
@@ -934,6 +930,10 @@ impl Session {
                 }
                 _ = &mut timer => {
                     let now = tokio::time::Instant::now();
+                    if !reading {
+                        // The node, not the peer, is why nothing was read.
+                        last_inbound = now;
+                    }
                     if now >= last_inbound + idle {
                         self.handle.close(CloseReason::IdleTimeout);
                         return;
@@ -999,7 +999,7 @@ impl Session {
             }
             match decoded {
                 Decoded::Activity => {}
-                Decoded::Datagram(bytes) => Box::pin(self.datagram(bytes)).await,
+                Decoded::Datagram(bytes) => self.datagram(bytes).await,
                 Decoded::Text => {
                     self.count_in("text");
                     self.violation(
@@ -1010,7 +1010,7 @@ impl Session {
                 }
                 Decoded::Frame(frame) => {
                     self.count_in(frame.kind_name());
-                    Box::pin(self.handle_frame(frame)).await;
+                    self.handle_frame(frame).await;
                 }
                 Decoded::Undecodable(error) => {
                     self.count_in("undecodable");
@@ -1018,6 +1018,9 @@ impl Session {
                     self.violation(0, ErrorCode::BadFrame, "not a decodable ClientFrame");
                 }
             }
+            // Time spent handling the frame (a join in a mesh may wait for the owner) is not
+            // the peer's silence.
+            last_inbound = tokio::time::Instant::now();
             if std::mem::take(&mut self.rearm) {
                 timer
                     .as_mut()
@@ -1151,10 +1154,14 @@ impl Session {
         use client_frame::Kind;
         let request_id = frame.request_id;
         let result = match frame.kind {
-            Some(Kind::Join(join)) => self.join(request_id, &join.room).await,
-            Some(Kind::Leave(leave)) => self.leave(request_id, &leave.room).await,
+            // Joins, leaves, refreshes and unreliable publishes await the bus: boxed, so their
+            // futures (kilobytes in a mesh) are not part of every idle session's state.
+            Some(Kind::Join(join)) => Box::pin(self.join(request_id, &join.room)).await,
+            Some(Kind::Leave(leave)) => Box::pin(self.leave(request_id, &leave.room)).await,
             Some(Kind::Publish(publish)) => self.publish(request_id, publish).await,
-            Some(Kind::Refresh(refresh)) => self.refresh(request_id, &refresh.token).await,
+            Some(Kind::Refresh(refresh)) => {
+                Box::pin(self.refresh(request_id, &refresh.token)).await
+            }
             Some(Kind::Ping(ping)) => {
                 self.handle.push_frame(&ServerFrame::reply(
                     request_id,
@@ -1241,7 +1248,7 @@ impl Session {
             client_msg_id: publish.client_msg_id,
         };
         if publish.unreliable {
-            let report = self.ctx.bus.publish_unreliable(publication).await;
+            let report = Box::pin(self.ctx.bus.publish_unreliable(publication)).await;
             if let Some(max) = report.too_large {
                 return Err(RequestError::DatagramTooLarge(max));
             }
@@ -1259,24 +1266,55 @@ impl Session {
     }
 
     /// Sends what is waiting to the bus as one batch, unless a batch is out already (it goes
-    /// when that one is done). Standalone, or for rooms this node owns, the batch is done at its
-    /// first poll, which the read loop makes before it reads the next frame.
+    /// when that one is done).
     fn start_publishing(&mut self) {
         if self.publishing.is_some() || self.waiting.is_empty() {
             return;
         }
         let (unacked, publications): (Vec<Unacked>, Vec<Publication>) =
-            self.waiting.drain(..).unzip();
-        self.waiting_bytes = 0;
+            std::mem::take(&mut self.waiting).into_iter().unzip();
         self.in_flight = unacked;
+        self.in_flight_bytes = std::mem::take(&mut self.waiting_bytes);
         let ctx = self.ctx.clone();
-        self.publishing = Some(Box::pin(async move {
-            ctx.bus.publish_batch(publications).await
-        }));
+        let mut batch = Box::pin(async move { ctx.bus.publish_batch(publications).await });
+        // Standalone, or for rooms this node owns, the batch is usually done at once: answered
+        // here, with no task. Otherwise (an owner elsewhere) it continues on a task of its own.
+        match (&mut batch).now_or_never() {
+            Some(results) => self.acknowledge(results),
+            None => self.publishing = Some(tokio::spawn(batch)),
+        }
+    }
+
+    /// When the session ends: the batch at the bus finishes on its own task, and what was read
+    /// after it is still sequenced, after it (a client that publishes and then closes publishes
+    /// all it sent). Nobody is left to acknowledge either.
+    fn detach_publishing(&mut self) {
+        let in_flight = self.publishing.take();
+        let (_, publications): (Vec<Unacked>, Vec<Publication>) =
+            std::mem::take(&mut self.waiting).into_iter().unzip();
+        if in_flight.is_none() && publications.is_empty() {
+            return;
+        }
+        let ctx = self.ctx.clone();
+        tokio::spawn(async move {
+            if let Some(batch) = in_flight {
+                let _ = batch.await;
+            }
+            if !publications.is_empty() {
+                ctx.bus.publish_batch(publications).await;
+            }
+        });
     }
 
     /// Answers the batch that was in flight: an ack, or an error, per publish, in order.
     fn acknowledge(&mut self, results: Vec<Result<Sequenced, BusError>>) {
+        self.in_flight_bytes = 0;
+        let failed = || {
+            Err(BusError::Unavailable(
+                "the publish could not complete".into(),
+            ))
+        };
+        let results = results.into_iter().chain(std::iter::repeat_with(failed));
         for (unacked, result) in std::mem::take(&mut self.in_flight).into_iter().zip(results) {
             match result {
                 Ok(sequenced) => {
@@ -1302,19 +1340,24 @@ impl Session {
 }
 
 /// Resolves with the results of the batch in flight (the read loop polls it only while there is
-/// one) and clears the slot.
+/// one) and clears the slot. A batch whose task failed answers every publish with UNAVAILABLE.
 fn in_flight(
-    slot: &mut Option<PublishBatch>,
+    slot: &mut Option<tokio::task::JoinHandle<Vec<Result<Sequenced, BusError>>>>,
 ) -> impl Future<Output = Vec<Result<Sequenced, BusError>>> + '_ {
-    std::future::poll_fn(move |cx| match slot.as_mut() {
-        Some(batch) => match batch.as_mut().poll(cx) {
-            Poll::Ready(results) => {
-                *slot = None;
-                Poll::Ready(results)
+    std::future::poll_fn(move |cx| {
+        let Some(batch) = slot.as_mut() else {
+            return Poll::Pending;
+        };
+        let results = match std::pin::Pin::new(batch).poll(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Ok(results)) => results,
+            Poll::Ready(Err(error)) => {
+                tracing::error!(%error, "a publish batch failed");
+                Vec::new()
             }
-            Poll::Pending => Poll::Pending,
-        },
-        None => Poll::Pending,
+        };
+        *slot = None;
+        Poll::Ready(results)
     })
 }
 

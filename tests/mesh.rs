@@ -1375,12 +1375,50 @@ async fn pipelined_publishes_travel_to_the_owner_together_and_keep_their_order()
     }
     let forwarded = n1.metric("roomwire_mesh_forwarded_publishes_total").await - forwarded_before;
     let requests = n1.metric("roomwire_mesh_forward_requests_total").await - requests_before;
-    assert_eq!(forwarded, N as f64, "every publish went to the owner once");
+    // Each attempt counts: a re-sent request (a slow owner) would add to it.
+    assert!(
+        forwarded >= N as f64,
+        "{forwarded} of {N} publishes forwarded"
+    );
     assert!(
         requests < forwarded,
         "{forwarded} publishes took {requests} requests: none travelled together"
     );
     eprintln!("pipelined: {N} publishes in {requests} requests to the owner");
+
+    // A client that publishes and closes at once, waiting for no acknowledgement: what the node
+    // read is still sequenced, in the order sent.
+    let hasty = n1.client("hasty").await;
+    let more: Vec<String> = (0..100).map(|i| format!("h#{i}")).collect();
+    for (i, p) in more.iter().enumerate() {
+        hasty
+            .send(roomwire::proto::ClientFrame {
+                request_id: 1_000 + i as u64,
+                kind: Some(roomwire::proto::client_frame::Kind::Publish(
+                    proto::Publish {
+                        room: room.clone(),
+                        payload: p.clone().into(),
+                        client_msg_id: p.clone(),
+                        unreliable: false,
+                    },
+                )),
+            })
+            .await
+            .unwrap();
+    }
+    hasty.close().await;
+    for m in &members {
+        eventually(
+            &format!("{} receives the hasty client's 100", m.label),
+            || async { m.received_in(&room).len() >= N + more.len() },
+        )
+        .await;
+        let tail: Vec<String> = m.received_in(&room)[N..]
+            .iter()
+            .map(|(_, _, p)| p.clone())
+            .collect();
+        assert_eq!(tail, more, "{}: the hasty client's publishes", m.label);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -37,6 +37,16 @@ pub enum NodeState {
     Leaving,
 }
 
+/// The version of the node-to-node requests (`proto/roomwire/mesh/v1`) this build speaks, so a
+/// mesh can be upgraded node by node: 1 forwards one publish per request, 2 also takes
+/// `ForwardBatch`. A node sends a peer only what the peer's heartbeat says it understands.
+pub const MESH_PROTOCOL: u32 = 2;
+
+/// Nodes whose heartbeats carry no protocol predate it: version 1.
+fn protocol_one() -> u32 {
+    1
+}
+
 /// What a node announces, as JSON (small, rare, and readable with `nats sub`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Heartbeat {
@@ -46,6 +56,9 @@ pub struct Heartbeat {
     /// Unix milliseconds the process started: a restarted node with the same id is a new
     /// incarnation (its rooms' state is gone).
     pub started_ms: u64,
+    /// [`MESH_PROTOCOL`] of the sender.
+    #[serde(default = "protocol_one")]
+    pub protocol: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -54,6 +67,7 @@ struct Peer {
     state: NodeState,
     started_ms: u64,
     last_seen_ms: u64,
+    protocol: u32,
 }
 
 /// One node as the status API shows it.
@@ -64,6 +78,8 @@ pub struct NodeView {
     pub state: NodeState,
     /// Milliseconds since its last heartbeat (0 for this node).
     pub last_seen_ms_ago: u64,
+    /// The node-to-node protocol version it speaks ([`MESH_PROTOCOL`]).
+    pub protocol: u32,
 }
 
 /// An immutable snapshot of the mesh: the active ring, and the ring that also counts draining
@@ -83,6 +99,13 @@ pub struct RingView {
 impl RingView {
     pub fn region_of(&self, node: &str) -> Option<&Arc<str>> {
         self.regions.get(node)
+    }
+
+    /// The node-to-node protocol `node` speaks (1 for a node not in the view).
+    pub fn protocol_of(&self, node: &str) -> u32 {
+        self.nodes
+            .binary_search_by(|n| (*n.id).cmp(node))
+            .map_or(1, |i| self.nodes[i].protocol)
     }
 
     /// Active nodes per region.
@@ -146,6 +169,7 @@ impl Membership {
         match self.peers.get_mut(beat.id.as_str()) {
             Some(peer) if peer.started_ms == beat.started_ms => {
                 peer.last_seen_ms = now_ms;
+                peer.protocol = beat.protocol;
                 if peer.state != beat.state {
                     peer.state = beat.state;
                     Seen::Changed
@@ -161,6 +185,7 @@ impl Membership {
                         state: beat.state,
                         started_ms: beat.started_ms,
                         last_seen_ms: now_ms,
+                        protocol: beat.protocol,
                     },
                 );
                 Seen::New
@@ -189,12 +214,14 @@ impl Membership {
             region: self.self_region.clone(),
             state: self.self_state,
             last_seen_ms_ago: 0,
+            protocol: MESH_PROTOCOL,
         }];
         nodes.extend(self.peers.iter().map(|(id, peer)| NodeView {
             id: id.clone(),
             region: peer.region.clone(),
             state: peer.state,
             last_seen_ms_ago: now_ms.saturating_sub(peer.last_seen_ms),
+            protocol: peer.protocol,
         }));
         nodes.sort_by(|a, b| a.id.cmp(&b.id));
         let active: Vec<&str> = nodes
@@ -226,11 +253,28 @@ mod tests {
             region: "eu".into(),
             state,
             started_ms,
+            protocol: MESH_PROTOCOL,
         }
     }
 
     fn members() -> Membership {
         Membership::new("a".into(), "eu".into(), 16, 1_000)
+    }
+
+    #[test]
+    fn a_peer_without_a_protocol_in_its_heartbeat_speaks_version_one() {
+        let old: Heartbeat =
+            serde_json::from_str(r#"{"id":"b","region":"eu","state":"active","started_ms":5}"#)
+                .unwrap();
+        assert_eq!(old.protocol, 1);
+        let mut m = members();
+        m.observe(&old, 10);
+        m.observe(&beat("c", NodeState::Active, 5), 10);
+        let view = m.view(10);
+        assert_eq!(view.protocol_of("a"), MESH_PROTOCOL);
+        assert_eq!(view.protocol_of("b"), 1);
+        assert_eq!(view.protocol_of("c"), MESH_PROTOCOL);
+        assert_eq!(view.protocol_of("gone"), 1);
     }
 
     #[test]

@@ -557,6 +557,7 @@ impl Inner {
             region: self.region.to_string(),
             state,
             started_ms: self.started_ms,
+            protocol: crate::cluster::membership::MESH_PROTOCOL,
         };
         Bytes::from(serde_json::to_vec(&beat).expect("a heartbeat serializes"))
     }
@@ -733,11 +734,19 @@ impl Inner {
     async fn serve(self: &Arc<Self>, kind: request::Kind) -> reply::Kind {
         let parse = |room: &str| RoomName::parse_any(room, self.rooms.max_name_bytes);
         match kind {
-            request::Kind::Forward(batch) => {
-                // In order; a publish that must be re-routed ends the batch (its reply is the
-                // last), so the sender re-sends the rest in the same order.
+            request::Kind::Forward(f) => self.serve_forward(f).await,
+            request::Kind::ForwardBatch(batch) => {
+                // In order. A publish that must be re-routed ends the batch (its reply is the
+                // last), and so does half a request's time spent here: the sender gives up on a
+                // request after `request_timeout_ms` and sends it again, and a re-sent batch
+                // must not find this one still sequencing.
+                let budget = Duration::from_millis(self.config.request_timeout_ms / 2);
+                let started = Instant::now();
                 let mut replies = Vec::with_capacity(batch.publishes.len());
                 for f in batch.publishes {
+                    if started.elapsed() > budget {
+                        break;
+                    }
                     let kind = self.serve_forward(f).await;
                     let last =
                         matches!(kind, reply::Kind::NotOwner(_) | reply::Kind::Unavailable(_));
@@ -1230,7 +1239,14 @@ impl Inner {
     ) -> Vec<Result<Sequenced, BusError>> {
         let mut results = Vec::with_capacity(run.len());
         let mut route = Route::new(&self.config);
+        let mut settled = 0;
         while results.len() < run.len() {
+            // Each publication gets the whole re-routing budget from where the previous one
+            // settled, as a single publish would.
+            if results.len() > settled {
+                settled = results.len();
+                route = Route::new(&self.config);
+            }
             let rest = &run[results.len()..];
             let retry = match self.check_link() {
                 Err(error) => Some(Err(error)),
@@ -1269,13 +1285,21 @@ impl Inner {
         results
     }
 
-    /// Sends the first publications of `rest` (as many as fit one request) to `owner`. Returns
-    /// the results of those it settled, in order, and, when the rest must be re-routed, why.
+    /// Sends the first publications of `rest` (as many as fit one request the owner
+    /// understands) to `owner`. Returns the results of those it settled, in order, and, when the
+    /// rest must be re-routed after a pause, why. Fewer results and no reason: send the rest at
+    /// once.
     async fn forward(
         &self,
         owner: &str,
         rest: &[Publication],
     ) -> (Vec<Result<Sequenced, BusError>>, Option<String>) {
+        let wire_forward = |p: &Publication| wire::Forward {
+            room: p.room.to_string(),
+            payload: p.payload.clone(),
+            publisher: p.publisher.to_string(),
+            client_msg_id: p.client_msg_id.clone(),
+        };
         // Half the server's max_payload per request, so a batch never nears it; a publication
         // larger than that goes alone (the owner refuses what cannot cross the mesh).
         let budget = match self.nats.server_info().max_payload {
@@ -1283,43 +1307,33 @@ impl Inner {
             max => max / 2,
         };
         let mut bytes = 0;
-        let chunk: Vec<wire::Forward> = rest
+        let fits = rest
             .iter()
             .take(MAX_FORWARD_BATCH)
             .take_while(|p| {
-                bytes += p.payload.len() + p.client_msg_id.len() + p.publisher.len() + 64;
+                bytes += p.payload.len()
+                    + p.room.as_str().len()
+                    + p.publisher.len()
+                    + p.client_msg_id.len()
+                    + 32;
                 bytes <= budget
             })
-            .map(|p| wire::Forward {
-                room: p.room.to_string(),
-                payload: p.payload.clone(),
-                publisher: p.publisher.to_string(),
-                client_msg_id: p.client_msg_id.clone(),
-            })
-            .collect();
-        let chunk = if chunk.is_empty() {
-            let p = &rest[0];
-            vec![wire::Forward {
-                room: p.room.to_string(),
-                payload: p.payload.clone(),
-                publisher: p.publisher.to_string(),
-                client_msg_id: p.client_msg_id.clone(),
-            }]
-        } else {
-            chunk
-        };
-        let sent = chunk.len();
+            .count()
+            .max(1);
+        let batches = self.view().protocol_of(owner) >= 2;
+        let sent = if batches { fits } else { 1 };
         self.metrics.mesh_forwarded_publishes.inc_by(sent as u64);
         self.metrics.mesh_forward_requests.inc();
-        let request = request::Kind::Forward(wire::ForwardBatch { publishes: chunk });
+        let request = if sent == 1 {
+            request::Kind::Forward(wire_forward(&rest[0]))
+        } else {
+            request::Kind::ForwardBatch(wire::ForwardBatch {
+                publishes: rest[..sent].iter().map(wire_forward).collect(),
+            })
+        };
         let replies = match self.request(owner, request).await {
             Ok(reply::Kind::Batch(batch)) => batch.replies,
-            Ok(reply::Kind::NotOwner(reason)) => {
-                self.metrics.mesh_not_owner.inc();
-                return (Vec::new(), Some(reason));
-            }
-            Ok(reply::Kind::Unavailable(reason)) => return (Vec::new(), Some(reason)),
-            Ok(_) => return (Vec::new(), Some(format!("unexpected reply from {owner}"))),
+            Ok(single) => vec![wire::Reply { kind: Some(single) }],
             Err(reason) => {
                 self.metrics.mesh_unreachable.inc();
                 return (
@@ -1348,8 +1362,8 @@ impl Inner {
                 _ => return (done, Some(format!("unexpected reply from {owner}"))),
             }
         }
-        let retry = (done.len() < sent).then(|| format!("{owner} answered only part of a batch"));
-        (done, retry)
+        // A batch the owner cut short for time: the rest goes again at once.
+        (done, None)
     }
 
     async fn publish_unreliable(self: &Arc<Self>, p: Publication) -> UnreliableReport {
