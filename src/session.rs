@@ -898,6 +898,9 @@ struct Session {
     waiting_bytes: usize,
 }
 
+/// A request that awaits the bus, boxed (see [`Session::handle_frame`]).
+type BoxedRequest<'a> = std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+
 /// What the acknowledgement of a publish needs once the bus has sequenced it.
 struct Unacked {
     request_id: u64,
@@ -999,7 +1002,7 @@ impl Session {
             }
             match decoded {
                 Decoded::Activity => {}
-                Decoded::Datagram(bytes) => self.datagram(bytes).await,
+                Decoded::Datagram(bytes) => Box::pin(self.datagram(bytes)).await,
                 Decoded::Text => {
                     self.count_in("text");
                     self.violation(
@@ -1010,7 +1013,9 @@ impl Session {
                 }
                 Decoded::Frame(frame) => {
                     self.count_in(frame.kind_name());
-                    self.handle_frame(frame).await;
+                    if let Some(request) = self.handle_frame(frame) {
+                        request.await;
+                    }
                 }
                 Decoded::Undecodable(error) => {
                     self.count_in("undecodable");
@@ -1039,9 +1044,11 @@ impl Session {
                 kind: Some(client_frame::Kind::Publish(publish)),
             }) if publish.unreliable => {
                 received.get_or_create(&[("outcome", "publish")]).inc();
-                if let Err(error) = self.publish(request_id, publish).await {
-                    self.send_error(request_id, error.code(), &error.to_string());
-                }
+                let result = match self.publication(publish) {
+                    Ok((publication, _)) => self.publish_unreliable(publication).await,
+                    Err(error) => Err(error),
+                };
+                self.answer(request_id, result);
             }
             _ => {
                 received.get_or_create(&[("outcome", "rejected")]).inc();
@@ -1150,18 +1157,46 @@ impl Session {
         }
     }
 
-    async fn handle_frame(&mut self, frame: ClientFrame) {
+    /// Handles one request. What completes at once (a reliable publish is only queued for the
+    /// bus, a ping, a refusal) is done here; a request that awaits the bus (join, leave,
+    /// refresh, an unreliable publish) is returned boxed for the read loop to await, so its
+    /// future (kilobytes in a mesh) is not part of every idle session's state and the common
+    /// frames cost no allocation.
+    fn handle_frame(&mut self, frame: ClientFrame) -> Option<BoxedRequest<'_>> {
         use client_frame::Kind;
         let request_id = frame.request_id;
         let result = match frame.kind {
-            // Joins, leaves, refreshes and unreliable publishes await the bus: boxed, so their
-            // futures (kilobytes in a mesh) are not part of every idle session's state.
-            Some(Kind::Join(join)) => Box::pin(self.join(request_id, &join.room)).await,
-            Some(Kind::Leave(leave)) => Box::pin(self.leave(request_id, &leave.room)).await,
-            Some(Kind::Publish(publish)) => self.publish(request_id, publish).await,
-            Some(Kind::Refresh(refresh)) => {
-                Box::pin(self.refresh(request_id, &refresh.token)).await
+            Some(Kind::Join(join)) => {
+                return Some(Box::pin(async move {
+                    let result = self.join(request_id, &join.room).await;
+                    self.answer(request_id, result);
+                }));
             }
+            Some(Kind::Leave(leave)) => {
+                return Some(Box::pin(async move {
+                    let result = self.leave(request_id, &leave.room).await;
+                    self.answer(request_id, result);
+                }));
+            }
+            Some(Kind::Refresh(refresh)) => {
+                return Some(Box::pin(async move {
+                    let result = self.refresh(request_id, &refresh.token).await;
+                    self.answer(request_id, result);
+                }));
+            }
+            Some(Kind::Publish(publish)) => match self.publication(publish) {
+                Ok((publication, true)) => {
+                    return Some(Box::pin(async move {
+                        let result = self.publish_unreliable(publication).await;
+                        self.answer(request_id, result);
+                    }));
+                }
+                Ok((publication, false)) => {
+                    self.publish(request_id, publication);
+                    Ok(())
+                }
+                Err(error) => Err(error),
+            },
             Some(Kind::Ping(ping)) => {
                 self.handle.push_frame(&ServerFrame::reply(
                     request_id,
@@ -1178,6 +1213,12 @@ impl Session {
                 Ok(())
             }
         };
+        self.answer(request_id, result);
+        None
+    }
+
+    /// A refused request gets its error frame.
+    fn answer(&self, request_id: u64, result: Result<(), RequestError>) {
         if let Err(error) = result {
             tracing::debug!(%error, "request refused");
             self.send_error(request_id, error.code(), &error.to_string());
@@ -1223,11 +1264,8 @@ impl Session {
         Ok(())
     }
 
-    async fn publish(
-        &mut self,
-        request_id: u64,
-        publish: proto::Publish,
-    ) -> Result<(), RequestError> {
+    /// A checked Publish, and whether it is unreliable.
+    fn publication(&self, publish: proto::Publish) -> Result<(Publication, bool), RequestError> {
         let room = self.room_name(&publish.room)?;
         if publish.client_msg_id.len() > MAX_CLIENT_MSG_ID_BYTES {
             return Err(RequestError::ClientMsgIdTooLong);
@@ -1247,13 +1285,19 @@ impl Session {
             publisher: self.handle.user.clone(),
             client_msg_id: publish.client_msg_id,
         };
-        if publish.unreliable {
-            let report = Box::pin(self.ctx.bus.publish_unreliable(publication)).await;
-            if let Some(max) = report.too_large {
-                return Err(RequestError::DatagramTooLarge(max));
-            }
-            return Ok(());
+        Ok((publication, publish.unreliable))
+    }
+
+    async fn publish_unreliable(&self, publication: Publication) -> Result<(), RequestError> {
+        let report = self.ctx.bus.publish_unreliable(publication).await;
+        match report.too_large {
+            Some(max) => Err(RequestError::DatagramTooLarge(max)),
+            None => Ok(()),
         }
+    }
+
+    /// Queues a reliable publish for the bus; its ack (or error) follows once it is sequenced.
+    fn publish(&mut self, request_id: u64, publication: Publication) {
         let unacked = Unacked {
             request_id,
             room: publication.room.clone(),
@@ -1262,7 +1306,6 @@ impl Session {
         self.waiting_bytes += publication.payload.len();
         self.waiting.push((unacked, publication));
         self.start_publishing();
-        Ok(())
     }
 
     /// Sends what is waiting to the bus as one batch, unless a batch is out already (it goes
