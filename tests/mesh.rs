@@ -476,14 +476,21 @@ async fn metric_lines(node: &NodeProcess, name: &str) -> Vec<String> {
 // a. Two regions: one order for every member
 // ---------------------------------------------------------------------------------------------
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_regions_every_member_sees_every_message_in_one_order() {
+/// Two regions (`eu`, `us`: two nats-servers joined by a gateway) and three nodes, n1 and n2 in
+/// eu, n3 in us, each seeing all three.
+async fn two_regions_three_nodes() -> (Vec<NatsServer>, [NodeProcess; 3]) {
     let nats = NatsServer::start_gateways(&["eu", "us"]).await;
     let n1 = NodeProcess::mesh("n1", "eu", &[nats[0].url()]).await;
     let n2 = NodeProcess::mesh("n2", "eu", &[nats[0].url()]).await;
     let n3 = NodeProcess::mesh("n3", "us", &[nats[1].url()]).await;
+    wait_converged(&[&n1, &n2, &n3]).await;
+    (nats, [n1, n2, n3])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_regions_every_member_sees_every_message_in_one_order() {
+    let (_nats, [n1, n2, n3]) = two_regions_three_nodes().await;
     let nodes = [&n1, &n2, &n3];
-    wait_converged(&nodes).await;
 
     let room = "chat.two-regions";
     let owner = n1.owner_of(room).await;
@@ -1140,12 +1147,8 @@ async fn api_publish(
 /// carol (on n3) share a room.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn user_messages_broadcasts_and_disconnects_reach_every_node() {
-    let nats = NatsServer::start_gateways(&["eu", "us"]).await;
-    let n1 = NodeProcess::mesh("n1", "eu", &[nats[0].url()]).await;
-    let n2 = NodeProcess::mesh("n2", "eu", &[nats[0].url()]).await;
-    let n3 = NodeProcess::mesh("n3", "us", &[nats[1].url()]).await;
+    let (_nats, [n1, n2, n3]) = two_regions_three_nodes().await;
     let nodes = [&n1, &n2, &n3];
-    wait_converged(&nodes).await;
 
     let room = "chat.friends";
     let bob = Member::join(&n1, "bob", room).await;
