@@ -20,13 +20,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
+use futures_util::FutureExt;
 use h3::ext::Protocol;
 use h3::quic::BidiStream as _;
 use h3_webtransport::server::{AcceptedBi, WebTransportSession};
 use http::{Method, Request, Response, StatusCode};
 use quinn::VarInt;
 use rustls_pki_types::CertificateDer;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 use super::certs::{self, CertError, CurrentCert};
 use super::{FrameSink, FrameSource, Inbound, Transport, TransportError};
@@ -124,12 +125,35 @@ struct Shared {
     open: AtomicUsize,
 }
 
-/// Decrements a counter when dropped, whichever way the connection task ends.
-struct CountGuard<'a>(&'a AtomicUsize);
+/// One of the [`Shared`] counts, held while a connection is in it: counted up when made,
+/// down when dropped, whichever way the connection task ends.
+struct CountGuard {
+    shared: Arc<Shared>,
+    handshaking: bool,
+}
 
-impl Drop for CountGuard<'_> {
+impl CountGuard {
+    fn new(shared: &Arc<Shared>, handshaking: bool) -> Self {
+        let guard = CountGuard {
+            shared: shared.clone(),
+            handshaking,
+        };
+        guard.count().fetch_add(1, Ordering::Relaxed);
+        guard
+    }
+
+    fn count(&self) -> &AtomicUsize {
+        if self.handshaking {
+            &self.shared.handshaking
+        } else {
+            &self.shared.open
+        }
+    }
+}
+
+impl Drop for CountGuard {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.count().fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -209,17 +233,11 @@ async fn accept_loop(endpoint: quinn::Endpoint, ctx: Arc<NodeContext>, shared: A
             }
             continue;
         }
-        shared.open.fetch_add(1, Ordering::Relaxed);
-        shared.handshaking.fetch_add(1, Ordering::Relaxed);
-        let shared = shared.clone();
-        ctx.tracker.spawn({
-            let ctx = ctx.clone();
-            async move {
-                let _open = CountGuard(&shared.open);
-                let _slot = slot;
-                connection(ctx, incoming, &shared.handshaking).await;
-            }
-        });
+        let open = CountGuard::new(&shared, false);
+        let handshaking = CountGuard::new(&shared, true);
+        ctx.tracker.spawn(
+            connection(ctx.clone(), incoming, handshaking).map(move |()| drop((open, slot))),
+        );
     }
 }
 
@@ -424,11 +442,62 @@ async fn respond(
 /// Longest a refusal response may take to write.
 const RESPOND_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// One QUIC connection: handshake, HTTP/3, the CONNECT check, the session stream, the session.
-#[tracing::instrument(name = "wt_connection", skip_all, fields(peer = %incoming.remote_address()))]
-async fn connection(ctx: Arc<NodeContext>, incoming: quinn::Incoming, handshaking: &AtomicUsize) {
+/// One QUIC connection: [`establish`] (handshake, HTTP/3, the CONNECT check, the session
+/// stream), then the session. The establishing runs boxed: it is large (the h3 and
+/// h3-webtransport futures) and runs once, and what stays for the connection's life is only the
+/// session's own state. A plain function, not an `async fn`, so nothing is held twice.
+fn connection(
+    ctx: Arc<NodeContext>,
+    incoming: quinn::Incoming,
+    handshaking: CountGuard,
+) -> impl Future<Output = ()> + Send {
+    let span = tracing::info_span!("wt_connection", peer = %incoming.remote_address());
+    let establishing = Box::pin(establish(ctx.clone(), incoming, handshaking));
+    tracing::Instrument::instrument(
+        async move {
+            let Some(Established {
+                session,
+                quic,
+                close,
+                run,
+            }) = establishing.await
+            else {
+                return;
+            };
+            tokio::select! {
+                _ = run => {}
+                _ = refuse_extra_streams(&ctx, &session) => {}
+            }
+            let (code, reason) = close
+                .lock()
+                .expect("close lock poisoned")
+                .take()
+                .unwrap_or((1000, String::new()));
+            quic.close(
+                varint(web_transport_quinn::proto::error_to_http3(u32::from(code))),
+                reason.as_bytes(),
+            );
+            drop(session);
+        },
+        span,
+    )
+}
+
+/// A connection with an accepted WebTransport session, and the session ready to run.
+struct Established<R> {
+    session: WtSession,
+    quic: quinn::Connection,
+    /// The close code and reason the session's sink leaves for the connection.
+    close: Arc<Mutex<Option<(u16, String)>>>,
+    run: R,
+}
+
+async fn establish(
+    ctx: Arc<NodeContext>,
+    incoming: quinn::Incoming,
+    guard: CountGuard,
+) -> Option<Established<impl Future<Output = ()> + Send>> {
     let peer = incoming.remote_address();
-    let guard = CountGuard(handshaking);
     let deadline = tokio::time::Instant::now() + ctx.config.handshake_timeout();
     let refused = |reason: &'static str| {
         ctx.metrics
@@ -442,16 +511,16 @@ async fn connection(ctx: Arc<NodeContext>, incoming: quinn::Incoming, handshakin
             Ok(Err(error)) => {
                 tracing::debug!(%error, "quic handshake failed");
                 refused("quic_handshake");
-                return;
+                return None;
             }
             Err(_) => {
                 refused("handshake_timeout");
-                return;
+                return None;
             }
         },
         Err(error) => {
             tracing::debug!(%error, "quic accept failed");
-            return;
+            return None;
         }
     };
     // Mutual TLS: rustls verified the chain; which service the certificate names is ours to check.
@@ -468,7 +537,7 @@ async fn connection(ctx: Arc<NodeContext>, incoming: quinn::Incoming, handshakin
                     VarInt::from_u32(0x0100),
                     b"client certificate names no configured service",
                 );
-                return;
+                return None;
             }
         },
         _ => None,
@@ -488,7 +557,7 @@ async fn connection(ctx: Arc<NodeContext>, incoming: quinn::Incoming, handshakin
         _ => {
             refused("h3_setup");
             quic.close(VarInt::from_u32(0x0101), b"h3 setup failed");
-            return;
+            return None;
         }
     };
 
@@ -498,11 +567,11 @@ async fn connection(ctx: Arc<NodeContext>, incoming: quinn::Incoming, handshakin
         requests += 1;
         let resolver = match tokio::time::timeout_at(deadline, h3.accept()).await {
             Ok(Ok(Some(resolver))) => resolver,
-            Ok(Ok(None)) | Ok(Err(_)) => return,
+            Ok(Ok(None)) | Ok(Err(_)) => return None,
             Err(_) => {
                 refused("handshake_timeout");
                 quic.close(VarInt::from_u32(0x0100), b"no WebTransport session in time");
-                return;
+                return None;
             }
         };
         let (request, mut stream) =
@@ -518,7 +587,7 @@ async fn connection(ctx: Arc<NodeContext>, incoming: quinn::Incoming, handshakin
                 respond(&mut stream, refusal.status()).await;
                 if requests >= MAX_REQUESTS_BEFORE_SESSION {
                     quic.close(VarInt::from_u32(0x0100), b"too many refused requests");
-                    return;
+                    return None;
                 }
             }
         }
@@ -531,12 +600,12 @@ async fn connection(ctx: Arc<NodeContext>, incoming: quinn::Incoming, handshakin
         Ok(Ok(false)) => {
             refused("wt_no_webtransport_settings");
             respond(&mut stream, StatusCode::BAD_REQUEST).await;
-            return;
+            return None;
         }
         Ok(Err(_)) | Err(_) => {
             refused("h3_setup");
             quic.close(VarInt::from_u32(0x010a), b"no SETTINGS in time");
-            return;
+            return None;
         }
     }
     let session =
@@ -547,12 +616,12 @@ async fn connection(ctx: Arc<NodeContext>, incoming: quinn::Incoming, handshakin
             Ok(Err(error)) => {
                 tracing::debug!(%error, "webtransport session not accepted");
                 refused("wt_accept");
-                return;
+                return None;
             }
             Err(_) => {
                 refused("handshake_timeout");
                 quic.close(VarInt::from_u32(0x0100), b"no WebTransport session in time");
-                return;
+                return None;
             }
         };
 
@@ -564,11 +633,11 @@ async fn connection(ctx: Arc<NodeContext>, incoming: quinn::Incoming, handshakin
                 refused("wt_extra_session");
                 respond(&mut other, StatusCode::TOO_MANY_REQUESTS).await;
             }
-            Ok(Ok(None)) | Ok(Err(_)) => return,
+            Ok(Ok(None)) | Ok(Err(_)) => return None,
             Err(_) => {
                 refused("handshake_timeout");
                 quic.close(VarInt::from_u32(0x0100), b"no session stream in time");
-                return;
+                return None;
             }
         }
     };
@@ -588,20 +657,20 @@ async fn connection(ctx: Arc<NodeContext>, incoming: quinn::Incoming, handshakin
         close: close.clone(),
         datagrams,
     };
-    tokio::select! {
-        _ = crate::session::run(ctx.clone(), Transport::WebTransport, peer, authenticated, source, sink) => {}
-        _ = refuse_extra_streams(&ctx, &session) => {}
-    }
-    let (code, reason) = close
-        .lock()
-        .expect("close lock poisoned")
-        .take()
-        .unwrap_or((1000, String::new()));
-    quic.close(
-        varint(web_transport_quinn::proto::error_to_http3(u32::from(code))),
-        reason.as_bytes(),
+    let run = crate::session::run(
+        ctx.clone(),
+        Transport::WebTransport,
+        peer,
+        authenticated,
+        source,
+        sink,
     );
-    drop(session);
+    Some(Established {
+        session,
+        quic,
+        close,
+        run,
+    })
 }
 
 /// Waits until the peer's HTTP/3 SETTINGS have been read; returns whether they enable
@@ -640,7 +709,8 @@ async fn refuse_extra_streams(ctx: &NodeContext, session: &WtSession) {
                     .connections_refused
                     .get_or_create(&[("reason", "wt_extra_session")])
                     .inc();
-                respond(&mut other, StatusCode::TOO_MANY_REQUESTS).await;
+                // Boxed: rare, and this future is part of every open connection's state.
+                Box::pin(respond(&mut other, StatusCode::TOO_MANY_REQUESTS)).await;
             }
             Ok(None) | Err(_) => break,
         }
@@ -808,7 +878,12 @@ impl FrameSource for WtSource {
             match parse_delimited(&self.buf, self.max_frame) {
                 Delimited::Frame { prefix, len } => {
                     self.buf.advance(prefix);
-                    return Ok(Inbound::Frame(self.buf.split_to(len).freeze()));
+                    let frame = self.buf.split_to(len).freeze();
+                    if self.buf.is_empty() {
+                        // An emptied buffer would still pin the chunk it came from.
+                        self.buf = BytesMut::new();
+                    }
+                    return Ok(Inbound::Frame(frame));
                 }
                 Delimited::TooBig { .. } => {
                     return Err(TransportError::TooBig {
@@ -819,16 +894,24 @@ impl FrameSource for WtSource {
                     return Err(TransportError::Protocol("invalid length prefix".into()));
                 }
                 Delimited::Incomplete { need } => {
-                    // Reserve what the announced frame needs (bounded by max_frame), so a big
-                    // frame is read in few calls; small ones share one small buffer.
-                    self.buf
-                        .reserve(need.saturating_sub(self.buf.len()).max(4096));
+                    // A frame split across chunks: room for the rest of it (bounded by
+                    // max_frame), so it is copied together once.
+                    if !self.buf.is_empty() {
+                        self.buf.reserve(need.saturating_sub(self.buf.len()));
+                    }
                 }
             }
+            // quinn hands out the chunks it received: no read buffer of our own is held while
+            // the session is idle, and a chunk of whole frames is sliced, not copied.
+            let chunk =
+                std::future::poll_fn(|cx| h3::quic::RecvStream::poll_data(&mut self.recv, cx));
             tokio::select! {
-                read = self.recv.read_buf(&mut self.buf) => match read {
-                    Ok(0) => return Ok(Inbound::Closed),
-                    Ok(_) => {}
+                chunk = chunk => match chunk {
+                    Ok(Some(chunk)) if self.buf.is_empty() => {
+                        self.buf = chunk.try_into_mut().unwrap_or_else(|c| BytesMut::from(&c[..]));
+                    }
+                    Ok(Some(chunk)) => self.buf.extend_from_slice(&chunk),
+                    Ok(None) => return Ok(Inbound::Closed),
                     Err(error) => return Err(TransportError::Io(error.to_string())),
                 },
                 datagram = self.datagrams.recv() => match datagram {
