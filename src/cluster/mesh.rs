@@ -1199,25 +1199,21 @@ impl Inner {
         publications: Vec<Publication>,
     ) -> Vec<Result<Sequenced, BusError>> {
         // One run per room, in the order given; runs of different rooms proceed concurrently.
-        let mut runs: Vec<(RoomName, Vec<usize>)> = Vec::new();
-        for (i, p) in publications.iter().enumerate() {
-            match runs.iter_mut().find(|(room, _)| *room == p.room) {
-                Some((_, indices)) => indices.push(i),
-                None => runs.push((p.room.clone(), vec![i])),
+        let total = publications.len();
+        let mut runs: Vec<(Vec<usize>, Vec<Publication>)> = Vec::new();
+        for (i, p) in publications.into_iter().enumerate() {
+            match runs.iter_mut().find(|(_, run)| run[0].room == p.room) {
+                Some((indices, run)) => {
+                    indices.push(i);
+                    run.push(p);
+                }
+                None => runs.push((vec![i], vec![p])),
             }
         }
-        let mut slots: Vec<Option<Publication>> = publications.into_iter().map(Some).collect();
-        let runs: Vec<(Vec<usize>, Vec<Publication>)> = runs
-            .into_iter()
-            .map(|(_, indices)| {
-                let run = indices.iter().filter_map(|&i| slots[i].take()).collect();
-                (indices, run)
-            })
-            .collect();
         let outcomes =
             futures_util::future::join_all(runs.iter().map(|(_, run)| self.publish_run(run))).await;
         let mut results: Vec<Option<Result<Sequenced, BusError>>> =
-            (0..slots.len()).map(|_| None).collect();
+            std::iter::repeat_with(|| None).take(total).collect();
         for ((indices, _), outcome) in runs.iter().zip(outcomes) {
             for (&i, result) in indices.iter().zip(outcome) {
                 results[i] = Some(result);
@@ -1248,34 +1244,37 @@ impl Inner {
                 route = Route::new(&self.config);
             }
             let rest = &run[results.len()..];
-            let retry = match self.check_link() {
-                Err(error) => Some(Err(error)),
+            // Done: progress (the results say which); Retry: pause, then re-route; Fail: the
+            // rest of the run fails with it.
+            let step = match self.check_link() {
+                Err(error) => Step::Fail(error),
                 Ok(()) => match self.owner_of(&rest[0].room) {
-                    None => Some(Ok("the mesh is settling".to_string())),
+                    None => Step::Retry("the mesh is settling".to_string()),
                     Some(owner) if owner == self.node_id => {
                         match self.sequence_here(&rest[0]).await {
                             Step::Done(sequenced) => {
                                 results.push(Ok(sequenced));
-                                None
+                                Step::Done(())
                             }
+                            // Refused for good (too large): that publication's answer.
                             Step::Fail(error) => {
                                 results.push(Err(error));
-                                None
+                                Step::Done(())
                             }
-                            Step::Retry(reason) => Some(Ok(reason)),
+                            Step::Retry(reason) => Step::Retry(reason),
                         }
                     }
                     Some(owner) => {
                         let (done, retry) = self.forward(&owner, rest).await;
                         results.extend(done);
-                        retry.map(Ok)
+                        retry.map_or(Step::Done(()), Step::Retry)
                     }
                 },
             };
-            let failed = match retry {
-                None => continue,
-                Some(Err(error)) => error,
-                Some(Ok(reason)) => match route.pause(reason).await {
+            let failed = match step {
+                Step::Done(()) => continue,
+                Step::Fail(error) => error,
+                Step::Retry(reason) => match route.pause(reason).await {
                     Ok(()) => continue,
                     Err(error) => error,
                 },
