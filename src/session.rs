@@ -656,7 +656,7 @@ fn serve<S: FrameSource, K: FrameSink>(
         // What was delivered meanwhile waits in the bounded queue behind `Connected`.
         let writer = tokio::spawn(write_loop(handle.clone(), sink));
         session.read_loop(&mut source).await;
-        session.detach_publishing();
+        session.publishes.detach(&ctx);
 
         // Teardown: no new pushes once memberships are gone; then let the writer finish.
         for room in session.rooms.iter().chain(&implicit) {
@@ -786,11 +786,7 @@ async fn handshake<S: FrameSource, K: FrameSink>(
         expires_at: principal.expires_at,
         warned: false,
         rearm: false,
-        publishing: None,
-        in_flight: Vec::new(),
-        in_flight_bytes: 0,
-        waiting: Vec::new(),
-        waiting_bytes: 0,
+        publishes: Pipeline::default(),
     })
 }
 
@@ -886,16 +882,8 @@ struct Session {
     warned: bool,
     /// Set by a Refresh: the expiry timer must be re-armed.
     rearm: bool,
-    /// The publishes being sequenced now, on a task of their own (one batch at the bus at a
-    /// time, so they take their positions in the order the client sent them; a task, so a
-    /// batch is never left half done or unpolled while the session awaits something else), and
-    /// their acknowledgements' details.
-    publishing: Option<tokio::task::JoinHandle<Vec<Result<Sequenced, BusError>>>>,
-    in_flight: Vec<Unacked>,
-    in_flight_bytes: usize,
-    /// Publishes read since that batch left, sent together when it is done.
-    waiting: Vec<(Unacked, Publication)>,
-    waiting_bytes: usize,
+    /// Reliable publishes read and not yet answered.
+    publishes: Pipeline,
 }
 
 /// A request that awaits the bus, boxed (see [`Session::handle_frame`]).
@@ -921,14 +909,15 @@ impl Session {
         let timer = tokio::time::sleep_until(self.next_deadline(last_inbound + idle));
         tokio::pin!(timer);
         loop {
-            let reading = self.waiting.len() + self.in_flight.len() < MAX_UNSEQUENCED_PUBLISHES
-                && self.waiting_bytes + self.in_flight_bytes < MAX_UNSEQUENCED_BYTES;
+            let reading = self.publishes.has_room();
             let inbound = tokio::select! {
                 biased;
                 _ = &mut cancelled => return,
-                results = in_flight(&mut self.publishing), if self.publishing.is_some() => {
-                    self.acknowledge(results);
-                    self.start_publishing();
+                answers = self.publishes.done(), if self.publishes.is_busy() => {
+                    self.acknowledge(answers);
+                    if let Some(answers) = self.publishes.start(&self.ctx) {
+                        self.acknowledge(answers);
+                    }
                     continue;
                 }
                 _ = &mut timer => {
@@ -1298,67 +1287,15 @@ impl Session {
 
     /// Queues a reliable publish for the bus; its ack (or error) follows once it is sequenced.
     fn publish(&mut self, request_id: u64, publication: Publication) {
-        let unacked = Unacked {
-            request_id,
-            room: publication.room.clone(),
-            client_msg_id: publication.client_msg_id.clone(),
-        };
-        self.waiting_bytes += publication.payload.len();
-        self.waiting.push((unacked, publication));
-        self.start_publishing();
-    }
-
-    /// Sends what is waiting to the bus as one batch, unless a batch is out already (it goes
-    /// when that one is done).
-    fn start_publishing(&mut self) {
-        if self.publishing.is_some() || self.waiting.is_empty() {
-            return;
-        }
-        let (unacked, publications): (Vec<Unacked>, Vec<Publication>) =
-            std::mem::take(&mut self.waiting).into_iter().unzip();
-        self.in_flight = unacked;
-        self.in_flight_bytes = std::mem::take(&mut self.waiting_bytes);
-        let ctx = self.ctx.clone();
-        let mut batch = Box::pin(async move { ctx.bus.publish_batch(publications).await });
-        // Standalone, or for rooms this node owns, the batch is usually done at once: answered
-        // here, with no task. Otherwise (an owner elsewhere) it continues on a task of its own.
-        match (&mut batch).now_or_never() {
-            Some(results) => self.acknowledge(results),
-            None => self.publishing = Some(tokio::spawn(batch)),
+        self.publishes.push(request_id, publication);
+        if let Some(answers) = self.publishes.start(&self.ctx) {
+            self.acknowledge(answers);
         }
     }
 
-    /// When the session ends: the batch at the bus finishes on its own task, and what was read
-    /// after it is still sequenced, after it (a client that publishes and then closes publishes
-    /// all it sent). Nobody is left to acknowledge either.
-    fn detach_publishing(&mut self) {
-        let in_flight = self.publishing.take();
-        let (_, publications): (Vec<Unacked>, Vec<Publication>) =
-            std::mem::take(&mut self.waiting).into_iter().unzip();
-        if in_flight.is_none() && publications.is_empty() {
-            return;
-        }
-        let ctx = self.ctx.clone();
-        tokio::spawn(async move {
-            if let Some(batch) = in_flight {
-                let _ = batch.await;
-            }
-            if !publications.is_empty() {
-                ctx.bus.publish_batch(publications).await;
-            }
-        });
-    }
-
-    /// Answers the batch that was in flight: an ack, or an error, per publish, in order.
-    fn acknowledge(&mut self, results: Vec<Result<Sequenced, BusError>>) {
-        self.in_flight_bytes = 0;
-        let failed = || {
-            Err(BusError::Unavailable(
-                "the publish could not complete".into(),
-            ))
-        };
-        let results = results.into_iter().chain(std::iter::repeat_with(failed));
-        for (unacked, result) in std::mem::take(&mut self.in_flight).into_iter().zip(results) {
+    /// Answers sequenced publishes: an ack, or an error, each, in order.
+    fn acknowledge(&self, answers: Vec<(Unacked, Result<Sequenced, BusError>)>) {
+        for (unacked, result) in answers {
             match result {
                 Ok(sequenced) => {
                     self.handle.push_frame(&ServerFrame::reply(
@@ -1382,26 +1319,128 @@ impl Session {
     }
 }
 
-/// Resolves with the results of the batch in flight (the read loop polls it only while there is
-/// one) and clears the slot. A batch whose task failed answers every publish with UNAVAILABLE.
-fn in_flight(
-    slot: &mut Option<tokio::task::JoinHandle<Vec<Result<Sequenced, BusError>>>>,
-) -> impl Future<Output = Vec<Result<Sequenced, BusError>>> + '_ {
-    std::future::poll_fn(move |cx| {
-        let Some(batch) = slot.as_mut() else {
-            return Poll::Pending;
+type Sequencing = tokio::task::JoinHandle<Vec<Result<Sequenced, BusError>>>;
+
+/// A session's reliable publishes between reading and answering. One batch is at the bus at a
+/// time, so a session's publishes take their positions in the order it sent them; what is read
+/// meanwhile waits and goes as the next batch. A batch that is not done at once (its room's
+/// owner is another node) runs on a task of its own, never left half done or unpolled while the
+/// session awaits something else. Bounded by [`MAX_UNSEQUENCED_PUBLISHES`] and
+/// [`MAX_UNSEQUENCED_BYTES`]: the read loop stops reading while [`Pipeline::has_room`] is false.
+#[derive(Default)]
+struct Pipeline {
+    /// The batch at the bus, when it was not done at once.
+    sequencing: Option<Sequencing>,
+    in_flight: Vec<Unacked>,
+    in_flight_bytes: usize,
+    waiting: Vec<(Unacked, Publication)>,
+    waiting_bytes: usize,
+}
+
+impl Pipeline {
+    fn has_room(&self) -> bool {
+        self.waiting.len() + self.in_flight.len() < MAX_UNSEQUENCED_PUBLISHES
+            && self.waiting_bytes + self.in_flight_bytes < MAX_UNSEQUENCED_BYTES
+    }
+
+    fn is_busy(&self) -> bool {
+        self.sequencing.is_some()
+    }
+
+    fn push(&mut self, request_id: u64, publication: Publication) {
+        let unacked = Unacked {
+            request_id,
+            room: publication.room.clone(),
+            client_msg_id: publication.client_msg_id.clone(),
         };
-        let results = match std::pin::Pin::new(batch).poll(cx) {
-            Poll::Pending => return Poll::Pending,
-            Poll::Ready(Ok(results)) => results,
-            Poll::Ready(Err(error)) => {
-                tracing::error!(%error, "a publish batch failed");
-                Vec::new()
+        self.waiting_bytes += publication.payload.len();
+        self.waiting.push((unacked, publication));
+    }
+
+    /// Sends what is waiting to the bus as one batch, unless a batch is out already (it goes
+    /// when that one is done). Standalone, or for rooms this node owns, the batch is usually
+    /// done at once: its answers are returned, and no task is spawned.
+    fn start(
+        &mut self,
+        ctx: &Arc<NodeContext>,
+    ) -> Option<Vec<(Unacked, Result<Sequenced, BusError>)>> {
+        if self.sequencing.is_some() || self.waiting.is_empty() {
+            return None;
+        }
+        let (unacked, publications): (Vec<Unacked>, Vec<Publication>) =
+            std::mem::take(&mut self.waiting).into_iter().unzip();
+        self.in_flight = unacked;
+        self.in_flight_bytes = std::mem::take(&mut self.waiting_bytes);
+        let bus_ctx = ctx.clone();
+        let mut batch = Box::pin(async move { bus_ctx.bus.publish_batch(publications).await });
+        match (&mut batch).now_or_never() {
+            Some(results) => Some(self.answers(results)),
+            None => {
+                // On the node's tracker: a drain waits for it like for any session task.
+                self.sequencing = Some(ctx.tracker.spawn(batch));
+                None
             }
+        }
+    }
+
+    /// Resolves with the answers of the batch at the bus (polled only while [`Self::is_busy`]).
+    /// A batch whose task failed answers every publish with UNAVAILABLE.
+    fn done(&mut self) -> impl Future<Output = Vec<(Unacked, Result<Sequenced, BusError>)>> + '_ {
+        std::future::poll_fn(move |cx| {
+            let Some(batch) = self.sequencing.as_mut() else {
+                return Poll::Pending;
+            };
+            let results = match std::pin::Pin::new(batch).poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(results)) => results,
+                Poll::Ready(Err(error)) => {
+                    tracing::error!(%error, "a publish batch failed");
+                    Vec::new()
+                }
+            };
+            self.sequencing = None;
+            Poll::Ready(self.answers(results))
+        })
+    }
+
+    /// Pairs the publishes in flight with the bus's results.
+    fn answers(
+        &mut self,
+        results: Vec<Result<Sequenced, BusError>>,
+    ) -> Vec<(Unacked, Result<Sequenced, BusError>)> {
+        self.in_flight_bytes = 0;
+        let failed = || {
+            Err(BusError::Unavailable(
+                "the publish could not complete".into(),
+            ))
         };
-        *slot = None;
-        Poll::Ready(results)
-    })
+        let results = results.into_iter().chain(std::iter::repeat_with(failed));
+        std::mem::take(&mut self.in_flight)
+            .into_iter()
+            .zip(results)
+            .collect()
+    }
+
+    /// When the session ends: the batch at the bus finishes on its own task, and what was read
+    /// after it is still sequenced, after it (a client that publishes and then closes publishes
+    /// all it sent). Nobody is left to acknowledge either.
+    fn detach(&mut self, ctx: &Arc<NodeContext>) {
+        let sequencing = self.sequencing.take();
+        let (_, publications): (Vec<Unacked>, Vec<Publication>) =
+            std::mem::take(&mut self.waiting).into_iter().unzip();
+        if sequencing.is_none() && publications.is_empty() {
+            return;
+        }
+        let bus_ctx = ctx.clone();
+        ctx.tracker.spawn(async move {
+            if let Some(batch) = sequencing {
+                let _ = batch.await;
+            }
+            if !publications.is_empty() {
+                bus_ctx.bus.publish_batch(publications).await;
+            }
+        });
+    }
 }
 
 /// The writer task: drains the send queue into the transport, one coalesced write per batch,
