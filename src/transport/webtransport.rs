@@ -129,25 +129,20 @@ struct Shared {
 /// down when dropped, whichever way the connection task ends.
 struct CountGuard {
     shared: Arc<Shared>,
-    handshaking: bool,
+    count: fn(&Shared) -> &AtomicUsize,
 }
 
 impl CountGuard {
-    fn new(shared: &Arc<Shared>, handshaking: bool) -> Self {
-        let guard = CountGuard {
+    fn new(shared: &Arc<Shared>, count: fn(&Shared) -> &AtomicUsize) -> Self {
+        count(shared).fetch_add(1, Ordering::Relaxed);
+        CountGuard {
             shared: shared.clone(),
-            handshaking,
-        };
-        guard.count().fetch_add(1, Ordering::Relaxed);
-        guard
+            count,
+        }
     }
 
     fn count(&self) -> &AtomicUsize {
-        if self.handshaking {
-            &self.shared.handshaking
-        } else {
-            &self.shared.open
-        }
+        (self.count)(&self.shared)
     }
 }
 
@@ -233,8 +228,8 @@ async fn accept_loop(endpoint: quinn::Endpoint, ctx: Arc<NodeContext>, shared: A
             }
             continue;
         }
-        let open = CountGuard::new(&shared, false);
-        let handshaking = CountGuard::new(&shared, true);
+        let open = CountGuard::new(&shared, |s| &s.open);
+        let handshaking = CountGuard::new(&shared, |s| &s.handshaking);
         ctx.tracker.spawn(
             connection(ctx.clone(), incoming, handshaking).map(move |()| drop((open, slot))),
         );
