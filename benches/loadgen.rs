@@ -783,26 +783,47 @@ async fn drain(
     }
 }
 
-/// What a measured window delivered: the fields every throughput line shares.
-fn delivery_figures(
-    expected: u64,
+/// What a publishing window delivered.
+struct Window {
+    secs: f64,
     in_window: u64,
-    window: f64,
-    got: u64,
     drained: Option<Duration>,
+    /// The fields every throughput line shares.
+    figures: serde_json::Value,
+    /// The servers' and the generator's CPU and memory over the window and its drain.
+    resources: serde_json::Value,
+}
+
+/// Closes a step's publishing window: counts what arrived within it, then waits for the rest
+/// of the `expected` deliveries (at most `drain_max`), and samples the resources used.
+async fn end_window(
     received: &Received,
-) -> serde_json::Value {
-    json!({
+    sampler: &Sampler,
+    expected: u64,
+    drain_max: Duration,
+) -> Window {
+    let in_window = received.count();
+    let window_end = Instant::now();
+    let secs = sampler.start.elapsed().as_secs_f64();
+    let (got, drained) = drain(received, expected, window_end, drain_max).await;
+    let figures = json!({
         "expected": expected,
         "in_window_received": in_window,
-        "in_window_deliveries_per_sec": in_window as f64 / window,
-        "window_secs": window,
+        "in_window_deliveries_per_sec": in_window as f64 / secs,
+        "window_secs": secs,
         "drain_secs": drained.map(|d| d.as_secs_f64()),
         "received": got,
         "lost": expected.saturating_sub(got),
         "out_of_order": received.out_of_order(),
         "closed_members": received.closed.load(Ordering::Relaxed),
-    })
+    });
+    Window {
+        secs,
+        in_window,
+        drained,
+        figures,
+        resources: sampler.finish(),
+    }
 }
 
 /// `roomwire` (WebSocket), `roomwire-wt` (WebTransport members) or `nats`.
@@ -858,32 +879,28 @@ async fn one_room(
         )
         .await;
         let sent = outcome.unwrap_or_else(|sent| sent);
-        let in_window = received.count();
-        let window_end = Instant::now();
         seq += sent;
-        let window = sampler.start.elapsed().as_secs_f64();
         let expected = sent * n as u64;
-        let (got, drained) = drain(
+        let window = end_window(
             &received,
+            &sampler,
             expected,
-            window_end,
             Duration::from_secs(steps.drain_max_secs),
         )
         .await;
-        let resources = sampler.finish();
         let offered = rate * n as u64;
-        let kept_up = in_window as f64 / window >= KEEP_UP_SHARE * offered as f64
-            && drained.is_some_and(|d| d <= KEEP_UP_DRAIN);
+        let kept_up = window.in_window as f64 / window.secs >= KEEP_UP_SHARE * offered as f64
+            && window.drained.is_some_and(|d| d <= KEEP_UP_DRAIN);
         emit(
             json!({
                 "scenario": scenario, "target": target_name(&common), "label": common.label,
                 "nodes": common.url.len(), "threads": threads,
                 "members": n, "size": steps.size, "offered_msgs_per_sec": rate,
                 "offered_deliveries_per_sec": offered, "sent": sent, "kept_up": kept_up,
-                "latency": percentiles(&received.latency()), "resources": resources,
+                "latency": percentiles(&received.latency()), "resources": window.resources,
                 "connects_per_sec": connect_rate,
             }),
-            delivery_figures(expected, in_window, window, got, drained, &received),
+            window.figures,
         );
         // Later steps would measure nothing: the publisher is gone.
         anyhow::ensure!(
@@ -978,18 +995,14 @@ async fn run(scenario: Scenario, threads: usize) -> anyhow::Result<()> {
                     }
                 }
             }
-            let in_window = received.count();
-            let window_end = Instant::now();
-            let window = sampler.start.elapsed().as_secs_f64();
             let expected = sent * members_per_room as u64;
-            let (got, drained) = drain(
+            let window = end_window(
                 &received,
+                &sampler,
                 expected,
-                window_end,
                 Duration::from_secs(drain_max_secs),
             )
             .await;
-            let resources = sampler.finish();
             emit(
                 json!({
                     "scenario": "chat", "target": target_name(&common), "label": common.label,
@@ -998,12 +1011,12 @@ async fn run(scenario: Scenario, threads: usize) -> anyhow::Result<()> {
                     "size": size, "sent": sent, "publishers_closed": publishers_closed,
                     // What the publishers offered over the measured window (their starts are
                     // spread over a second, so this is a little under the nominal rate).
-                    "offered_deliveries_per_sec": expected as f64 / window,
+                    "offered_deliveries_per_sec": expected as f64 / window.secs,
                     "nominal_deliveries_per_sec": rate * n as f64 * members_per_room as f64,
-                    "latency": percentiles(&received.latency()), "resources": resources,
+                    "latency": percentiles(&received.latency()), "resources": window.resources,
                     "connects_per_sec": connect_rate,
                 }),
-                delivery_figures(expected, in_window, window, got, drained, &received),
+                window.figures,
             );
         }
     }
