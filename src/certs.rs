@@ -135,9 +135,9 @@ pub fn init(
     write("node-key.pem", &node.key_pem, true)?;
     for service in services {
         anyhow::ensure!(
-            crate::session::is_valid_user_id(service),
+            crate::ids::is_valid_user_id(service),
             "service name {service:?}: {}",
-            crate::session::USER_ID_RULE
+            crate::ids::USER_ID_RULE
         );
         let issued = ca.service(service)?;
         write(&format!("service-{service}.pem"), &issued.cert_pem, false)?;

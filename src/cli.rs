@@ -151,7 +151,7 @@ pub async fn run_client(args: ClientArgs) -> anyhow::Result<()> {
     );
     match args.action {
         ClientAction::Publish { room, text, id } => {
-            let id = id.unwrap_or_else(|| crate::node::random_hex(8));
+            let id = id.unwrap_or_else(|| crate::ids::random_hex(8));
             let ack = client.publish(&room, text, &id).await?;
             println!(
                 "published to {} as epoch {} seq {} (id {})",

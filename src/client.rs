@@ -30,6 +30,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message as WsMessage};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+use crate::proto::framing::{self, Delimited};
 use crate::proto::{self, ClientFrame, ServerFrame, WS_SUBPROTOCOL, client_frame, server_frame};
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -159,8 +160,7 @@ impl Writer {
             }
             Writer::Wt { send, .. } => {
                 let mut buf = Vec::with_capacity(frame.len() + 5);
-                prost::encoding::encode_varint(frame.len() as u64, &mut buf);
-                buf.extend_from_slice(&frame);
+                framing::delimit_into(&frame, &mut buf);
                 send.lock()
                     .await
                     .write_all(&buf)
@@ -646,15 +646,15 @@ async fn wt_read_loop(
         tokio::time::interval_at(tokio::time::Instant::now() + ping_interval, ping_interval);
     let (code, reason) = 'read: loop {
         loop {
-            match crate::transport::webtransport::parse_delimited(&buf, MAX_INBOUND_FRAME_BYTES) {
-                crate::transport::webtransport::Delimited::Frame { prefix, len } => {
+            match framing::parse_delimited(&buf, MAX_INBOUND_FRAME_BYTES) {
+                Delimited::Frame { prefix, len } => {
                     let _ = buf.split_to(prefix);
                     let frame = buf.split_to(len).freeze();
                     if !dispatcher.frame(frame, false).await {
                         return;
                     }
                 }
-                crate::transport::webtransport::Delimited::Incomplete { need } => {
+                Delimited::Incomplete { need } => {
                     buf.reserve(need.saturating_sub(buf.len()).max(4096));
                     break;
                 }

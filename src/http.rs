@@ -13,12 +13,11 @@ use base64::Engine as _;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use subtle::ConstantTimeEq as _;
 
 use crate::cluster::{BusError, Publication};
 use crate::node::NodeContext;
 use crate::room::RoomName;
-use crate::session::{self, CloseReason};
+use crate::session::CloseReason;
 use crate::transport::ws;
 
 /// Publisher id of messages sent through the HTTP API.
@@ -69,15 +68,6 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// The credential of an `Authorization: Bearer <credential>` header (the scheme is
-/// case-insensitive, RFC 7235).
-pub fn bearer(header: &str) -> Option<&str> {
-    let (scheme, credential) = header.split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then(|| credential.trim())
-}
-
 /// Proof that the request carried a configured API key (`Authorization: Bearer <key>`).
 pub struct ApiKey;
 
@@ -92,22 +82,15 @@ impl FromRequestParts<Arc<NodeContext>> for ApiKey {
             .headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(bearer)
+            .and_then(crate::auth::bearer)
             .unwrap_or("");
-        // Every key is compared (no early exit), each in constant time.
-        let matched = ctx.api_keys.iter().fold(0u8, |ok, key| {
-            ok | u8::from(bool::from(key.as_bytes().ct_eq(presented.as_bytes())))
-        });
-        let outcome = if matched == 1 {
-            "authorized"
-        } else {
-            "unauthorized"
-        };
+        let matched = ctx.api_keys.accepts(presented);
+        let outcome = if matched { "authorized" } else { "unauthorized" };
         ctx.metrics
             .http_api_requests
             .get_or_create(&[("outcome", outcome)])
             .inc();
-        if matched == 1 {
+        if matched {
             Ok(ApiKey)
         } else {
             Err(ApiError::new(
@@ -216,8 +199,8 @@ async fn publish(
             RoomName::parse_client(room, max).map_err(|e| bad(e.to_string()))?
         }
         (None, Some(user), false) => {
-            if !session::is_valid_user_id(user) {
-                return Err(bad(session::USER_ID_RULE.into()));
+            if !crate::ids::is_valid_user_id(user) {
+                return Err(bad(crate::ids::USER_ID_RULE.into()));
             }
             RoomName::for_user(user)
         }
@@ -232,7 +215,7 @@ async fn publish(
             .map_err(|e| bad(format!("data_base64: {e}")))?,
         _ => return Err(bad("give exactly one of data, data_base64".into())),
     };
-    if req.client_msg_id.len() > session::MAX_CLIENT_MSG_ID_BYTES {
+    if req.client_msg_id.len() > crate::ids::MAX_CLIENT_MSG_ID_BYTES {
         return Err(bad("client_msg_id longer than 128 bytes".into()));
     }
     if payload.len() > ctx.config.session.max_frame_bytes {
@@ -311,11 +294,11 @@ async fn disconnect_user(
     _key: ApiKey,
     Path(user): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    if !session::is_valid_user_id(&user) {
+    if !crate::ids::is_valid_user_id(&user) {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "bad_request",
-            session::USER_ID_RULE,
+            crate::ids::USER_ID_RULE,
         ));
     }
     let sessions = ctx.hub.members(&RoomName::for_user(&user));

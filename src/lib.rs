@@ -30,11 +30,13 @@
 pub mod auth;
 pub mod certs;
 pub mod cli;
+pub mod clock;
 pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod fanout;
 pub mod http;
+pub mod ids;
 pub mod limits;
 pub mod metrics;
 pub mod node;

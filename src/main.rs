@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use roomwire::Node;
 use roomwire::cli::{Cli, Command, ServeArgs};
-use roomwire::config::{Config, LogFormat};
+use roomwire::config::{Config, ConfigError, LogFormat};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
@@ -63,6 +63,11 @@ fn serve(runtime: &tokio::runtime::Runtime, args: ServeArgs) -> ExitCode {
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // A file the configuration names could not be used: found before anything was bound.
+        Err(error) if error.downcast_ref::<ConfigError>().is_some() => {
+            eprintln!("roomwire: {error}");
+            ExitCode::from(EXIT_CONFIG)
+        }
         Err(error) => {
             tracing::error!("{error:#}");
             ExitCode::FAILURE

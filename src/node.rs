@@ -21,17 +21,18 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt as _;
 
-use crate::auth::{AuthError, Authenticator, Principal};
+use crate::auth::{ApiKeys, AuthError, Authenticator, Principal, Services};
 use crate::cluster::Bus;
 use crate::cluster::local::LocalBus;
 use crate::cluster::mesh::MeshBus;
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
 use crate::fanout::Hub;
 use crate::limits::{IpGate, IpSlot};
 use crate::metrics::Metrics;
 use crate::room::RoomName;
-use crate::session::now_ms;
-use crate::tls::{Services, TlsState};
+use crate::clock::wall_ms as now_ms;
+use crate::ids::random_hex;
+use crate::tls::TlsState;
 use crate::transport::certs::CurrentCert;
 use crate::transport::webtransport;
 use crate::transport::ws::PeerAddr;
@@ -51,7 +52,7 @@ pub struct NodeContext {
     /// Cancelled when the node starts shutting down.
     pub shutdown: CancellationToken,
     /// Keys accepted by the HTTP API.
-    pub api_keys: Vec<String>,
+    pub api_keys: ApiKeys,
     /// The WebTransport certificate's hash, for `/webtransport/certhash` (`None`: disabled).
     pub webtransport_cert: Option<Arc<CurrentCert>>,
     /// The UDP port WebTransport listens on (the first listener's), for the browser client.
@@ -119,8 +120,16 @@ pub struct Node {
 
 impl Node {
     /// Validates the configuration and binds every listener; nothing is served until [`Node::run`].
+    ///
+    /// Everything the configuration names on disk (TLS certificates and keys, JWT keys, the
+    /// client CA) is loaded here once, before any port is bound; a file that cannot be used is a
+    /// [`ConfigError`], like a bad value.
     pub async fn bind(config: Config) -> anyhow::Result<Node> {
         config.validate()?;
+        let invalid = |e: anyhow::Error| ConfigError::Invalid(format!("{e:#}"));
+        let auth = Authenticator::new(&config.auth).map_err(invalid)?;
+        let tls = TlsState::load(&config.tls).map_err(invalid)?;
+        let services = Services::from_config(&config.tls).map_err(invalid)?;
         let node_id: Arc<str> = if config.node.id.is_empty() {
             generated_node_id().into()
         } else {
@@ -149,10 +158,7 @@ impl Node {
         } else {
             (None, None)
         };
-        let auth = Authenticator::new(&config.auth)?;
         let ip_gate = IpGate::new(&config.limits);
-        let tls = TlsState::load(&config.tls)?;
-        let services = Services::from_config(&config.tls)?;
         let metrics = Arc::new(Metrics::new());
         let hub = Arc::new(Hub::new(metrics.clone()));
         metrics
@@ -179,7 +185,7 @@ impl Node {
             bus,
             tracker: TaskTracker::new(),
             shutdown: CancellationToken::new(),
-            api_keys,
+            api_keys: ApiKeys::new(api_keys),
             webtransport_cert,
             webtransport_port: webtransport
                 .as_ref()
@@ -465,11 +471,4 @@ fn generated_node_id() -> String {
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "node".into());
     format!("{host}-{}", random_hex(3))
-}
-
-/// `n` random bytes from the OS, hex-encoded.
-pub fn random_hex(n: usize) -> String {
-    let mut bytes = vec![0u8; n];
-    getrandom::fill(&mut bytes).expect("the OS random source is available");
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -8,6 +8,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::ids::is_name_segment;
 use crate::proto::ErrorCode;
 
 /// Room every session is a member of; a message published there reaches every session.
@@ -41,13 +42,6 @@ impl RoomNameError {
             _ => ErrorCode::InvalidRoom,
         }
     }
-}
-
-/// True for a non-empty run of the characters allowed inside one segment of a name.
-pub fn is_name_segment(s: &str) -> bool {
-    !s.is_empty()
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b':' | b'@' | b'='))
 }
 
 impl RoomName {

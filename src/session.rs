@@ -22,7 +22,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::Poll;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::FutureExt;
@@ -30,7 +30,9 @@ use futures_util::task::AtomicWaker;
 use tokio::time::{MissedTickBehavior, timeout};
 
 use crate::auth::{AuthError, Permissions, Principal};
+use crate::clock::wall_ms as now_ms;
 use crate::cluster::{BusError, Publication, Sequenced};
+use crate::ids::{MAX_CLIENT_MSG_ID_BYTES, truncate_utf8};
 use crate::limits::{Admit, SessionBudget};
 use crate::node::NodeContext;
 use crate::proto::{
@@ -50,11 +52,6 @@ const CLOSE_LINGER: Duration = Duration::from_secs(2);
 /// past either, the session stops reading until the bus catches up (TCP pushes back).
 const MAX_UNSEQUENCED_PUBLISHES: usize = 256;
 const MAX_UNSEQUENCED_BYTES: usize = 1024 * 1024;
-/// Longest client message id, in bytes: the owner remembers ids for de-duplication, so they
-/// must stay small.
-pub const MAX_CLIENT_MSG_ID_BYTES: usize = 128;
-/// Longest user id, in bytes (it becomes part of the room name `$user.<id>`).
-pub const MAX_USER_ID_BYTES: usize = 64;
 
 /// Why a session ends. Each reason has one close code (documented in docs/PROTOCOL.md).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -173,16 +170,6 @@ impl From<TransportError> for CloseReason {
     }
 }
 
-fn truncate_utf8(mut s: String, max: usize) -> String {
-    if s.len() > max {
-        let mut end = max;
-        while !s.is_char_boundary(end) {
-            end -= 1;
-        }
-        s.truncate(end);
-    }
-    s
-}
 
 /// Session life-cycle states, as the admin API reports them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -849,13 +836,6 @@ async fn linger<S: FrameSource>(source: &mut S) {
     .await;
 }
 
-/// What a user id may be, for error messages.
-pub const USER_ID_RULE: &str = "user id must be 1-64 letters, digits or _-:@=";
-
-/// User ids become one segment of the room name `$user.<id>`.
-pub fn is_valid_user_id(user: &str) -> bool {
-    user.len() <= MAX_USER_ID_BYTES && crate::room::is_name_segment(user)
-}
 
 /// An inbound event after decoding.
 enum Decoded {
@@ -1548,12 +1528,6 @@ fn account_written(handle: &SessionHandle, batch: &[Bytes]) {
     metrics.write_batches.inc();
 }
 
-/// Unix milliseconds of the node clock.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
 
 #[cfg(test)]
 mod tests {

@@ -3,10 +3,9 @@
 //! `required`.
 //!
 //! rustls checks the client certificate's chain against the configured CA and its validity; it
-//! does not know which service a certificate names. That is checked here, after the handshake:
-//! the certificate's URI SAN (`spiffe://roomwire/service/NAME`) or DNS SAN must match one of the
-//! configured `[[tls.services]]`, which gives the session its user id and room permissions. A
-//! certificate that chains to the CA but names no configured service is refused.
+//! does not know which service a certificate names. That is checked after the handshake by
+//! [`crate::auth::Services`]: a certificate that chains to the CA but names no configured service
+//! is refused.
 //!
 //! Certificates are re-read when their files change (checked every `reload_interval_ms`), so a
 //! rotation needs no restart; a broken new file is logged and the previous configuration kept.
@@ -21,95 +20,8 @@ use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::TlsAcceptor;
-use x509_parser::prelude::{FromDer as _, GeneralName, X509Certificate};
 
-use crate::auth::{Permissions, Principal};
 use crate::config::{ClientAuth, TlsConfig};
-
-/// Prefix of the user ids of certificate-identified services (`service:billing`). Token subjects
-/// starting with it are refused (see `auth`), so a token can never act as a service.
-pub const SERVICE_PREFIX: &str = "service:";
-
-/// Why a client certificate that passed the handshake was refused.
-#[derive(Debug, thiserror::Error)]
-pub enum IdentityError {
-    #[error("client certificate is not parseable")]
-    Unparseable,
-    #[error("client certificate names no configured service")]
-    Unknown,
-}
-
-struct Service {
-    name: String,
-    uri: Option<String>,
-    dns: Option<String>,
-    permissions: Permissions,
-}
-
-/// The services known by client certificate (`[[tls.services]]`), shared by both listeners.
-pub struct Services(Vec<Service>);
-
-impl Services {
-    pub fn from_config(config: &TlsConfig) -> anyhow::Result<Services> {
-        let services = config
-            .services
-            .iter()
-            .map(|s| {
-                let permissions = Permissions::parse(&s.join, &s.publish)
-                    .map_err(|e| anyhow::anyhow!("tls.services {}: {e}", s.name))?;
-                anyhow::ensure!(
-                    s.uri.is_some() || s.dns.is_some(),
-                    "tls.services {}: needs uri or dns",
-                    s.name
-                );
-                anyhow::ensure!(
-                    crate::session::is_valid_user_id(&s.name),
-                    "tls.services {}: {}",
-                    s.name,
-                    crate::session::USER_ID_RULE
-                );
-                Ok(Service {
-                    name: s.name.clone(),
-                    uri: s.uri.clone(),
-                    dns: s.dns.clone(),
-                    permissions,
-                })
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        Ok(Services(services))
-    }
-
-    /// The principal a verified client certificate names, if it names a configured service.
-    pub fn identify(&self, chain: &[CertificateDer<'_>]) -> Result<Principal, IdentityError> {
-        let leaf = chain.first().ok_or(IdentityError::Unparseable)?;
-        let (_, cert) = X509Certificate::from_der(leaf).map_err(|_| IdentityError::Unparseable)?;
-        let san = cert
-            .subject_alternative_name()
-            .map_err(|_| IdentityError::Unparseable)?;
-        let names = san
-            .map(|ext| ext.value.general_names.clone())
-            .unwrap_or_default();
-        for name in &names {
-            let service = self.0.iter().find(|s| match name {
-                GeneralName::URI(uri) => s.uri.as_deref() == Some(uri),
-                GeneralName::DNSName(dns) => s
-                    .dns
-                    .as_deref()
-                    .is_some_and(|d| d.eq_ignore_ascii_case(dns)),
-                _ => false,
-            });
-            if let Some(service) = service {
-                return Ok(Principal {
-                    user: format!("{SERVICE_PREFIX}{}", service.name).into(),
-                    permissions: service.permissions.clone(),
-                    // A service cannot refresh: its session ends when its certificate does.
-                    expires_at: u64::try_from(cert.validity().not_after.timestamp()).ok(),
-                });
-            }
-        }
-        Err(IdentityError::Unknown)
-    }
-}
 
 /// The live TLS configuration of the node.
 pub struct TlsState {

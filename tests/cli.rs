@@ -145,6 +145,19 @@ async fn a_bad_configuration_exits_with_64_before_binding() {
             "session.idle_timeout_ms=10",
         ],
         vec!["--config", "/nonexistent/roomwire.toml"],
+        // Files the configuration names are loaded before any port is bound.
+        vec![
+            "--set",
+            "tls.enabled=true",
+            "--set",
+            "tls.cert_file=/nonexistent/node.pem",
+        ],
+        vec![
+            "--set",
+            "auth.mode=jwt",
+            "--set",
+            "auth.jwt.secret_file=/nonexistent/secret",
+        ],
     ] {
         let output = tokio::time::timeout(
             Duration::from_secs(30),

@@ -27,7 +27,7 @@ struct Pki {
 impl Pki {
     fn new() -> Pki {
         let dir =
-            std::env::temp_dir().join(format!("roomwire-tls-{}", roomwire::node::random_hex(6)));
+            std::env::temp_dir().join(format!("roomwire-tls-{}", roomwire::ids::random_hex(6)));
         std::fs::create_dir_all(&dir).unwrap();
         let ca = DevCa::new("test CA").unwrap();
         let pki = Pki { dir, ca };
@@ -294,7 +294,7 @@ async fn a_rotated_certificate_is_served_without_a_restart() {
 
 #[tokio::test]
 async fn certs_init_writes_a_ca_a_node_and_service_certificates_a_node_can_use() {
-    let dir = std::env::temp_dir().join(format!("roomwire-init-{}", roomwire::node::random_hex(6)));
+    let dir = std::env::temp_dir().join(format!("roomwire-init-{}", roomwire::ids::random_hex(6)));
     let files =
         roomwire::certs::init(&dir, &["node-1.example".into()], &["billing".into()]).unwrap();
     let names: Vec<String> = files

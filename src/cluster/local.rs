@@ -11,7 +11,8 @@ use crate::fanout::{Hub, UnreliableReport};
 use crate::metrics::Metrics;
 use crate::proto::{self, ServerFrame, server_frame};
 use crate::room::{Dedupe, EpochClock, RoomName, Sequencer};
-use crate::session::{SessionHandle, now_ms};
+use crate::clock::wall_ms as now_ms;
+use crate::session::SessionHandle;
 
 struct OwnedRoom {
     sequencer: Sequencer,

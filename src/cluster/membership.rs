@@ -15,15 +15,7 @@ use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::cluster::ring::Ring;
-
-/// True for a node id usable as one NATS subject token (what `node.id` is validated to be).
-pub fn is_subject_token(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 128
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-}
+use crate::ids::is_subject_token;
 
 /// A node's life cycle as its heartbeats announce it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

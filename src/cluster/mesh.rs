@@ -40,7 +40,8 @@ use crate::metrics::Metrics;
 use crate::proto::mesh::{self as wire, reply, request};
 use crate::proto::{self, ServerFrame, server_frame};
 use crate::room::{Dedupe, EpochClock, RoomName, Sequencer};
-use crate::session::{SessionHandle, now_ms};
+use crate::clock::wall_ms as now_ms;
+use crate::session::SessionHandle;
 
 /// First byte of a room-subject message.
 const KIND_MESSAGE: u8 = 1; // + epoch, seq (u64 BE), then an encoded ServerFrame
@@ -441,7 +442,7 @@ impl Inner {
             let Ok(user) = std::str::from_utf8(&message.payload) else {
                 continue;
             };
-            if !crate::session::is_valid_user_id(user) {
+            if !crate::ids::is_valid_user_id(user) {
                 tracing::warn!("mesh: disconnect request with an invalid user id ignored");
                 continue;
             }

@@ -11,10 +11,7 @@ use std::sync::Arc;
 
 use xxhash_rust::xxh3::xxh3_64;
 
-/// Virtual nodes per node by default: with 256, the busiest of 5 nodes holds 1.06× the mean over
-/// 10,000 rooms (measured by the balance test; 64 gave 1.09, 128 gave 1.18 for the same names),
-/// and a lookup is a binary search over N × 256 points.
-pub const DEFAULT_VNODES: u32 = 256;
+pub use crate::config::DEFAULT_VNODES;
 
 /// An immutable ring over a set of node ids.
 #[derive(Debug, Clone)]

@@ -156,7 +156,7 @@ pub fn server_tls(
     let builder = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?;
     // Mutual TLS: the chain is verified here; which service it names is checked after the
-    // handshake (crate::tls::Services), as on the WebSocket listener.
+    // handshake (crate::auth::Services), as on the WebSocket listener.
     let builder = match client_verifier {
         None => builder.with_no_client_auth(),
         Some(verifier) => builder.with_client_cert_verifier(verifier),

@@ -31,6 +31,7 @@ use tokio::io::AsyncWriteExt;
 
 use super::certs::{self, CertError, CurrentCert};
 use super::{FrameSink, FrameSource, Inbound, Transport, TransportError};
+use crate::proto::framing::{self, Delimited};
 use crate::auth::{AuthError, Principal};
 use crate::config::{AddressValidation, ClientAuth, TlsConfig, WebTransportConfig};
 use crate::metrics::Metrics;
@@ -46,8 +47,6 @@ const MAX_REQUESTS_BEFORE_SESSION: usize = 8;
 /// WebTransport application error code of a reset extra stream (mapped into the HTTP/3 space on
 /// the wire, as the draft requires).
 const STREAM_REFUSED: u32 = 1;
-/// Longest protobuf varint (a u64) in bytes.
-const MAX_VARINT: usize = 10;
 
 /// Why the WebTransport listener could not start.
 #[derive(Debug, thiserror::Error)]
@@ -821,44 +820,6 @@ fn quic_varint(value: u64, out: &mut BytesMut) {
     }
 }
 
-/// Outcome of looking for one length-delimited frame at the front of a buffer.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Delimited {
-    /// A whole frame: the prefix length and the frame length.
-    Frame { prefix: usize, len: usize },
-    /// More bytes are needed; at least this many in total.
-    Incomplete { need: usize },
-    /// The prefix announces more than `max` bytes.
-    TooBig { len: u64 },
-    /// Not a varint (more than ten bytes).
-    Invalid,
-}
-
-/// Parses the varint length prefix at the front of `buf` (pure; the unit of the framing tests).
-pub fn parse_delimited(buf: &[u8], max: usize) -> Delimited {
-    let Some(end) = buf.iter().take(MAX_VARINT).position(|b| b & 0x80 == 0) else {
-        return if buf.len() >= MAX_VARINT {
-            Delimited::Invalid
-        } else {
-            Delimited::Incomplete {
-                need: buf.len() + 1,
-            }
-        };
-    };
-    let prefix = end + 1;
-    let Ok(len) = prost::encoding::decode_varint(&mut &buf[..prefix]) else {
-        return Delimited::Invalid;
-    };
-    if len > max as u64 {
-        return Delimited::TooBig { len };
-    }
-    let len = len as usize;
-    if buf.len() < prefix + len {
-        return Delimited::Incomplete { need: prefix + len };
-    }
-    Delimited::Frame { prefix, len }
-}
-
 /// The read half: the session stream's frames, and the session's datagrams.
 pub struct WtSource {
     recv: WtRecv,
@@ -870,7 +831,7 @@ pub struct WtSource {
 impl FrameSource for WtSource {
     async fn recv(&mut self) -> Result<Inbound, TransportError> {
         loop {
-            match parse_delimited(&self.buf, self.max_frame) {
+            match framing::parse_delimited(&self.buf, self.max_frame) {
                 Delimited::Frame { prefix, len } => {
                     self.buf.advance(prefix);
                     let frame = self.buf.split_to(len).freeze();
@@ -931,8 +892,7 @@ impl FrameSink for WtSink {
     async fn send_batch(&mut self, frames: &[Bytes]) -> Result<(), TransportError> {
         self.buf.clear();
         for frame in frames {
-            prost::encoding::encode_varint(frame.len() as u64, &mut self.buf);
-            self.buf.extend_from_slice(frame);
+            framing::delimit_into(frame, &mut self.buf);
         }
         self.send
             .write_all(&self.buf)
@@ -963,38 +923,6 @@ impl FrameSink for WtSink {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn length_prefixes_are_parsed_like_protobuf_delimited_messages() {
-        let mut buf = BytesMut::new();
-        prost::encoding::encode_varint(300, &mut buf);
-        buf.extend_from_slice(&[7; 300]);
-        assert_eq!(
-            parse_delimited(&buf, 1000),
-            Delimited::Frame {
-                prefix: 2,
-                len: 300
-            }
-        );
-        assert_eq!(
-            parse_delimited(&buf[..100], 1000),
-            Delimited::Incomplete { need: 302 }
-        );
-        assert_eq!(
-            parse_delimited(&buf[..1], 1000),
-            Delimited::Incomplete { need: 2 }
-        );
-        assert_eq!(
-            parse_delimited(&[], 1000),
-            Delimited::Incomplete { need: 1 }
-        );
-        assert_eq!(parse_delimited(&buf, 299), Delimited::TooBig { len: 300 });
-        assert_eq!(parse_delimited(&[0xff; 11], 1000), Delimited::Invalid);
-        assert_eq!(
-            parse_delimited(&[0], 10),
-            Delimited::Frame { prefix: 1, len: 0 }
-        );
-    }
 
     #[test]
     fn quic_varints_use_the_shortest_form() {

@@ -209,7 +209,7 @@ fn upgrade_token(req: &Request) -> Option<String> {
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    let token = match header.and_then(crate::http::bearer) {
+    let token = match header.and_then(crate::auth::bearer) {
         Some(token) => Some(token.to_string()),
         None => {
             let query = req.uri().query()?;

@@ -4,6 +4,8 @@
 use bytes::Bytes;
 use prost::Message as _;
 
+pub mod framing;
+
 #[allow(clippy::all, missing_docs)]
 mod generated {
     include!(concat!(env!("OUT_DIR"), "/roomwire.v1.rs"));

@@ -1,0 +1,282 @@
+//! Who a session is and what it may do.
+//!
+//! A connection token is a JWT whose algorithm is pinned by configuration (HS256 with a shared
+//! secret, or ES256 / RS256 with a public key from PEM or a JWKS file); `alg: none` and algorithm
+//! confusion are refused because the header's `alg` must equal the configured one. `exp`, `nbf`,
+//! `aud` and `iss` are checked with a small leeway. Claims:
+//!
+//! ```json
+//! { "sub": "alice", "exp": 1795000000, "aud": "roomwire", "jti": "a1b2",
+//!   "rooms": { "join": ["chat.*", "news.>"], "publish": ["chat.lobby"] } }
+//! ```
+//!
+//! Room patterns use the NATS convention: `*` matches one segment, `>` one or more trailing ones.
+//! A token without `rooms` may join and publish nowhere (the user's own `$user` room still
+//! delivers). Each token id (`jti`) is accepted once within the token's lifetime: the replay
+//! store is node-local; with the mesh it moves to a NATS KV bucket so a token cannot be replayed
+//! on another node either.
+
+use std::sync::Arc;
+
+use crate::config::{AuthConfig, AuthMode};
+use crate::proto::ErrorCode;
+use crate::room::RoomName;
+
+mod api_key;
+mod identity;
+mod jwt;
+mod replay;
+
+pub use api_key::{ApiKeys, bearer};
+pub use identity::{IdentityError, Services};
+use jwt::JwtVerifier;
+use replay::ReplayGuard;
+
+/// A room pattern: segments, where `*` matches one segment and a final `>` one or more.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomPattern(Vec<String>);
+
+impl RoomPattern {
+    pub fn parse(pattern: &str) -> Result<Self, AuthError> {
+        let segments: Vec<String> = pattern.split('.').map(str::to_string).collect();
+        let last = segments.len() - 1;
+        let valid = segments
+            .iter()
+            .enumerate()
+            .all(|(i, s)| s == "*" || (s == ">" && i == last) || crate::ids::is_name_segment(s));
+        if pattern.is_empty() || !valid {
+            return Err(AuthError::Invalid(format!("bad room pattern {pattern:?}")));
+        }
+        Ok(Self(segments))
+    }
+
+    pub fn matches(&self, room: &RoomName) -> bool {
+        let mut parts = room.as_str().split('.');
+        for (i, segment) in self.0.iter().enumerate() {
+            match segment.as_str() {
+                ">" => return parts.next().is_some() && i == self.0.len() - 1,
+                "*" => {
+                    if parts.next().is_none() {
+                        return false;
+                    }
+                }
+                literal => {
+                    if parts.next() != Some(literal) {
+                        return false;
+                    }
+                }
+            }
+        }
+        parts.next().is_none()
+    }
+}
+
+/// Which rooms a principal may join and publish to.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Permissions {
+    pub join: Vec<RoomPattern>,
+    pub publish: Vec<RoomPattern>,
+}
+
+impl Permissions {
+    /// Everything (insecure development mode).
+    pub fn all() -> Self {
+        let any = RoomPattern(vec![">".into()]);
+        Self {
+            join: vec![any.clone()],
+            publish: vec![any],
+        }
+    }
+
+    /// Parses join and publish pattern lists (token claims, service configuration).
+    pub fn parse(join: &[String], publish: &[String]) -> Result<Self, AuthError> {
+        let parse = |patterns: &[String]| {
+            patterns
+                .iter()
+                .map(|p| RoomPattern::parse(p))
+                .collect::<Result<Vec<_>, _>>()
+        };
+        Ok(Self {
+            join: parse(join)?,
+            publish: parse(publish)?,
+        })
+    }
+
+    pub fn may_join(&self, room: &RoomName) -> bool {
+        self.join.iter().any(|p| p.matches(room))
+    }
+
+    pub fn may_publish(&self, room: &RoomName) -> bool {
+        self.publish.iter().any(|p| p.matches(room))
+    }
+}
+
+/// An authenticated identity.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    pub user: Arc<str>,
+    pub permissions: Permissions,
+    /// Unix seconds when the credential expires; `None` for credentials that do not.
+    pub expires_at: Option<u64>,
+}
+
+/// Why a credential was refused. Each maps to HTTP 401 before an upgrade, to the close code 4004
+/// on a Connect, and to the error code UNAUTHORIZED on a Refresh.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AuthError {
+    #[error("token required")]
+    Missing,
+    #[error("invalid token: {0}")]
+    Invalid(String),
+    #[error("token already used (jti replay)")]
+    Replayed,
+    #[error("token lifetime exceeds the allowed maximum")]
+    TooLong,
+    #[error("refresh token is for another user")]
+    WrongUser,
+    #[error("replay store full, retry later")]
+    Busy,
+}
+
+impl AuthError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            AuthError::Busy => ErrorCode::Unavailable,
+            _ => ErrorCode::Unauthorized,
+        }
+    }
+
+    /// Metrics label (`roomwire_auth_failures_total{reason}`).
+    pub fn label(&self) -> &'static str {
+        match self {
+            AuthError::Missing => "missing",
+            AuthError::Invalid(_) => "invalid",
+            AuthError::Replayed => "replayed",
+            AuthError::TooLong => "lifetime",
+            AuthError::WrongUser => "wrong_user",
+            AuthError::Busy => "busy",
+        }
+    }
+}
+
+/// Checks credentials according to `auth.mode`.
+pub struct Authenticator {
+    mode: AuthMode,
+    jwt: Option<JwtVerifier>,
+    replay: ReplayGuard,
+}
+
+impl Authenticator {
+    /// Builds the verifier, loading key files; errors are configuration errors.
+    pub fn new(config: &AuthConfig) -> anyhow::Result<Self> {
+        let jwt = match config.mode {
+            AuthMode::Insecure => None,
+            AuthMode::Jwt => Some(JwtVerifier::new(config)?),
+        };
+        Ok(Self {
+            mode: config.mode,
+            jwt,
+            replay: ReplayGuard::new(config.jwt.replay_store_max),
+        })
+    }
+
+    /// Verifies a connection token at `now` (Unix seconds). `session_key` names anonymous users.
+    pub fn authenticate(
+        &self,
+        token: &str,
+        session_key: u64,
+        now: u64,
+    ) -> Result<Principal, AuthError> {
+        self.check(token, session_key, now, None)
+    }
+
+    /// Verifies a refresh token for a live session of `user`.
+    pub fn refresh(&self, token: &str, user: &str, now: u64) -> Result<Principal, AuthError> {
+        self.check(token, 0, now, Some(user))
+    }
+
+    /// Verifies, then (only if everything else passed) uses up the token id.
+    fn check(
+        &self,
+        token: &str,
+        session_key: u64,
+        now: u64,
+        user: Option<&str>,
+    ) -> Result<Principal, AuthError> {
+        let (principal, jti) = match (&self.mode, &self.jwt) {
+            (AuthMode::Jwt, Some(jwt)) => jwt.verify(token, now)?,
+            _ => (insecure(token, session_key)?, None),
+        };
+        if user.is_some_and(|u| *u != *principal.user) {
+            return Err(AuthError::WrongUser);
+        }
+        if let Some((jti, keep_until)) = jti {
+            self.replay.claim(&jti, keep_until, now)?;
+        }
+        Ok(principal)
+    }
+
+    /// Token ids currently remembered.
+    pub fn replay_entries(&self) -> usize {
+        self.replay.len()
+    }
+
+    pub fn requires_token(&self) -> bool {
+        self.mode == AuthMode::Jwt
+    }
+}
+
+/// Development mode: a non-empty token is the user id; without one the user is anonymous.
+fn insecure(token: &str, session_key: u64) -> Result<Principal, AuthError> {
+    let user = if token.is_empty() {
+        format!("anon-{session_key:x}")
+    } else if crate::ids::is_valid_user_id(token) {
+        token.to_string()
+    } else {
+        return Err(AuthError::Invalid(crate::ids::USER_ID_RULE.into()));
+    };
+    Ok(Principal {
+        user: user.into(),
+        permissions: Permissions::all(),
+        expires_at: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn room(name: &str) -> RoomName {
+        RoomName::parse_any(name, 128).unwrap()
+    }
+
+    #[test]
+    fn patterns_match_like_nats_subjects() {
+        let p = |s: &str| RoomPattern::parse(s).unwrap();
+        assert!(p("chat.lobby").matches(&room("chat.lobby")));
+        assert!(!p("chat.lobby").matches(&room("chat.lobby.x")));
+        assert!(p("chat.*").matches(&room("chat.lobby")));
+        assert!(!p("chat.*").matches(&room("chat")));
+        assert!(!p("chat.*").matches(&room("chat.a.b")));
+        assert!(p("chat.>").matches(&room("chat.a.b")));
+        assert!(!p("chat.>").matches(&room("chat")));
+        assert!(p(">").matches(&room("anything.at.all")));
+        assert!(p("*.eu.*").matches(&room("chat.eu.lobby")));
+        for bad in ["", "a..b", "a.>.b", "a b", "chat.>x"] {
+            assert!(RoomPattern::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_tokens_never_panic_the_verifier(token in ".{0,300}", bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let mut config = AuthConfig { mode: AuthMode::Jwt, ..AuthConfig::default() };
+            config.jwt.secret = Some("x".repeat(32));
+            let auth = Authenticator::new(&config).unwrap();
+            let _ = auth.authenticate(&token, 1, 1_000);
+            let _ = auth.authenticate(&String::from_utf8_lossy(&bytes), 1, 1_000);
+            let _ = RoomPattern::parse(&token);
+        }
+    }
+}

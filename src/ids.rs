@@ -1,0 +1,93 @@
+//! The rules for every name and id the node accepts or makes: name segments (room names, user
+//! ids, node ids, regions), client message ids, and random ids. Pure; the lowest layer, so that
+//! tokens, certificates, rooms and the mesh all check names the same way.
+
+/// Longest user id, in bytes (it becomes part of the room name `$user.<id>`).
+pub const MAX_USER_ID_BYTES: usize = 64;
+
+/// Longest client message id, in bytes: the owner remembers ids for de-duplication, so they
+/// must stay small.
+pub const MAX_CLIENT_MSG_ID_BYTES: usize = 128;
+
+/// What a user id may be, for error messages.
+pub const USER_ID_RULE: &str = "user id must be 1-64 letters, digits or _-:@=";
+
+/// Prefix of the user ids of certificate-identified services (`service:billing`). Token subjects
+/// and development ids starting with it are refused, so a token can never act as a service.
+pub const SERVICE_PREFIX: &str = "service:";
+
+/// True for a non-empty run of the characters allowed inside one segment of a name.
+pub fn is_name_segment(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b':' | b'@' | b'='))
+}
+
+/// User ids become one segment of the room name `$user.<id>`.
+pub fn is_valid_user_id(user: &str) -> bool {
+    user.len() <= MAX_USER_ID_BYTES && is_name_segment(user)
+}
+
+/// True for an id usable as one NATS subject token (what a mesh node id is validated to be).
+pub fn is_subject_token(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// `n` random bytes from the OS, hex-encoded.
+pub fn random_hex(n: usize) -> String {
+    let mut bytes = vec![0u8; n];
+    getrandom::fill(&mut bytes).expect("the OS random source is available");
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A random u64 from the OS.
+pub fn random_u64() -> u64 {
+    let mut bytes = [0u8; 8];
+    getrandom::fill(&mut bytes).expect("the OS random source is available");
+    u64::from_be_bytes(bytes)
+}
+
+/// `s` cut to at most `max` bytes at a character boundary.
+pub fn truncate_utf8(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_ids_are_one_name_segment_of_at_most_64_bytes() {
+        assert!(is_valid_user_id("alice"));
+        assert!(is_valid_user_id("user:42@x=y_z-w"));
+        assert!(is_valid_user_id(&"a".repeat(64)));
+        for bad in ["", "a.b", "a b", "ä", "a*", &"a".repeat(65)] {
+            assert!(!is_valid_user_id(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn subject_tokens_exclude_nats_wildcards_and_separators() {
+        assert!(is_subject_token("eu-1_a"));
+        for bad in ["", "a.b", "a*", "a b", ">", "a:b"] {
+            assert!(!is_subject_token(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn truncation_keeps_whole_characters() {
+        assert_eq!(truncate_utf8("héllo".into(), 2), "h");
+        assert_eq!(truncate_utf8("abc".into(), 5), "abc");
+    }
+}
