@@ -6,10 +6,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use roomwire::member::Transport;
 use roomwire::proto::{self, ClientFrame, ServerFrame, client_frame, server_frame};
 use roomwire::room::RoomName;
-use roomwire::session::SessionHandle;
-use roomwire::transport::Transport;
 use roomwire::{Config, Node};
 
 fn message_frame(payload: usize) -> ServerFrame {
@@ -69,8 +68,7 @@ fn fanout(c: &mut Criterion) {
     let peer = "127.0.0.1:1".parse().unwrap();
     let mut handles = Vec::with_capacity(SESSIONS);
     for key in 0..SESSIONS as u64 {
-        let handle = SessionHandle::new(
-            &ctx,
+        let handle = ctx.new_member(
             key,
             Arc::from(format!("u{key}")),
             Transport::WebSocket,

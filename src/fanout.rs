@@ -3,7 +3,7 @@
 //!
 //! The frame arrives encoded once ([`bytes::Bytes`]); each member gets a reference-counted clone,
 //! never a copy. Pushing never waits: a member whose queue is full is cut off as a slow consumer
-//! (see [`SessionHandle::push`]) and the others are unaffected.
+//! (see [`Member::push`]) and the others are unaffected.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
@@ -12,9 +12,9 @@ use std::sync::{Arc, RwLock};
 use bytes::Bytes;
 use indexmap::IndexMap;
 
+use crate::member::{Member, UnreliableOutcome};
 use crate::metrics::Metrics;
 use crate::room::RoomName;
-use crate::session::{SessionHandle, UnreliableOutcome};
 
 /// Shards of the room table: joins and leaves in one shard do not wait on fan-out in another.
 const SHARDS: usize = 64;
@@ -22,7 +22,7 @@ const SHARDS: usize = 64;
 /// and disconnect writes it) and broadcast fan-outs never stall the rooms that would share it.
 const BROADCAST_SHARD: usize = SHARDS;
 
-type Members = IndexMap<u64, Arc<SessionHandle>>;
+type Members = IndexMap<u64, Arc<Member>>;
 
 /// The node's local membership table.
 pub struct Hub {
@@ -67,7 +67,7 @@ impl Hub {
     }
 
     /// Adds a member; returns `true` when the session was not a member before.
-    pub fn add(&self, room: &RoomName, session: &Arc<SessionHandle>) -> bool {
+    pub fn add(&self, room: &RoomName, session: &Arc<Member>) -> bool {
         let mut shard = self.shard(room).write().expect("hub lock poisoned");
         let members = shard.entry(room.clone()).or_insert_with(|| {
             self.metrics.local_rooms.inc();
@@ -150,7 +150,7 @@ impl Hub {
     }
 
     /// The local members of a room, for the HTTP API.
-    pub fn members(&self, room: &RoomName) -> Vec<Arc<SessionHandle>> {
+    pub fn members(&self, room: &RoomName) -> Vec<Arc<Member>> {
         let shard = self.shard(room).read().expect("hub lock poisoned");
         shard
             .get(room)

@@ -15,9 +15,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::cluster::{BusError, Publication};
-use crate::node::NodeContext;
+use crate::context::NodeContext;
+use crate::member::CloseReason;
 use crate::room::RoomName;
-use crate::session::CloseReason;
 use crate::transport::ws;
 
 /// Publisher id of messages sent through the HTTP API.
@@ -85,7 +85,11 @@ impl FromRequestParts<Arc<NodeContext>> for ApiKey {
             .and_then(crate::auth::bearer)
             .unwrap_or("");
         let matched = ctx.api_keys.accepts(presented);
-        let outcome = if matched { "authorized" } else { "unauthorized" };
+        let outcome = if matched {
+            "authorized"
+        } else {
+            "unauthorized"
+        };
         ctx.metrics
             .http_api_requests
             .get_or_create(&[("outcome", outcome)])

@@ -30,14 +30,16 @@
 pub mod auth;
 pub mod certs;
 pub mod cli;
-pub mod clock;
 pub mod client;
+pub mod clock;
 pub mod cluster;
 pub mod config;
+pub mod context;
 pub mod fanout;
 pub mod http;
 pub mod ids;
 pub mod limits;
+pub mod member;
 pub mod metrics;
 pub mod node;
 pub mod proto;
@@ -48,4 +50,5 @@ pub mod transport;
 pub mod web;
 
 pub use config::Config;
-pub use node::{Node, NodeContext};
+pub use context::NodeContext;
+pub use node::Node;

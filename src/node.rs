@@ -16,100 +16,30 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt as _;
 
-use crate::auth::{ApiKeys, AuthError, Authenticator, Principal, Services};
+use crate::auth::{ApiKeys, Authenticator, Principal, Services};
+use crate::certs::webtransport::CurrentCert;
+use crate::clock::wall_ms as now_ms;
 use crate::cluster::Bus;
 use crate::cluster::local::LocalBus;
 use crate::cluster::mesh::MeshBus;
 use crate::config::{Config, ConfigError};
+use crate::context::{ConnPermit, NodeContext, PeerIdentity};
 use crate::fanout::Hub;
-use crate::limits::{IpGate, IpSlot};
+use crate::ids::random_hex;
+use crate::limits::IpGate;
 use crate::metrics::Metrics;
 use crate::room::RoomName;
-use crate::clock::wall_ms as now_ms;
-use crate::ids::random_hex;
 use crate::tls::TlsState;
-use crate::transport::certs::CurrentCert;
 use crate::transport::webtransport;
 use crate::transport::ws::PeerAddr;
 
 /// How often owner state of idle rooms is swept.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
-
-/// State shared by every task of the node.
-pub struct NodeContext {
-    pub config: Config,
-    pub node_id: Arc<str>,
-    pub metrics: Arc<Metrics>,
-    pub hub: Arc<Hub>,
-    pub bus: Bus,
-    /// Every connection and session task, so shutdown can wait for them.
-    pub tracker: TaskTracker,
-    /// Cancelled when the node starts shutting down.
-    pub shutdown: CancellationToken,
-    /// Keys accepted by the HTTP API.
-    pub api_keys: ApiKeys,
-    /// The WebTransport certificate's hash, for `/webtransport/certhash` (`None`: disabled).
-    pub webtransport_cert: Option<Arc<CurrentCert>>,
-    /// The UDP port WebTransport listens on (the first listener's), for the browser client.
-    pub webtransport_port: Option<u16>,
-    /// Checks connection tokens.
-    pub auth: Authenticator,
-    /// Per-address connection limits, applied at accept.
-    pub ip_gate: Arc<IpGate>,
-    /// TLS for the HTTP/WebSocket port, when enabled.
-    pub tls: Option<Arc<TlsState>>,
-    /// Services known by client certificate, on either transport.
-    pub services: Services,
-    draining: AtomicBool,
-    next_session: AtomicU64,
-}
-
-impl NodeContext {
-    pub fn next_session_key(&self) -> u64 {
-        self.next_session.fetch_add(1, Ordering::Relaxed)
-    }
-
-    pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Relaxed)
-    }
-
-    /// Checks a connection token now, whichever transport brought it, and counts a refusal in
-    /// `roomwire_auth_failures_total{reason}`. `session_key` only names an anonymous session
-    /// (insecure mode, empty token); callers holding a non-empty token may pass 0.
-    pub fn authenticate(&self, token: &str, session_key: u64) -> Result<Principal, AuthError> {
-        self.count_auth(self.auth.authenticate(token, session_key, now_ms() / 1000))
-    }
-
-    /// Checks a Refresh token for a live session of `user`, counting a refusal like
-    /// [`NodeContext::authenticate`].
-    pub fn refresh(&self, token: &str, user: &str) -> Result<Principal, AuthError> {
-        self.count_auth(self.auth.refresh(token, user, now_ms() / 1000))
-    }
-
-    fn count_auth(&self, result: Result<Principal, AuthError>) -> Result<Principal, AuthError> {
-        if let Err(error) = &result {
-            self.metrics
-                .auth_failures
-                .get_or_create(&[("reason", error.label())])
-                .inc();
-        }
-        result
-    }
-}
-
-/// The principal a verified client certificate named (mutual TLS), put into each request.
-#[derive(Clone)]
-pub struct PeerIdentity(pub Principal);
-
-/// A connection's share of `server.max_connections` and of its address's limit; released when
-/// the last holder (the HTTP connection task, or the WebSocket session it upgraded into) drops it.
-#[derive(Clone)]
-pub struct ConnPermit(#[allow(dead_code)] Arc<(OwnedSemaphorePermit, IpSlot)>);
 
 /// A bound, not yet running node.
 pub struct Node {

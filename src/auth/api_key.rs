@@ -35,7 +35,10 @@ mod tests {
 
     #[test]
     fn keys_match_whole_and_the_scheme_is_case_insensitive() {
-        let keys = ApiKeys::new(vec!["k1-0123456789abcdef".into(), "k2-0123456789abcdef".into()]);
+        let keys = ApiKeys::new(vec![
+            "k1-0123456789abcdef".into(),
+            "k2-0123456789abcdef".into(),
+        ]);
         assert!(keys.accepts("k2-0123456789abcdef"));
         assert!(!keys.accepts("k2-0123456789abcde"));
         assert!(!keys.accepts(""));

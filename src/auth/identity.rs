@@ -90,4 +90,3 @@ impl Services {
         Err(IdentityError::Unknown)
     }
 }
-

@@ -77,5 +77,4 @@ mod tests {
         guard.claim("a", 400, 350).unwrap();
         assert_eq!(guard.len(), 1);
     }
-
 }

@@ -5,14 +5,14 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use crate::clock::wall_ms as now_ms;
 use crate::cluster::{BusError, Publication, RoomInfo, Sequenced};
 use crate::config::RoomsConfig;
 use crate::fanout::{Hub, UnreliableReport};
+use crate::member::Member;
 use crate::metrics::Metrics;
 use crate::proto::{self, ServerFrame, server_frame};
 use crate::room::{Dedupe, EpochClock, RoomName, Sequencer};
-use crate::clock::wall_ms as now_ms;
-use crate::session::SessionHandle;
 
 struct OwnedRoom {
     sequencer: Sequencer,
@@ -120,7 +120,7 @@ impl LocalBus {
     pub fn join(
         &self,
         room: &RoomName,
-        session: &Arc<SessionHandle>,
+        session: &Arc<Member>,
         request_id: Option<u64>,
     ) -> Result<(), BusError> {
         let Some(request_id) = request_id else {
@@ -145,7 +145,7 @@ impl LocalBus {
         Ok(())
     }
 
-    pub fn leave(&self, room: &RoomName, session: &Arc<SessionHandle>) {
+    pub fn leave(&self, room: &RoomName, session: &Arc<Member>) {
         self.hub.remove(room, session.key);
     }
 

@@ -31,17 +31,17 @@ use tokio::sync::{Semaphore, oneshot};
 use tokio::time::Instant;
 use xxhash_rust::xxh3::xxh3_64;
 
+use crate::clock::wall_ms as now_ms;
 use crate::cluster::membership::{Heartbeat, Membership, NodeState, RingView, Seen};
 use crate::cluster::order::{Effect, Output, RoomOrder};
 use crate::cluster::{BusError, Publication, RoomInfo, Sequenced};
 use crate::config::{MeshConfig, RoomsConfig};
 use crate::fanout::{Hub, UnreliableReport};
+use crate::member::Member;
 use crate::metrics::Metrics;
 use crate::proto::mesh::{self as wire, reply, request};
 use crate::proto::{self, ServerFrame, server_frame};
 use crate::room::{Dedupe, EpochClock, RoomName, Sequencer};
-use crate::clock::wall_ms as now_ms;
-use crate::session::SessionHandle;
 
 /// First byte of a room-subject message.
 const KIND_MESSAGE: u8 = 1; // + epoch, seq (u64 BE), then an encoded ServerFrame
@@ -149,7 +149,7 @@ type OwnedCell = Arc<tokio::sync::Mutex<OwnedRoom>>;
 /// A join waiting for the owner's sync marker to arrive on the room subject.
 struct PendingJoin {
     token: u64,
-    session: Arc<SessionHandle>,
+    session: Arc<Member>,
     request_id: u64,
     done: oneshot::Sender<()>,
 }
@@ -335,13 +335,13 @@ impl MeshBus {
     pub async fn join(
         &self,
         room: &RoomName,
-        session: &Arc<SessionHandle>,
+        session: &Arc<Member>,
         request_id: Option<u64>,
     ) -> Result<(), BusError> {
         self.inner.join(room, session, request_id).await
     }
 
-    pub fn leave(&self, room: &RoomName, session: &Arc<SessionHandle>) {
+    pub fn leave(&self, room: &RoomName, session: &Arc<Member>) {
         self.inner.leave(room, session)
     }
 
@@ -448,7 +448,7 @@ impl Inner {
             }
             let sessions = self.hub.members(&RoomName::for_user(user));
             for session in &sessions {
-                session.close(crate::session::CloseReason::Disconnected);
+                session.close(crate::member::CloseReason::Disconnected);
             }
             tracing::info!(
                 user,
@@ -1601,7 +1601,7 @@ impl Inner {
     fn admit(
         &self,
         interest: &Interest,
-        session: &Arc<SessionHandle>,
+        session: &Arc<Member>,
         request_id: u64,
         epoch: u64,
         seq: u64,
@@ -1620,7 +1620,7 @@ impl Inner {
     async fn join(
         self: &Arc<Self>,
         room: &RoomName,
-        session: &Arc<SessionHandle>,
+        session: &Arc<Member>,
         request_id: Option<u64>,
     ) -> Result<(), BusError> {
         let mut route = Route::new(&self.config);
@@ -1660,7 +1660,7 @@ impl Inner {
     async fn join_at_position(
         self: &Arc<Self>,
         interest: &Arc<Interest>,
-        session: &Arc<SessionHandle>,
+        session: &Arc<Member>,
         request_id: u64,
         route: &mut Route,
     ) -> Result<bool, BusError> {
@@ -1780,7 +1780,7 @@ impl Inner {
         }
     }
 
-    fn leave(&self, room: &RoomName, session: &Arc<SessionHandle>) {
+    fn leave(&self, room: &RoomName, session: &Arc<Member>) {
         self.hub.remove(room, session.key);
         let interest = self
             .interests

@@ -10,9 +10,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use crate::member::Member;
 use crate::proto::ErrorCode;
 use crate::room::RoomName;
-use crate::session::SessionHandle;
 
 pub mod local;
 pub mod membership;
@@ -120,7 +120,7 @@ impl Bus {
     pub async fn join(
         &self,
         room: &RoomName,
-        session: &Arc<SessionHandle>,
+        session: &Arc<Member>,
         request_id: Option<u64>,
     ) -> Result<(), BusError> {
         match self {
@@ -129,7 +129,7 @@ impl Bus {
         }
     }
 
-    pub async fn leave(&self, room: &RoomName, session: &Arc<SessionHandle>) {
+    pub async fn leave(&self, room: &RoomName, session: &Arc<Member>) {
         match self {
             Bus::Standalone(bus) => bus.leave(room, session),
             Bus::Mesh(bus) => bus.leave(room, session),

@@ -62,7 +62,6 @@ impl Default for MeshConfig {
     }
 }
 
-
 impl MeshConfig {
     /// Checks the mesh values; `node_id` is the configured `node.id` (a subject token in a mesh).
     pub fn validate(&self, node_id: &str) -> Result<(), ConfigError> {

@@ -206,4 +206,3 @@ pub enum LogFormat {
     /// One JSON object per line, for log shippers.
     Json,
 }
-

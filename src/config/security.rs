@@ -250,7 +250,6 @@ impl Default for WebTransportConfig {
     }
 }
 
-
 impl WebTransportConfig {
     /// Checks the QUIC and certificate values (nothing is read from disk here).
     pub fn validate(&self) -> Result<(), ConfigError> {

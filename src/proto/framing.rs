@@ -87,5 +87,4 @@ mod tests {
             Delimited::Frame { prefix: 1, len: 0 }
         );
     }
-
 }

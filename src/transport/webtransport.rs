@@ -29,13 +29,14 @@ use quinn::VarInt;
 use rustls_pki_types::CertificateDer;
 use tokio::io::AsyncWriteExt;
 
-use super::certs::{self, CertError, CurrentCert};
-use super::{FrameSink, FrameSource, Inbound, Transport, TransportError};
-use crate::proto::framing::{self, Delimited};
 use crate::auth::{AuthError, Principal};
+use crate::certs::webtransport::{self as certs, CertError, CurrentCert};
 use crate::config::{AddressValidation, ClientAuth, TlsConfig, WebTransportConfig};
+use crate::context::NodeContext;
+use crate::member::{DatagramOutcome, Datagrams, Transport};
 use crate::metrics::Metrics;
-use crate::node::NodeContext;
+use crate::proto::framing::{self, Delimited};
+use crate::session::{FrameSink, FrameSource, Inbound, TransportError};
 
 type H3Conn = h3_quinn::Connection;
 type WtSession = WebTransportSession<H3Conn, Bytes>;
@@ -721,18 +722,6 @@ pub struct DatagramPath {
     metrics: Arc<Metrics>,
 }
 
-/// What became of one unreliable frame.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DatagramOutcome {
-    Sent,
-    /// Dropped: the send buffer was full or the connection is gone (counted).
-    Dropped,
-    /// Larger than the path's datagram limit (the publisher is told).
-    TooLarge {
-        max: usize,
-    },
-}
-
 impl DatagramPath {
     fn new(conn: quinn::Connection, quarter_id: u64, metrics: Arc<Metrics>) -> Self {
         let mut prefix = BytesMut::new();
@@ -744,9 +733,26 @@ impl DatagramPath {
         }
     }
 
+    /// The next datagram of this session, without its prefix; `None` once the connection is gone.
+    async fn recv(&self) -> Option<Bytes> {
+        loop {
+            let mut datagram = self.conn.read_datagram().await.ok()?;
+            if datagram.starts_with(&self.prefix) {
+                datagram.advance(self.prefix.len());
+                return Some(datagram);
+            }
+            self.metrics
+                .datagrams_received
+                .get_or_create(&[("outcome", "other_session")])
+                .inc();
+        }
+    }
+}
+
+impl Datagrams for DatagramPath {
     /// Sends `frame` (already encoded once for every receiver) as one datagram. Never waits:
     /// when the send buffer has no room the datagram is dropped, as datagrams may be.
-    pub fn send(&self, frame: &Bytes) -> DatagramOutcome {
+    fn send(&self, frame: &Bytes) -> DatagramOutcome {
         let len = self.prefix.len() + frame.len();
         let dropped = |reason: &'static str| {
             self.metrics
@@ -788,21 +794,6 @@ impl DatagramPath {
                 dropped("connection");
                 DatagramOutcome::Dropped
             }
-        }
-    }
-
-    /// The next datagram of this session, without its prefix; `None` once the connection is gone.
-    async fn recv(&self) -> Option<Bytes> {
-        loop {
-            let mut datagram = self.conn.read_datagram().await.ok()?;
-            if datagram.starts_with(&self.prefix) {
-                datagram.advance(self.prefix.len());
-                return Some(datagram);
-            }
-            self.metrics
-                .datagrams_received
-                .get_or_create(&[("outcome", "other_session")])
-                .inc();
         }
     }
 }
@@ -915,8 +906,8 @@ impl FrameSink for WtSink {
         let _ = self.send.shutdown().await;
     }
 
-    fn datagrams(&self) -> Option<DatagramPath> {
-        Some(self.datagrams.clone())
+    fn datagrams(&self) -> Option<Box<dyn Datagrams>> {
+        Some(Box::new(self.datagrams.clone()))
     }
 }
 

@@ -19,10 +19,11 @@ use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
-use super::{FrameSink, FrameSource, Inbound, Transport, TransportError};
 use crate::auth::AuthError;
-use crate::node::{ConnPermit, NodeContext, PeerIdentity};
+use crate::context::{ConnPermit, NodeContext, PeerIdentity};
+use crate::member::Transport;
 use crate::proto::WS_SUBPROTOCOL;
+use crate::session::{FrameSink, FrameSource, Inbound, TransportError};
 
 type Io = TokioIo<hyper::upgrade::Upgraded>;
 

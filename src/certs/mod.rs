@@ -1,0 +1,8 @@
+//! The certificates the node makes itself: a development CA with node and service certificates
+//! (`roomwire certs init`, [`dev`]), and the short-lived WebTransport certificate that browsers
+//! trust by its hash ([`webtransport`]).
+
+pub mod dev;
+pub mod webtransport;
+
+pub use dev::{Date, DevCa, Issued, init, service_uri};

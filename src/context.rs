@@ -1,0 +1,122 @@
+//! The node's shared state, as every connection and session task sees it: the configuration,
+//! the metrics, the local membership table, the bus to the room owners, the credentials checks,
+//! and the shutdown signal.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::{ApiKeys, AuthError, Authenticator, Principal, Services};
+use crate::certs::webtransport::CurrentCert;
+use crate::clock::wall_ms;
+use crate::cluster::Bus;
+use crate::config::Config;
+use crate::fanout::Hub;
+use crate::limits::{IpGate, IpSlot};
+use crate::member::{Identity, Member, MemberLimits, Transport};
+use crate::metrics::Metrics;
+use crate::tls::TlsState;
+
+/// State shared by every task of the node.
+pub struct NodeContext {
+    pub config: Config,
+    pub node_id: Arc<str>,
+    pub metrics: Arc<Metrics>,
+    pub hub: Arc<Hub>,
+    pub bus: Bus,
+    /// Every connection and session task, so shutdown can wait for them.
+    pub tracker: TaskTracker,
+    /// Cancelled when the node starts shutting down.
+    pub shutdown: CancellationToken,
+    /// Keys accepted by the HTTP API.
+    pub api_keys: ApiKeys,
+    /// The WebTransport certificate's hash, for `/webtransport/certhash` (`None`: disabled).
+    pub webtransport_cert: Option<Arc<CurrentCert>>,
+    /// The UDP port WebTransport listens on (the first listener's), for the browser client.
+    pub webtransport_port: Option<u16>,
+    /// Checks connection tokens.
+    pub auth: Authenticator,
+    /// Per-address connection limits, applied at accept.
+    pub ip_gate: Arc<IpGate>,
+    /// TLS for the HTTP/WebSocket port, when enabled.
+    pub tls: Option<Arc<TlsState>>,
+    /// Services known by client certificate, on either transport.
+    pub services: Services,
+    pub(crate) draining: AtomicBool,
+    pub(crate) next_session: AtomicU64,
+}
+
+impl NodeContext {
+    pub fn next_session_key(&self) -> u64 {
+        self.next_session.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The bounds every member of this node is held to.
+    pub fn member_limits(&self) -> MemberLimits {
+        MemberLimits {
+            queue_frames: self.config.session.send_queue_frames,
+            queue_bytes: self.config.session.send_queue_bytes,
+            reconnect_after_ms: self.config.server.reconnect_after_ms,
+        }
+    }
+
+    /// A new member of this node, with the node's id in its session id (`<node>:<key hex>`).
+    pub fn new_member(
+        &self,
+        key: u64,
+        user: Arc<str>,
+        transport: Transport,
+        peer: SocketAddr,
+        client_name: String,
+    ) -> Arc<Member> {
+        let identity = Identity {
+            key,
+            id: format!("{}:{key:x}", self.node_id).into(),
+            user,
+            transport,
+            peer,
+            client_name,
+        };
+        Member::new(identity, self.member_limits(), self.metrics.clone())
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Checks a connection token now, whichever transport brought it, and counts a refusal in
+    /// `roomwire_auth_failures_total{reason}`. `session_key` only names an anonymous session
+    /// (insecure mode, empty token); callers holding a non-empty token may pass 0.
+    pub fn authenticate(&self, token: &str, session_key: u64) -> Result<Principal, AuthError> {
+        self.count_auth(self.auth.authenticate(token, session_key, wall_ms() / 1000))
+    }
+
+    /// Checks a Refresh token for a live session of `user`, counting a refusal like
+    /// [`NodeContext::authenticate`].
+    pub fn refresh(&self, token: &str, user: &str) -> Result<Principal, AuthError> {
+        self.count_auth(self.auth.refresh(token, user, wall_ms() / 1000))
+    }
+
+    fn count_auth(&self, result: Result<Principal, AuthError>) -> Result<Principal, AuthError> {
+        if let Err(error) = &result {
+            self.metrics
+                .auth_failures
+                .get_or_create(&[("reason", error.label())])
+                .inc();
+        }
+        result
+    }
+}
+
+/// The principal a verified client certificate named (mutual TLS), put into each request.
+#[derive(Clone)]
+pub struct PeerIdentity(pub Principal);
+
+/// A connection's share of `server.max_connections` and of its address's limit; released when
+/// the last holder (the HTTP connection task, or the WebSocket session it upgraded into) drops it.
+#[derive(Clone)]
+pub struct ConnPermit(#[allow(dead_code)] pub(crate) Arc<(OwnedSemaphorePermit, IpSlot)>);

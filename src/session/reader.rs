@@ -1,0 +1,516 @@
+//! The reader side of a session: inbound frames, budgets, and the requests they carry (join,
+//! leave, publish, refresh, ping).
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::io::{FrameSource, Inbound};
+use super::pipeline::{Pipeline, Unacked};
+use crate::auth::{AuthError, Permissions};
+use crate::clock::wall_ms;
+use crate::cluster::{BusError, Publication, Sequenced};
+use crate::context::NodeContext;
+use crate::ids::MAX_CLIENT_MSG_ID_BYTES;
+use crate::limits::{Admit, SessionBudget};
+use crate::member::{CloseReason, Member, Waiter};
+use crate::proto::{self, ClientFrame, ErrorCode, ServerFrame, client_frame, server_frame};
+use crate::room::{RoomName, RoomNameError};
+
+/// A request refused; each variant is one wire error code.
+#[derive(Debug, thiserror::Error)]
+enum RequestError {
+    #[error(transparent)]
+    Room(#[from] RoomNameError),
+    #[error("a session may join at most {0} rooms")]
+    TooManyRooms(usize),
+    #[error("not a member of room {0}")]
+    NotMember(RoomName),
+    #[error("payload larger than {0} bytes")]
+    PayloadTooLarge(usize),
+    #[error("unreliable message larger than a receiver's datagram limit ({0} bytes)")]
+    DatagramTooLarge(usize),
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error("not allowed to {0} room {1}")]
+    Forbidden(&'static str, RoomName),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error("client_msg_id longer than 128 bytes")]
+    ClientMsgIdTooLong,
+}
+
+impl RequestError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            RequestError::Room(e) => e.code(),
+            RequestError::TooManyRooms(_) => ErrorCode::TooManyRooms,
+            RequestError::NotMember(_) => ErrorCode::NotMember,
+            RequestError::PayloadTooLarge(_) | RequestError::DatagramTooLarge(_) => {
+                ErrorCode::PayloadTooLarge
+            }
+            RequestError::Bus(e) => e.code(),
+            RequestError::Forbidden(..) => ErrorCode::Forbidden,
+            RequestError::Auth(e) => e.code(),
+            RequestError::ClientMsgIdTooLong => ErrorCode::BadFrame,
+        }
+    }
+}
+
+/// An inbound event after decoding.
+enum Decoded {
+    Activity,
+    Text,
+    Frame(ClientFrame),
+    Undecodable(prost::DecodeError),
+    /// A WebTransport datagram, decoded by [`Session::datagram`].
+    Datagram(Bytes),
+}
+
+/// The reader side's state.
+pub(super) struct Session {
+    pub(super) ctx: Arc<NodeContext>,
+    pub(super) handle: Arc<Member>,
+    /// Rooms joined explicitly (the implicit user and broadcast rooms are not counted).
+    pub(super) rooms: HashSet<RoomName>,
+    pub(super) violations: u32,
+    pub(super) budget: SessionBudget,
+    pub(super) permissions: Permissions,
+    /// Unix seconds when the token expires (None: never).
+    pub(super) expires_at: Option<u64>,
+    /// Whether TokenExpiring was sent for the current token.
+    pub(super) warned: bool,
+    /// Set by a Refresh: the expiry timer must be re-armed.
+    pub(super) rearm: bool,
+    /// Reliable publishes read and not yet answered.
+    pub(super) publishes: Pipeline,
+}
+
+/// A request that awaits the bus, boxed (see [`Session::handle_frame`]).
+type BoxedRequest<'a> = std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+
+impl Session {
+    pub(super) async fn read_loop<S: FrameSource>(&mut self, source: &mut S) {
+        let idle = self.ctx.config.idle_timeout();
+        let handle = self.handle.clone();
+        let cancelled = handle.closing(Waiter::Reader);
+        tokio::pin!(cancelled);
+        // One timer for both deadlines (silence for `idle`, the token's warning or expiry),
+        // re-armed only when it fires: an inbound frame just notes the time, so a busy session
+        // does not touch the timer wheel per frame, and an idle one holds a single timer.
+        let mut last_inbound = tokio::time::Instant::now();
+        let timer = tokio::time::sleep_until(self.next_deadline(last_inbound + idle));
+        tokio::pin!(timer);
+        loop {
+            let reading = self.publishes.has_room();
+            let inbound = tokio::select! {
+                biased;
+                _ = &mut cancelled => return,
+                answers = self.publishes.done(), if self.publishes.is_busy() => {
+                    self.acknowledge(answers);
+                    if let Some(answers) = self.publishes.start(&self.ctx) {
+                        self.acknowledge(answers);
+                    }
+                    continue;
+                }
+                _ = &mut timer => {
+                    let now = tokio::time::Instant::now();
+                    if !reading {
+                        // The node, not the peer, is why nothing was read.
+                        last_inbound = now;
+                    }
+                    if now >= last_inbound + idle {
+                        self.handle.close(CloseReason::IdleTimeout);
+                        return;
+                    }
+                    if self.token_due_in_ms() == 0 {
+                        self.on_token_timer();
+                    }
+                    timer.as_mut().reset(self.next_deadline(last_inbound + idle));
+                    continue;
+                }
+                r = source.recv(), if reading => r,
+            };
+            last_inbound = tokio::time::Instant::now();
+            let inbound = match inbound {
+                Err(error) => {
+                    self.handle.close(error.into());
+                    return;
+                }
+                Ok(inbound) => inbound,
+            };
+            // Decoding slices the buffer (no copy), so it comes before the budget: a refused
+            // request is answered with its own request id.
+            let (decoded, len) = match inbound {
+                Inbound::Closed => {
+                    self.handle.close(CloseReason::ClientClosed);
+                    return;
+                }
+                Inbound::Activity => (Decoded::Activity, 1),
+                Inbound::Text => (Decoded::Text, 1),
+                Inbound::Datagram(bytes) => {
+                    let len = bytes.len();
+                    (Decoded::Datagram(bytes), len)
+                }
+                Inbound::Frame(bytes) => {
+                    let len = bytes.len();
+                    (
+                        ClientFrame::decode_bytes(bytes)
+                            .map_or_else(Decoded::Undecodable, Decoded::Frame),
+                        len,
+                    )
+                }
+            };
+            let request_id = match &decoded {
+                Decoded::Frame(frame) => frame.request_id,
+                _ => 0,
+            };
+            // Every inbound frame is charged, pings included: this is also the ping-flood limit.
+            match self.budget.admit(len) {
+                Admit::Accept => {}
+                Admit::Refuse => {
+                    self.count_in("rate_limited");
+                    self.send_error(
+                        request_id,
+                        ErrorCode::RateLimited,
+                        "rate limit exceeded; frame dropped",
+                    );
+                    continue;
+                }
+                Admit::Close => {
+                    self.handle.close(CloseReason::RateLimited);
+                    return;
+                }
+            }
+            match decoded {
+                Decoded::Activity => {}
+                Decoded::Datagram(bytes) => Box::pin(self.datagram(bytes)).await,
+                Decoded::Text => {
+                    self.count_in("text");
+                    self.violation(
+                        0,
+                        ErrorCode::TextFrame,
+                        "text messages are not part of the protocol; send binary ClientFrames",
+                    );
+                }
+                Decoded::Frame(frame) => {
+                    self.count_in(frame.kind_name());
+                    if let Some(request) = self.handle_frame(frame) {
+                        request.await;
+                    }
+                }
+                Decoded::Undecodable(error) => {
+                    self.count_in("undecodable");
+                    tracing::debug!(%error, "undecodable frame");
+                    self.violation(0, ErrorCode::BadFrame, "not a decodable ClientFrame");
+                }
+            }
+            // Time spent handling the frame (a join in a mesh may wait for the owner) is not
+            // the peer's silence.
+            last_inbound = tokio::time::Instant::now();
+            if std::mem::take(&mut self.rearm) {
+                timer
+                    .as_mut()
+                    .reset(self.next_deadline(last_inbound + idle));
+            }
+        }
+    }
+
+    /// A datagram from the client: only an unreliable Publish is accepted this way; anything else
+    /// is dropped and counted (datagrams may be lost, so there is no reply to a bad one).
+    async fn datagram(&mut self, bytes: Bytes) {
+        let received = &self.ctx.metrics.datagrams_received;
+        match ClientFrame::decode_bytes(bytes) {
+            Ok(ClientFrame {
+                request_id,
+                kind: Some(client_frame::Kind::Publish(publish)),
+            }) if publish.unreliable => {
+                received.get_or_create(&[("outcome", "publish")]).inc();
+                let result = match self.publication(publish) {
+                    Ok((publication, _)) => self.publish_unreliable(publication).await,
+                    Err(error) => Err(error),
+                };
+                self.answer(request_id, result);
+            }
+            _ => {
+                received.get_or_create(&[("outcome", "rejected")]).inc();
+            }
+        }
+    }
+
+    /// Milliseconds until the token's next event (the warning, then the expiry); 0 when due.
+    fn token_due_in_ms(&self) -> u64 {
+        // Capped so no configuration can overflow the Instant arithmetic.
+        const FAR: u64 = 365 * 86_400 * 1000;
+        let Some(expires_at) = self.expires_at else {
+            return FAR;
+        };
+        let warning = self.ctx.config.auth.jwt.refresh_warning_s;
+        let at_s = if self.warned {
+            expires_at
+        } else {
+            expires_at.saturating_sub(warning)
+        };
+        at_s.saturating_mul(1000).saturating_sub(wall_ms()).min(FAR)
+    }
+
+    /// When the read loop's timer fires next: the token's next event or the idle deadline.
+    fn next_deadline(&self, idle_at: tokio::time::Instant) -> tokio::time::Instant {
+        let token_at = tokio::time::Instant::now() + Duration::from_millis(self.token_due_in_ms());
+        token_at.min(idle_at)
+    }
+
+    fn on_token_timer(&mut self) {
+        let Some(expires_at) = self.expires_at else {
+            return;
+        };
+        if self.warned || wall_ms() / 1000 >= expires_at {
+            self.handle.close(CloseReason::TokenExpired);
+        } else {
+            self.warned = true;
+            self.handle.push_frame(&ServerFrame::reply(
+                0,
+                server_frame::Kind::TokenExpiring(proto::TokenExpiring {
+                    expires_at_ms: expires_at.saturating_mul(1000),
+                }),
+            ));
+        }
+    }
+
+    async fn refresh(&mut self, request_id: u64, token: &str) -> Result<(), RequestError> {
+        // Only token sessions expire; a certificate (or development) session has nothing to
+        // refresh, and a token must not graft an expiry or new permissions onto it.
+        if self.expires_at.is_none() {
+            return Err(RequestError::Auth(AuthError::Invalid(
+                "this session was not opened with a token".into(),
+            )));
+        }
+        let principal = self.ctx.refresh(token, &self.handle.user)?;
+        self.permissions = principal.permissions;
+        self.expires_at = principal.expires_at;
+        // Rooms the new token no longer allows are left, each with a Left frame.
+        let revoked: Vec<RoomName> = self
+            .rooms
+            .iter()
+            .filter(|r| !self.permissions.may_join(r))
+            .cloned()
+            .collect();
+        for room in revoked {
+            self.rooms.remove(&room);
+            self.ctx.bus.leave(&room, &self.handle).await;
+            self.handle.push_frame(&ServerFrame::reply(
+                0,
+                server_frame::Kind::Left(proto::Left {
+                    room: room.to_string(),
+                }),
+            ));
+        }
+        self.warned = false;
+        self.rearm = true;
+        self.handle.push_frame(&ServerFrame::reply(
+            request_id,
+            server_frame::Kind::Refreshed(proto::Refreshed {
+                expires_at_ms: self.expires_at.map_or(0, |s| s.saturating_mul(1000)),
+            }),
+        ));
+        Ok(())
+    }
+
+    fn count_in(&self, kind: &'static str) {
+        self.ctx.metrics.frame_in(kind);
+    }
+
+    fn send_error(&self, request_id: u64, code: ErrorCode, message: &str) {
+        self.ctx
+            .metrics
+            .errors
+            .get_or_create(&[("code", code.label())])
+            .inc();
+        self.handle
+            .push_frame(&ServerFrame::error(request_id, code, message));
+    }
+
+    /// A protocol violation: answered with an Error frame; too many close the session (4000).
+    fn violation(&mut self, request_id: u64, code: ErrorCode, message: &str) {
+        self.send_error(request_id, code, message);
+        self.violations += 1;
+        if self.violations >= self.ctx.config.session.max_violations {
+            self.handle.close(CloseReason::ProtocolViolation);
+        }
+    }
+
+    /// Handles one request. What completes at once (a reliable publish is only queued for the
+    /// bus, a ping, a refusal) is done here; a request that awaits the bus (join, leave,
+    /// refresh, an unreliable publish) is returned boxed for the read loop to await, so its
+    /// future (kilobytes in a mesh) is not part of every idle session's state and the common
+    /// frames cost no allocation.
+    fn handle_frame(&mut self, frame: ClientFrame) -> Option<BoxedRequest<'_>> {
+        use client_frame::Kind;
+        let request_id = frame.request_id;
+        let result = match frame.kind {
+            Some(Kind::Join(join)) => {
+                return Some(Box::pin(async move {
+                    let result = self.join(request_id, &join.room).await;
+                    self.answer(request_id, result);
+                }));
+            }
+            Some(Kind::Leave(leave)) => {
+                return Some(Box::pin(async move {
+                    let result = self.leave(request_id, &leave.room).await;
+                    self.answer(request_id, result);
+                }));
+            }
+            Some(Kind::Refresh(refresh)) => {
+                return Some(Box::pin(async move {
+                    let result = self.refresh(request_id, &refresh.token).await;
+                    self.answer(request_id, result);
+                }));
+            }
+            Some(Kind::Publish(publish)) => match self.publication(publish) {
+                Ok((publication, true)) => {
+                    return Some(Box::pin(async move {
+                        let result = self.publish_unreliable(publication).await;
+                        self.answer(request_id, result);
+                    }));
+                }
+                Ok((publication, false)) => {
+                    self.publish(request_id, publication);
+                    Ok(())
+                }
+                Err(error) => Err(error),
+            },
+            Some(Kind::Ping(ping)) => {
+                self.handle.push_frame(&ServerFrame::reply(
+                    request_id,
+                    server_frame::Kind::Pong(proto::Pong { nonce: ping.nonce }),
+                ));
+                Ok(())
+            }
+            Some(Kind::Connect(_)) => {
+                self.violation(request_id, ErrorCode::UnexpectedFrame, "already connected");
+                Ok(())
+            }
+            None => {
+                self.violation(request_id, ErrorCode::BadFrame, "frame has no kind");
+                Ok(())
+            }
+        };
+        self.answer(request_id, result);
+        None
+    }
+
+    /// A refused request gets its error frame.
+    fn answer(&self, request_id: u64, result: Result<(), RequestError>) {
+        if let Err(error) = result {
+            tracing::debug!(%error, "request refused");
+            self.send_error(request_id, error.code(), &error.to_string());
+        }
+    }
+
+    fn room_name(&self, name: &str) -> Result<RoomName, RequestError> {
+        Ok(RoomName::parse_client(
+            name,
+            self.ctx.config.rooms.max_name_bytes,
+        )?)
+    }
+
+    async fn join(&mut self, request_id: u64, name: &str) -> Result<(), RequestError> {
+        let room = self.room_name(name)?;
+        if !self.permissions.may_join(&room) {
+            return Err(RequestError::Forbidden("join", room));
+        }
+        let max = self.ctx.config.session.max_rooms;
+        if !self.rooms.contains(&room) && self.rooms.len() >= max {
+            return Err(RequestError::TooManyRooms(max));
+        }
+        self.ctx
+            .bus
+            .join(&room, &self.handle, Some(request_id))
+            .await?;
+        self.rooms.insert(room);
+        Ok(())
+    }
+
+    async fn leave(&mut self, request_id: u64, name: &str) -> Result<(), RequestError> {
+        let room = self.room_name(name)?;
+        if !self.rooms.remove(&room) {
+            return Err(RequestError::NotMember(room));
+        }
+        self.ctx.bus.leave(&room, &self.handle).await;
+        self.handle.push_frame(&ServerFrame::reply(
+            request_id,
+            server_frame::Kind::Left(proto::Left {
+                room: room.to_string(),
+            }),
+        ));
+        Ok(())
+    }
+
+    /// A checked Publish, and whether it is unreliable.
+    fn publication(&self, publish: proto::Publish) -> Result<(Publication, bool), RequestError> {
+        let room = self.room_name(&publish.room)?;
+        if publish.client_msg_id.len() > MAX_CLIENT_MSG_ID_BYTES {
+            return Err(RequestError::ClientMsgIdTooLong);
+        }
+        if !self.permissions.may_publish(&room) {
+            return Err(RequestError::Forbidden("publish", room));
+        }
+        // The transport already bounds the whole frame; this keeps the bound when a transport
+        // allows larger frames (and documents it for the client).
+        let max = self.ctx.config.session.max_frame_bytes;
+        if publish.payload.len() > max {
+            return Err(RequestError::PayloadTooLarge(max));
+        }
+        let publication = Publication {
+            room,
+            payload: publish.payload,
+            publisher: self.handle.user.clone(),
+            client_msg_id: publish.client_msg_id,
+        };
+        Ok((publication, publish.unreliable))
+    }
+
+    async fn publish_unreliable(&self, publication: Publication) -> Result<(), RequestError> {
+        let report = self.ctx.bus.publish_unreliable(publication).await;
+        match report.too_large {
+            Some(max) => Err(RequestError::DatagramTooLarge(max)),
+            None => Ok(()),
+        }
+    }
+
+    /// Queues a reliable publish for the bus; its ack (or error) follows once it is sequenced.
+    fn publish(&mut self, request_id: u64, publication: Publication) {
+        self.publishes.push(request_id, publication);
+        if let Some(answers) = self.publishes.start(&self.ctx) {
+            self.acknowledge(answers);
+        }
+    }
+
+    /// Answers sequenced publishes: an ack, or an error, each, in order.
+    fn acknowledge(&self, answers: Vec<(Unacked, Result<Sequenced, BusError>)>) {
+        for (unacked, result) in answers {
+            match result {
+                Ok(sequenced) => {
+                    self.handle.push_frame(&ServerFrame::reply(
+                        unacked.request_id,
+                        server_frame::Kind::PublishAck(proto::PublishAck {
+                            room: unacked.room.to_string(),
+                            client_msg_id: unacked.client_msg_id,
+                            epoch: sequenced.epoch,
+                            seq: sequenced.seq,
+                            duplicate: sequenced.duplicate,
+                        }),
+                    ));
+                }
+                Err(error) => {
+                    let error = RequestError::from(error);
+                    tracing::debug!(%error, "publish refused");
+                    self.send_error(unacked.request_id, error.code(), &error.to_string());
+                }
+            }
+        }
+    }
+}
