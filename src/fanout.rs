@@ -12,7 +12,7 @@ use std::sync::{Arc, RwLock};
 use bytes::Bytes;
 use indexmap::IndexMap;
 
-use crate::member::{Member, UnreliableOutcome};
+use crate::member::{CloseReason, Member, UnreliableOutcome};
 use crate::metrics::Metrics;
 use crate::room::RoomName;
 
@@ -147,6 +147,16 @@ impl Hub {
     pub fn member_count(&self, room: &RoomName) -> usize {
         let shard = self.shard(room).read().expect("hub lock poisoned");
         shard.get(room).map_or(0, |m| m.len())
+    }
+
+    /// Closes every local session of `user` (an operator's disconnect, here or from another
+    /// node); returns how many there were.
+    pub fn close_user(&self, user: &str, reason: CloseReason) -> usize {
+        let sessions = self.members(&RoomName::for_user(user));
+        for session in &sessions {
+            session.close(reason.clone());
+        }
+        sessions.len()
     }
 
     /// The local members of a room, for the HTTP API.

@@ -14,10 +14,10 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::cluster::{BusError, Publication};
+use crate::cluster::{BusError, ClusterStatus};
 use crate::context::NodeContext;
 use crate::member::CloseReason;
-use crate::room::RoomName;
+use crate::room::{Publication, PublishError, RoomName};
 use crate::transport::ws;
 
 /// Publisher id of messages sent through the HTTP API.
@@ -219,22 +219,21 @@ async fn publish(
             .map_err(|e| bad(format!("data_base64: {e}")))?,
         _ => return Err(bad("give exactly one of data, data_base64".into())),
     };
-    if req.client_msg_id.len() > crate::ids::MAX_CLIENT_MSG_ID_BYTES {
-        return Err(bad("client_msg_id longer than 128 bytes".into()));
-    }
-    if payload.len() > ctx.config.session.max_frame_bytes {
-        return Err(ApiError::new(
+    let publication = Publication::checked(
+        room.clone(),
+        payload,
+        SERVER_PUBLISHER.into(),
+        req.client_msg_id,
+        ctx.config.session.max_frame_bytes,
+    )
+    .map_err(|e| match e {
+        PublishError::PayloadTooLarge(_) => ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "payload_too_large",
-            "payload larger than session.max_frame_bytes",
-        ));
-    }
-    let publication = Publication {
-        room: room.clone(),
-        payload,
-        publisher: SERVER_PUBLISHER.into(),
-        client_msg_id: req.client_msg_id,
-    };
+            format!("{e} (session.max_frame_bytes)"),
+        ),
+        PublishError::ClientMsgIdTooLong => bad(e.to_string()),
+    })?;
     // In its own task: a client that hangs up must not cut a publish off between its sequencing
     // and its fan-out.
     let publishing = tokio::spawn({
@@ -305,10 +304,7 @@ async fn disconnect_user(
             crate::ids::USER_ID_RULE,
         ));
     }
-    let sessions = ctx.hub.members(&RoomName::for_user(&user));
-    for session in &sessions {
-        session.close(CloseReason::Disconnected);
-    }
+    let disconnected = ctx.hub.close_user(&user, CloseReason::Disconnected);
     let other_nodes_told = ctx
         .bus
         .disconnect_user_elsewhere(&user)
@@ -322,7 +318,7 @@ async fn disconnect_user(
         })?;
     Ok(Json(json!({
         "user": user,
-        "disconnected": sessions.len(),
+        "disconnected": disconnected,
         "other_nodes_told": other_nodes_told,
     })))
 }
@@ -331,10 +327,7 @@ async fn node_info(State(ctx): State<Arc<NodeContext>>, _key: ApiKey) -> Json<se
     Json(json!({
         "node_id": &*ctx.node_id,
         "region": ctx.config.node.region,
-        "mode": match ctx.bus {
-            crate::cluster::Bus::Standalone(_) => "standalone",
-            crate::cluster::Bus::Mesh(_) => "mesh",
-        },
+        "mode": ctx.bus.mode(),
         "draining": ctx.is_draining(),
         "sessions": ctx.hub.member_count(&RoomName::broadcast()),
         "local_rooms": ctx.metrics.local_rooms.get(),
@@ -352,7 +345,7 @@ async fn cluster(
     State(ctx): State<Arc<NodeContext>>,
     _key: ApiKey,
     Query(query): Query<ClusterQuery>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<ClusterStatus>, ApiError> {
     let room = query
         .room
         .map(|room| RoomName::parse_any(&room, ctx.config.rooms.max_name_bytes))

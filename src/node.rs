@@ -23,7 +23,6 @@ use tower::ServiceExt as _;
 
 use crate::auth::{ApiKeys, Authenticator, Principal, Services};
 use crate::certs::webtransport::CurrentCert;
-use crate::clock::wall_ms as now_ms;
 use crate::cluster::Bus;
 use crate::cluster::local::LocalBus;
 use crate::cluster::mesh::MeshBus;
@@ -178,7 +177,7 @@ impl Node {
                 let mut ticker = tokio::time::interval(SWEEP_INTERVAL);
                 loop {
                     ticker.tick().await;
-                    ctx.bus.sweep(now_ms());
+                    ctx.bus.sweep();
                     ctx.ip_gate.sweep();
                 }
             }

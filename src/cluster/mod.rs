@@ -8,39 +8,20 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
-
+use crate::fanout::UnreliableReport;
 use crate::member::Member;
 use crate::proto::ErrorCode;
-use crate::room::RoomName;
+use crate::room::{Publication, RoomName, Sequenced};
 
 pub mod local;
 pub mod membership;
 pub mod mesh;
 pub mod order;
+pub mod owners;
+pub mod ownership;
 pub mod ring;
 
-/// A message to be sequenced into a room.
-#[derive(Debug, Clone)]
-pub struct Publication {
-    pub room: RoomName,
-    pub payload: Bytes,
-    /// User id of the publisher (`$server` for the HTTP API).
-    pub publisher: Arc<str>,
-    pub client_msg_id: String,
-}
-
-/// The position the owner gave a message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-pub struct Sequenced {
-    pub epoch: u64,
-    pub seq: u64,
-    /// Sessions on this node the message was queued to.
-    pub local_deliveries: usize,
-    /// The publish repeated an earlier (publisher, client_msg_id): nothing was delivered, and
-    /// (epoch, seq) are those of the original.
-    pub duplicate: bool,
-}
+use membership::{NodeState, NodeView};
 
 /// What the node knows of a room.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -99,55 +80,58 @@ impl Bus {
         publications: Vec<Publication>,
     ) -> Vec<Result<Sequenced, BusError>> {
         match self {
-            Bus::Standalone(bus) => publications.into_iter().map(|p| bus.publish(p)).collect(),
+            Bus::Standalone(bus) => {
+                let mut results = Vec::with_capacity(publications.len());
+                for p in publications {
+                    results.push(bus.publish(p).await);
+                }
+                results
+            }
             Bus::Mesh(bus) => bus.publish_batch(publications).await,
         }
     }
 
     /// Fans a message out without sequencing it (epoch and seq 0, no acknowledgement).
-    pub async fn publish_unreliable(
-        &self,
-        publication: Publication,
-    ) -> crate::fanout::UnreliableReport {
+    pub async fn publish_unreliable(&self, publication: Publication) -> UnreliableReport {
         match self {
             Bus::Standalone(bus) => bus.publish_unreliable(publication),
             Bus::Mesh(bus) => bus.publish_unreliable(publication).await,
         }
     }
 
-    /// Makes `session` a member of `room`. With a request id, a `Joined` frame carrying the
+    /// Makes `member` a member of `room`. With a request id, a `Joined` frame carrying the
     /// room's current position is queued to the session before any message that follows it.
     pub async fn join(
         &self,
         room: &RoomName,
-        session: &Arc<Member>,
+        member: &Arc<Member>,
         request_id: Option<u64>,
     ) -> Result<(), BusError> {
         match self {
-            Bus::Standalone(bus) => bus.join(room, session, request_id),
-            Bus::Mesh(bus) => bus.join(room, session, request_id).await,
+            Bus::Standalone(bus) => bus.join(room, member, request_id).await,
+            Bus::Mesh(bus) => bus.join(room, member, request_id).await,
         }
     }
 
-    pub async fn leave(&self, room: &RoomName, session: &Arc<Member>) {
+    pub async fn leave(&self, room: &RoomName, member: &Arc<Member>) {
         match self {
-            Bus::Standalone(bus) => bus.leave(room, session),
-            Bus::Mesh(bus) => bus.leave(room, session),
+            Bus::Standalone(bus) => bus.leave(room, member),
+            Bus::Mesh(bus) => bus.leave(room, member),
         }
     }
 
     pub async fn room_info(&self, room: &RoomName) -> RoomInfo {
         match self {
-            Bus::Standalone(bus) => bus.room_info(room),
+            Bus::Standalone(bus) => bus.room_info(room).await,
             Bus::Mesh(bus) => bus.room_info(room),
         }
     }
 
     /// Drops owner state of rooms idle longer than the TTL; called periodically.
-    pub fn sweep(&self, now_ms: u64) {
+    pub fn sweep(&self) {
         match self {
-            Bus::Standalone(bus) => bus.sweep(now_ms),
-            Bus::Mesh(bus) => bus.sweep(now_ms),
+            Bus::Standalone(bus) => bus.sweep(),
+            Bus::Mesh(bus) => bus.sweep(),
         }
     }
 
@@ -182,26 +166,96 @@ impl Bus {
     }
 
     /// The cluster status (`/api/v1/cluster`), with the owner of `room` when given.
-    pub fn status(
-        &self,
-        node_id: &str,
-        region: &str,
-        room: Option<&RoomName>,
-    ) -> serde_json::Value {
+    pub fn status(&self, node_id: &str, region: &str, room: Option<&RoomName>) -> ClusterStatus {
         match self {
             Bus::Mesh(bus) => bus.status(room),
-            Bus::Standalone(_) => {
-                let mut status = serde_json::json!({
-                    "mode": "standalone",
-                    "node": {"id": node_id, "region": region},
-                    "ready": true,
-                    "ring": {"nodes": [{"id": node_id, "region": region, "state": "active"}]},
-                });
-                if let Some(room) = room {
-                    status["owner"] = serde_json::json!({"room": room.as_str(), "node": node_id, "region": region});
-                }
-                status
-            }
+            Bus::Standalone(bus) => ClusterStatus {
+                mode: "standalone",
+                node: NodeRef {
+                    id: node_id.to_string(),
+                    region: region.to_string(),
+                },
+                ready: true,
+                nats: None,
+                ring: RingStatus {
+                    version: None,
+                    changes: None,
+                    vnodes: None,
+                    nodes: vec![NodeView {
+                        id: node_id.into(),
+                        region: region.into(),
+                        state: NodeState::Active,
+                        last_seen_ms_ago: 0,
+                        protocol: membership::MESH_PROTOCOL,
+                    }],
+                },
+                owned_rooms: bus.owned_rooms(),
+                owner: room.map(|room| OwnerRef {
+                    room: room.to_string(),
+                    node: Some(node_id.to_string()),
+                    region: Some(region.to_string()),
+                }),
+            },
         }
     }
+
+    /// Standalone or mesh, as the node API says.
+    pub fn mode(&self) -> &'static str {
+        match self {
+            Bus::Standalone(_) => "standalone",
+            Bus::Mesh(_) => "mesh",
+        }
+    }
+}
+
+/// The cluster as `GET /api/v1/cluster` shows it (rendered as JSON by the HTTP layer).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ClusterStatus {
+    /// `standalone` or `mesh`.
+    pub mode: &'static str,
+    pub node: NodeRef,
+    pub ready: bool,
+    /// The NATS connection (mesh only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nats: Option<NatsStatus>,
+    pub ring: RingStatus,
+    pub owned_rooms: usize,
+    /// The owner of the room asked about (`?room=`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub owner: Option<OwnerRef>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct NodeRef {
+    pub id: String,
+    pub region: String,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct NatsStatus {
+    pub connected: bool,
+    /// The configured URLs, without credentials.
+    pub urls: Vec<String>,
+    /// Round trip through NATS to a node of each region, seconds.
+    pub rtt_seconds_by_region: std::collections::BTreeMap<String, f64>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RingStatus {
+    /// xxh3 of the sorted active node ids, hex: equal versions mean equal rings (mesh only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// Times this node's view of the ring changed (mesh only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub changes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vnodes: Option<u32>,
+    pub nodes: Vec<NodeView>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct OwnerRef {
+    pub room: String,
+    pub node: Option<String>,
+    pub region: Option<String>,
 }

@@ -29,7 +29,7 @@ pub enum Output {
     },
     /// A join marker reached: the member joins at `(epoch, seq)`.
     Join {
-        token: u64,
+        marker: u64,
         epoch: u64,
         seq: u64,
     },
@@ -83,7 +83,7 @@ impl RoomOrder {
         self.resync = self.last.is_some();
     }
 
-    /// Takes a message (`frame`) or a join marker (`token`) at `(epoch, seq)`. `wait` is how long
+    /// Takes a message (`frame`) or a join marker (`marker`) at `(epoch, seq)`. `wait` is how long
     /// held items wait for a missing message.
     #[allow(clippy::too_many_arguments)]
     pub fn accept(
@@ -91,16 +91,16 @@ impl RoomOrder {
         epoch: u64,
         seq: u64,
         frame: Option<Bytes>,
-        token: u64,
+        marker: u64,
         now: Instant,
         wait: Duration,
         emit: &mut dyn FnMut(Output),
     ) -> Effect {
         let mut effect = Effect::default();
-        let marker = frame.is_none();
+        let is_marker = frame.is_none();
         let Some((last_epoch, last_seq)) = self.last else {
             self.last = Some((epoch, seq));
-            self.deliver(frame, token, emit);
+            self.deliver(frame, marker, emit);
             return effect;
         };
         if epoch > last_epoch {
@@ -113,30 +113,30 @@ impl RoomOrder {
             });
             self.last = Some((epoch, seq));
             self.resync = false;
-            self.deliver(frame, token, emit);
+            self.deliver(frame, marker, emit);
             return effect;
         }
         if epoch < last_epoch || seq <= last_seq {
-            if marker {
+            if is_marker {
                 // Everything up to the marker was delivered already: join at the position (what
                 // is held comes after it, to every member alike).
-                self.deliver(None, token, emit);
+                self.deliver(None, marker, emit);
             } else {
                 effect.stale = true;
             }
             return effect;
         }
-        if self.resync || (!marker && seq == last_seq.saturating_add(1)) {
+        if self.resync || (!is_marker && seq == last_seq.saturating_add(1)) {
             // The next message, or the first after a reconnect (held items below it came
             // before it; the rest of that gap is not coming).
             let later = self
                 .held
-                .split_off(&(seq, if marker { MARKER } else { FRAME }, 0));
+                .split_off(&(seq, if is_marker { MARKER } else { FRAME }, 0));
             let earlier = std::mem::replace(&mut self.held, later);
             self.emit_in_order(earlier, emit);
             self.last = Some((epoch, seq));
             self.resync = false;
-            self.deliver(frame, token, emit);
+            self.deliver(frame, marker, emit);
             self.release_ready(emit);
             return effect;
         }
@@ -144,12 +144,12 @@ impl RoomOrder {
             self.flush_held(emit);
             effect.gap_skipped = true;
             // Judge the newcomer against the position the flush reached.
-            let more = self.accept(epoch, seq, frame, token, now, wait, emit);
+            let more = self.accept(epoch, seq, frame, marker, now, wait, emit);
             effect.stale = more.stale;
             return effect;
         }
-        let key = if marker {
-            (seq, MARKER, token)
+        let key = if is_marker {
+            (seq, MARKER, marker)
         } else {
             (seq, FRAME, 0)
         };
@@ -169,18 +169,18 @@ impl RoomOrder {
     }
 
     /// A frame is delivered; a marker joins at the current position.
-    fn deliver(&mut self, frame: Option<Bytes>, token: u64, emit: &mut dyn FnMut(Output)) {
+    fn deliver(&mut self, frame: Option<Bytes>, marker: u64, emit: &mut dyn FnMut(Output)) {
         match frame {
             Some(frame) => emit(Output::Frame(frame)),
             None => {
                 let (epoch, seq) = self.last.expect("a position exists");
-                emit(Output::Join { token, epoch, seq });
+                emit(Output::Join { marker, epoch, seq });
             }
         }
     }
 
     fn release_ready(&mut self, emit: &mut dyn FnMut(Output)) {
-        while let Some((&(seq, kind, token), _)) = self.held.first_key_value() {
+        while let Some((&(seq, kind, marker), _)) = self.held.first_key_value() {
             let (epoch, last) = self.last.expect("held items imply a position");
             if kind == FRAME && seq == last.saturating_add(1) {
                 let frame = self.held.pop_first().and_then(|(_, f)| f);
@@ -192,7 +192,7 @@ impl RoomOrder {
                 self.held.pop_first();
                 if kind == MARKER {
                     emit(Output::Join {
-                        token,
+                        marker,
                         epoch,
                         seq: last,
                     });
@@ -214,7 +214,7 @@ impl RoomOrder {
 
     /// Emits held items in key order, moving the position over the frames.
     fn emit_in_order(&mut self, held: BTreeMap<Key, Option<Bytes>>, emit: &mut dyn FnMut(Output)) {
-        for ((seq, kind, token), frame) in held {
+        for ((seq, kind, marker), frame) in held {
             let Some((epoch, last)) = self.last else {
                 continue;
             };
@@ -225,7 +225,7 @@ impl RoomOrder {
                 }
                 Some(_) => {}
                 None => emit(Output::Join {
-                    token,
+                    marker,
                     epoch,
                     seq: last,
                 }),
@@ -265,7 +265,7 @@ mod tests {
                 previous_seq,
                 epoch,
             } => format!("epoch {previous_epoch}:{previous_seq}->{epoch}"),
-            Output::Join { token, epoch, seq } => format!("join {token} at {epoch}:{seq}"),
+            Output::Join { marker, epoch, seq } => format!("join {marker} at {epoch}:{seq}"),
         }
     }
 
@@ -323,11 +323,11 @@ mod tests {
         order: &mut RoomOrder,
         epoch: u64,
         seq: u64,
-        token: u64,
+        marker: u64,
         now: Instant,
     ) -> Vec<String> {
         let mut out = Vec::new();
-        order.accept(epoch, seq, None, token, now, WAIT, &mut |o| {
+        order.accept(epoch, seq, None, marker, now, WAIT, &mut |o| {
             out.push(show(o))
         });
         out

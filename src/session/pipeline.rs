@@ -6,9 +6,9 @@ use std::task::Poll;
 
 use futures_util::FutureExt;
 
-use crate::cluster::{BusError, Publication, Sequenced};
+use crate::cluster::BusError;
 use crate::context::NodeContext;
-use crate::room::RoomName;
+use crate::room::{Publication, RoomName, Sequenced};
 
 /// Publishes a session may have accepted and not yet had sequenced, in count and payload bytes;
 /// past either, the session stops reading until the bus catches up (TCP pushes back).

@@ -12,13 +12,12 @@ use super::io::{FrameSource, Inbound};
 use super::pipeline::{Pipeline, Unacked};
 use crate::auth::{AuthError, Permissions};
 use crate::clock::wall_ms;
-use crate::cluster::{BusError, Publication, Sequenced};
+use crate::cluster::BusError;
 use crate::context::NodeContext;
-use crate::ids::MAX_CLIENT_MSG_ID_BYTES;
 use crate::limits::{Admit, SessionBudget};
 use crate::member::{CloseReason, Member, Waiter};
 use crate::proto::{self, ClientFrame, ErrorCode, ServerFrame, client_frame, server_frame};
-use crate::room::{RoomName, RoomNameError};
+use crate::room::{Publication, PublishError, RoomName, RoomNameError, Sequenced};
 
 /// A request refused; each variant is one wire error code.
 #[derive(Debug, thiserror::Error)]
@@ -29,8 +28,8 @@ enum RequestError {
     TooManyRooms(usize),
     #[error("not a member of room {0}")]
     NotMember(RoomName),
-    #[error("payload larger than {0} bytes")]
-    PayloadTooLarge(usize),
+    #[error(transparent)]
+    Publish(#[from] PublishError),
     #[error("unreliable message larger than a receiver's datagram limit ({0} bytes)")]
     DatagramTooLarge(usize),
     #[error(transparent)]
@@ -39,8 +38,6 @@ enum RequestError {
     Forbidden(&'static str, RoomName),
     #[error(transparent)]
     Auth(#[from] AuthError),
-    #[error("client_msg_id longer than 128 bytes")]
-    ClientMsgIdTooLong,
 }
 
 impl RequestError {
@@ -49,13 +46,11 @@ impl RequestError {
             RequestError::Room(e) => e.code(),
             RequestError::TooManyRooms(_) => ErrorCode::TooManyRooms,
             RequestError::NotMember(_) => ErrorCode::NotMember,
-            RequestError::PayloadTooLarge(_) | RequestError::DatagramTooLarge(_) => {
-                ErrorCode::PayloadTooLarge
-            }
+            RequestError::Publish(e) => e.code(),
+            RequestError::DatagramTooLarge(_) => ErrorCode::PayloadTooLarge,
             RequestError::Bus(e) => e.code(),
             RequestError::Forbidden(..) => ErrorCode::Forbidden,
             RequestError::Auth(e) => e.code(),
-            RequestError::ClientMsgIdTooLong => ErrorCode::BadFrame,
         }
     }
 }
@@ -452,24 +447,16 @@ impl Session {
     /// A checked Publish, and whether it is unreliable.
     fn publication(&self, publish: proto::Publish) -> Result<(Publication, bool), RequestError> {
         let room = self.room_name(&publish.room)?;
-        if publish.client_msg_id.len() > MAX_CLIENT_MSG_ID_BYTES {
-            return Err(RequestError::ClientMsgIdTooLong);
-        }
         if !self.permissions.may_publish(&room) {
             return Err(RequestError::Forbidden("publish", room));
         }
-        // The transport already bounds the whole frame; this keeps the bound when a transport
-        // allows larger frames (and documents it for the client).
-        let max = self.ctx.config.session.max_frame_bytes;
-        if publish.payload.len() > max {
-            return Err(RequestError::PayloadTooLarge(max));
-        }
-        let publication = Publication {
+        let publication = Publication::checked(
             room,
-            payload: publish.payload,
-            publisher: self.handle.user.clone(),
-            client_msg_id: publish.client_msg_id,
-        };
+            publish.payload,
+            self.handle.user.clone(),
+            publish.client_msg_id,
+            self.ctx.config.session.max_frame_bytes,
+        )?;
         Ok((publication, publish.unreliable))
     }
 

@@ -1,0 +1,173 @@
+//! The mesh's membership loop: heartbeats out and in, the ring view built from them, the
+//! round-trip probes, and the disconnect requests every node obeys.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio::time::Instant;
+
+use super::Inner;
+use crate::clock::mono_ms;
+use crate::cluster::membership::{Heartbeat, NodeState, Seen};
+use crate::member::CloseReason;
+use crate::proto::mesh::{reply, request};
+
+impl Inner {
+    /// Closes this node's sessions of the users other nodes were asked to disconnect.
+    pub(super) async fn disconnect_loop(self: Arc<Self>, mut requests: async_nats::Subscriber) {
+        while let Some(message) = requests.next().await {
+            let Ok(user) = std::str::from_utf8(&message.payload) else {
+                continue;
+            };
+            if !crate::ids::is_valid_user_id(user) {
+                tracing::warn!("mesh: disconnect request with an invalid user id ignored");
+                continue;
+            }
+            let sessions = self.hub.close_user(user, CloseReason::Disconnected);
+            tracing::info!(user, sessions, "mesh: user disconnected on request");
+        }
+    }
+
+    pub(super) fn heartbeat(&self, state: NodeState) -> Bytes {
+        let beat = Heartbeat {
+            id: self.node_id.to_string(),
+            region: self.region.to_string(),
+            state,
+            started_ms: self.started_ms,
+            protocol: crate::cluster::membership::MESH_PROTOCOL,
+        };
+        Bytes::from(serde_json::to_vec(&beat).expect("a heartbeat serializes"))
+    }
+
+    pub(super) fn self_state(&self) -> NodeState {
+        if self.draining.load(Ordering::Acquire) {
+            NodeState::Draining
+        } else {
+            NodeState::Active
+        }
+    }
+
+    pub(super) async fn send_heartbeat(&self) {
+        if self.connected() {
+            let beat = self.heartbeat(self.self_state());
+            if let Err(error) = self.send(self.subject_heartbeat(), beat).await {
+                tracing::debug!(%error, "mesh: heartbeat not sent");
+            }
+        }
+    }
+
+    /// Rebuilds the ring snapshot from the membership; counts and logs a change.
+    pub(super) fn publish_view(&self) {
+        // Built and installed under the membership lock, so two callers cannot install their
+        // views in the wrong order.
+        let membership = self.membership.lock().expect("membership lock poisoned");
+        let view = Arc::new(membership.view(mono_ms()));
+        let previous = std::mem::replace(
+            &mut *self.view.write().expect("view lock poisoned"),
+            view.clone(),
+        );
+        drop(membership);
+        self.metrics.mesh_nodes.clear();
+        for (region, count) in view.nodes_per_region() {
+            self.metrics
+                .mesh_nodes
+                .get_or_create(&vec![("region", region.to_string())])
+                .set(count as i64);
+        }
+        // While (re)learning the mesh after connecting, the view passes through partial rings
+        // that nobody acts on: not counted.
+        if previous.version != view.version && self.settled() {
+            self.ring_changes.fetch_add(1, Ordering::Relaxed);
+            self.metrics.mesh_ring_changes.inc();
+            let nodes: Vec<&str> = view.ring.nodes().iter().map(|n| &**n).collect();
+            tracing::info!(
+                version = format!("{:016x}", view.version),
+                ?nodes,
+                "mesh: ring changed"
+            );
+        }
+    }
+
+    pub(super) async fn heartbeat_loop(self: Arc<Self>, mut beats: async_nats::Subscriber) {
+        let mut ticker = tokio::time::interval(Duration::from_millis(self.config.heartbeat_ms));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut generation = self.generation();
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {
+                    let now = self.generation();
+                    let mut changed = false;
+                    {
+                        let mut membership = self.membership.lock().expect("membership lock poisoned");
+                        if now != generation {
+                            // A new connection: nothing heard before is current; learn the mesh
+                            // again (and settle from now, should the Connected event be lost).
+                            generation = now;
+                            membership.forget_peers();
+                            self.link.connected_at_ms.store(mono_ms(), Ordering::Release);
+                            changed = true;
+                        }
+                        self.metrics.mesh_connected.set(i64::from(self.connected()));
+                        membership.set_self_state(self.self_state());
+                        changed |= membership.expire(mono_ms());
+                    }
+                    if changed {
+                        self.publish_view();
+                    }
+                    self.send_heartbeat().await;
+                }
+                beat = beats.next() => {
+                    let Some(beat) = beat else { break };
+                    let Ok(beat) = serde_json::from_slice::<Heartbeat>(&beat.payload) else {
+                        tracing::warn!("mesh: undecodable heartbeat ignored");
+                        continue;
+                    };
+                    let seen = self
+                        .membership
+                        .lock()
+                        .expect("membership lock poisoned")
+                        .observe(&beat, mono_ms());
+                    if seen != Seen::Unchanged {
+                        self.publish_view();
+                    }
+                    if seen == Seen::New {
+                        // Let the newcomer learn this node now rather than one period later.
+                        self.send_heartbeat().await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Measures the round trip of a request through NATS to each other node in turn, one per
+    /// heartbeat period (a ping answered at once), per region of the answering node.
+    pub(super) async fn rtt_loop(self: Arc<Self>) {
+        let mut ticker = tokio::time::interval(Duration::from_millis(self.config.heartbeat_ms));
+        let mut turn = 0usize;
+        loop {
+            ticker.tick().await;
+            if !self.settled() {
+                continue;
+            }
+            let view = self.view();
+            let peers: Vec<_> = view.nodes.iter().filter(|n| n.id != self.node_id).collect();
+            if peers.is_empty() {
+                continue;
+            }
+            turn = turn.wrapping_add(1);
+            let peer = peers[turn % peers.len()];
+            let started = Instant::now();
+            if let Ok(reply::Kind::Done(_)) =
+                self.request(&peer.id, request::Kind::Ping(true)).await
+            {
+                self.metrics
+                    .mesh_nats_rtt
+                    .get_or_create(&vec![("region", peer.region.to_string())])
+                    .set(started.elapsed().as_secs_f64());
+            }
+        }
+    }
+}
