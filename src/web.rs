@@ -1,9 +1,10 @@
 //! The browser side, embedded in the binary so `cargo run --release` serves it with no npm on the
-//! user's machine: the demo chat page at `/` and, under `/client/`, the ES module client, the wire
-//! contract it loads (`roomwire.proto`) and the vendored protobuf.js build (BSD-3-Clause, its
-//! license beside it).
+//! user's machine: the demo chat page at `/` and, under `/client/`, the ES module client (the
+//! same files as the npm package `@roomwire/client` in `web/`), its compiled-in wire contract,
+//! the vendored protobuf.js build (BSD-3-Clause, its license beside it) and the `.proto` itself
+//! for other implementers.
 //!
-//! Pages on other origins (an application that loads the client from the node) need the node to answer
+//! Pages on other origins (an application that bundles the npm package) need the node to answer
 //! CORS for what the client fetches: `/client/*` here, and `/webtransport/certhash` through
 //! [`with_cors`]. Origins are those of `server.allowed_origins`, the list that already admits
 //! their WebSocket upgrades.
@@ -31,6 +32,8 @@ const CLIENT_FILES: &[(&str, &str, &str)] = &[
         JAVASCRIPT,
         include_str!("../web/roomwire.js"),
     ),
+    // Generated from the .proto by web/tools/generate-wire.mjs; tests/browser.rs fails when stale.
+    ("wire.js", JAVASCRIPT, include_str!("../web/wire.js")),
     (
         "roomwire.proto",
         TEXT,
