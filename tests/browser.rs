@@ -1,8 +1,8 @@
 //! The browser tests: headless Debian chromium, driven by playwright-core, against a node started
 //! here on port 0.
 //! - `tests/browser/demo.mjs`: the demo page. One page chats over WebTransport, one over
-//!   WebSocket; a typing indicator crosses as a datagram; a reconnect reports its gap. The
-//!   screenshot is kept in `target/artifacts/demo.png`.
+//!   WebSocket; a typing indicator crosses as a datagram; a reconnect reports its gap; message
+//!   ids and a plain-http page. The screenshot is kept in `target/artifacts/demo.png`.
 //! - `tests/browser/package.mjs`: the npm package (`web/`) packed, installed, type-checked with
 //!   tsc, and used by a page on another origin (CORS).
 //!
@@ -100,6 +100,8 @@ async fn the_demo_page_chats_over_webtransport_and_websocket_in_chromium() {
     assert!(node.metric(r#"roomwire_sessions_opened_total{transport="webtransport"}"#) >= 1.0);
     assert!(node.metric(r#"roomwire_sessions_opened_total{transport="ws"}"#) >= 1.0);
     assert!(node.metric("roomwire_datagrams_sent_total") >= 1.0);
+    // The repeated message id was answered from the node's memory, not delivered again.
+    assert!(node.metric("roomwire_duplicate_publishes_total") >= 1.0);
     node.shutdown().await;
 }
 

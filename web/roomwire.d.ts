@@ -91,11 +91,17 @@ export declare class RoomwireClient {
   leave(room: string): Promise<void>;
   /**
    * Reliable, sequenced publish, resolved with the owner's acknowledgement (`duplicate` when the
-   * clientMsgId had been sequenced before). `clientMsgId` defaults to a random UUID.
+   * clientMsgId had been sequenced before). `clientMsgId` defaults to a fresh newMessageId().
    */
   publish(room: string, payload: string | Uint8Array | ArrayBuffer, clientMsgId?: string): Promise<PublishAck>;
   /** Unreliable publish (a QUIC datagram over WebTransport); dropped when not connected. */
   publishUnreliable(room: string, payload: string | Uint8Array | ArrayBuffer): Promise<void>;
+  /**
+   * A fresh clientMsgId: a random prefix per client instance (so tabs and reloads of one user
+   * never collide in the node's de-duplication window) and a counter. Take one before the first
+   * attempt of a publish and reuse it for every retry.
+   */
+  newMessageId(): string;
 
   /** Every Message of the joined rooms. Each on* method returns a function removing the listener. */
   onMessage(cb: (message: Message, info: MessageInfo) => void): () => void;

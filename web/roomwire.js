@@ -78,6 +78,17 @@ function base64ToBytes(b64) {
 }
 
 /**
+ * A random per-client prefix for client_msg_id: the node de-duplicates publishes per user (not
+ * per session) for rooms.dedupe_window_ms, so ids must not repeat across a user's tabs or a
+ * reload. crypto.getRandomValues, unlike crypto.randomUUID, exists on plain-http pages too.
+ */
+function randomPrefix() {
+  const bytes = new Uint8Array(8);
+  crypto.getRandomValues(bytes);
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, '0')).join('');
+}
+
+/**
  * Why a request failed: the node refused it (`reason` 'node', `code` from ErrorCode), or it never
  * got an answer ('not_connected', 'connection_lost', 'timeout'; `code` 0). `retryable` says whether
  * the same request may succeed later; a publish is retried safely with the same clientMsgId.
@@ -359,6 +370,9 @@ export class RoomwireClient {
     /** @type {Map<number, Pending>} request id -> its answer's callbacks */
     this.pending = new Map();
     this.nextRequest = 1;
+    /** client_msg_id = `${idPrefix}-${counter}`: unique per client instance (see randomPrefix). */
+    this.idPrefix = randomPrefix();
+    this.idCounter = 0;
     /** @type {{ message: Function[], status: Function[], error: Function[], gap: Function[] }} */
     this.listeners = { message: [], status: [], error: [], gap: [] };
     /** @type {Promise<Connected> | null} the one connect loop in flight */
@@ -385,6 +399,12 @@ export class RoomwireClient {
   /** 'idle' (never connected), 'connecting', 'connected', 'reconnecting' or 'closed' (by close()). */
   get state() {
     return this.status;
+  }
+
+  /** A fresh client_msg_id: this client's random prefix and a counter. */
+  newMessageId() {
+    this.idCounter += 1;
+    return `${this.idPrefix}-${this.idCounter}`;
   }
 
   /**
@@ -787,10 +807,10 @@ export class RoomwireClient {
    * and epoch and seq are the original's. Retry a failed publish with the same clientMsgId.
    * @param {string} room
    * @param {string | Uint8Array | ArrayBuffer} payload
-   * @param {string} [clientMsgId] default: a random UUID
+   * @param {string} [clientMsgId] default: a fresh newMessageId()
    * @returns {Promise<PublishAck>}
    */
-  async publish(room, payload, clientMsgId = crypto.randomUUID()) {
+  async publish(room, payload, clientMsgId = this.newMessageId()) {
     const frame = await this.request({
       publish: { room, payload: toBytes(payload), clientMsgId, unreliable: false },
     });

@@ -49,7 +49,7 @@ export async function chat(): Promise<void> {
   const maxFrame: number = connected.limits.maxFrameBytes;
   const joined = await client.join('lobby');
   console.log(user, maxFrame, joined.seq, client.state, client.transport);
-  const id = crypto.randomUUID();
+  const id = client.newMessageId();
   let ack: PublishAck;
   try {
     ack = await client.publish('lobby', 'hello', id);
