@@ -1,8 +1,9 @@
 //! The browser tests: headless Debian chromium, driven by playwright-core, against a node started
 //! here on port 0.
 //! - `tests/browser/demo.mjs`: the demo page. One page chats over WebTransport, one over
-//!   WebSocket; a typing indicator crosses as a datagram; a reconnect reports its gap; message
-//!   ids and a plain-http page. The screenshot is kept in `target/artifacts/demo.png`.
+//!   WebSocket; a typing indicator crosses as a datagram; reconnects, the offline outbox, the
+//!   countdown, message ids and a plain-http page. The screenshot is kept in
+//!   `target/artifacts/demo.png`.
 //! - `tests/browser/package.mjs`: the npm package (`web/`) packed, installed, type-checked with
 //!   tsc, and used by a page on another origin (CORS).
 //!

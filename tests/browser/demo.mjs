@@ -1,8 +1,9 @@
 // Drives the demo page in headless Debian chromium (playwright-core, no downloaded browser):
 // one page over WebTransport (certificate trusted through serverCertificateHashes), one forced
-// onto WebSocket, chatting in one room; a typing indicator crosses as a QUIC datagram; message ids
-// are unique per client instance and a repeated id is acknowledged as a duplicate; a plain-http
-// (insecure context) page chats too.
+// onto WebSocket, chatting in one room; a typing indicator crosses as a QUIC datagram; a page
+// without a name waits for one; a message typed while offline is sent on reconnect while the
+// "reconnecting in N ms" indicator counts down; message ids are unique per client instance and a
+// repeated id is acknowledged as a duplicate; a plain-http (insecure context) page chats too.
 // Saves a screenshot. Usage: node tests/browser/demo.mjs http://127.0.0.1:PORT [screenshot.png]
 import { mkdtempSync, mkdirSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -37,12 +38,14 @@ const context = await chromium.launchPersistentContext(profile, {
   ],
 });
 
-/** Uncaught exceptions and unhandled rejections of every page. */
+/** Uncaught exceptions and unhandled rejections of every page, and console errors. */
 const pageErrors = [];
+const consoleErrors = [];
 
 function watch(page, label) {
   page.on('console', (msg) => {
     console.log(`[${label}] ${msg.type()}: ${msg.text()}`);
+    if (msg.type() === 'error') consoleErrors.push(`[${label}] ${msg.text()}`);
   });
   page.on('pageerror', (error) => {
     console.log(`[${label}] page error: ${error.message}`);
@@ -86,9 +89,32 @@ async function waitForText(page, text) {
   return page.evaluate(() => window.roomwireDemo.messages);
 }
 
+/** The number in "reconnecting in N ms", or null. */
+async function countdown(page) {
+  const text = await page.textContent('#state');
+  const match = /^reconnecting in (\d+) ms$/.exec(text);
+  return match ? Number(match[1]) : null;
+}
+
 let failed = false;
 try {
-  const alice = await openPage('alice', '');
+  // Without ?name= the page waits for a name instead of joining as a made-up guest.
+  const alice = await context.newPage();
+  watch(alice, 'alice');
+  await alice.goto(`${base}/?room=${room}`);
+  await alice.waitForFunction(() => window.roomwireDemo !== undefined, null, { timeout: TIMEOUT });
+  const before = await alice.evaluate(() => ({
+    client: window.roomwireDemo.client !== null,
+    name: document.getElementById('name').value,
+    state: document.getElementById('state').textContent,
+  }));
+  console.log('a page without a name:', JSON.stringify(before));
+  if (before.client || before.name !== '') {
+    throw new Error(`the page connected before a name was chosen: ${JSON.stringify(before)}`);
+  }
+  await alice.fill('#name', 'alice');
+  await alice.click('#join button');
+  await waitReady(alice);
   const bob = await openPage('bob', '&transport=websocket');
   const transports = [
     await alice.textContent('#transport'),
@@ -164,6 +190,51 @@ try {
     throw new Error(`no message after the reconnect: ${JSON.stringify(afterReconnect)}`);
   }
 
+  // Bob loses his connection and stays offline a few seconds (the first retry waits 4-8 s): the
+  // indicator counts down, and what he types meanwhile waits in the outbox and goes out, once,
+  // when he is back.
+  await bob.evaluate(() => {
+    const client = window.roomwireDemo.client;
+    client.initialBackoffMs = 8000;
+    client.attempt = 0;
+    client.conn.ws.close();
+  });
+  await bob.waitForFunction(
+    () => /^reconnecting in \d+ ms$/.test(document.getElementById('state').textContent),
+    null,
+    { timeout: TIMEOUT },
+  );
+  const first = await countdown(bob);
+  await bob.waitForFunction(
+    (n) => {
+      const match = /^reconnecting in (\d+) ms$/.exec(document.getElementById('state').textContent);
+      return match !== null && Number(match[1]) <= n - 500;
+    },
+    first,
+    { timeout: 3000 },
+  );
+  console.log(`bob's countdown went from ${first} ms to ${await countdown(bob)} ms`);
+  await say(bob, 'typed while offline');
+  const offline = await bob.evaluate(() => ({
+    state: window.roomwireDemo.client.state,
+    outbox: window.roomwireDemo.outbox.map(({ text, status }) => ({ text, status })),
+    shown: document.getElementById('outbox').textContent,
+  }));
+  console.log('bob while offline:', JSON.stringify(offline));
+  if (
+    offline.state !== 'reconnecting' ||
+    offline.outbox.length !== 1 ||
+    offline.outbox[0].status !== 'queued' ||
+    !offline.shown.includes('will send when reconnected')
+  ) {
+    throw new Error(`the offline message is not shown as queued: ${JSON.stringify(offline)}`);
+  }
+  await waitForText(alice, 'typed while offline');
+  await bob.waitForFunction(() => window.roomwireDemo.outbox.length === 0, null, { timeout: TIMEOUT });
+  const sentOnce = (await waitForText(bob, 'typed while offline')).filter((m) => m.text === 'typed while offline');
+  if (sentOnce.length !== 1) throw new Error(`the queued message arrived ${sentOnce.length} times`);
+  console.log('bob reconnected and sent the queued message');
+
   // Message ids: two clients of one user (two tabs) pick different random prefixes, and a
   // publish repeating an id is acknowledged as a duplicate with the original's position.
   const ids = await alice.evaluate(async (idsRoom) => {
@@ -225,7 +296,10 @@ try {
   console.log(`bob's id prefix before and after a reload: ${prefixBefore} ${prefixAfter}`);
   if (prefixBefore === prefixAfter) throw new Error('a reload kept the id prefix');
 
-  if (pageErrors.length > 0) throw new Error(`uncaught errors in the pages: ${JSON.stringify(pageErrors)}`);
+  const notConnected = consoleErrors.filter((e) => /not connected/i.test(e));
+  if (pageErrors.length > 0 || notConnected.length > 0) {
+    throw new Error(`uncaught errors in the pages: ${JSON.stringify([...pageErrors, ...notConnected])}`);
+  }
 
   mkdirSync(dirname(screenshot), { recursive: true });
   await alice.screenshot({ path: screenshot, fullPage: true });
