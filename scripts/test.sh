@@ -17,7 +17,7 @@ cargo fmt --all -- --check
 step "cargo clippy -D warnings"
 cargo clippy --all-targets --locked -- -D warnings
 
-step "browser test prerequisites: chromium and playwright-core"
+step "browser test prerequisites: chromium, playwright-core and typescript"
 # The browser test (tests/browser.rs) drives Debian's chromium with playwright-core; no browser is
 # downloaded. Both are installed only when missing.
 MISSING=""
@@ -31,9 +31,15 @@ if [ -n "$MISSING" ]; then
   # shellcheck disable=SC2086
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $MISSING
 fi
-if [ ! -d node_modules/playwright-core ]; then
+# typescript checks the npm package's declarations (tests/browser/package.mjs); a changed
+# package-lock.json reinstalls.
+if [ ! -d node_modules/playwright-core ] || [ ! -d node_modules/typescript ] ||
+  [ package-lock.json -nt node_modules/.package-lock.json ]; then
   npm ci --no-audit --no-fund
 fi
+
+step "browser client: web/wire.js matches the .proto"
+node web/tools/generate-wire.mjs --check
 
 step "nats-server for the mesh tests"
 # The mesh tests start their own nats-server processes on free ports (never the one a machine

@@ -28,7 +28,10 @@ pub fn router(ctx: Arc<NodeContext>) -> Router {
         .merge(crate::web::routes())
         .route("/about", get(index))
         .route("/ws", get(ws::upgrade))
-        .route("/webtransport/certhash", get(certhash))
+        .route(
+            "/webtransport/certhash",
+            crate::web::with_cors(get(certhash), &ctx.config.server.allowed_origins),
+        )
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))

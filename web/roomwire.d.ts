@@ -1,0 +1,114 @@
+// Type declarations of @roomwire/client, written by hand beside roomwire.js (why: the comment at
+// the top of roomwire.js). tsc checks that roomwire.js is assignable to them and that consumer
+// code compiles against them under --strict (tests/browser/package.mjs).
+
+import type { ErrorCode as ErrorCodeValue } from './wire.js';
+import type {
+  Connected,
+  ConnectionState,
+  GapEvent,
+  Joined,
+  Message,
+  MessageInfo,
+  PublishAck,
+  RoomwireOptions,
+  StatusEvent,
+  TransportKind,
+} from './types.js';
+
+export { CloseCode, ErrorCode } from './wire.js';
+export type {
+  Connected,
+  ConnectionState,
+  GapEvent,
+  Joined,
+  Limits,
+  Message,
+  MessageInfo,
+  PublishAck,
+  RoomwireOptions,
+  StatusEvent,
+  TransportKind,
+} from './types.js';
+
+/** Why a request failed. */
+export type FailureReason =
+  /** The node answered with an Error frame: see `code`. */
+  | 'node'
+  /** There was no session when the request was made (before connect(), or while reconnecting). */
+  | 'not_connected'
+  /** The session ended before the answer came: the request may or may not have taken effect. */
+  | 'connection_lost'
+  /** No answer within `requestTimeoutMs`: the request may or may not have taken effect. */
+  | 'timeout';
+
+/**
+ * A failed request. `retryable` is true when the same request may succeed later (the node's
+ * UNAVAILABLE, and every reason but 'node'); retry a publish with the same clientMsgId, so a
+ * publish that did take effect is acknowledged as a duplicate instead of delivered twice.
+ */
+export declare class RoomwireError extends Error {
+  constructor(
+    message: string,
+    details: { code?: ErrorCodeValue; reason: FailureReason; retryable: boolean },
+  );
+  /** The node's error code; `ErrorCode.UNSPECIFIED` (0) when the node did not answer. */
+  readonly code: ErrorCodeValue;
+  readonly reason: FailureReason;
+  readonly retryable: boolean;
+}
+
+/**
+ * A connection to a roomwire node: WebTransport first, WebSocket as the fallback, reconnecting
+ * with backoff and jitter, and rejoining its rooms after a reconnect.
+ */
+export declare class RoomwireClient {
+  constructor(options?: RoomwireOptions);
+
+  /** The node's HTTP base URL. */
+  readonly url: string;
+  /** The token sent with the next connect (replace it after UNAUTHORIZED, then call connect()). */
+  token: string;
+  /** The transport of the current session, null while there is none. */
+  readonly transport: TransportKind | null;
+  readonly state: ConnectionState;
+  /** The node's Connected answer for the current session, null while there is none. */
+  readonly connected: Connected | null;
+  /** Sessions opened so far (1 after the first connect; more after reconnects). */
+  readonly sessions: number;
+
+  /**
+   * Connects, retrying with backoff until it works or close() is called (one loop at a time;
+   * resolves at once when connected). Rejects only on close() or a refused token
+   * (`ErrorCode.UNAUTHORIZED`).
+   */
+  connect(): Promise<Connected>;
+  /** Ends the session and stops reconnecting; pending requests fail with 'connection_lost'. */
+  close(): void;
+
+  /** Joins a room (rejoined on its own after a reconnect). */
+  join(room: string): Promise<Joined>;
+  leave(room: string): Promise<void>;
+  /**
+   * Reliable, sequenced publish, resolved with the owner's acknowledgement (`duplicate` when the
+   * clientMsgId had been sequenced before). `clientMsgId` defaults to a fresh newMessageId().
+   */
+  publish(room: string, payload: string | Uint8Array | ArrayBuffer, clientMsgId?: string): Promise<PublishAck>;
+  /** Unreliable publish (a QUIC datagram over WebTransport); dropped when not connected. */
+  publishUnreliable(room: string, payload: string | Uint8Array | ArrayBuffer): Promise<void>;
+  /**
+   * A fresh clientMsgId: a random prefix per client instance (so tabs and reloads of one user
+   * never collide in the node's de-duplication window) and a counter. Take one before the first
+   * attempt of a publish and reuse it for every retry.
+   */
+  newMessageId(): string;
+
+  /** Every Message of the joined rooms. Each on* method returns a function removing the listener. */
+  onMessage(cb: (message: Message, info: MessageInfo) => void): () => void;
+  /** connecting / connected / reconnecting (with `delay` and `retryAt`) / closed. */
+  onStatus(cb: (event: StatusEvent) => void): () => void;
+  /** Messages of a joined room were missed; the node does not replay them. */
+  onGap(cb: (gap: GapEvent) => void): () => void;
+  /** Errors that answer no request, and rooms that could not be rejoined after a reconnect. */
+  onError(cb: (error: RoomwireError) => void): () => void;
+}
