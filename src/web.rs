@@ -18,7 +18,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get};
 
-use crate::node::NodeContext;
+use crate::context::NodeContext;
 
 const INDEX_HTML: &str = include_str!("../web/index.html");
 
