@@ -6,9 +6,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
-use roomwire::member::Transport;
+use roomwire::RoomName;
+use roomwire::Transport;
 use roomwire::proto::{self, ClientFrame, ServerFrame, client_frame, server_frame};
-use roomwire::room::RoomName;
 use roomwire::{Config, Node};
 
 fn message_frame(payload: usize) -> ServerFrame {
@@ -98,7 +98,7 @@ fn fanout(c: &mut Criterion) {
 
 fn ring(c: &mut Criterion) {
     let nodes: Vec<String> = (0..16).map(|i| format!("node-{i}")).collect();
-    let ring = roomwire::cluster::ring::Ring::new(&nodes, roomwire::cluster::ring::DEFAULT_VNODES);
+    let ring = roomwire::Ring::new(&nodes, roomwire::DEFAULT_VNODES);
     let rooms: Vec<String> = (0..1024).map(|i| format!("chat.room-{i}")).collect();
     let mut i = 0;
     c.bench_function("ring/owner_of_room_16_nodes", |b| {

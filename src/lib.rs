@@ -1,54 +1,57 @@
 //! roomwire: a regional edge node for real-time rooms.
 //!
-//! Clients connect over WebTransport or WebSocket, join rooms and publish into them;
-//! every member receives every message of a room in one order, sequenced by the room's owner.
+//! Clients connect over WebTransport or WebSocket, join rooms and publish into them; every
+//! member receives every message of a room in one order, sequenced by the room's owner. The
+//! layers and where a feature goes: docs/ARCHITECTURE.md. Dependencies between the modules point
+//! one way, from the leaves up:
 //!
-//! Map of the modules, in the order a message travels:
-//! - [`config`]: the one configuration struct (TOML file, environment, CLI overrides), validated
-//!   before anything is bound.
-//! - [`limits`]: per-address gates at accept and per-session rate budgets.
-//! - [`tls`]: TLS and mutual TLS for the WebSocket port, service identity from certificates;
-//!   [`certs`] makes development certificates.
-//! - [`auth`]: JWT connection tokens, room permissions, anti-replay.
-//! - [`proto`]: the Protobuf wire contract (`proto/roomwire/v1/roomwire.proto`) and its encoding.
-//! - [`transport`]: adapters that turn a connection into frames in and frames out
-//!   ([`transport::ws`] for WebSocket, [`transport::webtransport`] for WebTransport over QUIC with
-//!   its certificate in [`transport::certs`]); nothing else knows the wire.
-//! - [`session`]: one connection's life cycle, its reader and writer tasks, the bounded send queue
-//!   and the slow-consumer policy.
-//! - [`room`]: validated room names and the owner's sequencer (epoch, seq).
-//! - [`cluster`]: the routing interface to room owners: standalone in-process, or the NATS mesh
-//!   (heartbeat membership, consistent-hash ring, forwarding, hand-off; docs/CLUSTER.md).
-//! - [`fanout`]: local membership and the encode-once push of a frame to every member's queue.
-//! - [`http`]: health, readiness, metrics and the server API, on the WebSocket port.
-//! - [`metrics`]: the Prometheus registry.
-//! - [`node`]: binds, accepts, runs and drains the whole node.
-//! - [`client`]: the Rust client library used by the CLI, the tests and the load generator.
-//! - [`web`]: the embedded browser client (ES module) and the demo chat page.
+//! - leaves: [`proto`] (the wire contract and its framing), `ids` (every name and id rule),
+//!   `clock` (monotonic time for deadlines, wall time for the wire), `metrics`.
+//! - domain: [`config`] (one struct, validated before anything is bound), `room` (names, what a
+//!   publish carries, the owner's state of a room: the one place a message is deduped and
+//!   numbered), `auth` (tokens, client-certificate identity, API keys), `limits`, `tls`, `certs`.
+//! - `member`: the face a session shows the rest of the node (bounded send queue, close reason).
+//! - `fanout` (who is a member where on this node, encode-once delivery) and `cluster` (the bus to
+//!   each room's owner: standalone, or the NATS mesh with its pure ring, membership, order and
+//!   ownership rules).
+//! - `context` (the node's shared state) and `session` (one connection's life, written against
+//!   the `FrameSource`/`FrameSink` port).
+//! - adapters: `transport` (WebSocket, WebTransport), `http` (health, metrics, the server API),
+//!   `web` (the embedded browser client and demo page).
+//! - [`Node`]: binds, accepts, runs and drains. [`client`] and [`cli`] (the Rust client library
+//!   and the command line) depend on [`proto`] only.
+//!
+//! Modules are private; what tests, benchmarks and the binary use is re-exported here.
 #![forbid(unsafe_code)]
 
-pub mod auth;
-pub mod certs;
+mod auth;
+mod certs;
 pub mod cli;
 pub mod client;
-pub mod clock;
-pub mod cluster;
+mod clock;
+mod cluster;
 pub mod config;
-pub mod context;
-pub mod fanout;
-pub mod http;
-pub mod ids;
-pub mod limits;
-pub mod member;
-pub mod metrics;
-pub mod node;
+mod context;
+mod fanout;
+mod http;
+mod ids;
+mod limits;
+mod member;
+mod metrics;
+mod node;
 pub mod proto;
-pub mod room;
-pub mod session;
-pub mod tls;
-pub mod transport;
-pub mod web;
+mod room;
+mod session;
+mod tls;
+mod transport;
+mod web;
 
+pub use certs::{DevCa, Issued, init as init_dev_certs, service_uri};
+pub use cluster::ring::{DEFAULT_VNODES, Ring};
 pub use config::Config;
 pub use context::NodeContext;
+pub use fanout::Hub;
+pub use ids::random_hex;
+pub use member::{Member, Transport};
 pub use node::Node;
+pub use room::RoomName;

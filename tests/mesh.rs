@@ -20,8 +20,8 @@ use common::node_process::{NodeProcess, wait_converged, wait_owner};
 use common::*;
 use futures_util::StreamExt;
 use roomwire::client::{Client, ClientError, Event};
-use roomwire::cluster::ring::{DEFAULT_VNODES, Ring};
 use roomwire::proto::{self, CloseCode, ErrorCode};
+use roomwire::{DEFAULT_VNODES, Ring};
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -801,7 +801,7 @@ async fn a_joining_and_a_leaving_node_move_only_their_share_without_a_gap() {
     assert_eq!(
         before,
         ring_owners(&["n1", "n2", "n3"], &rooms),
-        "the mesh must place rooms with roomwire::cluster::ring::Ring over the live node ids \
+        "the mesh must place rooms with roomwire::Ring over the live node ids \
          and mesh.vnodes"
     );
     for node in [&n2, &n3] {

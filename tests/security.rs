@@ -26,7 +26,7 @@ fn now() -> u64 {
 }
 
 fn jti() -> String {
-    roomwire::ids::random_hex(8)
+    roomwire::random_hex(8)
 }
 
 /// Claims for `sub`, valid for `ttl` seconds, allowed everywhere unless `extra` says otherwise.

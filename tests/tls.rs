@@ -7,9 +7,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use common::*;
-use roomwire::certs::{DevCa, Issued, service_uri};
 use roomwire::config::{AuthMode, ClientAuth, ServiceIdentity};
 use roomwire::proto::{self, ErrorCode, client_frame, server_frame};
+use roomwire::{DevCa, Issued, service_uri};
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::net::TcpStream;
@@ -26,8 +26,7 @@ struct Pki {
 
 impl Pki {
     fn new() -> Pki {
-        let dir =
-            std::env::temp_dir().join(format!("roomwire-tls-{}", roomwire::ids::random_hex(6)));
+        let dir = std::env::temp_dir().join(format!("roomwire-tls-{}", roomwire::random_hex(6)));
         std::fs::create_dir_all(&dir).unwrap();
         let ca = DevCa::new("test CA").unwrap();
         let pki = Pki { dir, ca };
@@ -294,9 +293,9 @@ async fn a_rotated_certificate_is_served_without_a_restart() {
 
 #[tokio::test]
 async fn certs_init_writes_a_ca_a_node_and_service_certificates_a_node_can_use() {
-    let dir = std::env::temp_dir().join(format!("roomwire-init-{}", roomwire::ids::random_hex(6)));
+    let dir = std::env::temp_dir().join(format!("roomwire-init-{}", roomwire::random_hex(6)));
     let files =
-        roomwire::certs::init(&dir, &["node-1.example".into()], &["billing".into()]).unwrap();
+        roomwire::init_dev_certs(&dir, &["node-1.example".into()], &["billing".into()]).unwrap();
     let names: Vec<String> = files
         .iter()
         .map(|f| f.file_name().unwrap().to_string_lossy().into())

@@ -334,7 +334,7 @@ async fn a_jwt_in_the_connect_request_authenticates_once_and_bad_ones_get_401() 
     let token = |ttl: i64| {
         let claims = serde_json::json!({
             "sub": "alice", "aud": "roomwire", "iat": now, "exp": now + ttl,
-            "jti": roomwire::ids::random_hex(8),
+            "jti": roomwire::random_hex(8),
             "rooms": { "join": [">"], "publish": [">"] },
         });
         jsonwebtoken::encode(

@@ -28,7 +28,7 @@ mod jwt;
 mod replay;
 
 pub use api_key::{ApiKeys, bearer};
-pub use identity::{IdentityError, Services};
+pub use identity::Services;
 use jwt::JwtVerifier;
 use replay::ReplayGuard;
 

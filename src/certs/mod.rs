@@ -5,4 +5,4 @@
 pub mod dev;
 pub mod webtransport;
 
-pub use dev::{Date, DevCa, Issued, init, service_uri};
+pub use dev::{DevCa, Issued, init, service_uri};

@@ -81,10 +81,6 @@ impl Owners {
         self.lock().len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.lock().is_empty()
-    }
-
     /// The most rooms this node owns at once (`rooms.max_owned_rooms`).
     pub fn capacity(&self) -> usize {
         self.max

@@ -21,7 +21,7 @@ mod endpoint;
 mod establish;
 mod stream;
 
-pub use endpoint::{Listener, WebTransportError};
+pub use endpoint::Listener;
 
 type H3Conn = h3_quinn::Connection;
 type WtSession = WebTransportSession<H3Conn, Bytes>;
