@@ -86,7 +86,7 @@ impl RoomOrder {
     /// Takes a message (`frame`) or a join marker (`marker`) at `(epoch, seq)`. `wait` is how long
     /// held items wait for a missing message.
     #[allow(clippy::too_many_arguments)]
-    pub fn accept(
+    pub fn receive(
         &mut self,
         epoch: u64,
         seq: u64,
@@ -144,7 +144,7 @@ impl RoomOrder {
             self.flush_held(emit);
             effect.gap_skipped = true;
             // Judge the newcomer against the position the flush reached.
-            let more = self.accept(epoch, seq, frame, marker, now, wait, emit);
+            let more = self.receive(epoch, seq, frame, marker, now, wait, emit);
             effect.stale = more.stale;
             return effect;
         }
@@ -250,7 +250,7 @@ mod tests {
     fn run(order: &mut RoomOrder, input: &[(u64, u64)], now: Instant) -> Vec<String> {
         let mut out = Vec::new();
         for &(epoch, seq) in input {
-            order.accept(epoch, seq, Some(frame(seq)), 0, now, WAIT, &mut |o| {
+            order.receive(epoch, seq, Some(frame(seq)), 0, now, WAIT, &mut |o| {
                 out.push(show(o))
             });
         }
@@ -327,7 +327,7 @@ mod tests {
         now: Instant,
     ) -> Vec<String> {
         let mut out = Vec::new();
-        order.accept(epoch, seq, None, marker, now, WAIT, &mut |o| {
+        order.receive(epoch, seq, None, marker, now, WAIT, &mut |o| {
             out.push(show(o))
         });
         out
@@ -418,7 +418,7 @@ mod tests {
                 }
             }
             let mut order = RoomOrder::default();
-            order.accept(7, 0, None, 0, Instant::now(), WAIT, &mut |_| {});
+            order.receive(7, 0, None, 0, Instant::now(), WAIT, &mut |_| {});
             let out = run(&mut order, &input, Instant::now());
             prop_assert_eq!(out, numbers(1..=n));
             prop_assert_eq!(order.gap_deadline(), None);

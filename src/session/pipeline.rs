@@ -50,7 +50,7 @@ impl Pipeline {
         self.sequencing.is_some()
     }
 
-    pub(super) fn push(&mut self, request_id: u64, publication: Publication) {
+    pub(super) fn enqueue(&mut self, request_id: u64, publication: Publication) {
         let unacked = Unacked {
             request_id,
             room: publication.room.clone(),

@@ -470,7 +470,7 @@ impl Session {
 
     /// Queues a reliable publish for the bus; its ack (or error) follows once it is sequenced.
     fn publish(&mut self, request_id: u64, publication: Publication) {
-        self.publishes.push(request_id, publication);
+        self.publishes.enqueue(request_id, publication);
         if let Some(answers) = self.publishes.start(&self.ctx) {
             self.acknowledge(answers);
         }

@@ -192,7 +192,7 @@ impl Inner {
         }
         let wait = Duration::from_millis(self.config.request_timeout_ms / 2);
         let delivered = self.ordered(interest, &mut state, |order, emit| {
-            order.accept(epoch, seq, frame, marker, Instant::now(), wait, emit)
+            order.receive(epoch, seq, frame, marker, Instant::now(), wait, emit)
         });
         if state.order.gap_deadline().is_some() {
             // The room's task sleeps until the deadline; it may be parked on NATS right now.
@@ -387,7 +387,7 @@ impl Inner {
                 Some(owner) => {
                     let sync = request::Kind::Sync(wire::Sync {
                         room: interest.room.to_string(),
-                        token: marker,
+                        marker,
                     });
                     match self.request(&owner, sync).await {
                         Ok(reply::Kind::Done(_)) => Step::Done(()),

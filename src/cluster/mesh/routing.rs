@@ -103,8 +103,7 @@ impl Inner {
                 let Ok(room) = parse(&s.room) else {
                     return reply::Kind::Unavailable("invalid room name".into());
                 };
-                // The wire calls the marker's id `token`.
-                match self.sync_here(&room, s.token).await {
+                match self.sync_here(&room, s.marker).await {
                     Step::Done(()) => reply::Kind::Done(true),
                     Step::Retry(reason) => reply::Kind::NotOwner(reason),
                     Step::Fail(error) => reply::Kind::Unavailable(error.to_string()),
