@@ -84,6 +84,15 @@ pub struct Metrics {
     pub mesh_gaps: Counter,
     /// Messages received from the mesh older than what was already delivered, dropped.
     pub mesh_stale_messages: Counter,
+    /// Of those, messages from an older epoch than one already delivered: a node sequenced a
+    /// room after losing it. Never expected (logged at error).
+    pub mesh_stale_epoch_messages: Counter,
+    /// Times this node's ownership lease ended without renewal (stalled, or NATS did not confirm).
+    pub mesh_lease_lapses: Counter,
+    /// Seconds the ownership lease still holds (0: this node may not sequence).
+    pub mesh_lease_remaining: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Nodes this node dropped from its ring at once because NATS said their connection was gone.
+    pub mesh_nodes_gone: Counter,
     /// NATS reported a subscription that could not keep up (messages were dropped).
     pub mesh_slow_subscriptions: Counter,
     /// Rooms this node is subscribed to in the mesh (it has local members).
@@ -291,6 +300,26 @@ impl Metrics {
             mesh_stale_messages: reg!(
                 "mesh_stale_messages",
                 "Mesh messages older than what was delivered, dropped",
+                Counter::default()
+            ),
+            mesh_stale_epoch_messages: reg!(
+                "mesh_stale_epoch_messages",
+                "Mesh messages from an older epoch than one already delivered, dropped (never expected)",
+                Counter::default()
+            ),
+            mesh_lease_lapses: reg!(
+                "mesh_lease_lapses",
+                "Times the ownership lease ended without renewal",
+                Counter::default()
+            ),
+            mesh_lease_remaining: reg!(
+                "mesh_lease_remaining_seconds",
+                "Seconds the ownership lease still holds",
+                Gauge::default()
+            ),
+            mesh_nodes_gone: reg!(
+                "mesh_nodes_gone",
+                "Nodes dropped from the ring at once because their NATS connection was gone",
                 Counter::default()
             ),
             mesh_slow_subscriptions: reg!(

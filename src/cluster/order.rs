@@ -40,6 +40,9 @@ pub enum Output {
 pub struct Effect {
     /// The message was older than the position: dropped.
     pub stale: bool,
+    /// ... and from an older epoch than the position's: a node sequenced the room after another
+    /// had taken it over. Never expected for an acknowledged message.
+    pub stale_epoch: bool,
     /// Missing messages were given up on (the hold was full).
     pub gap_skipped: bool,
 }
@@ -123,6 +126,7 @@ impl RoomOrder {
                 self.deliver(None, marker, emit);
             } else {
                 effect.stale = true;
+                effect.stale_epoch = epoch < last_epoch;
             }
             return effect;
         }
@@ -146,6 +150,7 @@ impl RoomOrder {
             // Judge the newcomer against the position the flush reached.
             let more = self.receive(epoch, seq, frame, marker, now, wait, emit);
             effect.stale = more.stale;
+            effect.stale_epoch = more.stale_epoch;
             return effect;
         }
         let key = if is_marker {
@@ -317,6 +322,25 @@ mod tests {
         let now = Instant::now();
         let out = run(&mut order, &[(1, 1), (1, 2), (5, 1), (1, 3), (5, 2)], now);
         assert_eq!(out, ["1", "2", "epoch 1:2->5", "1", "2"]);
+    }
+
+    #[test]
+    fn only_an_older_epoch_counts_as_a_stale_epoch() {
+        let mut order = RoomOrder::default();
+        let now = Instant::now();
+        run(&mut order, &[(1, 1), (1, 2), (5, 1)], now);
+        let mut effect =
+            |epoch, seq| order.receive(epoch, seq, Some(frame(seq)), 0, now, WAIT, &mut |_| {});
+        let duplicate = effect(5, 1);
+        assert!(
+            duplicate.stale && !duplicate.stale_epoch,
+            "a repeat in the epoch"
+        );
+        let older = effect(1, 3);
+        assert!(
+            older.stale && older.stale_epoch,
+            "a message of the epoch left behind"
+        );
     }
 
     fn marker(

@@ -8,9 +8,9 @@
 //!   the room's owner in its own view.
 //! - **Release** ([`on_release`]): a holder gives a room up only when it agrees that it is not
 //!   the owner; it never hands on stale state.
-//! - **Hand-off** ([`may_take_handoff`]): a pushed room is installed only by a settled node that
-//!   is not draining, has no state of its own for the room, has room in its table, and has not
-//!   seen a newer epoch of the room.
+//! - **Hand-off** ([`may_take_handoff`]): a pushed room is installed only by a node that holds
+//!   its lease, is not draining, has no state of its own for the room, has room in its table,
+//!   and has not seen a newer epoch of the room.
 //! - **Take-over** ([`Pull`]): the new owner asks the nodes that may hold the room, following
 //!   "moved to" pointers, and starts a new epoch only when every node asked holds nothing.
 //! - **New epochs** ([`fresh_epoch`]): above every epoch this node gave or delivered for the room.
@@ -100,7 +100,9 @@ pub fn on_release(held: Option<&Held>, now: &Facts) -> Release {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HandoffFacts {
     pub draining: bool,
-    pub settled: bool,
+    /// It holds its ownership lease. (It need not have settled: the pusher's settled view made
+    /// it the owner, so a newcomer takes rooms handed to it before it has learnt the mesh.)
+    pub lease: bool,
     /// This node already holds state for the room.
     pub holds: bool,
     /// This node's table of owned rooms is full.
@@ -112,7 +114,7 @@ pub struct HandoffFacts {
 /// Whether a pushed room state at `epoch` may be installed.
 pub fn may_take_handoff(epoch: u64, facts: &HandoffFacts) -> bool {
     !facts.draining
-        && facts.settled
+        && facts.lease
         && !facts.holds
         && !facts.full
         && facts.known_epoch.is_none_or(|known| known <= epoch)
@@ -283,10 +285,10 @@ mod tests {
     }
 
     #[test]
-    fn a_handoff_is_taken_only_by_a_settled_node_without_newer_state() {
+    fn a_handoff_is_taken_only_by_a_leased_node_without_newer_state() {
         let ok = HandoffFacts {
             draining: false,
-            settled: true,
+            lease: true,
             holds: false,
             full: false,
             known_epoch: Some(100),
@@ -304,10 +306,7 @@ mod tests {
                 draining: true,
                 ..ok
             },
-            HandoffFacts {
-                settled: false,
-                ..ok
-            },
+            HandoffFacts { lease: false, ..ok },
             HandoffFacts { holds: true, ..ok },
             HandoffFacts { full: true, ..ok },
         ] {

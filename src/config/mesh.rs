@@ -28,9 +28,15 @@ pub struct MeshConfig {
     pub heartbeat_ms: u64,
     /// Milliseconds without a heartbeat after which a node is dropped from the ring.
     pub node_ttl_ms: u64,
-    /// Milliseconds after (re)connecting to NATS during which the node listens to heartbeats
-    /// before it owns rooms or reports ready.
+    /// Milliseconds after (re)connecting to NATS, or after losing its lease, during which the
+    /// node listens to heartbeats before it starts rooms or reports ready (it may take rooms
+    /// that their previous owner hands over explicitly before then).
     pub settle_ms: u64,
+    /// Milliseconds an owner may keep sequencing after the start of its last heartbeat that the
+    /// NATS server confirmed (measured on its monotonic clock). Past it, the node stops
+    /// acknowledging until it renews, and drops every room it held. Must leave a margin below
+    /// `node_ttl_ms`, after which the other nodes take its rooms over (docs/CLUSTER.md, "Leases").
+    pub lease_ms: u64,
     /// Milliseconds one request to another node (forwarded publish, join position, hand-off)
     /// may take.
     pub request_timeout_ms: u64,
@@ -54,6 +60,7 @@ impl Default for MeshConfig {
             heartbeat_ms: 500,
             node_ttl_ms: 2_500,
             settle_ms: 1_200,
+            lease_ms: 1_250,
             request_timeout_ms: 1_000,
             route_deadline_ms: 6_000,
             vnodes: DEFAULT_VNODES,
@@ -86,6 +93,13 @@ impl MeshConfig {
         if m.settle_ms < 2 * m.heartbeat_ms {
             return bad(
                 "mesh.settle_ms must be at least twice mesh.heartbeat_ms (to hear every node)",
+            );
+        }
+        if m.lease_ms <= m.heartbeat_ms
+            || m.lease_ms.saturating_mul(5) > m.node_ttl_ms.saturating_mul(4)
+        {
+            return bad(
+                "mesh.lease_ms must exceed mesh.heartbeat_ms and be at most 80% of mesh.node_ttl_ms (the rest is the margin before others take its rooms)",
             );
         }
         if m.request_timeout_ms == 0 || m.route_deadline_ms < m.request_timeout_ms {

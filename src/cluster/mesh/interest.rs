@@ -191,9 +191,23 @@ impl Inner {
             return 0;
         }
         let wait = Duration::from_millis(self.config.request_timeout_ms / 2);
+        let mut stale_epoch = None;
         let delivered = self.ordered(interest, &mut state, |order, emit| {
-            order.receive(epoch, seq, frame, marker, Instant::now(), wait, emit)
+            let effect = order.receive(epoch, seq, frame, marker, Instant::now(), wait, emit);
+            if effect.stale_epoch {
+                stale_epoch = order.epoch();
+            }
+            effect
         });
+        if let Some(current) = stale_epoch {
+            tracing::error!(
+                room = %interest.room,
+                epoch,
+                seq,
+                current,
+                "mesh: a message from an older epoch arrived after a newer one and was dropped (a node sequenced the room after losing it)"
+            );
+        }
         if state.order.gap_deadline().is_some() {
             // The room's task sleeps until the deadline; it may be parked on NATS right now.
             interest.wake.notify_one();
@@ -252,6 +266,9 @@ impl Inner {
         let effect = step(order, &mut emit);
         if effect.stale {
             self.metrics.mesh_stale_messages.inc();
+        }
+        if effect.stale_epoch {
+            self.metrics.mesh_stale_epoch_messages.inc();
         }
         if effect.gap_skipped {
             self.metrics.mesh_gaps.inc();

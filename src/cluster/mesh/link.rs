@@ -8,16 +8,27 @@ use bytes::Bytes;
 use prost::Message as _;
 
 use super::Inner;
+use super::lease::Lease;
 use crate::clock::mono_ms;
 use crate::cluster::BusError;
 use crate::proto::mesh::{self as wire, reply, request};
 use crate::room::RoomName;
 
-/// When the NATS connection last came up, on the monotonic clock (set by the client's `Connected` event, and by the
-/// heartbeat tick when it sees a new connection; events can be dropped by the client).
+/// The node's standing on its NATS connection.
 #[derive(Default)]
 pub(super) struct Link {
+    /// Monotonic ms since which the node has been learning the mesh: when the NATS connection
+    /// last came up (set by the client's `Connected` event, and by the heartbeat tick when it
+    /// sees a new connection; events can be dropped by the client) or the lease last lapsed.
     pub(super) connected_at_ms: AtomicU64,
+    /// The ownership lease.
+    pub(super) lease: Lease,
+    /// Round trips to the server asked for (tickets) and the highest ticket a completed round
+    /// trip covers; one round trip at a time answers every ticket issued before it started.
+    confirm_asked: AtomicU64,
+    confirm_done: AtomicU64,
+    confirming: tokio::sync::Mutex<()>,
+    confirmed: tokio::sync::Notify,
 }
 
 /// Why a node-to-node request got no reply.
@@ -107,17 +118,76 @@ impl Inner {
             .ok_or_else(|| RequestFailure::Other(format!("undecodable reply from {node}")))
     }
 
-    /// Counts the connections made so far: owner state and delivery positions from an earlier
-    /// connection are stale (another node may have owned the room meanwhile).
+    /// The connections made so far (high bits) and the lease's lapses (low bits): owner state
+    /// and delivery positions from an earlier connection or lease are stale (another node may
+    /// have owned the room meanwhile).
     pub(super) fn generation(&self) -> u64 {
-        self.stats.connects.load(Ordering::Acquire)
+        (self.stats.connects.load(Ordering::Acquire) << 32)
+            | (self.link.lease.lapses() & 0xffff_ffff)
     }
 
-    /// Connected, and connected long enough to have heard every live node's heartbeat.
+    /// The ownership lease holds now.
+    pub(super) fn lease_valid(&self) -> bool {
+        self.link.lease.is_valid(mono_ms())
+    }
+
+    /// Resolves once the NATS server has everything this node published before the call: a
+    /// round trip (a request nobody answers, so the server itself replies "no responders"),
+    /// shared by every caller waiting at the time (one round trip covers them all), bounded by
+    /// `request_timeout_ms`.
+    pub(super) async fn confirm(&self) -> Result<(), String> {
+        let link = &self.link;
+        let ticket = link.confirm_asked.fetch_add(1, Ordering::AcqRel) + 1;
+        let bound = Duration::from_millis(self.config.request_timeout_ms);
+        let deadline = tokio::time::Instant::now() + bound;
+        loop {
+            // Registered before looking, so a round trip that ends in between still wakes it.
+            let waiting = link.confirmed.notified();
+            tokio::pin!(waiting);
+            waiting.as_mut().enable();
+            if link.confirm_done.load(Ordering::Acquire) >= ticket {
+                return Ok(());
+            }
+            if let Ok(_leading) = link.confirming.try_lock() {
+                // Every ticket issued so far was taken after its publishes were queued, and the
+                // round trip is queued after this read: it covers them.
+                let covers = link.confirm_asked.load(Ordering::Acquire);
+                let subject = format!("{}.confirm.{}", self.prefix, self.node_id);
+                let reply =
+                    tokio::time::timeout_at(deadline, self.nats.request(subject, Bytes::new()))
+                        .await;
+                let outcome = match reply {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(error))
+                        if error.kind() == async_nats::RequestErrorKind::NoResponders =>
+                    {
+                        Ok(())
+                    }
+                    Ok(Err(error)) => Err(error.to_string()),
+                    Err(_) => Err("the NATS server did not answer in time".to_string()),
+                };
+                if outcome.is_ok() {
+                    link.confirm_done.fetch_max(covers, Ordering::AcqRel);
+                }
+                link.confirmed.notify_waiters();
+                outcome?;
+                continue;
+            }
+            if tokio::time::timeout_at(deadline, waiting).await.is_err() {
+                return Err("the NATS server did not answer in time".to_string());
+            }
+        }
+    }
+
+    /// Connected, and connected (and holding the lease) long enough to have heard every live
+    /// node's heartbeat.
     pub(super) fn settled(&self) -> bool {
-        self.connected()
-            && mono_ms().saturating_sub(self.link.connected_at_ms.load(Ordering::Acquire))
-                >= self.config.settle_ms
+        let since = self
+            .link
+            .connected_at_ms
+            .load(Ordering::Acquire)
+            .max(self.link.lease.lapsed_at());
+        self.connected() && mono_ms().saturating_sub(since) >= self.config.settle_ms
     }
 
     pub(super) fn check_link(&self) -> Result<(), BusError> {

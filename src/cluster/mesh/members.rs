@@ -98,13 +98,18 @@ impl Inner {
         loop {
             tokio::select! {
                 _ = ticker.tick() => {
+                    // A lease that ended is noticed here within a period even while the lease
+                    // loop waits on a slow confirmation, so the node re-learns the mesh from
+                    // then, not from whenever the wait ends.
+                    self.lease_valid();
                     let now = self.generation();
                     let mut changed = false;
                     {
                         let mut membership = self.membership.lock().expect("membership lock poisoned");
                         if now != generation {
-                            // A new connection: nothing heard before is current; learn the mesh
-                            // again (and settle from now, should the Connected event be lost).
+                            // A new connection or a lapsed lease: nothing heard before is
+                            // current; learn the mesh again (and settle from now, should the
+                            // Connected event be lost).
                             generation = now;
                             membership.forget_peers();
                             self.link.connected_at_ms.store(mono_ms(), Ordering::Release);
@@ -117,7 +122,6 @@ impl Inner {
                     if changed {
                         self.publish_view();
                     }
-                    self.send_heartbeat().await;
                 }
                 beat = beats.next() => {
                     let Some(beat) = beat else { break };
@@ -138,6 +142,44 @@ impl Inner {
                         self.send_heartbeat().await;
                     }
                 }
+            }
+        }
+    }
+
+    /// Publishes this node's heartbeat every `heartbeat_ms` and renews the lease with it: once
+    /// the NATS server confirms it has the heartbeat (and so every peer will hear it), the lease
+    /// holds until `lease_ms` after the heartbeat was sent. A separate task from the heartbeat
+    /// loop, so a slow confirmation never delays reading the peers' heartbeats.
+    pub(super) async fn lease_loop(self: Arc<Self>) {
+        let mut ticker = tokio::time::interval(Duration::from_millis(self.config.heartbeat_ms));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut lapses = self.link.lease.lapses();
+        loop {
+            ticker.tick().await;
+            if self.connected() {
+                let started = mono_ms();
+                self.send_heartbeat().await;
+                match self.confirm().await {
+                    Ok(()) => self
+                        .link
+                        .lease
+                        .renewed(started, mono_ms(), self.config.lease_ms),
+                    Err(error) => tracing::debug!(%error, "mesh: lease not renewed"),
+                }
+            }
+            let now = mono_ms();
+            let valid = self.link.lease.is_valid(now);
+            self.metrics
+                .mesh_lease_remaining
+                .set(self.link.lease.remaining(now) as f64 / 1000.0);
+            let seen = self.link.lease.lapses();
+            if seen != lapses {
+                self.metrics.mesh_lease_lapses.inc_by(seen - lapses);
+                lapses = seen;
+                tracing::warn!(
+                    renewed = valid,
+                    "mesh: the ownership lease lapsed (the node was stalled or NATS did not confirm in time); every room it held is dropped, and it learns the mesh again before starting rooms"
+                );
             }
         }
     }

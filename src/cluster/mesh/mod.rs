@@ -40,6 +40,7 @@ use crate::metrics::Metrics;
 use crate::room::{EpochClock, Publication, RoomName, Sequenced};
 
 mod interest;
+mod lease;
 mod link;
 mod members;
 mod owning;
@@ -191,6 +192,7 @@ impl MeshBus {
         let control = inner.nats.subscribe(inner.subject_disconnect()).await?;
         tokio::spawn(inner.clone().disconnect_loop(control));
         tokio::spawn(inner.clone().heartbeat_loop(heartbeats));
+        tokio::spawn(inner.clone().lease_loop());
         tokio::spawn(inner.clone().request_loop(requests));
         tokio::spawn(inner.clone().rtt_loop());
         Ok(MeshBus { inner })

@@ -23,9 +23,11 @@ use crate::proto::mesh::{self as wire, reply, request};
 use crate::room::{OwnedRoom, Publication, RoomName, Sequenced, Sequencing};
 
 impl Inner {
-    /// This node may sequence `room` now, in its own view: settled, not draining, the owner.
+    /// This node is `room`'s owner now, in its own view: it holds the lease, is not draining,
+    /// and the ring gives it the room. A node that has not settled yet (it is still learning the
+    /// mesh) is the owner only of rooms handed to it explicitly (see [`Self::lock_owned`]).
     pub(super) fn owns(&self, room: &RoomName) -> bool {
-        self.settled()
+        self.lease_valid()
             && !self.draining.load(Ordering::Acquire)
             && self
                 .view()
@@ -98,6 +100,11 @@ impl Inner {
         let generation = self.generation();
         let pulled = match self.pull(room).await {
             Pulled::State(state) => Some(state),
+            // Only a settled node starts rooms: one still learning the mesh may not have heard
+            // of the node that holds this one. (It takes rooms handed to it explicitly.)
+            Pulled::Nowhere if !self.settled() => {
+                return Err(BusError::Moving("the mesh is settling".into()));
+            }
             Pulled::Nowhere => None,
             Pulled::Busy(reason) => return Err(BusError::Moving(reason)),
         };
@@ -230,7 +237,7 @@ impl Inner {
     pub(super) fn take_handoff(&self, room: RoomName, state: wire::RoomState) -> reply::Kind {
         let facts = HandoffFacts {
             draining: self.draining.load(Ordering::Acquire),
-            settled: self.settled(),
+            lease: self.lease_valid(),
             holds: self.owned.get(&room).is_some(),
             full: self.owned.is_full(),
             known_epoch: self.delivered_epoch(&room),
@@ -327,31 +334,57 @@ impl Inner {
             Ok(outcome) => outcome,
             Err(error) => return Step::Fail(error),
         };
-        let (epoch, seq, frame) = match outcome {
-            Sequencing::Duplicate { epoch, seq } => {
-                return Step::Done(Sequenced {
-                    epoch,
-                    seq,
-                    local_deliveries: 0,
-                    duplicate: true,
-                });
+        let generation = held.generation;
+        let (epoch, seq, bytes) = match outcome {
+            Sequencing::Duplicate { epoch, seq } => (epoch, seq, None),
+            Sequencing::New { epoch, seq, frame } => {
+                let bytes = frame.encode_after(&room_wire::header(KIND_MESSAGE, epoch, seq));
+                (epoch, seq, Some(bytes))
             }
-            Sequencing::New { epoch, seq, frame } => (epoch, seq, frame),
         };
-        let bytes = frame.encode_after(&room_wire::header(KIND_MESSAGE, epoch, seq));
-        let local_deliveries = self.deliver_local(&p.room, epoch, seq, Some(bytes.slice(HEADER..)));
-        if let Err(error) = self.send(self.subject_room(&p.room), bytes).await {
-            // Sequenced and delivered here; other nodes' members will see the gap. The client
-            // retries with the same id and is answered from the dedupe memory.
+        if let Some(bytes) = &bytes
+            && let Err(error) = self.send(self.subject_room(&p.room), bytes.clone()).await
+        {
+            // The message took a position but never reached the NATS client: this state can
+            // promise nothing any more (its dedupe memory names a message nobody will receive).
+            // It is dropped; the room is taken over afresh, and the client retries.
+            let cell = OwnedMutexGuard::mutex(&held).clone();
+            drop(held);
+            self.owned.forget(&p.room, &cell);
             return Step::Fail(BusError::Unavailable(format!(
                 "mesh publish failed: {error}"
+            )));
+        }
+        drop(held);
+        // Acknowledged only once the NATS server has the message (so every node with members
+        // receives it) and the lease still held after that: a node that lost the room meanwhile
+        // (stalled, cut off) answers UNAVAILABLE, and the client's retry with the same id goes
+        // to the new owner. A retried publish answered from the dedupe memory waits the same way
+        // for its original.
+        let confirmed = self.confirm().await;
+        // This node's own members get the message like every other node's: once the server
+        // has it (the room's order puts concurrent publishes back in sequence).
+        let duplicate = bytes.is_none();
+        let local_deliveries = match bytes {
+            Some(bytes) => self.deliver_local(&p.room, epoch, seq, Some(bytes.slice(HEADER..))),
+            None => 0,
+        };
+        if let Err(error) = confirmed {
+            return Step::Fail(BusError::Unavailable(format!(
+                "the NATS server did not confirm the message: {error}"
+            )));
+        }
+        if self.generation() != generation || !self.lease_valid() {
+            return Step::Fail(BusError::Unavailable(format!(
+                "{} lost its ownership lease while sequencing in {}; retry",
+                self.node_id, p.room
             )));
         }
         Step::Done(Sequenced {
             epoch,
             seq,
             local_deliveries,
-            duplicate: false,
+            duplicate,
         })
     }
 

@@ -96,8 +96,8 @@ pub(super) enum Step<T> {
     Fail(BusError),
 }
 
-/// A room's state as a hand-off carries it. Remembered client message ids travel with their
-/// Unix time (`at_ms`, the field older nodes read), computed from their age at `wall_ms`.
+/// A room's state as a hand-off carries it. Remembered client message ids travel with their age
+/// (no clocks compared), and with the Unix time older nodes read (`at_ms`, from `wall_ms`).
 pub(super) fn export(
     room: &RoomName,
     state: &OwnedRoom,
@@ -116,6 +116,8 @@ pub(super) fn export(
                 client_msg_id: entry.client_msg_id,
                 seq: entry.seq,
                 at_ms: wall_ms.saturating_sub(entry.age_ms),
+                age_ms: entry.age_ms,
+                age_present: true,
             })
             .collect(),
     }
@@ -128,7 +130,12 @@ pub(super) fn import(state: &wire::RoomState, now_ms: u64, wall_ms: u64) -> Owne
         publisher: Arc::from(entry.publisher.as_str()),
         client_msg_id: entry.client_msg_id.clone(),
         seq: entry.seq,
-        age_ms: wall_ms.saturating_sub(entry.at_ms),
+        // From a protocol-3 node the age itself; from an older one, by comparing wall clocks.
+        age_ms: if entry.age_present {
+            entry.age_ms
+        } else {
+            wall_ms.saturating_sub(entry.at_ms)
+        },
     });
     OwnedRoom::resume(state.epoch, state.seq, remembered, now_ms)
 }
