@@ -51,6 +51,10 @@ pub struct Heartbeat {
     /// [`MESH_PROTOCOL`] of the sender.
     #[serde(default = "protocol_one")]
     pub protocol: u32,
+    /// How many NATS connections the sender has made (its current connection's number): a
+    /// node declared gone on one connection is heard again once it heartbeats on a later one.
+    #[serde(default)]
+    pub connection: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -60,6 +64,16 @@ struct Peer {
     started_ms: u64,
     last_seen_ms: u64,
     protocol: u32,
+    connection: u64,
+}
+
+/// A node declared gone: heartbeats of that incarnation and connection (some may still be on
+/// their way) are ignored until `until_ms`.
+#[derive(Debug, Clone, Copy)]
+struct Gone {
+    started_ms: u64,
+    connection: u64,
+    until_ms: u64,
 }
 
 /// One node as the status API shows it.
@@ -128,6 +142,7 @@ pub struct Membership {
     ttl_ms: u64,
     self_state: NodeState,
     peers: HashMap<Arc<str>, Peer>,
+    gone: HashMap<Arc<str>, Gone>,
 }
 
 impl Membership {
@@ -139,6 +154,7 @@ impl Membership {
             ttl_ms,
             self_state: NodeState::Active,
             peers: HashMap::new(),
+            gone: HashMap::new(),
         }
     }
 
@@ -152,6 +168,16 @@ impl Membership {
             // Own heartbeats, and ids that could not name a subject (not from a roomwire node).
             return Seen::Unchanged;
         }
+        if let Some(gone) = self.gone.get(beat.id.as_str()) {
+            if now_ms < gone.until_ms
+                && beat.started_ms == gone.started_ms
+                && beat.connection <= gone.connection
+            {
+                // A heartbeat of the connection that is gone, late on its way.
+                return Seen::Unchanged;
+            }
+            self.gone.remove(beat.id.as_str());
+        }
         if beat.state == NodeState::Leaving {
             return match self.peers.remove(beat.id.as_str()) {
                 Some(_) => Seen::Changed,
@@ -162,6 +188,7 @@ impl Membership {
             Some(peer) if peer.started_ms == beat.started_ms => {
                 peer.last_seen_ms = now_ms;
                 peer.protocol = beat.protocol;
+                peer.connection = beat.connection;
                 if peer.state != beat.state {
                     peer.state = beat.state;
                     Seen::Changed
@@ -178,6 +205,7 @@ impl Membership {
                         started_ms: beat.started_ms,
                         last_seen_ms: now_ms,
                         protocol: beat.protocol,
+                        connection: beat.connection,
                     },
                 );
                 Seen::New
@@ -192,6 +220,25 @@ impl Membership {
         self.peers
             .retain(|_, peer| now_ms.saturating_sub(peer.last_seen_ms) <= ttl);
         self.peers.len() != before
+    }
+
+    /// Drops `id` at once: NATS says its connection is gone (nobody serves its subject). Its
+    /// heartbeats still on their way are ignored for one TTL; a heartbeat from a later
+    /// connection or a new incarnation brings it back. Returns whether it was known.
+    pub fn declare_gone(&mut self, id: &str, now_ms: u64) -> bool {
+        let Some(peer) = self.peers.remove(id) else {
+            return false;
+        };
+        self.gone.retain(|_, g| now_ms < g.until_ms);
+        self.gone.insert(
+            Arc::from(id),
+            Gone {
+                started_ms: peer.started_ms,
+                connection: peer.connection,
+                until_ms: now_ms.saturating_add(self.ttl_ms),
+            },
+        );
+        true
     }
 
     /// Forgets every peer (the NATS connection was lost: nothing heard is current any more).
@@ -246,7 +293,37 @@ mod tests {
             state,
             started_ms,
             protocol: MESH_PROTOCOL,
+            connection: 1,
         }
+    }
+
+    #[test]
+    fn a_node_declared_gone_stays_gone_until_it_heartbeats_on_a_new_connection() {
+        let mut m = members();
+        m.observe(&beat("b", NodeState::Active, 1), 0);
+        assert!(m.declare_gone("b", 100));
+        assert!(!m.declare_gone("b", 100), "only once");
+        assert_eq!(m.view(100).ring.nodes().len(), 1);
+        // A heartbeat of the gone connection, late on its way, is ignored...
+        assert_eq!(
+            m.observe(&beat("b", NodeState::Active, 1), 200),
+            Seen::Unchanged
+        );
+        assert_eq!(m.view(200).ring.nodes().len(), 1);
+        // ...one from its next connection (it reconnected) is not.
+        let mut reconnected = beat("b", NodeState::Active, 1);
+        reconnected.connection = 2;
+        assert_eq!(m.observe(&reconnected, 300), Seen::New);
+        assert_eq!(m.view(300).ring.nodes().len(), 2);
+        // A restarted incarnation, or the same one after a TTL, is heard too.
+        m.declare_gone("b", 400);
+        assert_eq!(m.observe(&beat("b", NodeState::Active, 2), 500), Seen::New);
+        m.declare_gone("b", 600);
+        assert_eq!(
+            m.observe(&beat("b", NodeState::Active, 2), 1_700),
+            Seen::New,
+            "after one TTL"
+        );
     }
 
     fn members() -> Membership {

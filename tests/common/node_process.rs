@@ -23,12 +23,12 @@ const BIN: &str = env!("CARGO_BIN_EXE_roomwire");
 const LOG_LINES: usize = 5_000;
 
 /// Mesh timings for tests: a dead node leaves the ring within ~1.2 s, a (re)connected node is
-/// ready after 0.6 s, an owner that cannot renew stops acknowledging after 0.6 s.
+/// ready after 0.6 s, an owner that cannot renew stops acknowledging after 0.9 s.
 pub const MESH_TIMINGS: &[&str] = &[
     "mesh.heartbeat_ms=200",
     "mesh.node_ttl_ms=1200",
     "mesh.settle_ms=600",
-    "mesh.lease_ms=600",
+    "mesh.lease_ms=900",
 ];
 
 #[derive(Default)]

@@ -10,6 +10,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::Inner;
+use super::link::RequestFailure;
 use super::routing::Route;
 use super::wire::{RoomMessage, Step};
 use crate::cluster::order::{Effect, Output, RoomOrder};
@@ -416,6 +417,9 @@ impl Inner {
                         Ok(_) => Step::Retry(format!("unexpected reply from {owner}")),
                         Err(reason) => {
                             self.metrics.mesh_unreachable.inc();
+                            if let RequestFailure::NoResponders = reason {
+                                self.peer_gone(&owner).await;
+                            }
                             Step::Retry(format!("{owner} did not answer: {reason}"))
                         }
                     }

@@ -62,6 +62,10 @@ impl Inner {
         format!("{}.ctl.disconnect", self.prefix)
     }
 
+    pub(super) fn subject_gone(&self) -> String {
+        format!("{}.gone", self.prefix)
+    }
+
     pub(super) fn subject_room(&self, room: &RoomName) -> String {
         format!("{}.room.{room}", self.prefix)
     }

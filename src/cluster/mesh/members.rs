@@ -10,9 +10,14 @@ use futures_util::StreamExt;
 use tokio::time::Instant;
 
 use super::Inner;
+use super::link::RequestFailure;
 use crate::clock::mono_ms;
 use crate::cluster::membership::{Heartbeat, NodeState, Seen};
 use crate::member::CloseReason;
+
+/// Gone notices checked at once at most (each a ping to the node); more are dropped (the
+/// heartbeat TTL still catches the node).
+const GONE_CHECKS_AT_ONCE: usize = 16;
 use crate::proto::mesh::{reply, request};
 
 impl Inner {
@@ -38,6 +43,7 @@ impl Inner {
             state,
             started_ms: self.started_ms,
             protocol: crate::cluster::membership::MESH_PROTOCOL,
+            connection: self.stats.connects.load(Ordering::Acquire),
         };
         Bytes::from(serde_json::to_vec(&beat).expect("a heartbeat serializes"))
     }
@@ -146,6 +152,67 @@ impl Inner {
         }
     }
 
+    /// NATS answered a request to `node` with "no responders": nobody serves its subject, so its
+    /// connection is gone (killed, crashed, or dropped by the server), and with it every room
+    /// state it held (state never outlives its connection). It leaves this node's ring at once
+    /// instead of after `node_ttl_ms`, and the other nodes are told, so the rooms it owned are
+    /// taken over in tens of milliseconds.
+    pub(super) async fn peer_gone(&self, node: &str) {
+        if *node == *self.node_id {
+            return;
+        }
+        let gone = self
+            .membership
+            .lock()
+            .expect("membership lock poisoned")
+            .declare_gone(node, mono_ms());
+        if !gone {
+            return;
+        }
+        self.metrics.mesh_nodes_gone.inc();
+        tracing::info!(
+            node,
+            "mesh: node gone (its NATS connection closed); its rooms move now"
+        );
+        self.publish_view();
+        if let Err(error) = self
+            .send(self.subject_gone(), Bytes::copy_from_slice(node.as_bytes()))
+            .await
+        {
+            tracing::debug!(%error, "mesh: gone notice not sent");
+        }
+    }
+
+    /// Notices from other nodes that a node is gone. Each is checked before it is believed: a
+    /// ping to the node must itself find no responders (a notice may be late, or wrong).
+    pub(super) async fn gone_loop(self: Arc<Self>, mut notices: async_nats::Subscriber) {
+        let checking = Arc::new(tokio::sync::Semaphore::new(GONE_CHECKS_AT_ONCE));
+        while let Some(notice) = notices.next().await {
+            let Ok(node) = std::str::from_utf8(&notice.payload) else {
+                continue;
+            };
+            if !crate::ids::is_subject_token(node) || *node == *self.node_id {
+                continue;
+            }
+            if !self.view().nodes.iter().any(|n| *n.id == *node) {
+                continue;
+            }
+            let Ok(permit) = checking.clone().try_acquire_owned() else {
+                continue;
+            };
+            let inner = self.clone();
+            let node = node.to_string();
+            tokio::spawn(async move {
+                let _permit = permit;
+                if let Err(RequestFailure::NoResponders) =
+                    inner.request(&node, request::Kind::Ping(true)).await
+                {
+                    inner.peer_gone(&node).await;
+                }
+            });
+        }
+    }
+
     /// Publishes this node's heartbeat every `heartbeat_ms` and renews the lease with it: once
     /// the NATS server confirms it has the heartbeat (and so every peer will hear it), the lease
     /// holds until `lease_ms` after the heartbeat was sent. A separate task from the heartbeat
@@ -202,13 +269,15 @@ impl Inner {
             turn = turn.wrapping_add(1);
             let peer = peers[turn % peers.len()];
             let started = Instant::now();
-            if let Ok(reply::Kind::Done(_)) =
-                self.request(&peer.id, request::Kind::Ping(true)).await
-            {
-                self.metrics
-                    .mesh_nats_rtt
-                    .get_or_create(&vec![("region", peer.region.to_string())])
-                    .set(started.elapsed().as_secs_f64());
+            match self.request(&peer.id, request::Kind::Ping(true)).await {
+                Ok(reply::Kind::Done(_)) => {
+                    self.metrics
+                        .mesh_nats_rtt
+                        .get_or_create(&vec![("region", peer.region.to_string())])
+                        .set(started.elapsed().as_secs_f64());
+                }
+                Err(RequestFailure::NoResponders) => self.peer_gone(&peer.id).await,
+                _ => {}
             }
         }
     }

@@ -190,6 +190,8 @@ impl MeshBus {
             .subscribe(inner.subject_requests(&inner.node_id))
             .await?;
         let control = inner.nats.subscribe(inner.subject_disconnect()).await?;
+        let gone = inner.nats.subscribe(inner.subject_gone()).await?;
+        tokio::spawn(inner.clone().gone_loop(gone));
         tokio::spawn(inner.clone().disconnect_loop(control));
         tokio::spawn(inner.clone().heartbeat_loop(heartbeats));
         tokio::spawn(inner.clone().lease_loop());

@@ -23,11 +23,12 @@ use crate::proto::mesh::{self as wire, reply, request};
 use crate::room::{OwnedRoom, Publication, RoomName, Sequenced, Sequencing};
 
 impl Inner {
-    /// This node is `room`'s owner now, in its own view: it holds the lease, is not draining,
-    /// and the ring gives it the room. A node that has not settled yet (it is still learning the
+    /// This node is `room`'s owner now, in its own view: it is connected to NATS, holds the
+    /// lease, is not draining, and the ring gives it the room. A node that has not settled yet (it is still learning the
     /// mesh) is the owner only of rooms handed to it explicitly (see [`Self::lock_owned`]).
     pub(super) fn owns(&self, room: &RoomName) -> bool {
-        self.lease_valid()
+        self.connected()
+            && self.lease_valid()
             && !self.draining.load(Ordering::Acquire)
             && self
                 .view()
@@ -164,7 +165,10 @@ impl Inner {
                     PullReply::Busy(reason)
                 }
                 Ok(_) => PullReply::Busy(format!("unexpected reply from {candidate}")),
-                Err(RequestFailure::NoResponders) => PullReply::Gone,
+                Err(RequestFailure::NoResponders) => {
+                    self.peer_gone(&candidate).await;
+                    PullReply::Gone
+                }
                 Err(RequestFailure::Other(reason)) => PullReply::Silent(reason),
             };
             if let Some(pulled) = pull.answer(candidate, reply) {

@@ -11,6 +11,7 @@ use prost::Message as _;
 use tokio::time::Instant;
 
 use super::Inner;
+use super::link::RequestFailure;
 use super::wire::{KIND_UNRELIABLE, Step};
 use crate::clock::wall_ms;
 use crate::cluster::BusError;
@@ -292,6 +293,9 @@ impl Inner {
             Ok(single) => vec![wire::Reply { kind: Some(single) }],
             Err(reason) => {
                 self.metrics.mesh_unreachable.inc();
+                if let RequestFailure::NoResponders = reason {
+                    self.peer_gone(owner).await;
+                }
                 return (
                     Vec::new(),
                     Some(format!("{owner} did not answer: {reason}")),
