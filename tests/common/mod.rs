@@ -1,9 +1,11 @@
 //! The shared test harness: a real node on 127.0.0.1:0 in this process, real WebSocket clients,
 //! raw sockets for bad input, and waits on conditions with deadlines (never bare sleeps).
 //! [`nats`] starts real nats-server processes (alone or joined by gateways) and
-//! [`node_process`] runs the real `roomwire` binary, for the mesh tests.
+//! [`node_process`] runs the real `roomwire` binary, for the mesh tests; [`mesh`] holds their
+//! members and publishers.
 #![allow(dead_code)]
 
+pub mod mesh;
 pub mod nats;
 pub mod node_process;
 
