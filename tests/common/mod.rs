@@ -2,12 +2,15 @@
 //! raw sockets for bad input, and waits on conditions with deadlines (never bare sleeps).
 //! [`nats`] starts real nats-server processes (alone or joined by gateways) and
 //! [`node_process`] runs the real `roomwire` binary, for the mesh tests; [`mesh`] holds their
-//! members and publishers.
+//! members and publishers. For the failure tests, [`proxy`] is a TCP proxy that can blackhole a
+//! node's NATS connection and [`faketime`] moves a node's wall clock.
 #![allow(dead_code)]
 
+pub mod faketime;
 pub mod mesh;
 pub mod nats;
 pub mod node_process;
+pub mod proxy;
 
 use std::future::Future;
 use std::net::SocketAddr;
