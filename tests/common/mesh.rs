@@ -33,6 +33,8 @@ pub type PublishOrder = (
 pub struct Member {
     pub label: String,
     pub joined: proto::Joined,
+    /// When the join was answered: a publish sent after it is sequenced after `joined`.
+    pub joined_at: tokio::time::Instant,
     pub events: Arc<Mutex<Vec<Event>>>,
     publishes: mpsc::Sender<PublishOrder>,
     task: JoinHandle<()>,
@@ -80,6 +82,7 @@ impl Member {
         Member {
             label,
             joined,
+            joined_at: tokio::time::Instant::now(),
             events,
             publishes,
             task,
@@ -455,6 +458,16 @@ pub fn ring_owners(ids: &[&str], rooms: &[String]) -> Vec<String> {
     rooms
         .iter()
         .map(|r| ring.owner(r).unwrap().to_string())
+        .collect()
+}
+
+/// The first `n` rooms named `<prefix><i>` that the ring of `ids` gives to `owner`.
+pub fn rooms_owned_by(ids: &[&str], owner: &str, n: usize, prefix: &str) -> Vec<String> {
+    let ring = Ring::new(ids, DEFAULT_VNODES);
+    (0..)
+        .map(|i| format!("{prefix}{i}"))
+        .filter(|room| ring.owner(room).is_some_and(|o| **o == *owner))
+        .take(n)
         .collect()
 }
 
