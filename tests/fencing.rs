@@ -31,7 +31,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::audit::{Watched, assert_no_stale_epochs, audit, mesh_counters, wait_delivered};
+use common::audit::{Watched, assert_stale_epochs_at_most, audit, mesh_counters, wait_delivered};
 use common::faketime::{FakeClock, libfaketime, real_wall_ms};
 use common::mesh::{Member, rooms_owned_by};
 use common::nats::{NatsServer, free_port};
@@ -137,6 +137,7 @@ async fn check(
     publishes: &[Publish],
     nodes: &[&NodeProcess],
     fault: (&str, Instant),
+    stale_epochs_allowed: usize,
 ) {
     let settled = wait_delivered(watched, publishes, DELIVERY_WAIT).await;
     let report = audit(scenario, watched, publishes);
@@ -200,7 +201,7 @@ async fn check(
         "{scenario}: publishes never acknowledged:\n  {}",
         unavailable.join("\n  ")
     );
-    assert_no_stale_epochs(&counters);
+    assert_stale_epochs_at_most(&counters, stale_epochs_allowed);
 }
 
 /// `server_time_ms` of the last message `member` received (the owner's wall clock when it
@@ -387,6 +388,7 @@ async fn stalled_owner_loses_no_acknowledged_publish() {
         &publishes,
         &[&n1, &n2, &n3],
         ("SIGCONT", woke),
+        0,
     )
     .await;
 }
@@ -445,6 +447,7 @@ async fn forward_clock_jump_loses_no_acknowledged_publish() {
         &publishes,
         &nodes,
         ("the jump", jumped),
+        0,
     )
     .await;
 }
@@ -544,6 +547,7 @@ async fn backward_clock_jump_on_a_fresh_node_keeps_it_prompt() {
         &publishes,
         &nodes,
         ("spawning n2", spawned),
+        0,
     )
     .await;
     assert!(
@@ -611,6 +615,7 @@ async fn backward_clock_jump_then_take_over_loses_no_acknowledged_publish() {
         &publishes,
         &[&n1, &n3],
         ("the kill", killed),
+        0,
     )
     .await;
 }
@@ -767,7 +772,19 @@ async fn cut_off_node_stops_acknowledging_within_its_lease() {
             }
         })
         .collect();
-    check("cut", &watched, &publishes, &nodes, ("the cut", cut)).await;
+    // A message n1 sequenced between the cut and the end of its lease sat in its socket until the
+    // heal and reached the others after the new epoch (they drop and count it): never
+    // acknowledged (its publisher got UNAVAILABLE and retried elsewhere), so not a loss; at most
+    // one per publish n1 refused.
+    check(
+        "cut",
+        &watched,
+        &publishes,
+        &nodes,
+        ("the cut", cut),
+        refused_then_landed.len(),
+    )
+    .await;
     let first_refusal = first_refusal.expect("n1 refused nothing while cut off from NATS");
     assert!(
         first_refusal <= bound,
@@ -873,6 +890,7 @@ async fn failover_after_kill9_is_measured_and_loses_nothing() {
         &publishes,
         &[&n2, &n3],
         ("the kill", killed),
+        0,
     )
     .await;
 }

@@ -55,6 +55,11 @@ pub struct Heartbeat {
     /// node declared gone on one connection is heard again once it heartbeats on a later one.
     #[serde(default)]
     pub connection: u64,
+    /// The sender's epoch clock (ms): at least its wall clock and every epoch it handed out.
+    /// Every node keeps its own clock above the others' (plus a margin), so a new epoch is
+    /// above any other node's, even from a node whose wall clock is behind.
+    #[serde(default)]
+    pub clock_ms: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -294,6 +299,7 @@ mod tests {
             started_ms,
             protocol: MESH_PROTOCOL,
             connection: 1,
+            clock_ms: 0,
         }
     }
 

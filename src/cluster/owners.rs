@@ -14,7 +14,8 @@ use crate::room::{DedupeRules, OwnedRoom, Publication, RoomName, Sequencing};
 #[derive(Debug)]
 pub struct Held {
     pub room: OwnedRoom,
-    /// Released to another node: nothing more may be sequenced here (mesh).
+    /// Released to another node, or retired after a message whose fate is unknown: nothing more
+    /// may be sequenced with this state (mesh).
     pub moved: bool,
     /// The NATS connection (and lease) the state was created or taken over on (mesh; always 0
     /// standalone). State from an earlier one is never used again.

@@ -178,7 +178,8 @@ impl Sequencer {
     }
 }
 
-/// Hands out epochs that only grow on this node, even across a backwards clock step.
+/// Hands out epochs that only grow on this node, even across a backwards clock step, and (fed
+/// with [`Self::observe`]) that exceed what the other nodes of a mesh may have handed out.
 ///
 /// An epoch is a Unix-millisecond value (so a restarted node's epochs are later than the previous
 /// run's), bumped by one when two rooms start within the same millisecond.
@@ -188,6 +189,18 @@ pub struct EpochClock {
 }
 
 impl EpochClock {
+    /// Raises the clock to at least `floor_ms` (a hybrid logical clock: in a mesh, every node's
+    /// clock announced in its heartbeats, so no node hands out an epoch below one another node
+    /// may have given, whatever its own wall clock says).
+    pub fn observe(&self, floor_ms: u64) {
+        self.last.fetch_max(floor_ms, Ordering::Relaxed);
+    }
+
+    /// The clock's reading: the last value handed out or observed.
+    pub fn reading(&self) -> u64 {
+        self.last.load(Ordering::Relaxed)
+    }
+
     pub fn next(&self, now_ms: u64) -> u64 {
         let mut prev = self.last.load(Ordering::Relaxed);
         loop {
@@ -383,6 +396,16 @@ mod tests {
         assert_eq!(s.assign(), (9, 1));
         assert_eq!(s.assign(), (9, 2));
         assert_eq!(s.position(), (9, 2));
+    }
+
+    #[test]
+    fn an_observed_clock_ahead_of_the_wall_clock_raises_the_next_epoch() {
+        let clock = EpochClock::default();
+        clock.observe(10_000);
+        assert_eq!(clock.next(100), 10_001, "a node 10 s behind its peers");
+        clock.observe(5_000);
+        assert_eq!(clock.next(100), 10_002, "a lower reading changes nothing");
+        assert_eq!(clock.reading(), 10_002);
     }
 
     #[test]

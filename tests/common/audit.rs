@@ -528,13 +528,15 @@ pub async fn mesh_counters(nodes: &[&NodeProcess]) -> Vec<Counters> {
     out
 }
 
-/// Asserts [`STALE_EPOCH_METRIC`] is 0 on every node that exports it.
-pub fn assert_no_stale_epochs(counters: &[Counters]) {
+/// Asserts [`STALE_EPOCH_METRIC`] is at most `allowed` on every node that exports it (0 but where
+/// a scenario leaves unacknowledged messages in a cut-off node's socket).
+pub fn assert_stale_epochs_at_most(counters: &[Counters], allowed: usize) {
     for c in counters {
         if let Some(v) = c.stale_epoch {
-            assert_eq!(
-                v, 0.0,
-                "{}: {STALE_EPOCH_METRIC} = {v}: older-epoch messages arrived after newer ones",
+            assert!(
+                v <= allowed as f64,
+                "{}: {STALE_EPOCH_METRIC} = {v} (allowed {allowed}): older-epoch messages arrived \
+                 after newer ones",
                 c.node
             );
         }

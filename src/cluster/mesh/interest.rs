@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use super::Inner;
 use super::link::RequestFailure;
 use super::routing::Route;
-use super::wire::{RoomMessage, Step};
+use super::wire::{ORIGIN_HEADER, RoomMessage, Step};
 use crate::cluster::order::{Effect, Output, RoomOrder};
 use crate::cluster::{BusError, RoomInfo};
 use crate::member::Member;
@@ -124,7 +124,15 @@ impl Inner {
                 _ = interest.wake.notified(), if gap_deadline.is_none() => continue,
             };
             let Some(message) = message else { break };
-            self.on_room_message(&interest, message.payload);
+            // This node's own unreliable messages were delivered here when they were sent.
+            let own = message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(ORIGIN_HEADER))
+                .is_some_and(|origin| origin.as_str() == &*self.node_id);
+            if !own {
+                self.on_room_message(&interest, message.payload);
+            }
         }
     }
 
@@ -155,26 +163,6 @@ impl Inner {
             .cloned()?;
         let state = interest.state.lock().expect("interest lock poisoned");
         state.order.epoch()
-    }
-
-    /// Delivers a message sequenced by this node to its local members (if any).
-    pub(super) fn deliver_local(
-        &self,
-        room: &RoomName,
-        epoch: u64,
-        seq: u64,
-        frame: Option<Bytes>,
-    ) -> usize {
-        let interest = self
-            .interests
-            .lock()
-            .expect("interests lock poisoned")
-            .get(room)
-            .cloned();
-        match interest {
-            Some(interest) => self.deliver_in_order(&interest, epoch, seq, frame, 0),
-            None => 0,
-        }
     }
 
     /// Hands a message (or a join marker, `marker` non-zero) to the room's [`RoomOrder`] under

@@ -36,6 +36,9 @@ pub(super) struct Link {
 pub(super) enum RequestFailure {
     /// Nobody subscribes to the node's subject: it is gone (its connection closed).
     NoResponders,
+    /// The node left this node's ring while the request waited (it was found gone): its answer
+    /// will not come, and the caller re-routes at once instead of waiting for the timeout.
+    Left,
     /// Timed out or failed otherwise: the node may be alive but slow, or unreachable.
     Other(String),
 }
@@ -44,6 +47,7 @@ impl std::fmt::Display for RequestFailure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             RequestFailure::NoResponders => f.write_str("no responders"),
+            RequestFailure::Left => f.write_str("left the ring"),
             RequestFailure::Other(reason) => f.write_str(reason),
         }
     }
@@ -113,9 +117,20 @@ impl Inner {
         kind: request::Kind,
     ) -> Result<reply::Kind, RequestFailure> {
         let payload = wire::Request { kind: Some(kind) }.encode_to_vec();
-        let message = self
-            .nats_request(self.subject_requests(node), Bytes::from(payload))
-            .await?;
+        let mut views = self.view_changes.subscribe();
+        let asking = self.nats_request(self.subject_requests(node), Bytes::from(payload));
+        tokio::pin!(asking);
+        let message = loop {
+            tokio::select! {
+                reply = &mut asking => break reply?,
+                changed = views.changed() => {
+                    let known = self.view().nodes.iter().any(|n| *n.id == *node);
+                    if changed.is_err() || !known {
+                        return Err(RequestFailure::Left);
+                    }
+                }
+            }
+        };
         wire::Reply::decode(message.payload)
             .ok()
             .and_then(|r| r.kind)

@@ -44,6 +44,7 @@ impl Inner {
             started_ms: self.started_ms,
             protocol: crate::cluster::membership::MESH_PROTOCOL,
             connection: self.stats.connects.load(Ordering::Acquire),
+            clock_ms: self.epochs.reading().max(crate::clock::wall_ms()),
         };
         Bytes::from(serde_json::to_vec(&beat).expect("a heartbeat serializes"))
     }
@@ -76,6 +77,9 @@ impl Inner {
             view.clone(),
         );
         drop(membership);
+        if previous.version != view.version || previous.nodes.len() != view.nodes.len() {
+            self.view_changes.send_replace(());
+        }
         self.metrics.mesh_nodes.clear();
         for (region, count) in view.nodes_per_region() {
             self.metrics
@@ -135,6 +139,12 @@ impl Inner {
                         tracing::warn!("mesh: undecodable heartbeat ignored");
                         continue;
                     };
+                    if *beat.id != *self.node_id {
+                        // The sender may have handed out epochs up to its clock, and for up to a
+                        // heartbeat period (and the delivery) after it announced it.
+                        self.epochs
+                            .observe(beat.clock_ms.saturating_add(2 * self.config.heartbeat_ms));
+                    }
                     let seen = self
                         .membership
                         .lock()

@@ -77,6 +77,8 @@ struct Inner {
     stats: Arc<async_nats::Statistics>,
     membership: Mutex<Membership>,
     view: RwLock<Arc<RingView>>,
+    /// Told every time the view changes (requests to a node that leaves it stop waiting).
+    view_changes: tokio::sync::watch::Sender<()>,
     ring_changes: AtomicU64,
     owned: Owners,
     /// Rooms this node gave away recently, to whom, and when (monotonic ms): a late release
@@ -105,7 +107,6 @@ impl MeshBus {
         let link = Arc::new(Link::default());
         let mut options = async_nats::ConnectOptions::new()
             .name(format!("roomwire {node_id}"))
-            .no_echo()
             .retry_on_initial_connect()
             .max_reconnects(None)
             .subscription_capacity(mesh.subscription_capacity)
@@ -173,6 +174,7 @@ impl MeshBus {
             link,
             membership: Mutex::new(membership),
             view: RwLock::new(view),
+            view_changes: tokio::sync::watch::Sender::new(()),
             ring_changes: AtomicU64::new(0),
             owned,
             moved: Mutex::new(HashMap::new()),

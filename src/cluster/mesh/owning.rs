@@ -133,10 +133,10 @@ impl Inner {
             }
             Some(epoch) => {
                 // Nothing is sequenced in the new epoch before its marker is out, so members
-                // elsewhere learn of it now (EpochChanged), not at the next message.
+                // (here too: this node hears its own room messages like every other node) learn
+                // of it now (EpochChanged), not at the next message.
                 let _sequencing = cell.lock().await;
                 self.metrics.mesh_epochs_started.inc();
-                self.deliver_local(room, epoch, 0, None);
                 let marker = room_wire::epoch_marker(epoch);
                 if let Err(error) = self.send(self.subject_room(room), marker).await {
                     tracing::debug!(%error, "mesh: epoch marker not sent");
@@ -169,6 +169,7 @@ impl Inner {
                     self.peer_gone(&candidate).await;
                     PullReply::Gone
                 }
+                Err(RequestFailure::Left) => PullReply::Gone,
                 Err(RequestFailure::Other(reason)) => PullReply::Silent(reason),
             };
             if let Some(pulled) = pull.answer(candidate, reply) {
@@ -352,6 +353,7 @@ impl Inner {
             // The message took a position but never reached the NATS client: this state can
             // promise nothing any more (its dedupe memory names a message nobody will receive).
             // It is dropped; the room is taken over afresh, and the client retries.
+            held.moved = true;
             let cell = OwnedMutexGuard::mutex(&held).clone();
             drop(held);
             self.owned.forget(&p.room, &cell);
@@ -359,21 +361,18 @@ impl Inner {
                 "mesh publish failed: {error}"
             )));
         }
+        let cell = OwnedMutexGuard::mutex(&held).clone();
         drop(held);
         // Acknowledged only once the NATS server has the message (so every node with members
         // receives it) and the lease still held after that: a node that lost the room meanwhile
         // (stalled, cut off) answers UNAVAILABLE, and the client's retry with the same id goes
         // to the new owner. A retried publish answered from the dedupe memory waits the same way
         // for its original.
-        let confirmed = self.confirm().await;
-        // This node's own members get the message like every other node's: once the server
-        // has it (the room's order puts concurrent publishes back in sequence).
-        let duplicate = bytes.is_none();
-        let local_deliveries = match bytes {
-            Some(bytes) => self.deliver_local(&p.room, epoch, seq, Some(bytes.slice(HEADER..))),
-            None => 0,
-        };
-        if let Err(error) = confirmed {
+        if let Err(error) = self.confirm().await {
+            // Whether the others got the message is unknown: the state can promise nothing
+            // after it, and is retired (the room is taken over afresh).
+            cell.lock().await.moved = true;
+            self.owned.forget(&p.room, &cell);
             return Step::Fail(BusError::Unavailable(format!(
                 "the NATS server did not confirm the message: {error}"
             )));
@@ -384,10 +383,18 @@ impl Inner {
                 self.node_id, p.room
             )));
         }
+        // This node's own members get the message the way every other node's do: from the NATS
+        // server, in the order it delivers the room's subject, so members here and elsewhere
+        // never see different messages (even of one sequenced just before a stall or a cut).
+        let duplicate = bytes.is_none();
         Step::Done(Sequenced {
             epoch,
             seq,
-            local_deliveries,
+            local_deliveries: if duplicate {
+                0
+            } else {
+                self.hub.member_count(&p.room)
+            },
             duplicate,
         })
     }

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 
 use super::Inner;
 use super::link::RequestFailure;
-use super::wire::{KIND_UNRELIABLE, Step};
+use super::wire::{KIND_UNRELIABLE, ORIGIN_HEADER, Step};
 use crate::clock::wall_ms;
 use crate::cluster::BusError;
 use crate::config::MeshConfig;
@@ -330,11 +330,18 @@ impl Inner {
         let frame = p.frame(0, 0, wall_ms());
         let bytes = frame.encode_after(&[KIND_UNRELIABLE]);
         let report = self.hub.deliver_unreliable(&p.room, &bytes.slice(1..));
-        if report.too_large.is_none()
-            && self.connected()
-            && let Err(error) = self.send(self.subject_room(&p.room), bytes).await
-        {
-            tracing::debug!(%error, "mesh: unreliable message not sent");
+        if report.too_large.is_none() && self.connected() {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(ORIGIN_HEADER, &*self.node_id);
+            let bound = Duration::from_millis(self.config.request_timeout_ms);
+            let sending =
+                self.nats
+                    .publish_with_headers(self.subject_room(&p.room), headers, bytes);
+            match tokio::time::timeout(bound, sending).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => tracing::debug!(%error, "mesh: unreliable message not sent"),
+                Err(_) => tracing::debug!("mesh: unreliable message not taken in time"),
+            }
         }
         report
     }

@@ -21,6 +21,10 @@ pub(super) const KIND_SYNC: u8 = 3;
 pub(super) const KIND_EPOCH: u8 = 4;
 /// Kind, epoch, seq.
 pub(super) const HEADER: usize = 17;
+/// NATS header naming the node that sent an unreliable message: it delivered the message to its
+/// own members when it sent it, and skips it when NATS echoes it back. (Sequenced messages reach
+/// the owner's members through NATS like everyone else's.)
+pub(super) const ORIGIN_HEADER: &str = "Roomwire-Origin";
 
 /// The header of an ordered room-subject message.
 pub(super) fn header(kind: u8, epoch: u64, seq: u64) -> [u8; HEADER] {
