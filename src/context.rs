@@ -10,7 +10,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::auth::{ApiKeys, AuthError, Authenticator, Principal, Services};
+use crate::auth::{ApiKeys, AuthError, Authenticator, Principal, Services, TokenId};
 use crate::certs::webtransport::CurrentCert;
 use crate::clock::wall_ms;
 use crate::cluster::Bus;
@@ -88,17 +88,40 @@ impl NodeContext {
         self.draining.load(Ordering::Relaxed)
     }
 
-    /// Checks a connection token now, whichever transport brought it, and counts a refusal in
-    /// `roomwire_auth_failures_total{reason}`. `session_key` only names an anonymous session
-    /// (insecure mode, empty token); callers holding a non-empty token may pass 0.
-    pub fn authenticate(&self, token: &str, session_key: u64) -> Result<Principal, AuthError> {
-        self.count_auth(self.auth.authenticate(token, session_key, wall_ms() / 1000))
+    /// Checks a connection token now, whichever transport brought it, uses up its token id, and
+    /// counts a refusal in `roomwire_auth_failures_total{reason}`. `session_key` only names an
+    /// anonymous session (insecure mode, empty token); callers holding a non-empty token may
+    /// pass 0.
+    pub async fn authenticate(
+        &self,
+        token: &str,
+        session_key: u64,
+    ) -> Result<Principal, AuthError> {
+        let now = wall_ms() / 1000;
+        let result = match self.auth.verify(token, session_key, now) {
+            Ok((principal, id)) => self.claim_token_id(id, now).await.map(|()| principal),
+            Err(error) => Err(error),
+        };
+        self.count_auth(result)
     }
 
-    /// Checks a Refresh token for a live session of `user`, counting a refusal like
-    /// [`NodeContext::authenticate`].
-    pub fn refresh(&self, token: &str, user: &str) -> Result<Principal, AuthError> {
-        self.count_auth(self.auth.refresh(token, user, wall_ms() / 1000))
+    /// Checks a Refresh token for a live session of `user`, exactly like
+    /// [`NodeContext::authenticate`] (a token for another user is refused before its id is used).
+    pub async fn refresh(&self, token: &str, user: &str) -> Result<Principal, AuthError> {
+        let now = wall_ms() / 1000;
+        let result = match self.auth.verify_refresh(token, user, now) {
+            Ok((principal, id)) => self.claim_token_id(id, now).await.map(|()| principal),
+            Err(error) => Err(error),
+        };
+        self.count_auth(result)
+    }
+
+    /// Uses up a verified token's id in this node's store.
+    async fn claim_token_id(&self, id: Option<TokenId>, now: u64) -> Result<(), AuthError> {
+        match id {
+            Some(id) => self.auth.claim_locally(&id, now),
+            None => Ok(()),
+        }
     }
 
     fn count_auth(&self, result: Result<Principal, AuthError>) -> Result<Principal, AuthError> {
