@@ -13,8 +13,9 @@
 //! Room patterns use the NATS convention: `*` matches one segment, `>` one or more trailing ones.
 //! A token without `rooms` may join and publish nowhere (the user's own `$user` room still
 //! delivers). Each token id (`jti`) is accepted once within the token's lifetime. This module
-//! verifies a token and says which id it uses up ([`TokenId`]); the node context claims it, for
-//! now in the node-local store ([`Authenticator::claim_locally`]).
+//! verifies a token and says which id it uses up ([`TokenId`]); where the id is claimed is the
+//! node context's choice: the node-local [`Authenticator::claim_locally`] standalone, the mesh's
+//! shared store (a JetStream KV bucket) in a mesh, so a token cannot be replayed on another node.
 
 use std::sync::Arc;
 
@@ -146,6 +147,10 @@ pub enum AuthError {
     WrongUser,
     #[error("replay store full, retry later")]
     Busy,
+    /// The mesh's token-id store could not be reached in time, and the node may not decide
+    /// alone (`auth.jwt.replay_when_unavailable = "refuse"`).
+    #[error("token replay check unavailable, retry later")]
+    ReplayCheckUnavailable,
 }
 
 impl AuthError {
@@ -160,7 +165,7 @@ impl AuthError {
     /// The token was not judged (a store is full or unreachable): the same token may succeed
     /// later, so the refusal is 503 / UNAVAILABLE, not 401 / UNAUTHORIZED.
     pub fn retryable(&self) -> bool {
-        matches!(self, AuthError::Busy)
+        matches!(self, AuthError::Busy | AuthError::ReplayCheckUnavailable)
     }
 
     /// Metrics label (`roomwire_auth_failures_total{reason}`).
@@ -172,6 +177,7 @@ impl AuthError {
             AuthError::TooLong => "lifetime",
             AuthError::WrongUser => "wrong_user",
             AuthError::Busy => "busy",
+            AuthError::ReplayCheckUnavailable => "replay_unavailable",
         }
     }
 }

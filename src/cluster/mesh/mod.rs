@@ -43,8 +43,11 @@ mod interest;
 mod link;
 mod members;
 mod owning;
+mod replay;
 mod routing;
 mod wire;
+
+pub use replay::TokenClaim;
 
 use interest::Interest;
 use link::Link;
@@ -60,6 +63,7 @@ const MOVED_TTL_MS: u64 = 60_000;
 /// The NATS mesh bus.
 pub struct MeshBus {
     inner: Arc<Inner>,
+    token_ids: Arc<replay::TokenIds>,
 }
 
 struct Inner {
@@ -193,7 +197,8 @@ impl MeshBus {
         tokio::spawn(inner.clone().heartbeat_loop(heartbeats));
         tokio::spawn(inner.clone().request_loop(requests));
         tokio::spawn(inner.clone().rtt_loop());
-        Ok(MeshBus { inner })
+        let token_ids = replay::TokenIds::start(&inner, config);
+        Ok(MeshBus { inner, token_ids })
     }
 
     /// Sequences every publication at its room's owner; one result per publication, in order.
