@@ -3,7 +3,8 @@
 #
 #   regions/run.sh
 #
-# three NATS servers (eu, us, ap: regions/*.nats.conf) joined by gateways, and two roomwire nodes
+# three NATS servers (eu, us, ap: regions/*.nats.conf) joined by gateways, with JetStream (its
+# store in target/regions/jetstream/, for the mesh's token-id bucket), and two roomwire nodes
 # per region (regions/<region>.toml, the second one with its id and ports overridden), built with
 # `cargo build --release`. It prints the URLs once every node is ready, and stops everything on
 # Ctrl-C: the nodes first (each drains: GoAway to its sessions, close 1001), then the NATS servers.
@@ -23,7 +24,7 @@ NATS=$(scripts/nats-server.sh)
 step "building roomwire (release)"
 cargo build --release --locked --bin roomwire
 BIN=target/release/roomwire
-mkdir -p "$LOGS"
+mkdir -p "$LOGS" "$LOGS/jetstream"
 KEY=${ROOMWIRE_API_KEY:-local-$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')}
 
 NATS_PIDS=()
@@ -69,11 +70,16 @@ for i in "${!REGIONS[@]}"; do
   "$NATS" -c "regions/$r.nats.conf" >"$LOGS/nats-$r.log" 2>&1 &
   NATS_PIDS+=($!)
 done
+# Up first (JetStream enabled), then the gateways, then JetStream usable: the regions elect one
+# JetStream meta leader among them, which takes several seconds (plain /healthz says when).
 for i in "${!REGIONS[@]}"; do
-  poll "nats-server ${REGIONS[$i]}" 20 ok "http://127.0.0.1:83$((i + 1))0/healthz"
+  poll "nats-server ${REGIONS[$i]}" 20 ok "http://127.0.0.1:83$((i + 1))0/healthz?js-enabled-only=true"
 done
 for i in "${!REGIONS[@]}"; do
   poll "the gateways of ${REGIONS[$i]}" 30 gateways_up "83$((i + 1))0"
+done
+for i in "${!REGIONS[@]}"; do
+  poll "JetStream in ${REGIONS[$i]}" 60 ok "http://127.0.0.1:83$((i + 1))0/healthz"
 done
 
 step "starting two roomwire nodes per region"
@@ -114,6 +120,7 @@ cat <<EOF
 
   WebTransport: https://localhost:44<region 1-3><node 0-1>/wt (e.g. eu-1 :4410, us-2 :4421)
   NATS:         nats://127.0.0.1:4310 (eu), :4320 (us), :4330 (ap); monitoring :8310, :8320, :8330
+                JetStream (one meta group over the three regions) stores in $LOGS/jetstream/
   Try:          curl -H 'Authorization: Bearer $KEY' 'http://127.0.0.1:8110/api/v1/cluster?room=lobby'
                 $BIN client --url ws://127.0.0.1:8110/ws --token alice chat lobby
                 $BIN client --url ws://127.0.0.1:8131/ws --token bob chat lobby

@@ -5,16 +5,17 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::auth::{ApiKeys, AuthError, Authenticator, Principal, Services};
+use crate::auth::{ApiKeys, AuthError, Authenticator, Principal, Services, TokenId};
 use crate::certs::webtransport::CurrentCert;
 use crate::clock::wall_ms;
-use crate::cluster::Bus;
-use crate::config::Config;
+use crate::cluster::{Bus, TokenClaim};
+use crate::config::{Config, ReplayWhenUnavailable};
 use crate::fanout::Hub;
 use crate::limits::{IpGate, IpSlot};
 use crate::member::{Identity, Member, MemberLimits, Transport};
@@ -88,17 +89,82 @@ impl NodeContext {
         self.draining.load(Ordering::Relaxed)
     }
 
-    /// Checks a connection token now, whichever transport brought it, and counts a refusal in
-    /// `roomwire_auth_failures_total{reason}`. `session_key` only names an anonymous session
-    /// (insecure mode, empty token); callers holding a non-empty token may pass 0.
-    pub fn authenticate(&self, token: &str, session_key: u64) -> Result<Principal, AuthError> {
-        self.count_auth(self.auth.authenticate(token, session_key, wall_ms() / 1000))
+    /// Checks a connection token now, whichever transport brought it, uses up its token id
+    /// (in a mesh: for every node), and counts a refusal in `roomwire_auth_failures_total{reason}`.
+    /// `session_key` only names an anonymous session (insecure mode, empty token); callers
+    /// holding a non-empty token may pass 0. In a mesh this waits for the shared token-id store,
+    /// at most `mesh.request_timeout_ms`.
+    pub async fn authenticate(
+        &self,
+        token: &str,
+        session_key: u64,
+    ) -> Result<Principal, AuthError> {
+        let now = wall_ms() / 1000;
+        let result = match self.auth.verify(token, session_key, now) {
+            Ok((principal, id)) => self.claim_token_id(id, now).await.map(|()| principal),
+            Err(error) => Err(error),
+        };
+        self.count_auth(result)
     }
 
-    /// Checks a Refresh token for a live session of `user`, counting a refusal like
-    /// [`NodeContext::authenticate`].
-    pub fn refresh(&self, token: &str, user: &str) -> Result<Principal, AuthError> {
-        self.count_auth(self.auth.refresh(token, user, wall_ms() / 1000))
+    /// Checks a Refresh token for a live session of `user`, exactly like
+    /// [`NodeContext::authenticate`] (a token for another user is refused before its id is used).
+    pub async fn refresh(&self, token: &str, user: &str) -> Result<Principal, AuthError> {
+        let now = wall_ms() / 1000;
+        let result = match self.auth.verify_refresh(token, user, now) {
+            Ok((principal, id)) => self.claim_token_id(id, now).await.map(|()| principal),
+            Err(error) => Err(error),
+        };
+        self.count_auth(result)
+    }
+
+    /// Uses up a verified token's id: standalone in this node's store; in a mesh in the shared
+    /// one, or (when it cannot be reached and `auth.jwt.replay_when_unavailable = "node"`) in this
+    /// node's store after all. Counted in `roomwire_replay_checks_total{store, outcome}`.
+    async fn claim_token_id(&self, id: Option<TokenId>, now: u64) -> Result<(), AuthError> {
+        let Some(id) = id else {
+            return Ok(());
+        };
+        // The key must outlive the token on every node: through the whole second `keep_until`
+        // (`exp + leeway`, the last one a node accepts it in) on the clock of the node that
+        // claims it, plus the leeway again for nodes whose clocks run behind this one's (the
+        // JWT leeway is the clock skew the deployment tolerates).
+        let leeway = self.config.auth.jwt.leeway_s;
+        let remaining = id.keep_until.saturating_add(1).saturating_sub(now);
+        let ttl = Duration::from_secs(remaining.saturating_add(leeway));
+        let (store, result) = match self.bus.claim_token_id(&id.jti, ttl).await {
+            None => ("node", self.auth.claim_locally(&id, now)),
+            Some(Ok(TokenClaim::Fresh)) => ("mesh", Ok(())),
+            Some(Ok(TokenClaim::Replayed)) => ("mesh", Err(AuthError::Replayed)),
+            Some(Err(error)) => {
+                let policy = self.config.auth.jwt.replay_when_unavailable;
+                if should_warn_replay_unavailable() {
+                    tracing::warn!(%error, ?policy, "the mesh's token-id store is unavailable");
+                } else {
+                    tracing::debug!(%error, ?policy, "the mesh's token-id store is unavailable");
+                }
+                match policy {
+                    ReplayWhenUnavailable::Refuse => {
+                        ("mesh", Err(AuthError::ReplayCheckUnavailable))
+                    }
+                    ReplayWhenUnavailable::Node => {
+                        self.metrics.replay_fallbacks.inc();
+                        ("node", self.auth.claim_locally(&id, now))
+                    }
+                }
+            }
+        };
+        let outcome = match &result {
+            Ok(()) => "accepted",
+            Err(AuthError::Replayed) => "replayed",
+            Err(AuthError::Busy) => "full",
+            Err(_) => "unavailable",
+        };
+        self.metrics
+            .replay_checks
+            .get_or_create(&[("store", store), ("outcome", outcome)])
+            .inc();
+        result
     }
 
     fn count_auth(&self, result: Result<Principal, AuthError>) -> Result<Principal, AuthError> {
@@ -111,6 +177,20 @@ impl NodeContext {
         result
     }
 }
+
+/// Whether an unavailable token-id store is worth a warning now: at most one per
+/// [`REPLAY_WARNING_EVERY_MS`] (every connect meets it during an outage; the metrics count them all).
+fn should_warn_replay_unavailable() -> bool {
+    static LAST_MS: AtomicU64 = AtomicU64::new(0);
+    let now = crate::clock::mono_ms();
+    let last = LAST_MS.load(Ordering::Relaxed);
+    (last == 0 || now.saturating_sub(last) >= REPLAY_WARNING_EVERY_MS)
+        && LAST_MS
+            .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+}
+
+const REPLAY_WARNING_EVERY_MS: u64 = 10_000;
 
 /// The principal a verified client certificate named (mutual TLS), put into each request.
 #[derive(Clone)]

@@ -5,6 +5,7 @@ use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 type Labels = [(&'static str, &'static str); 1];
@@ -55,6 +56,16 @@ pub struct Metrics {
     pub quic_retries: Counter,
     /// Credentials refused, by reason (`invalid`, `replayed`, `missing`, ...).
     pub auth_failures: Family<Labels, Counter>,
+    /// Token-id checks (anti-replay), by the store that answered (`node`: this node's own,
+    /// `mesh`: the mesh's JetStream bucket) and outcome (`accepted`, `replayed`, `full`,
+    /// `unavailable`).
+    pub replay_checks: Family<[(&'static str, &'static str); 2], Counter>,
+    /// Token ids the mesh's store could not check in time that this node's own store decided
+    /// instead (`auth.jwt.replay_when_unavailable = "node"`).
+    pub replay_fallbacks: Counter,
+    /// Time one token-id claim in the mesh's store took, answered or not (a round trip to the
+    /// bucket's NATS cluster: through a gateway when it is in another region).
+    pub replay_claim_seconds: Histogram,
     /// Publishes acknowledged as duplicates of an earlier (publisher, client_msg_id).
     pub duplicate_publishes: Counter,
     /// Always 1, labelled with this node's id and region (join other series on it).
@@ -235,6 +246,22 @@ impl Metrics {
                 "auth_failures",
                 "Credentials refused by reason",
                 Family::default()
+            ),
+            replay_checks: reg!(
+                "replay_checks",
+                "Token-id (jti) checks by the store that answered and outcome",
+                Family::default()
+            ),
+            replay_fallbacks: reg!(
+                "replay_fallbacks",
+                "Token ids the mesh's store could not check, decided by this node's own store",
+                Counter::default()
+            ),
+            replay_claim_seconds: reg!(
+                "replay_claim_seconds",
+                "Time of one token-id claim in the mesh's JetStream store",
+                // 100 us to 3.3 s: loopback to a cross-region round trip, and the timeout.
+                Histogram::new(exponential_buckets(0.000_1, 2.0, 16))
             ),
             duplicate_publishes: reg!(
                 "duplicate_publishes",

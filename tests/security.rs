@@ -228,6 +228,15 @@ async fn a_token_id_is_accepted_once() {
         node.metric(r#"roomwire_auth_failures_total{reason="replayed"}"#),
         1.0
     );
+    // Standalone, the node's own store is the one that decides.
+    for (outcome, count) in [("accepted", 1.0), ("replayed", 1.0)] {
+        assert_eq!(
+            node.metric(&format!(
+                r#"roomwire_replay_checks_total{{store="node",outcome="{outcome}"}}"#
+            )),
+            count
+        );
+    }
     node.shutdown().await;
 }
 

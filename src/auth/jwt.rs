@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, jwk::JwkSet};
 use serde::Deserialize;
 
-use super::{AuthError, Permissions, Principal};
+use super::{AuthError, Permissions, Principal, TokenId};
 use crate::config::{AuthConfig, JwtAlgorithm};
 
 /// Longest accepted token id; longer ones are refused rather than stored.
@@ -132,12 +132,12 @@ impl JwtVerifier {
         })
     }
 
-    /// Checks everything but replay; returns the principal and the (jti, keep-until) to claim.
+    /// Checks everything but replay; returns the principal and the token id to claim.
     pub(super) fn verify(
         &self,
         token: &str,
         now: u64,
-    ) -> Result<(Principal, Option<(String, u64)>), AuthError> {
+    ) -> Result<(Principal, Option<TokenId>), AuthError> {
         if token.is_empty() {
             return Err(AuthError::Missing);
         }
@@ -176,7 +176,10 @@ impl JwtVerifier {
             Some(jti) if jti.len() > MAX_JTI_BYTES => {
                 return Err(AuthError::Invalid("jti longer than 128 bytes".into()));
             }
-            Some(jti) => Some((jti, claims.exp + self.validation.leeway)),
+            Some(jti) => Some(TokenId {
+                jti,
+                keep_until: claims.exp + self.validation.leeway,
+            }),
             None if self.require_jti => return Err(AuthError::Invalid("token has no jti".into())),
             None => None,
         };

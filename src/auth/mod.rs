@@ -12,9 +12,10 @@
 //!
 //! Room patterns use the NATS convention: `*` matches one segment, `>` one or more trailing ones.
 //! A token without `rooms` may join and publish nowhere (the user's own `$user` room still
-//! delivers). Each token id (`jti`) is accepted once within the token's lifetime: the replay
-//! store is node-local; with the mesh it moves to a NATS KV bucket so a token cannot be replayed
-//! on another node either.
+//! delivers). Each token id (`jti`) is accepted once within the token's lifetime. This module
+//! verifies a token and says which id it uses up ([`TokenId`]); where the id is claimed is the
+//! node context's choice: the node-local [`Authenticator::claim_locally`] standalone, the mesh's
+//! shared store (a JetStream KV bucket) in a mesh, so a token cannot be replayed on another node.
 
 use std::sync::Arc;
 
@@ -111,6 +112,15 @@ impl Permissions {
     }
 }
 
+/// The token id a verified token uses up, and until when it must be remembered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenId {
+    pub jti: String,
+    /// Unix seconds: the token's `exp` plus the leeway, the last second in which a node accepts
+    /// the token (it is refused from the next one on).
+    pub keep_until: u64,
+}
+
 /// An authenticated identity.
 #[derive(Debug, Clone)]
 pub struct Principal {
@@ -121,7 +131,8 @@ pub struct Principal {
 }
 
 /// Why a credential was refused. Each maps to HTTP 401 before an upgrade, to the close code 4004
-/// on a Connect, and to the error code UNAUTHORIZED on a Refresh.
+/// on a Connect, and to the error code UNAUTHORIZED on a Refresh; the [retryable](AuthError::retryable)
+/// ones to HTTP 503 and the error code UNAVAILABLE instead.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum AuthError {
     #[error("token required")]
@@ -136,14 +147,25 @@ pub enum AuthError {
     WrongUser,
     #[error("replay store full, retry later")]
     Busy,
+    /// The mesh's token-id store could not be reached in time, and the node may not decide
+    /// alone (`auth.jwt.replay_when_unavailable = "refuse"`).
+    #[error("token replay check unavailable, retry later")]
+    ReplayCheckUnavailable,
 }
 
 impl AuthError {
     pub fn code(&self) -> ErrorCode {
-        match self {
-            AuthError::Busy => ErrorCode::Unavailable,
-            _ => ErrorCode::Unauthorized,
+        if self.retryable() {
+            ErrorCode::Unavailable
+        } else {
+            ErrorCode::Unauthorized
         }
+    }
+
+    /// The token was not judged (a store is full or unreachable): the same token may succeed
+    /// later, so the refusal is 503 / UNAVAILABLE, not 401 / UNAUTHORIZED.
+    pub fn retryable(&self) -> bool {
+        matches!(self, AuthError::Busy | AuthError::ReplayCheckUnavailable)
     }
 
     /// Metrics label (`roomwire_auth_failures_total{reason}`).
@@ -155,6 +177,7 @@ impl AuthError {
             AuthError::TooLong => "lifetime",
             AuthError::WrongUser => "wrong_user",
             AuthError::Busy => "busy",
+            AuthError::ReplayCheckUnavailable => "replay_unavailable",
         }
     }
 }
@@ -180,40 +203,39 @@ impl Authenticator {
         })
     }
 
-    /// Verifies a connection token at `now` (Unix seconds). `session_key` names anonymous users.
-    pub fn authenticate(
+    /// Verifies a connection token at `now` (Unix seconds) and returns the token id it uses up,
+    /// which the caller must claim before admitting the principal. `session_key` names
+    /// anonymous users.
+    pub fn verify(
         &self,
         token: &str,
         session_key: u64,
         now: u64,
-    ) -> Result<Principal, AuthError> {
-        self.check(token, session_key, now, None)
+    ) -> Result<(Principal, Option<TokenId>), AuthError> {
+        match (&self.mode, &self.jwt) {
+            (AuthMode::Jwt, Some(jwt)) => jwt.verify(token, now),
+            _ => Ok((insecure(token, session_key)?, None)),
+        }
     }
 
-    /// Verifies a refresh token for a live session of `user`.
-    pub fn refresh(&self, token: &str, user: &str, now: u64) -> Result<Principal, AuthError> {
-        self.check(token, 0, now, Some(user))
-    }
-
-    /// Verifies, then (only if everything else passed) uses up the token id.
-    fn check(
+    /// Verifies a refresh token for a live session of `user`, like [`Authenticator::verify`]; a
+    /// token for another user is refused before its id is used up.
+    pub fn verify_refresh(
         &self,
         token: &str,
-        session_key: u64,
+        user: &str,
         now: u64,
-        user: Option<&str>,
-    ) -> Result<Principal, AuthError> {
-        let (principal, jti) = match (&self.mode, &self.jwt) {
-            (AuthMode::Jwt, Some(jwt)) => jwt.verify(token, now)?,
-            _ => (insecure(token, session_key)?, None),
-        };
-        if user.is_some_and(|u| *u != *principal.user) {
+    ) -> Result<(Principal, Option<TokenId>), AuthError> {
+        let (principal, id) = self.verify(token, 0, now)?;
+        if *principal.user != *user {
             return Err(AuthError::WrongUser);
         }
-        if let Some((jti, keep_until)) = jti {
-            self.replay.claim(&jti, keep_until, now)?;
-        }
-        Ok(principal)
+        Ok((principal, id))
+    }
+
+    /// Claims a token id in this node's own store: accepted once until it expires.
+    pub fn claim_locally(&self, id: &TokenId, now: u64) -> Result<(), AuthError> {
+        self.replay.claim(&id.jti, id.keep_until, now)
     }
 
     /// Token ids currently remembered.
@@ -274,8 +296,8 @@ mod tests {
             let mut config = AuthConfig { mode: AuthMode::Jwt, ..AuthConfig::default() };
             config.jwt.secret = Some("x".repeat(32));
             let auth = Authenticator::new(&config).unwrap();
-            let _ = auth.authenticate(&token, 1, 1_000);
-            let _ = auth.authenticate(&String::from_utf8_lossy(&bytes), 1, 1_000);
+            let _ = auth.verify(&token, 1, 1_000);
+            let _ = auth.verify(&String::from_utf8_lossy(&bytes), 1, 1_000);
             let _ = RoomPattern::parse(&token);
         }
     }

@@ -22,6 +22,7 @@ pub mod ownership;
 pub mod ring;
 
 use membership::{NodeState, NodeView};
+pub use mesh::TokenClaim;
 
 /// What the node knows of a room.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -162,6 +163,19 @@ impl Bus {
         match self {
             Bus::Standalone(_) => Ok(false),
             Bus::Mesh(bus) => bus.disconnect_user_elsewhere(user).await.map(|()| true),
+        }
+    }
+
+    /// Uses up a token id for `ttl` in the mesh's shared store, so no node accepts it again;
+    /// `None` standalone, where the node's own store decides.
+    pub async fn claim_token_id(
+        &self,
+        jti: &str,
+        ttl: std::time::Duration,
+    ) -> Option<Result<TokenClaim, BusError>> {
+        match self {
+            Bus::Standalone(_) => None,
+            Bus::Mesh(bus) => Some(bus.claim_token_id(jti, ttl).await),
         }
     }
 

@@ -48,6 +48,14 @@ pub struct MeshConfig {
     /// Messages buffered per room subscription in the NATS client; beyond it new ones are
     /// dropped (members see a sequence gap) and `roomwire_mesh_slow_subscriptions_total` counts it.
     pub subscription_capacity: usize,
+    /// The NATS cluster (in a super-cluster of regions: the region's cluster name, which equals
+    /// its gateway name) that holds the mesh's JetStream state, the token-id bucket. Empty: the
+    /// cluster of the NATS server the node that creates the bucket is connected to. Every
+    /// connect in another region pays a round trip through the gateway to it, and depends on it.
+    pub jetstream_placement: String,
+    /// Replicas of the mesh's JetStream state within that cluster (1 with one server per
+    /// region; 3 for a region cluster of three servers or more, so one server may fail).
+    pub jetstream_replicas: usize,
 }
 
 impl Default for MeshConfig {
@@ -65,6 +73,8 @@ impl Default for MeshConfig {
             route_deadline_ms: 6_000,
             vnodes: DEFAULT_VNODES,
             subscription_capacity: 8_192,
+            jetstream_placement: String::new(),
+            jetstream_replicas: 1,
         }
     }
 }
@@ -110,6 +120,14 @@ impl MeshConfig {
         }
         if m.subscription_capacity == 0 {
             return bad("mesh.subscription_capacity must be at least 1");
+        }
+        if !m.jetstream_placement.is_empty() && !token_ok(&m.jetstream_placement) {
+            return bad(
+                "mesh.jetstream_placement must be a NATS cluster name (letters, digits, '-' or '_'), or empty",
+            );
+        }
+        if !(1..=5).contains(&m.jetstream_replicas) {
+            return bad("mesh.jetstream_replicas must be between 1 and 5");
         }
         Ok(())
     }

@@ -52,9 +52,15 @@ pub struct JwtConfig {
     pub require_jti: bool,
     /// Longest accepted token lifetime (`exp - iat`), seconds; bounds the replay store.
     pub max_lifetime_s: u64,
-    /// Token ids remembered at most; beyond it (after purging expired ones) new tokens are refused
-    /// as retryable until room frees up.
+    /// Token ids remembered at most by the node-local store (standalone, or a mesh falling back
+    /// to it); beyond it (after purging expired ones) new tokens are refused as retryable until
+    /// room frees up. In a mesh the token ids live in a JetStream KV bucket instead.
     pub replay_store_max: usize,
+    /// In a mesh, what happens to a token when the mesh's token-id store (JetStream) cannot be
+    /// reached within `mesh.request_timeout_ms`: `refuse` it as retryable (fail closed), or let
+    /// this node's own store decide (`node`: the token cannot be replayed on this node, but may be
+    /// on another one meanwhile).
+    pub replay_when_unavailable: ReplayWhenUnavailable,
     /// Seconds before expiry that a session is sent `TokenExpiring` and should `Refresh`.
     pub refresh_warning_s: u64,
 }
@@ -73,9 +79,24 @@ impl Default for JwtConfig {
             require_jti: true,
             max_lifetime_s: 86_400,
             replay_store_max: 1_000_000,
+            replay_when_unavailable: ReplayWhenUnavailable::Refuse,
             refresh_warning_s: 60,
         }
     }
+}
+
+/// What a mesh node does with a token while the shared token-id store is unreachable.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplayWhenUnavailable {
+    /// Refuse with the retryable 503 / UNAVAILABLE: no token is accepted that was not checked
+    /// against every node's use of it.
+    #[default]
+    Refuse,
+    /// Claim the token id in this node's own store, log a warning and count it in
+    /// `roomwire_replay_fallbacks_total`: connections keep working during a JetStream outage,
+    /// at the cost of a token being usable once per node meanwhile.
+    Node,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]

@@ -283,7 +283,7 @@ impl Session {
                 "this session was not opened with a token".into(),
             )));
         }
-        let principal = self.ctx.refresh(token, &self.handle.user)?;
+        let principal = self.ctx.refresh(token, &self.handle.user).await?;
         self.permissions = principal.permissions;
         self.expires_at = principal.expires_at;
         // Rooms the new token no longer allows are left, each with a Left frame.

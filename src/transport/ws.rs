@@ -19,7 +19,6 @@ use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
-use crate::auth::AuthError;
 use crate::context::{ConnPermit, NodeContext, PeerIdentity};
 use crate::member::Transport;
 use crate::proto::WS_SUBPROTOCOL;
@@ -112,12 +111,14 @@ pub async fn upgrade(State(ctx): State<Arc<NodeContext>>, mut req: Request) -> R
     let authenticated = match upgrade_token(&req) {
         _ if certified.is_some() => certified,
         None => None,
-        Some(token) => match ctx.authenticate(&token, 0) {
+        // In a mesh this waits for the shared token-id store (bounded by mesh.request_timeout_ms).
+        Some(token) => match ctx.authenticate(&token, 0).await {
             Ok(principal) => Some(principal),
             Err(error) => {
-                let status = match error {
-                    AuthError::Busy => StatusCode::SERVICE_UNAVAILABLE,
-                    _ => StatusCode::UNAUTHORIZED,
+                let status = if error.retryable() {
+                    StatusCode::SERVICE_UNAVAILABLE
+                } else {
+                    StatusCode::UNAUTHORIZED
                 };
                 return refuse(status, "unauthorized", &error.to_string());
             }

@@ -1,5 +1,9 @@
 //! Real nats-server processes for the mesh tests: one on free ports, or several joined by NATS
 //! gateways (one per region), which a test can kill (SIGKILL) and restart on the same ports.
+//! Every server runs JetStream with its store in the group's temporary directory (kept across
+//! restarts). A server with a gateway runs JetStream clustered, which needs a cluster named like
+//! its gateway with at least one route: each region is a one-server cluster with a route to
+//! itself, and all regions share one JetStream meta group (see [`NatsServer::wait_jetstream`]).
 //!
 //! The binary comes from `ROOMWIRE_NATS_SERVER` (set by scripts/test.sh) or, failing that, from
 //! `.venv-nats/bin/nats-server` where scripts/nats-server.sh installs it.
@@ -94,6 +98,7 @@ struct Ports {
     client: u16,
     http: u16,
     gateway: u16,
+    cluster: u16,
 }
 
 impl Ports {
@@ -102,9 +107,14 @@ impl Ports {
             client: free_port(),
             http: free_port(),
             gateway: free_port(),
+            cluster: free_port(),
         }
     }
 }
+
+/// Longest wait for JetStream to be usable: across gateways the regions first elect a meta
+/// leader, which takes several seconds (about 10 s on a busy 2-core box).
+const JETSTREAM_DEADLINE: Duration = Duration::from_secs(60);
 
 /// One nats-server process; killed on drop.
 pub struct NatsServer {
@@ -145,10 +155,17 @@ impl NatsServer {
                 .map(|(name, own)| {
                     let conf = dir.path().join(format!("{name}.conf"));
                     let mut text = format!(
-                        "server_name: {name}\nlisten: \"127.0.0.1:{}\"\nhttp: \"127.0.0.1:{}\"\n",
-                        own.client, own.http
+                        "server_name: {name}\nlisten: \"127.0.0.1:{}\"\nhttp: \"127.0.0.1:{}\"\n\
+                         jetstream {{ store_dir: {:?} }}\n",
+                        own.client,
+                        own.http,
+                        dir.path().join(format!("{name}-jetstream")),
                     );
                     if gateways {
+                        text.push_str(&format!(
+                            "cluster {{\n  name: {name}\n  listen: \"127.0.0.1:{0}\"\n  routes: [\"nats://127.0.0.1:{0}\"]\n}}\n",
+                            own.cluster
+                        ));
                         let peers: Vec<String> = names
                             .iter()
                             .zip(&ports)
@@ -279,7 +296,29 @@ impl NatsServer {
         self.child = Some(child);
     }
 
-    /// Waits until the monitoring port answers `/healthz` with 200; an early exit is an error
+    /// Waits until JetStream is usable here: `/healthz` answers 200 only once the server is
+    /// current with a JetStream meta leader (across gateways: once the regions elected one).
+    /// Tests that use JetStream wait for it; the others do not need to.
+    pub async fn wait_jetstream(&self) {
+        let deadline = tokio::time::Instant::now() + JETSTREAM_DEADLINE;
+        loop {
+            let answer =
+                try_http_request(self.monitoring_addr(), "GET", "/healthz", None, None).await;
+            if let Ok((200, _)) = answer {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "JetStream of nats-server {} not ready in time ({answer:?}):\n{}",
+                self.name,
+                self.log_tail(20)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until the monitoring port answers `/healthz?js-enabled-only=true` with 200 (the
+    /// server is up; JetStream may still be electing its meta leader); an early exit is an error
     /// carrying the log.
     async fn wait_up(&mut self) -> Result<(), String> {
         let deadline = tokio::time::Instant::now() + DEADLINE;
@@ -296,8 +335,14 @@ impl NatsServer {
                     self.log_tail(20)
                 ));
             }
-            if let Ok((200, _)) =
-                try_http_request(self.monitoring_addr(), "GET", "/healthz", None, None).await
+            if let Ok((200, _)) = try_http_request(
+                self.monitoring_addr(),
+                "GET",
+                "/healthz?js-enabled-only=true",
+                None,
+                None,
+            )
+            .await
             {
                 return Ok(());
             }

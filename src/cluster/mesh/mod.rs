@@ -44,8 +44,11 @@ mod lease;
 mod link;
 mod members;
 mod owning;
+mod replay;
 mod routing;
 mod wire;
+
+pub use replay::TokenClaim;
 
 use interest::Interest;
 use link::Link;
@@ -61,6 +64,7 @@ const MOVED_TTL_MS: u64 = 60_000;
 /// The NATS mesh bus.
 pub struct MeshBus {
     inner: Arc<Inner>,
+    token_ids: Arc<replay::TokenIds>,
 }
 
 struct Inner {
@@ -199,7 +203,8 @@ impl MeshBus {
         tokio::spawn(inner.clone().lease_loop());
         tokio::spawn(inner.clone().request_loop(requests));
         tokio::spawn(inner.clone().rtt_loop());
-        Ok(MeshBus { inner })
+        let token_ids = replay::TokenIds::start(&inner, config);
+        Ok(MeshBus { inner, token_ids })
     }
 
     /// Sequences every publication at its room's owner; one result per publication, in order.

@@ -16,7 +16,7 @@ use rustls_pki_types::CertificateDer;
 use super::endpoint::{CountGuard, varint};
 use super::stream::{DatagramPath, WtSink, WtSource};
 use super::{H3Conn, WtSession};
-use crate::auth::{AuthError, Principal};
+use crate::auth::Principal;
 use crate::context::NodeContext;
 use crate::member::Transport;
 
@@ -76,11 +76,14 @@ fn request_token(req: &Request<()>) -> Option<String> {
 }
 
 /// Checks a CONNECT request; `Ok` carries the principal of the token it presented (`None`: no
-/// token, the Connect frame may carry one), exactly as a WebSocket upgrade is checked.
-fn check_request(
+/// token, the Connect frame may carry one), exactly as a WebSocket upgrade is checked. The token
+/// check (in a mesh, a round trip to the shared token-id store) stays within the establishing's
+/// `deadline`; a check cut off by it is refused as retryable.
+async fn check_request(
     ctx: &NodeContext,
     req: &Request<()>,
     certified: Option<&Principal>,
+    deadline: tokio::time::Instant,
 ) -> Result<Option<Principal>, Refusal> {
     if ctx.is_draining() {
         return Err(Refusal::Draining);
@@ -100,12 +103,11 @@ fn check_request(
     let Some(token) = request_token(req).filter(|t| !t.is_empty()) else {
         return Ok(None);
     };
-    match ctx.authenticate(&token, 0) {
-        Ok(principal) => Ok(Some(principal)),
-        Err(error) => Err(match error {
-            AuthError::Busy => Refusal::AuthBusy,
-            _ => Refusal::Unauthorized,
-        }),
+    match tokio::time::timeout_at(deadline, ctx.authenticate(&token, 0)).await {
+        Ok(Ok(principal)) => Ok(Some(principal)),
+        Ok(Err(error)) if error.retryable() => Err(Refusal::AuthBusy),
+        Ok(Err(_)) => Err(Refusal::Unauthorized),
+        Err(_) => Err(Refusal::AuthBusy),
     }
 }
 
@@ -333,7 +335,7 @@ impl Steps<'_> {
                     Ok(Ok(resolved)) => resolved,
                     _ => continue,
                 };
-            match check_request(self.ctx, &request, certified.as_ref()) {
+            match check_request(self.ctx, &request, certified.as_ref(), self.deadline).await {
                 Ok(authenticated) => return Some((request, stream, authenticated)),
                 Err(refusal) => {
                     self.refused(refusal.label());
