@@ -8,7 +8,8 @@
 #   QUICK=1 benches/run.sh                  # smoke run: tiny sizes, 1 s steps, report under $OUT
 #
 # Knobs (environment):
-#   SCENARIOS    any of: idle fanout latency chat mesh transports (default: all, in that order)
+#   SCENARIOS    any of: idle fanout latency chat mesh transports failover (default: all, in
+#                that order)
 #   QUICK=1      a smoke run of every scenario in well under a minute each; the report goes to
 #                $OUT/BENCHMARKS.md, never over docs/
 #   THREADS      worker threads of the generator's runtime (loadgen --threads; default 1)
@@ -23,7 +24,7 @@ OUT=${OUT:-target/bench}
 mkdir -p "$OUT"
 RESULTS="$OUT/results.jsonl"
 : > "$RESULTS"
-SCENARIOS=${SCENARIOS:-"idle fanout latency chat mesh transports"}
+SCENARIOS=${SCENARIOS:-"idle fanout latency chat mesh transports failover"}
 QUICK=${QUICK:-0}
 THREADS=${THREADS:-1}
 NEXT_PORT=${PORT_BASE:-19080}
@@ -37,6 +38,7 @@ if [ "$QUICK" = 1 ]; then
   CHAT_ROOMS=50 CHAT_SECS=3
   MESH_MEMBERS=200 MESH_RATES=50,500 MESH_STEP=1
   WT_IDLE=200 WT_MEMBERS=100 WT_RATES=25 WT_STEP=1
+  FAILOVER_RUNS=1
 else
   IDLE_SIZES="1000 10000 19000"
   # 2,000 members: 10k to 3M deliveries/s, past both systems' ceilings; a system stops stepping
@@ -47,6 +49,7 @@ else
   CHAT_ROOMS=1000 CHAT_SECS=20
   MESH_MEMBERS=2000 MESH_RATES=50,100,200,300,400,500,750,1000 MESH_STEP=3
   WT_IDLE=2000 WT_MEMBERS=1000 WT_RATES=25,100 WT_STEP=5
+  FAILOVER_RUNS=3
 fi
 
 step() { printf '\n==> %s (at %ss)\n' "$*" "$SECONDS" >&2; }
@@ -238,6 +241,18 @@ for scenario in $SCENARIOS; do
           fi
           stop_server "$SERVER_PID"
         done
+      done
+      continue
+      ;;
+    failover)
+      # (f) kill -9 of the owner of five busy rooms in a three-node, two-region mesh (the fencing
+      # test, against the release binary, with the shipped mesh timings): from the kill to the
+      # first acknowledgement in the new epoch, per room. roomwire only.
+      for run in $(seq "$FAILOVER_RUNS"); do
+        step "failover: kill -9 of an owner, run $run of $FAILOVER_RUNS"
+        ROOMWIRE_NATS_SERVER="$NATS" ROOMWIRE_FAILOVER_DEFAULTS=1 cargo test --release --locked \
+          --test fencing failover_after_kill9 -- --nocapture >"$OUT/failover-$run.log" 2>&1
+        python3 benches/failover.py "$OUT/failover-$run.log" "$run" >>"$RESULTS"
       done
       continue
       ;;

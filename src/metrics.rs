@@ -95,8 +95,9 @@ pub struct Metrics {
     pub mesh_gaps: Counter,
     /// Messages received from the mesh older than what was already delivered, dropped.
     pub mesh_stale_messages: Counter,
-    /// Of those, messages from an older epoch than one already delivered: a node sequenced a
-    /// room after losing it. Never expected (logged at error).
+    /// Of those, messages from an older epoch than one already delivered: sequenced by an owner
+    /// that lost the room while publishing them (stalled or cut off), never acknowledged. Rare,
+    /// and only around such a fault; logged.
     pub mesh_stale_epoch_messages: Counter,
     /// Times this node's ownership lease ended without renewal (stalled, or NATS did not confirm).
     pub mesh_lease_lapses: Counter,
@@ -331,7 +332,7 @@ impl Metrics {
             ),
             mesh_stale_epoch_messages: reg!(
                 "mesh_stale_epoch_messages",
-                "Mesh messages from an older epoch than one already delivered, dropped (never expected)",
+                "Mesh messages from an older epoch than one already delivered, dropped (an owner that lost the room while publishing them)",
                 Counter::default()
             ),
             mesh_lease_lapses: reg!(

@@ -40,8 +40,8 @@ pub enum Output {
 pub struct Effect {
     /// The message was older than the position: dropped.
     pub stale: bool,
-    /// ... and from an older epoch than the position's: a node sequenced the room after another
-    /// had taken it over. Never expected for an acknowledged message.
+    /// ... and from an older epoch than the position's: sequenced by an owner that had lost the
+    /// room by the time it reached NATS (never acknowledged, under the lease rules).
     pub stale_epoch: bool,
     /// Missing messages were given up on (the hold was full).
     pub gap_skipped: bool,

@@ -189,12 +189,12 @@ impl Inner {
             effect
         });
         if let Some(current) = stale_epoch {
-            tracing::error!(
+            tracing::warn!(
                 room = %interest.room,
                 epoch,
                 seq,
                 current,
-                "mesh: a message from an older epoch arrived after a newer one and was dropped (a node sequenced the room after losing it)"
+                "mesh: a message from an older epoch arrived after a newer one and was dropped (sequenced by an owner that lost the room: it was stalled or cut off while publishing, and did not acknowledge it)"
             );
         }
         if state.order.gap_deadline().is_some() {
