@@ -144,6 +144,17 @@ impl Inner {
             Some(RoomMessage::Ordered {
                 epoch,
                 seq,
+                frame: Some(_),
+                ..
+            }) if self.is_abandoned(&interest.room, epoch, seq) => {
+                // This node's own unconfirmed message, echoed late: dropped like everywhere else.
+                self.metrics.mesh_stale_messages.inc();
+                self.metrics.mesh_stale_epoch_messages.inc();
+                tracing::debug!(room = %interest.room, epoch, seq, "mesh: own unconfirmed message dropped");
+            }
+            Some(RoomMessage::Ordered {
+                epoch,
+                seq,
                 frame,
                 marker,
             }) => {

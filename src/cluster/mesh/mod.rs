@@ -88,6 +88,11 @@ struct Inner {
     /// Rooms this node gave away recently, to whom, and when (monotonic ms): a late release
     /// request is sent on.
     moved: Mutex<HashMap<RoomName, (Arc<str>, u64)>>,
+    /// Messages this node sequenced and could not confirm (its state was retired): per room, the
+    /// epoch and the first such seq, and when (monotonic ms). Nobody will ever sequence that
+    /// epoch from there on, so their echo, should NATS deliver it late (after a reconnect), is
+    /// dropped here as it is everywhere else.
+    abandoned: Mutex<HashMap<RoomName, (u64, u64, u64)>>,
     /// Rooms being taken over right now (one pull per room at a time).
     claims: Mutex<HashMap<RoomName, Arc<tokio::sync::Mutex<()>>>>,
     interests: Mutex<HashMap<RoomName, Arc<Interest>>>,
@@ -182,6 +187,7 @@ impl MeshBus {
             ring_changes: AtomicU64::new(0),
             owned,
             moved: Mutex::new(HashMap::new()),
+            abandoned: Mutex::new(HashMap::new()),
             claims: Mutex::new(HashMap::new()),
             interests: Mutex::new(HashMap::new()),
             subscribing: tokio::sync::Mutex::new(()),

@@ -357,12 +357,14 @@ impl Inner {
             let cell = OwnedMutexGuard::mutex(&held).clone();
             drop(held);
             self.owned.forget(&p.room, &cell);
+            self.abandon(&p.room, epoch, seq);
             return Step::Fail(BusError::Unavailable(format!(
                 "mesh publish failed: {error}"
             )));
         }
         let cell = OwnedMutexGuard::mutex(&held).clone();
         drop(held);
+        let duplicate_answer = bytes.is_none();
         // Acknowledged only once the NATS server has the message (so every node with members
         // receives it) and the lease still held after that: a node that lost the room meanwhile
         // (stalled, cut off) answers UNAVAILABLE, and the client's retry with the same id goes
@@ -373,6 +375,9 @@ impl Inner {
             // after it, and is retired (the room is taken over afresh).
             cell.lock().await.moved = true;
             self.owned.forget(&p.room, &cell);
+            if !duplicate_answer {
+                self.abandon(&p.room, epoch, seq);
+            }
             return Step::Fail(BusError::Unavailable(format!(
                 "the NATS server did not confirm the message: {error}"
             )));
@@ -397,6 +402,33 @@ impl Inner {
             },
             duplicate,
         })
+    }
+
+    /// Remembers that this node's messages of `room` in `epoch` from `seq` on were never
+    /// confirmed: their echo is dropped here (see `Inner::abandoned`).
+    fn abandon(&self, room: &RoomName, epoch: u64, seq: u64) {
+        tracing::debug!(%room, epoch, seq, "mesh: message not confirmed; the room's state is retired");
+        let now = mono_ms();
+        let mut abandoned = self.abandoned.lock().expect("abandoned lock poisoned");
+        abandoned.retain(|_, (_, _, at)| now.saturating_sub(*at) < MOVED_TTL_MS);
+        if abandoned.len() >= MOVED_MAX {
+            return;
+        }
+        let entry = abandoned.entry(room.clone()).or_insert((epoch, seq, now));
+        if entry.0 == epoch {
+            entry.1 = entry.1.min(seq);
+        } else {
+            *entry = (epoch, seq, now);
+        }
+    }
+
+    /// Whether `(epoch, seq)` of `room` is one of this node's abandoned messages.
+    pub(super) fn is_abandoned(&self, room: &RoomName, epoch: u64, seq: u64) -> bool {
+        self.abandoned
+            .lock()
+            .expect("abandoned lock poisoned")
+            .get(room)
+            .is_some_and(|(e, from, _)| *e == epoch && seq >= *from)
     }
 
     /// Publishes a join marker (`marker`) at the room's current position for a joining node.
