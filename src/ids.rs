@@ -23,6 +23,24 @@ pub fn is_name_segment(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b':' | b'@' | b'='))
 }
 
+/// A room pattern: dot-separated segments, each a name segment, `*`, or (last) `>`; the first
+/// may start with `$` to name the node's own rooms (`$user.>`, `$broadcast`).
+pub fn is_room_pattern(pattern: &str) -> bool {
+    if pattern.is_empty() {
+        return false;
+    }
+    let segments: Vec<&str> = pattern.split('.').collect();
+    let last = segments.len() - 1;
+    segments.iter().enumerate().all(|(i, s)| {
+        let s = if i == 0 {
+            s.strip_prefix('$').unwrap_or(s)
+        } else {
+            s
+        };
+        s == "*" || (s == ">" && i == last) || is_name_segment(s)
+    })
+}
+
 /// User ids become one segment of the room name `$user.<id>`.
 pub fn is_valid_user_id(user: &str) -> bool {
     user.len() <= MAX_USER_ID_BYTES && is_name_segment(user)

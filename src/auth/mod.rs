@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use crate::config::{AuthConfig, AuthMode};
 use crate::proto::ErrorCode;
-use crate::room::RoomName;
+use crate::room::{RoomName, RoomPattern};
 
 mod api_key;
 mod identity;
@@ -33,45 +33,6 @@ pub use identity::Services;
 use jwt::JwtVerifier;
 use replay::ReplayGuard;
 
-/// A room pattern: segments, where `*` matches one segment and a final `>` one or more.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RoomPattern(Vec<String>);
-
-impl RoomPattern {
-    pub fn parse(pattern: &str) -> Result<Self, AuthError> {
-        let segments: Vec<String> = pattern.split('.').map(str::to_string).collect();
-        let last = segments.len() - 1;
-        let valid = segments
-            .iter()
-            .enumerate()
-            .all(|(i, s)| s == "*" || (s == ">" && i == last) || crate::ids::is_name_segment(s));
-        if pattern.is_empty() || !valid {
-            return Err(AuthError::Invalid(format!("bad room pattern {pattern:?}")));
-        }
-        Ok(Self(segments))
-    }
-
-    pub fn matches(&self, room: &RoomName) -> bool {
-        let mut parts = room.as_str().split('.');
-        for (i, segment) in self.0.iter().enumerate() {
-            match segment.as_str() {
-                ">" => return parts.next().is_some() && i == self.0.len() - 1,
-                "*" => {
-                    if parts.next().is_none() {
-                        return false;
-                    }
-                }
-                literal => {
-                    if parts.next() != Some(literal) {
-                        return false;
-                    }
-                }
-            }
-        }
-        parts.next().is_none()
-    }
-}
-
 /// Which rooms a principal may join and publish to.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Permissions {
@@ -82,7 +43,7 @@ pub struct Permissions {
 impl Permissions {
     /// Everything (insecure development mode).
     pub fn all() -> Self {
-        let any = RoomPattern(vec![">".into()]);
+        let any = RoomPattern::parse(">").expect("a valid pattern");
         Self {
             join: vec![any.clone()],
             publish: vec![any],
@@ -94,7 +55,7 @@ impl Permissions {
         let parse = |patterns: &[String]| {
             patterns
                 .iter()
-                .map(|p| RoomPattern::parse(p))
+                .map(|p| RoomPattern::parse(p).map_err(|e| AuthError::Invalid(e.to_string())))
                 .collect::<Result<Vec<_>, _>>()
         };
         Ok(Self {
@@ -271,23 +232,6 @@ mod tests {
 
     fn room(name: &str) -> RoomName {
         RoomName::parse_any(name, 128).unwrap()
-    }
-
-    #[test]
-    fn patterns_match_like_nats_subjects() {
-        let p = |s: &str| RoomPattern::parse(s).unwrap();
-        assert!(p("chat.lobby").matches(&room("chat.lobby")));
-        assert!(!p("chat.lobby").matches(&room("chat.lobby.x")));
-        assert!(p("chat.*").matches(&room("chat.lobby")));
-        assert!(!p("chat.*").matches(&room("chat")));
-        assert!(!p("chat.*").matches(&room("chat.a.b")));
-        assert!(p("chat.>").matches(&room("chat.a.b")));
-        assert!(!p("chat.>").matches(&room("chat")));
-        assert!(p(">").matches(&room("anything.at.all")));
-        assert!(p("*.eu.*").matches(&room("chat.eu.lobby")));
-        for bad in ["", "a..b", "a.>.b", "a b", "chat.>x"] {
-            assert!(RoomPattern::parse(bad).is_err(), "{bad}");
-        }
     }
 
     proptest! {

@@ -13,9 +13,11 @@ use crate::ids::is_name_segment;
 use crate::proto::ErrorCode;
 
 mod owned;
+mod pattern;
 mod publication;
 
 pub use owned::{DedupeRules, EpochClock, OwnedRoom, Remembered, Sequencing};
+pub use pattern::RoomPattern;
 pub use publication::{Publication, PublishError, Sequenced};
 
 /// Room every session is a member of; a message published there reaches every session.
