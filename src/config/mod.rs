@@ -146,6 +146,7 @@ impl Config {
         if !(8..=1024).contains(&self.rooms.max_name_bytes) {
             return bad("rooms.max_name_bytes must be within 8..=1024");
         }
+        self.rooms.validate_classes()?;
         if !self.node.id.is_empty() && !crate::ids::is_name_segment(&self.node.id) {
             return bad("node.id may hold only letters, digits and _-:@=");
         }

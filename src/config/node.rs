@@ -128,9 +128,107 @@ pub struct RoomsConfig {
     pub dedupe_window_ms: u64,
     /// Pairs remembered per room at most (the oldest are forgotten first).
     pub dedupe_max_per_room: usize,
-    /// Rooms whose owner state this node holds at most (a few hundred bytes each); beyond it,
-    /// joins and publishes to new rooms are refused with the retryable UNAVAILABLE.
+    /// Rooms whose owner state this node holds at most (a few hundred bytes each, plus the
+    /// history a `memory` class keeps); beyond it, joins and publishes to new rooms are refused
+    /// with the retryable UNAVAILABLE.
     pub max_owned_rooms: usize,
+    /// How rooms keep their history, by name: the first class whose pattern matches a room is
+    /// its class; a room no class matches keeps none. See [`RoomClass`].
+    pub classes: Vec<RoomClass>,
+}
+
+/// A class of rooms and the history they keep.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RoomClass {
+    /// The class's name (in metrics, and in the name of the JetStream stream of a durable class):
+    /// letters, digits, `-` and `_`, unique.
+    pub name: String,
+    /// The rooms of the class: a room pattern (`chat.>`, `*.lobby`, `$user.>`; wildcards never
+    /// match the node's own rooms `$user.<id>` and `$broadcast`, which are named).
+    pub pattern: String,
+    /// `durable`: kept in NATS JetStream (in a mesh; standalone, like `memory`), and a publish is
+    /// acknowledged once stored; `memory`: a window kept by the room's owner (lost with it);
+    /// `none`: nothing kept.
+    pub history: HistoryMode,
+    /// Messages kept per room at most (the oldest go first).
+    #[serde(default)]
+    pub max_messages: u64,
+    /// Milliseconds a message is kept at most.
+    #[serde(default)]
+    pub max_age_ms: u64,
+    /// Payload bytes a `memory` room keeps at most (the oldest messages go first), so one
+    /// room's large messages cannot hold the owner's memory.
+    #[serde(default)]
+    pub max_bytes: u64,
+}
+
+/// Where a room's history lives.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum HistoryMode {
+    Durable,
+    Memory,
+    None,
+}
+
+impl RoomClass {
+    fn new(name: &str, pattern: &str, history: HistoryMode, messages: u64, age_ms: u64) -> Self {
+        Self {
+            name: name.into(),
+            pattern: pattern.into(),
+            history,
+            max_messages: messages,
+            max_age_ms: age_ms,
+            max_bytes: 1024 * 1024,
+        }
+    }
+}
+
+/// A day, in milliseconds.
+const DAY_MS: u64 = 86_400_000;
+
+impl RoomsConfig {
+    /// The classes are well-formed: names unique and usable in a stream name, patterns valid,
+    /// limits set where history is kept.
+    pub fn validate_classes(&self) -> Result<(), super::ConfigError> {
+        let bad = |msg: String| Err(super::ConfigError::Invalid(msg));
+        for (i, class) in self.classes.iter().enumerate() {
+            let name_ok = !class.name.is_empty()
+                && class.name.len() <= 32
+                && class
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if !name_ok {
+                return bad(format!(
+                    "rooms.classes[{i}].name {:?}: 1-32 letters, digits, '-' or '_'",
+                    class.name
+                ));
+            }
+            if self.classes[..i].iter().any(|c| c.name == class.name) {
+                return bad(format!("rooms.classes: the name {:?} is used twice", class.name));
+            }
+            if !crate::ids::is_room_pattern(&class.pattern) {
+                return bad(format!(
+                    "rooms.classes[{i}].pattern {:?} is not a room pattern",
+                    class.pattern
+                ));
+            }
+            if class.history != HistoryMode::None
+                && (class.max_messages == 0
+                    || class.max_messages > 1_000_000
+                    || class.max_age_ms == 0
+                    || class.max_bytes < 1024)
+            {
+                return bad(format!(
+                    "rooms.classes[{i}] ({}): a class that keeps history needs max_messages within 1..=1000000, max_age_ms > 0 and max_bytes >= 1024",
+                    class.name
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Default for RoomsConfig {
@@ -141,6 +239,12 @@ impl Default for RoomsConfig {
             dedupe_window_ms: 120_000,
             dedupe_max_per_room: 10_000,
             max_owned_rooms: 1_000_000,
+            classes: vec![
+                // Messages to a user wait for her devices (offline delivery).
+                RoomClass::new("users", "$user.>", HistoryMode::Durable, 100, DAY_MS),
+                RoomClass::new("broadcast", "$broadcast", HistoryMode::None, 0, 0),
+                RoomClass::new("rooms", ">", HistoryMode::Durable, 1_000, DAY_MS),
+            ],
         }
     }
 }
