@@ -380,7 +380,10 @@ async fn member(common: &Common, index: usize, url: &str, room: &str) -> anyhow:
             if !room.is_empty() {
                 ws.send(client_frame(
                     2,
-                    client_frame::Kind::Join(proto::Join { room: room.into() }),
+                    client_frame::Kind::Join(proto::Join {
+                        room: room.into(),
+                        since: None,
+                    }),
                 ))
                 .await?;
                 roomwire_until(&mut ws, |f| {

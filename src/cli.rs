@@ -252,6 +252,10 @@ fn print_event(event: &Event) -> bool {
             );
             false
         }
+        Event::Joined(j) => {
+            eprintln!("rejoined {} at #{}", j.room, j.seq);
+            false
+        }
         Event::Error(e) => {
             let code = proto::ErrorCode::try_from(e.code).map_or("UNKNOWN", |c| c.as_str_name());
             eprintln!("error {code}: {}", e.message);

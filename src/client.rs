@@ -56,6 +56,9 @@ pub struct ClientOptions {
     /// WebTransport: interval of the application Pings that keep the session alive (the node
     /// closes sessions silent for its idle timeout; WebSocket pongs do this job there).
     pub ping_interval: Duration,
+    /// Rooms to rejoin from where a previous session left off (`Connect.resume`): each comes
+    /// back as [`Event::Joined`], after the messages it missed.
+    pub resume: Vec<proto::RoomPosition>,
 }
 
 impl Default for ClientOptions {
@@ -69,6 +72,7 @@ impl Default for ClientOptions {
             ca_file: None,
             client_cert: None,
             ping_interval: Duration::from_secs(20),
+            resume: Vec::new(),
         }
     }
 }
@@ -98,7 +102,10 @@ pub enum Event {
     /// The room's owner changed without a hand-off: its sequence restarts in a new epoch (see
     /// `EpochChanged` in the protocol).
     EpochChanged(proto::EpochChanged),
-    /// An Error frame that answers no request (e.g. a protocol violation).
+    /// A room the Connect resumed is joined again (the messages it missed came before this).
+    Joined(proto::Joined),
+    /// An Error frame that answers no request (e.g. a protocol violation, or a room the
+    /// Connect's resume could not rejoin: `Error.room`).
     Error(proto::Error),
     /// The connection ended; `code` is the close code (WebSocket close frame, or the WebTransport
     /// session's close code), when one was sent.
@@ -251,7 +258,9 @@ impl Client {
             .request(client_frame::Kind::Connect(proto::Connect {
                 token: options.token,
                 client_name: options.client_name,
-                resume: None,
+                resume: (!options.resume.is_empty()).then_some(proto::Resume {
+                    rooms: options.resume,
+                }),
             }))
             .await;
         match reply {
@@ -274,11 +283,57 @@ impl Client {
     }
 
     pub async fn join(&self, room: &str) -> Result<proto::Joined, ClientError> {
+        self.join_since(room, None).await
+    }
+
+    /// Joins `room` from where this client left off (`since`: the last message it has, as
+    /// (epoch, seq)); the messages after it arrive before the answer (see `Joined.recovery`).
+    pub async fn join_since(
+        &self,
+        room: &str,
+        since: Option<(u64, u64)>,
+    ) -> Result<proto::Joined, ClientError> {
+        let since = since.map(|(epoch, seq)| proto::RoomPosition {
+            room: room.into(),
+            epoch,
+            seq,
+        });
         match self
-            .request(client_frame::Kind::Join(proto::Join { room: room.into() }))
+            .request(client_frame::Kind::Join(proto::Join {
+                room: room.into(),
+                since,
+            }))
             .await?
         {
             server_frame::Kind::Joined(joined) => Ok(joined),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// A page of `room`'s kept messages: after a position (oldest first), before one (newest
+    /// first), or the newest; `limit` 0 is the node's page size.
+    pub async fn history(
+        &self,
+        room: &str,
+        after: Option<(u64, u64)>,
+        before: Option<(u64, u64)>,
+        limit: u32,
+    ) -> Result<proto::HistoryPage, ClientError> {
+        let position = |(epoch, seq)| proto::RoomPosition {
+            room: room.into(),
+            epoch,
+            seq,
+        };
+        match self
+            .request(client_frame::Kind::History(proto::History {
+                room: room.into(),
+                after: after.map(position),
+                before: before.map(position),
+                limit,
+            }))
+            .await?
+        {
+            server_frame::Kind::HistoryPage(page) => Ok(page),
             other => Err(ClientError::Unexpected(format!("{other:?}"))),
         }
     }
@@ -511,6 +566,7 @@ impl Dispatcher {
             Some(server_frame::Kind::TokenExpiring(t)) => Event::TokenExpiring(t.expires_at_ms),
             Some(server_frame::Kind::Left(l)) => Event::Left(l.room),
             Some(server_frame::Kind::Error(e)) => Event::Error(e),
+            Some(server_frame::Kind::Joined(j)) => Event::Joined(j),
             Some(server_frame::Kind::EpochChanged(e)) => Event::EpochChanged(e),
             _ => return true,
         };

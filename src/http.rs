@@ -14,10 +14,10 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::cluster::{BusError, ClusterStatus};
+use crate::cluster::{BusError, ClusterStatus, REPLAY_PAGE};
 use crate::context::NodeContext;
 use crate::member::CloseReason;
-use crate::room::{Publication, PublishError, RoomName};
+use crate::room::{HistoryQuery, Publication, PublishError, RoomName};
 use crate::transport::ws;
 
 /// Publisher id of messages sent through the HTTP API.
@@ -37,6 +37,7 @@ pub fn router(ctx: Arc<NodeContext>) -> Router {
         .route("/metrics", get(metrics))
         .route("/api/v1/publish", post(publish))
         .route("/api/v1/rooms/{room}", get(room_info))
+        .route("/api/v1/rooms/{room}/history", get(room_history))
         .route("/api/v1/users/{user}/disconnect", post(disconnect_user))
         .route("/api/v1/node", get(node_info))
         .route("/api/v1/cluster", get(cluster))
@@ -293,6 +294,87 @@ async fn room_info(
         body["members"] = json!(members);
     }
     Ok(Json(body).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+struct HistoryParams {
+    /// `<epoch>:<seq>`: the messages after it, oldest first.
+    after: Option<String>,
+    /// `<epoch>:<seq>`: the messages before it, newest first.
+    before: Option<String>,
+    #[serde(default)]
+    limit: usize,
+}
+
+/// A page of a room's kept messages (`after` or `before` a position, else the newest).
+async fn room_history(
+    State(ctx): State<Arc<NodeContext>>,
+    _key: ApiKey,
+    Path(room): Path<String>,
+    Query(params): Query<HistoryParams>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let bad = |msg: String| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", msg);
+    let room = RoomName::parse_any(&room, ctx.config.rooms.max_name_bytes)
+        .map_err(|e| bad(e.to_string()))?;
+    let position = |text: &str| {
+        let (epoch, seq) = text.split_once(':')?;
+        Some((epoch.parse().ok()?, seq.parse().ok()?))
+    };
+    let position =
+        |text: &str| position(text).ok_or_else(|| bad(format!("{text:?} is not <epoch>:<seq>")));
+    let query = match (&params.after, &params.before) {
+        (None, None) => HistoryQuery::Newest,
+        (Some(after), None) => {
+            let (epoch, seq) = position(after)?;
+            HistoryQuery::After(epoch, seq)
+        }
+        (None, Some(before)) => {
+            let (epoch, seq) = position(before)?;
+            HistoryQuery::Before(epoch, seq)
+        }
+        (Some(_), Some(_)) => return Err(bad("give after or before, not both".into())),
+    };
+    let limit = match params.limit {
+        0 => REPLAY_PAGE,
+        n => n.min(REPLAY_PAGE),
+    };
+    let page = ctx.bus.history(&room, query, limit).await.map_err(|e| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            e.to_string(),
+        )
+    })?;
+    let (more, (epoch, seq), oldest) = (page.more, page.position, page.oldest);
+    let messages: Vec<_> = page
+        .into_messages()
+        .into_iter()
+        .map(|m| {
+            let mut message = json!({
+                "epoch": m.epoch,
+                "seq": m.seq,
+                "publisher": m.publisher,
+                "client_msg_id": m.client_msg_id,
+                "server_time_ms": m.server_time_ms,
+            });
+            match String::from_utf8(m.payload.to_vec()) {
+                Ok(text) => message["data"] = json!(text),
+                Err(_) => {
+                    message["data_base64"] =
+                        json!(base64::engine::general_purpose::STANDARD.encode(&m.payload))
+                }
+            }
+            message
+        })
+        .collect();
+    Ok(Json(json!({
+        "room": room.to_string(),
+        "epoch": epoch,
+        "seq": seq,
+        "oldest": oldest.map(|(epoch, seq)| json!({ "epoch": epoch, "seq": seq })),
+        "more": more,
+        "messages": messages,
+    })))
 }
 
 async fn disconnect_user(

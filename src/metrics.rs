@@ -118,13 +118,14 @@ impl Default for Metrics {
 }
 
 /// Inbound frame kinds, counted through counters resolved once (no label lookup per frame).
-pub const FRAME_KINDS: [&str; 10] = [
+pub const FRAME_KINDS: [&str; 11] = [
     "connect",
     "join",
     "leave",
     "publish",
     "ping",
     "refresh",
+    "history",
     "empty",
     "text",
     "undecodable",

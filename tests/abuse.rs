@@ -100,7 +100,10 @@ async fn the_first_frame_must_be_connect() {
     send_frame(
         &mut ws,
         1,
-        client_frame::Kind::Join(proto::Join { room: "x".into() }),
+        client_frame::Kind::Join(proto::Join {
+            room: "x".into(),
+            since: None,
+        }),
     )
     .await;
     assert_eq!(
@@ -255,6 +258,7 @@ async fn a_slow_consumer_is_cut_off_while_the_others_receive_everything() {
         2,
         client_frame::Kind::Join(proto::Join {
             room: "firehose".into(),
+            since: None,
         }),
     )
     .await;

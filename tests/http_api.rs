@@ -209,6 +209,7 @@ async fn graceful_shutdown_sends_goaway_flushes_and_closes_every_session_with_10
                 Some(Event::Closed { code, .. }) => break code,
                 Some(
                     other @ (Event::Error(_)
+                    | Event::Joined(_)
                     | Event::TokenExpiring(_)
                     | Event::Left(_)
                     | Event::Datagram(_)

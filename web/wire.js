@@ -17,7 +17,8 @@ export const descriptor = {
                     "leave",
                     "publish",
                     "ping",
-                    "refresh"
+                    "refresh",
+                    "history"
                   ]
                 }
               },
@@ -50,6 +51,10 @@ export const descriptor = {
                 "refresh": {
                   "type": "Refresh",
                   "id": 7
+                },
+                "history": {
+                  "type": "History",
+                  "id": 8
                 }
               }
             },
@@ -67,7 +72,8 @@ export const descriptor = {
                     "goAway",
                     "refreshed",
                     "tokenExpiring",
-                    "epochChanged"
+                    "epochChanged",
+                    "historyPage"
                   ]
                 }
               },
@@ -124,6 +130,11 @@ export const descriptor = {
                   "type": "EpochChanged",
                   "id": 12,
                   "protoName": "epoch_changed"
+                },
+                "historyPage": {
+                  "type": "HistoryPage",
+                  "id": 13,
+                  "protoName": "history_page"
                 }
               }
             },
@@ -260,6 +271,10 @@ export const descriptor = {
                 "room": {
                   "type": "string",
                   "id": 1
+                },
+                "since": {
+                  "type": "RoomPosition",
+                  "id": 2
                 }
               }
             },
@@ -276,6 +291,87 @@ export const descriptor = {
                 "seq": {
                   "type": "uint64",
                   "id": 3
+                },
+                "recovery": {
+                  "type": "Recovery",
+                  "id": 4
+                }
+              }
+            },
+            "Recovery": {
+              "fields": {
+                "recovered": {
+                  "type": "bool",
+                  "id": 1
+                },
+                "replayed": {
+                  "type": "uint64",
+                  "id": 2
+                },
+                "oldestEpoch": {
+                  "type": "uint64",
+                  "id": 3,
+                  "protoName": "oldest_epoch"
+                },
+                "oldestSeq": {
+                  "type": "uint64",
+                  "id": 4,
+                  "protoName": "oldest_seq"
+                }
+              }
+            },
+            "History": {
+              "fields": {
+                "room": {
+                  "type": "string",
+                  "id": 1
+                },
+                "after": {
+                  "type": "RoomPosition",
+                  "id": 2
+                },
+                "before": {
+                  "type": "RoomPosition",
+                  "id": 3
+                },
+                "limit": {
+                  "type": "uint32",
+                  "id": 4
+                }
+              }
+            },
+            "HistoryPage": {
+              "fields": {
+                "room": {
+                  "type": "string",
+                  "id": 1
+                },
+                "messages": {
+                  "rule": "repeated",
+                  "type": "Message",
+                  "id": 2
+                },
+                "more": {
+                  "type": "bool",
+                  "id": 3
+                },
+                "epoch": {
+                  "type": "uint64",
+                  "id": 4
+                },
+                "seq": {
+                  "type": "uint64",
+                  "id": 5
+                },
+                "oldestEpoch": {
+                  "type": "uint64",
+                  "id": 6,
+                  "protoName": "oldest_epoch"
+                },
+                "oldestSeq": {
+                  "type": "uint64",
+                  "id": 7,
+                  "protoName": "oldest_seq"
                 }
               }
             },
@@ -470,6 +566,10 @@ export const descriptor = {
                 "retryable": {
                   "type": "bool",
                   "id": 3
+                },
+                "room": {
+                  "type": "string",
+                  "id": 4
                 }
               }
             },

@@ -230,10 +230,6 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn room(name: &str) -> RoomName {
-        RoomName::parse_any(name, 128).unwrap()
-    }
-
     proptest! {
         #[test]
         fn arbitrary_tokens_never_panic_the_verifier(token in ".{0,300}", bytes in proptest::collection::vec(any::<u8>(), 0..300)) {

@@ -31,8 +31,9 @@ pub enum NodeState {
 
 /// The version of the node-to-node requests (`proto/roomwire/mesh/v1`) this build speaks, so a
 /// mesh can be upgraded node by node: 1 forwards one publish per request, 2 also takes
-/// `ForwardBatch`. A node sends a peer only what the peer's heartbeat says it understands.
-pub const MESH_PROTOCOL: u32 = 2;
+/// `ForwardBatch`, 3 also serves `History`. A node sends a peer only what the peer's heartbeat
+/// says it understands.
+pub const MESH_PROTOCOL: u32 = 3;
 
 /// Nodes whose heartbeats carry no protocol predate it: version 1.
 fn protocol_one() -> u32 {

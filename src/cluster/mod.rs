@@ -10,8 +10,10 @@ use std::sync::Arc;
 
 use crate::fanout::UnreliableReport;
 use crate::member::Member;
-use crate::proto::ErrorCode;
-use crate::room::{Publication, RoomName, Sequenced};
+use crate::proto::{self, ErrorCode, ServerFrame, server_frame};
+use crate::room::{
+    HistoryPage, HistoryQuery, KeptMessage, Publication, Recovery, RoomName, Sequenced,
+};
 
 pub mod local;
 pub mod membership;
@@ -23,6 +25,67 @@ pub mod ring;
 
 use membership::{NodeState, NodeView};
 pub use mesh::TokenClaim;
+
+/// Messages replayed to a returning member per step at most (and the largest History page):
+/// between steps the replay waits for room in the member's send queue, and the room's
+/// publishers are not held up.
+pub const REPLAY_PAGE: usize = 128;
+
+/// Cuts a page of replayed messages to what one replay step pushes to `member`: its replay
+/// share of the send queue (at least one message).
+pub(crate) fn fit_to_share(member: &Member, messages: &mut Vec<KeptMessage>) {
+    let (max_frames, max_bytes) = member.replay_share();
+    let mut bytes = 0;
+    let fitting = messages
+        .iter()
+        .take(max_frames)
+        .take_while(|m| {
+            bytes += m.frame.len();
+            bytes <= max_bytes
+        })
+        .count();
+    messages.truncate(fitting.max(1));
+}
+
+/// The frames and bytes of a page.
+pub(crate) fn page_size(messages: &[KeptMessage]) -> (usize, usize) {
+    (messages.len(), messages.iter().map(|m| m.frame.len()).sum())
+}
+
+/// The `Joined` answer at `(epoch, seq)`; with a recovery (the member came back with a
+/// position), what became of it and how many messages were replayed before this frame.
+pub(crate) fn joined_frame(
+    request_id: u64,
+    room: &RoomName,
+    epoch: u64,
+    seq: u64,
+    recovery: Option<Recovery>,
+    replayed: u64,
+) -> ServerFrame {
+    let recovery = recovery.map(|recovery| match recovery {
+        Recovery::Recovered { .. } => proto::Recovery {
+            recovered: true,
+            replayed,
+            oldest_epoch: 0,
+            oldest_seq: 0,
+        },
+        Recovery::Reset { epoch, oldest_seq } => proto::Recovery {
+            recovered: false,
+            replayed,
+            oldest_epoch: epoch,
+            oldest_seq,
+        },
+    });
+    ServerFrame::reply(
+        request_id,
+        server_frame::Kind::Joined(proto::Joined {
+            room: room.to_string(),
+            epoch,
+            seq,
+            recovery,
+        }),
+    )
+}
 
 /// What the node knows of a room.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -101,16 +164,32 @@ impl Bus {
     }
 
     /// Makes `member` a member of `room`. With a request id, a `Joined` frame carrying the
-    /// room's current position is queued to the session before any message that follows it.
+    /// room's current position is queued to the session before any message that follows it;
+    /// with `since` (the member's last message of the room), what it missed is replayed before
+    /// `Joined`, or `Joined` says it cannot be (see `proto::Recovery`).
     pub async fn join(
         &self,
         room: &RoomName,
         member: &Arc<Member>,
         request_id: Option<u64>,
+        since: Option<(u64, u64)>,
     ) -> Result<(), BusError> {
         match self {
-            Bus::Standalone(bus) => bus.join(room, member, request_id).await,
-            Bus::Mesh(bus) => bus.join(room, member, request_id).await,
+            Bus::Standalone(bus) => bus.join(room, member, request_id, since).await,
+            Bus::Mesh(bus) => bus.join(room, member, request_id, since).await,
+        }
+    }
+
+    /// A page of `room`'s history, at most `limit` messages.
+    pub async fn history(
+        &self,
+        room: &RoomName,
+        query: HistoryQuery,
+        limit: usize,
+    ) -> Result<HistoryPage, BusError> {
+        match self {
+            Bus::Standalone(bus) => bus.history(room, query, limit).await,
+            Bus::Mesh(bus) => bus.history(room, query, limit).await,
         }
     }
 

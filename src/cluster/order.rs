@@ -20,7 +20,8 @@ pub const HOLD_MAX: usize = 4096;
 /// What the room's members get.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Output {
-    Frame(Bytes),
+    /// The message at `(epoch, seq)`.
+    Frame { epoch: u64, seq: u64, frame: Bytes },
     /// The room restarted in a new epoch: `previous_seq` is the last one delivered before it.
     EpochChanged {
         previous_epoch: u64,
@@ -28,11 +29,7 @@ pub enum Output {
         epoch: u64,
     },
     /// A join marker reached: the member joins at `(epoch, seq)`.
-    Join {
-        marker: u64,
-        epoch: u64,
-        seq: u64,
-    },
+    Join { marker: u64, epoch: u64, seq: u64 },
 }
 
 /// What one `accept` did, for the metrics.
@@ -176,7 +173,10 @@ impl RoomOrder {
     /// A frame is delivered; a marker joins at the current position.
     fn deliver(&mut self, frame: Option<Bytes>, marker: u64, emit: &mut dyn FnMut(Output)) {
         match frame {
-            Some(frame) => emit(Output::Frame(frame)),
+            Some(frame) => {
+                let (epoch, seq) = self.last.expect("a position exists");
+                emit(Output::Frame { epoch, seq, frame });
+            }
             None => {
                 let (epoch, seq) = self.last.expect("a position exists");
                 emit(Output::Join { marker, epoch, seq });
@@ -191,7 +191,7 @@ impl RoomOrder {
                 let frame = self.held.pop_first().and_then(|(_, f)| f);
                 self.last = Some((epoch, seq));
                 if let Some(frame) = frame {
-                    emit(Output::Frame(frame));
+                    emit(Output::Frame { epoch, seq, frame });
                 }
             } else if seq <= last {
                 self.held.pop_first();
@@ -226,7 +226,7 @@ impl RoomOrder {
             match frame {
                 Some(frame) if kind == FRAME && seq > last => {
                     self.last = Some((epoch, seq));
-                    emit(Output::Frame(frame));
+                    emit(Output::Frame { epoch, seq, frame });
                 }
                 Some(_) => {}
                 None => emit(Output::Join {
@@ -264,7 +264,16 @@ mod tests {
 
     fn show(output: Output) -> String {
         match output {
-            Output::Frame(f) => String::from_utf8(f.to_vec()).unwrap(),
+            Output::Frame { seq, frame, .. } => {
+                let text = String::from_utf8(frame.to_vec()).unwrap();
+                // The tests' frames carry their own sequence: the position named must match.
+                assert_eq!(
+                    text,
+                    seq.to_string(),
+                    "a frame delivered under another position"
+                );
+                text
+            }
             Output::EpochChanged {
                 previous_epoch,
                 previous_seq,

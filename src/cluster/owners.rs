@@ -139,7 +139,7 @@ impl Owners {
             if Arc::strong_count(cell) > 1 {
                 return true;
             }
-            let Ok(held) = cell.try_lock() else {
+            let Ok(mut held) = cell.try_lock() else {
                 return true;
             };
             !held.room.is_idle(now_ms, self.idle_ttl_ms) || in_use(room)

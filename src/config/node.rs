@@ -207,7 +207,10 @@ impl RoomsConfig {
                 ));
             }
             if self.classes[..i].iter().any(|c| c.name == class.name) {
-                return bad(format!("rooms.classes: the name {:?} is used twice", class.name));
+                return bad(format!(
+                    "rooms.classes: the name {:?} is used twice",
+                    class.name
+                ));
             }
             if !crate::ids::is_room_pattern(&class.pattern) {
                 return bad(format!(

@@ -215,6 +215,32 @@ impl Member {
         self.release(frames.into_iter().map(Bytes::len).sum());
     }
 
+    /// The part of the send queue a replay may fill, in frames and bytes: half of it; the rest
+    /// stays for what else the member receives meanwhile.
+    pub fn replay_share(&self) -> (usize, usize) {
+        (self.limits.queue_frames / 2, self.limits.queue_bytes / 2)
+    }
+
+    /// Resolves once the replay share of the send queue has room for `frames` more frames of
+    /// `bytes` (true; one page larger than the share once the queue is empty enough), or false
+    /// when the session is closing. A replay pushes page by page behind it, so catching up never
+    /// trips the slow-consumer policy.
+    pub async fn room_for(&self, frames: usize, bytes: usize) -> bool {
+        let (max_frames, max_bytes) = self.replay_share();
+        let fits =
+            self.outbox
+                .room_for(frames, bytes, max_frames.max(frames), max_bytes.max(bytes));
+        fits.await && self.state() == State::Authenticated
+    }
+
+    /// Whether the replay share has room for `frames` more frames of `bytes` now (the last step
+    /// of a join's replay, taken where it cannot wait).
+    pub fn has_room(&self, frames: usize, bytes: usize) -> bool {
+        let (max_frames, max_bytes) = self.replay_share();
+        self.outbox.fits(frames, bytes, max_frames, max_bytes)
+            && self.state() == State::Authenticated
+    }
+
     /// Resolves with the waiting frames (up to `max`) once there is at least one (the writer).
     pub(crate) fn ready(&self, max: usize) -> impl Future<Output = VecDeque<Bytes>> + '_ {
         self.outbox.ready(max)

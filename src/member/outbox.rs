@@ -20,6 +20,9 @@ pub(crate) struct Outbox {
     queue: Mutex<Queue>,
     /// The writer task, woken by the push that finds the queue empty.
     writer: AtomicWaker,
+    /// A replay waiting for room in the queue (one at a time: a session's joins run in turn),
+    /// woken as the writer releases bytes.
+    space: AtomicWaker,
 }
 
 #[derive(Default)]
@@ -105,13 +108,56 @@ impl Outbox {
     pub(crate) fn release(&self, bytes: usize) {
         let mut queue = self.lock();
         queue.bytes = queue.bytes.saturating_sub(bytes);
+        drop(queue);
+        self.space.wake();
+    }
+
+    /// Whether `frames` more frames and `bytes` more bytes fit within the bounds now.
+    pub(crate) fn fits(
+        &self,
+        frames: usize,
+        bytes: usize,
+        max_frames: usize,
+        max_bytes: usize,
+    ) -> bool {
+        let queue = self.lock();
+        !queue.closed
+            && queue.frames.len() + frames <= max_frames
+            && queue.bytes + bytes <= max_bytes
+    }
+
+    /// Resolves once the queue has room for `frames` more frames and `bytes` more bytes within
+    /// the bounds (true), or the writer has ended (false).
+    pub(crate) fn room_for(
+        &self,
+        frames: usize,
+        bytes: usize,
+        max_frames: usize,
+        max_bytes: usize,
+    ) -> impl Future<Output = bool> + '_ {
+        std::future::poll_fn(move |cx| {
+            // Registered before looking, so a release in between finds the waker.
+            self.space.register(cx.waker());
+            let queue = self.lock();
+            if queue.closed {
+                return Poll::Ready(false);
+            }
+            if queue.frames.len() + frames <= max_frames && queue.bytes + bytes <= max_bytes {
+                Poll::Ready(true)
+            } else {
+                Poll::Pending
+            }
+        })
     }
 
     /// Refuses every later push and returns what is still waiting.
     pub(crate) fn close(&self) -> VecDeque<Bytes> {
         let mut queue = self.lock();
         queue.closed = true;
-        std::mem::take(&mut queue.frames)
+        let rest = std::mem::take(&mut queue.frames);
+        drop(queue);
+        self.space.wake();
+        rest
     }
 }
 

@@ -46,6 +46,16 @@ impl ServerFrame {
     }
 
     pub fn error(request_id: u64, code: ErrorCode, message: impl Into<String>) -> Self {
+        Self::room_error(request_id, code, message, String::new())
+    }
+
+    /// An error about one of the rooms a request named (see `Error.room`).
+    pub fn room_error(
+        request_id: u64,
+        code: ErrorCode,
+        message: impl Into<String>,
+        room: String,
+    ) -> Self {
         Self::reply(
             request_id,
             server_frame::Kind::Error(Error {
@@ -53,6 +63,7 @@ impl ServerFrame {
                 message: message.into(),
                 // Both mean "later": UNAVAILABLE after a moment, RATE_LIMITED at a slower pace.
                 retryable: matches!(code, ErrorCode::Unavailable | ErrorCode::RateLimited),
+                room,
             }),
         )
     }
@@ -78,6 +89,7 @@ impl ClientFrame {
             Some(Kind::Publish(_)) => "publish",
             Some(Kind::Ping(_)) => "ping",
             Some(Kind::Refresh(_)) => "refresh",
+            Some(Kind::History(_)) => "history",
             None => "empty",
         }
     }

@@ -12,13 +12,20 @@ use std::sync::Arc;
 use crate::ids::is_name_segment;
 use crate::proto::ErrorCode;
 
+mod classes;
 mod owned;
 mod pattern;
 mod publication;
+mod window;
 
-pub use owned::{DedupeRules, EpochClock, OwnedRoom, Remembered, Sequencing};
+pub use classes::{Classes, History};
+pub use owned::{
+    DedupeRules, EpochClock, HistoryPage, HistoryQuery, KeptMessage, OwnedRoom, Remembered,
+    Sequencing,
+};
 pub use pattern::RoomPattern;
 pub use publication::{Publication, PublishError, Sequenced};
+pub use window::{Recovery, Window};
 
 /// Room every session is a member of; a message published there reaches every session.
 pub const BROADCAST_ROOM: &str = "$broadcast";

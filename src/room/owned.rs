@@ -6,8 +6,11 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::Publication;
-use crate::proto::ServerFrame;
+use bytes::Bytes;
+use prost::Message as _;
+
+use super::{Publication, Recovery, Window};
+use crate::proto::{self, ServerFrame};
 
 /// How long and how many (publisher, client message id) pairs a room remembers
 /// (`rooms.dedupe_window_ms`, `rooms.dedupe_max_per_room`).
@@ -31,6 +34,54 @@ pub enum Sequencing {
     },
 }
 
+/// Which part of a room's history to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HistoryQuery {
+    /// The newest messages, newest first.
+    Newest,
+    /// Messages after `(epoch, seq)`, oldest first.
+    After(u64, u64),
+    /// Messages before `(epoch, seq)`, newest first.
+    Before(u64, u64),
+}
+
+/// One kept message: its position and the encoded `ServerFrame` its members received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeptMessage {
+    pub epoch: u64,
+    pub seq: u64,
+    pub frame: Bytes,
+}
+
+/// A page of a room's history.
+#[derive(Debug, Clone, Default)]
+pub struct HistoryPage {
+    /// In the order asked for (oldest first after a position, newest first otherwise).
+    pub messages: Vec<KeptMessage>,
+    /// More lie beyond the last one.
+    pub more: bool,
+    /// The room's position.
+    pub position: (u64, u64),
+    /// The oldest position kept, if any.
+    pub oldest: Option<(u64, u64)>,
+}
+
+impl HistoryPage {
+    /// The page's messages, decoded from the frames members received.
+    pub fn into_messages(self) -> Vec<proto::Message> {
+        self.messages
+            .into_iter()
+            .filter_map(|kept| match proto::ServerFrame::decode(kept.frame) {
+                Ok(proto::ServerFrame {
+                    kind: Some(proto::server_frame::Kind::Message(message)),
+                    ..
+                }) => Some(message),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
 /// One remembered pair as a hand-off carries it: how long ago it was recorded, not when (clocks
 /// of two nodes cannot be compared; an age can).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,6 +99,8 @@ pub struct OwnedRoom {
     dedupe: Dedupe,
     /// Monotonic milliseconds of the last publish or join.
     last_active_ms: u64,
+    /// The recent messages, when the room's class keeps them here.
+    window: Option<Window>,
 }
 
 impl OwnedRoom {
@@ -57,7 +110,90 @@ impl OwnedRoom {
             sequencer: Sequencer::new(epoch),
             dedupe: Dedupe::default(),
             last_active_ms: now_ms,
+            window: None,
         }
+    }
+
+    /// The room keeps its recent messages in `window` (see [`Self::keep`]).
+    pub fn keeping(mut self, window: Window) -> Self {
+        self.window = Some(window);
+        self
+    }
+
+    /// Keeps message `seq`'s encoded frame, when the room keeps history here.
+    pub fn keep(&mut self, seq: u64, frame: &Bytes, now_ms: u64) {
+        if let Some(window) = &mut self.window {
+            window.keep(seq, frame.clone(), now_ms);
+        }
+    }
+
+    /// Where a member whose last message was `since` stands (a room that keeps nothing here can
+    /// only tell one that missed nothing).
+    pub fn recovery(&mut self, since: (u64, u64), now_ms: u64) -> Recovery {
+        let (epoch, seq) = self.sequencer.position();
+        match &mut self.window {
+            Some(window) => window.recovery(since.0, since.1, epoch, seq, now_ms),
+            None if since.0 == epoch && since.1 >= seq => Recovery::Recovered {
+                from_seq: seq + 1,
+                to_seq: seq,
+            },
+            None => Recovery::Reset {
+                epoch,
+                oldest_seq: seq,
+            },
+        }
+    }
+
+    /// A page of the kept history (see [`HistoryQuery`]): frames in the order asked for, and
+    /// whether more lie beyond.
+    pub fn history(&mut self, query: HistoryQuery, limit: usize, now_ms: u64) -> HistoryPage {
+        let (epoch, seq) = self.sequencer.position();
+        let oldest = self.oldest_kept(now_ms).map(|oldest| (epoch, oldest));
+        // One more than asked, to tell whether more lie beyond.
+        let mut frames = match query {
+            HistoryQuery::Newest => self.kept_before(u64::MAX, limit + 1, now_ms),
+            // An older epoch: everything kept is after it; a newer one: nothing is.
+            HistoryQuery::After(e, _) if e < epoch => self.kept_after(0, limit + 1, now_ms),
+            HistoryQuery::After(e, s) if e == epoch => self.kept_after(s, limit + 1, now_ms),
+            HistoryQuery::After(..) => Vec::new(),
+            HistoryQuery::Before(e, _) if e > epoch => {
+                self.kept_before(u64::MAX, limit + 1, now_ms)
+            }
+            HistoryQuery::Before(e, s) if e == epoch => self.kept_before(s, limit + 1, now_ms),
+            HistoryQuery::Before(..) => Vec::new(),
+        };
+        let more = frames.len() > limit;
+        frames.truncate(limit);
+        HistoryPage {
+            messages: frames
+                .into_iter()
+                .map(|(seq, frame)| KeptMessage { epoch, seq, frame })
+                .collect(),
+            more,
+            position: (epoch, seq),
+            oldest,
+        }
+    }
+
+    /// Up to `limit` kept frames after `after_seq`, oldest first.
+    pub fn kept_after(&mut self, after_seq: u64, limit: usize, now_ms: u64) -> Vec<(u64, Bytes)> {
+        match &mut self.window {
+            Some(window) => window.after(after_seq, limit, now_ms),
+            None => Vec::new(),
+        }
+    }
+
+    /// Up to `limit` kept frames before `before_seq`, newest first.
+    pub fn kept_before(&mut self, before_seq: u64, limit: usize, now_ms: u64) -> Vec<(u64, Bytes)> {
+        match &mut self.window {
+            Some(window) => window.before(before_seq, limit, now_ms),
+            None => Vec::new(),
+        }
+    }
+
+    /// The first sequence kept, if any.
+    pub fn oldest_kept(&mut self, now_ms: u64) -> Option<u64> {
+        self.window.as_mut().and_then(|w| w.oldest(now_ms))
     }
 
     /// A room handed over by its previous owner at the position it reached, with the pairs it
@@ -83,6 +219,7 @@ impl OwnedRoom {
             sequencer: Sequencer::resume(epoch, last_seq),
             dedupe,
             last_active_ms: now_ms,
+            window: None,
         }
     }
 
@@ -96,9 +233,10 @@ impl OwnedRoom {
         self.last_active_ms = now_ms;
     }
 
-    /// Unused for at least `ttl_ms`.
-    pub fn is_idle(&self, now_ms: u64, ttl_ms: u64) -> bool {
-        now_ms.saturating_sub(self.last_active_ms) >= ttl_ms
+    /// Unused for at least `ttl_ms`, and keeping no message any more (a room's kept history
+    /// lives as long as its age limit allows, members or not).
+    pub fn is_idle(&mut self, now_ms: u64, ttl_ms: u64) -> bool {
+        now_ms.saturating_sub(self.last_active_ms) >= ttl_ms && self.oldest_kept(now_ms).is_none()
     }
 
     /// Sequences a publication: a retry of a remembered (publisher, client message id) gets the

@@ -130,6 +130,10 @@ pub(super) async fn handshake<S: FrameSource, K: FrameSink>(
         warned: false,
         rearm: false,
         publishes: Pipeline::default(),
+        resume: connect
+            .resume
+            .map(|resume| (request_id, resume.rooms))
+            .filter(|(_, rooms)| !rooms.is_empty()),
     })
 }
 

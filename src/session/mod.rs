@@ -97,7 +97,7 @@ fn serve<S: FrameSource, K: FrameSink>(
             // Membership of the user's and the broadcast room; no Joined frame is sent for them.
             // A session that could not become a member would silently miss what is sent to its
             // user: it is told to reconnect (elsewhere) instead.
-            if let Err(error) = Box::pin(ctx.bus.join(room, &handle, None)).await {
+            if let Err(error) = Box::pin(ctx.bus.join(room, &handle, None, None)).await {
                 tracing::warn!(%error, %room, "implicit join failed; sending the session away");
                 handle.go_away("this node cannot serve the session now; reconnect");
                 break;
@@ -114,6 +114,9 @@ fn serve<S: FrameSource, K: FrameSink>(
         // NATS: a publish there in that moment found no member here and was lost to the session.)
         // What was delivered meanwhile waits in the bounded queue behind `Connected`.
         let writer = tokio::spawn(writer::write_loop(ctx.clone(), handle.clone(), sink));
+        // The rooms a reconnecting client resumes are rejoined (their missed messages replayed)
+        // before any other request is read; the replay waits on the writer, which runs now.
+        Box::pin(session.resume()).await;
         session.read_loop(&mut source).await;
         session.publishes.detach(&ctx);
 

@@ -1,5 +1,5 @@
 //! The reader side of a session: inbound frames, budgets, and the requests they carry (join,
-//! leave, publish, refresh, ping).
+//! leave, publish, refresh, ping, history), and the resume of a reconnecting client's rooms.
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -13,11 +13,14 @@ use super::pipeline::{Pipeline, Unacked};
 use crate::auth::{AuthError, Permissions};
 use crate::clock::wall_ms;
 use crate::cluster::BusError;
+use crate::cluster::REPLAY_PAGE;
 use crate::context::NodeContext;
 use crate::limits::{Admit, SessionBudget};
 use crate::member::{CloseReason, Member, Waiter};
 use crate::proto::{self, ClientFrame, ErrorCode, ServerFrame, client_frame, server_frame};
-use crate::room::{Publication, PublishError, RoomName, RoomNameError, Sequenced};
+use crate::room::{
+    HistoryPage, HistoryQuery, Publication, PublishError, RoomName, RoomNameError, Sequenced,
+};
 
 /// A request refused; each variant is one wire error code.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +41,8 @@ enum RequestError {
     Forbidden(&'static str, RoomName),
     #[error(transparent)]
     Auth(#[from] AuthError),
+    #[error("a History request names either after or before, not both")]
+    BothDirections,
 }
 
 impl RequestError {
@@ -51,6 +56,7 @@ impl RequestError {
             RequestError::Bus(e) => e.code(),
             RequestError::Forbidden(..) => ErrorCode::Forbidden,
             RequestError::Auth(e) => e.code(),
+            RequestError::BothDirections => ErrorCode::BadFrame,
         }
     }
 }
@@ -82,6 +88,26 @@ pub(super) struct Session {
     pub(super) rearm: bool,
     /// Reliable publishes read and not yet answered.
     pub(super) publishes: Pipeline,
+    /// The rooms the Connect asked to resume, with its request id, until they are rejoined.
+    pub(super) resume: Option<(u64, Vec<proto::RoomPosition>)>,
+}
+
+/// The answer to a History request: the page's frames are the Message frames members got.
+fn history_frame(request_id: u64, room: &RoomName, page: HistoryPage) -> ServerFrame {
+    let (oldest_epoch, oldest_seq) = page.oldest.unwrap_or_default();
+    let (more, (epoch, seq)) = (page.more, page.position);
+    ServerFrame::reply(
+        request_id,
+        server_frame::Kind::HistoryPage(proto::HistoryPage {
+            room: room.to_string(),
+            messages: page.into_messages(),
+            more,
+            epoch,
+            seq,
+            oldest_epoch,
+            oldest_seq,
+        }),
+    )
 }
 
 /// A request that awaits the bus, boxed (see [`Session::handle_frame`]).
@@ -318,12 +344,16 @@ impl Session {
         self.ctx.metrics.frame_in(kind);
     }
 
-    fn send_error(&self, request_id: u64, code: ErrorCode, message: &str) {
+    fn count_error(&self, code: ErrorCode) {
         self.ctx
             .metrics
             .errors
             .get_or_create(&[("code", code.label())])
             .inc();
+    }
+
+    fn send_error(&self, request_id: u64, code: ErrorCode, message: &str) {
+        self.count_error(code);
         self.handle
             .push_frame(&ServerFrame::error(request_id, code, message));
     }
@@ -348,7 +378,14 @@ impl Session {
         let result = match frame.kind {
             Some(Kind::Join(join)) => {
                 return Some(Box::pin(async move {
-                    let result = self.join(request_id, &join.room).await;
+                    let since = join.since.map(|p| (p.epoch, p.seq));
+                    let result = self.join(request_id, &join.room, since).await;
+                    self.answer(request_id, result);
+                }));
+            }
+            Some(Kind::History(ask)) => {
+                return Some(Box::pin(async move {
+                    let result = self.history(request_id, ask).await;
                     self.answer(request_id, result);
                 }));
             }
@@ -412,7 +449,33 @@ impl Session {
         )?)
     }
 
-    async fn join(&mut self, request_id: u64, name: &str) -> Result<(), RequestError> {
+    /// Rejoins the rooms the Connect named in `resume`, each as a Join with its position; what
+    /// fails for one room is answered with an Error naming it (the Connect's request id).
+    pub(super) async fn resume(&mut self) {
+        let Some((request_id, positions)) = self.resume.take() else {
+            return;
+        };
+        for position in positions {
+            let since = Some((position.epoch, position.seq));
+            if let Err(error) = self.join(request_id, &position.room, since).await {
+                tracing::debug!(%error, room = %position.room, "resume refused");
+                self.count_error(error.code());
+                self.handle.push_frame(&ServerFrame::room_error(
+                    request_id,
+                    error.code(),
+                    error.to_string(),
+                    position.room,
+                ));
+            }
+        }
+    }
+
+    async fn join(
+        &mut self,
+        request_id: u64,
+        name: &str,
+        since: Option<(u64, u64)>,
+    ) -> Result<(), RequestError> {
         let room = self.room_name(name)?;
         if !self.permissions.may_join(&room) {
             return Err(RequestError::Forbidden("join", room));
@@ -423,9 +486,31 @@ impl Session {
         }
         self.ctx
             .bus
-            .join(&room, &self.handle, Some(request_id))
+            .join(&room, &self.handle, Some(request_id), since)
             .await?;
         self.rooms.insert(room);
+        Ok(())
+    }
+
+    /// Answers a History request with one page of the room's kept messages.
+    async fn history(&mut self, request_id: u64, ask: proto::History) -> Result<(), RequestError> {
+        let room = self.room_name(&ask.room)?;
+        if !self.permissions.may_join(&room) {
+            return Err(RequestError::Forbidden("read", room));
+        }
+        let query = match (ask.after, ask.before) {
+            (None, None) => HistoryQuery::Newest,
+            (Some(after), None) => HistoryQuery::After(after.epoch, after.seq),
+            (None, Some(before)) => HistoryQuery::Before(before.epoch, before.seq),
+            (Some(_), Some(_)) => return Err(RequestError::BothDirections),
+        };
+        let limit = match ask.limit as usize {
+            0 => REPLAY_PAGE,
+            n => n.min(REPLAY_PAGE),
+        };
+        let page = self.ctx.bus.history(&room, query, limit).await?;
+        self.handle
+            .push_frame(&history_frame(request_id, &room, page));
         Ok(())
     }
 

@@ -11,22 +11,24 @@ use tokio::time::Instant;
 
 use super::Inner;
 use super::link::RequestFailure;
+use super::recovery::{Comeback, Recent};
 use super::routing::Route;
 use super::wire::{ORIGIN_HEADER, RoomMessage, Step};
 use crate::cluster::order::{Effect, Output, RoomOrder};
-use crate::cluster::{BusError, RoomInfo};
+use crate::cluster::{BusError, RoomInfo, joined_frame};
 use crate::member::Member;
 use crate::proto::mesh::{self as wire, reply, request};
 
 use crate::proto::{self, ServerFrame, server_frame};
-use crate::room::RoomName;
+use crate::room::{Recovery, RoomName};
 
 /// A join waiting for the owner's sync marker to arrive on the room subject.
 struct PendingJoin {
     marker: u64,
     member: Arc<Member>,
     request_id: u64,
-    done: oneshot::Sender<()>,
+    comeback: Comeback,
+    done: oneshot::Sender<Admission>,
 }
 
 /// This node's subscription to one room, while it has local members.
@@ -46,6 +48,29 @@ pub(super) struct InterestState {
     generation: u64,
     pending: Vec<PendingJoin>,
     order: RoomOrder,
+    /// What this node delivered last, for admitting members that come back.
+    recent: Recent,
+}
+
+/// How a join at a position ended.
+enum Entered {
+    Yes,
+    /// The interest closed meanwhile: take a fresh one.
+    Closed,
+    /// The member came back and is not admitted yet (see [`Admission`]).
+    Behind(Admission),
+}
+
+/// What became of a member at its join position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Admission {
+    Admitted,
+    /// It came back and messages it misses are no longer among this node's recent ones: it is
+    /// caught up from the owner again.
+    Missing,
+    /// It came back and the messages it misses do not fit its send queue now: these frames and
+    /// bytes wait for room, then it is caught up again.
+    NoRoom(usize, usize),
 }
 
 impl Inner {
@@ -230,10 +255,14 @@ impl Inner {
             generation,
             pending,
             order,
+            recent,
             ..
         } = state;
         let mut emit = |output: Output| match output {
-            Output::Frame(frame) => delivered += self.hub.deliver(room, &frame),
+            Output::Frame { epoch, seq, frame } => {
+                delivered += self.hub.deliver(room, &frame);
+                recent.push(epoch, seq, frame);
+            }
             Output::EpochChanged {
                 previous_epoch,
                 previous_seq,
@@ -253,8 +282,14 @@ impl Inner {
             Output::Join { marker, epoch, seq } => {
                 if let Some(i) = pending.iter().position(|p| p.marker == marker) {
                     let join = pending.swap_remove(i);
-                    self.enter(interest, &join.member, join.request_id, epoch, seq);
-                    let _ = join.done.send(());
+                    let admitted = self.enter(
+                        interest,
+                        recent,
+                        (&join.member, join.request_id, join.comeback),
+                        epoch,
+                        seq,
+                    );
+                    let _ = join.done.send(admitted);
                 }
             }
         };
@@ -295,23 +330,59 @@ impl Inner {
 
     /// Queues `Joined` at `(epoch, seq)` and makes `member` a member; under the interest lock
     /// so no message of the room can fall between the two.
+    ///
+    /// A member that came back with a position first gets the messages it still misses from
+    /// what this node delivered last; when some of them are no longer here, or do not fit its
+    /// send queue now, it is not admitted, and its join catches it up again.
     fn enter(
         &self,
         interest: &Interest,
-        member: &Arc<Member>,
-        request_id: u64,
+        recent: &Recent,
+        (member, request_id, comeback): (&Arc<Member>, u64, Comeback),
         epoch: u64,
         seq: u64,
-    ) {
-        member.push_frame(&ServerFrame::reply(
-            request_id,
-            server_frame::Kind::Joined(proto::Joined {
-                room: interest.room.to_string(),
+    ) -> Admission {
+        let (recovery, replayed) = match comeback {
+            Comeback::Fresh => (None, 0),
+            Comeback::Reset {
                 epoch,
-                seq,
-            }),
+                oldest_seq,
+                replayed,
+            } => (Some(Recovery::Reset { epoch, oldest_seq }), replayed),
+            Comeback::Recover { since, replayed } => {
+                let tail = if since.0 == epoch {
+                    recent.between(epoch, since.1, seq)
+                } else {
+                    None
+                };
+                let Some(tail) = tail else {
+                    return Admission::Missing;
+                };
+                let bytes = tail.iter().map(Bytes::len).sum();
+                if !member.has_room(tail.len(), bytes) {
+                    return Admission::NoRoom(tail.len(), bytes);
+                }
+                let count = tail.len() as u64;
+                for frame in tail {
+                    member.push(frame);
+                }
+                let recovered = Recovery::Recovered {
+                    from_seq: since.1 + 1,
+                    to_seq: seq,
+                };
+                (Some(recovered), replayed + count)
+            }
+        };
+        member.push_frame(&joined_frame(
+            request_id,
+            &interest.room,
+            epoch,
+            seq,
+            recovery,
+            replayed,
         ));
         self.hub.add(&interest.room, member);
+        Admission::Admitted
     }
 
     pub(super) async fn join(
@@ -319,10 +390,23 @@ impl Inner {
         room: &RoomName,
         member: &Arc<Member>,
         request_id: Option<u64>,
+        since: Option<(u64, u64)>,
     ) -> Result<(), BusError> {
         let mut route = Route::new(&self.config);
+        let mut comeback = Comeback::Fresh;
         loop {
+            // Subscribed before any catching up, so every message after the owner's last page
+            // reaches this node (and `Recent`).
             let interest = self.interest(room).await?;
+            if let (Some(since), Comeback::Fresh) = (since, comeback) {
+                comeback = match self.catch_up(room, member, since, 0).await {
+                    Ok(comeback) => comeback,
+                    Err(error) => {
+                        self.close_if_unused(&interest);
+                        return Err(error);
+                    }
+                };
+            }
             let outcome = match request_id {
                 None => {
                     let state = interest.state.lock().expect("interest lock poisoned");
@@ -333,13 +417,32 @@ impl Inner {
                     return Ok(());
                 }
                 Some(request_id) => {
-                    self.join_at_position(&interest, member, request_id, &mut route)
+                    self.join_at_position(&interest, member, request_id, comeback, &mut route)
                         .await
                 }
             };
             match outcome {
-                Ok(true) => return Ok(()),
-                Ok(false) => continue, // the interest closed under us: take a fresh one
+                Ok(Entered::Yes) => return Ok(()),
+                Ok(Entered::Closed) => continue, // the interest closed under us: take a fresh one
+                Ok(Entered::Behind(admission)) => {
+                    if let Admission::NoRoom(frames, bytes) = admission
+                        && !member.room_for(frames, bytes).await
+                    {
+                        self.close_if_unused(&interest);
+                        return Err(BusError::Unavailable("the session is closing".into()));
+                    }
+                    // More went by meanwhile than this node keeps: catch up from the owner.
+                    if let Comeback::Recover { since, replayed } = comeback {
+                        comeback = match self.catch_up(room, member, since, replayed).await {
+                            Ok(comeback) => comeback,
+                            Err(error) => {
+                                self.close_if_unused(&interest);
+                                return Err(error);
+                            }
+                        };
+                    }
+                    continue;
+                }
                 Err(error) => {
                     // A subscription made for this join alone must not outlive it.
                     self.close_if_unused(&interest);
@@ -359,28 +462,41 @@ impl Inner {
         interest: &Arc<Interest>,
         member: &Arc<Member>,
         request_id: u64,
+        comeback: Comeback,
         route: &mut Route,
-    ) -> Result<bool, BusError> {
+    ) -> Result<Entered, BusError> {
         // Marker 0 is an epoch's start, never a join.
         let marker = crate::ids::random_u64().max(1);
         let (done, mut completed) = oneshot::channel();
         {
             let mut state = interest.state.lock().expect("interest lock poisoned");
             if state.closed {
-                return Ok(false);
+                return Ok(Entered::Closed);
             }
             let generation_current = state.generation == self.generation();
             if let Some((epoch, seq)) = state.order.position().filter(|_| generation_current) {
-                self.enter(interest, member, request_id, epoch, seq);
-                return Ok(true);
+                return Ok(
+                    match self.enter(
+                        interest,
+                        &state.recent,
+                        (member, request_id, comeback),
+                        epoch,
+                        seq,
+                    ) {
+                        Admission::Admitted => Entered::Yes,
+                        other => Entered::Behind(other),
+                    },
+                );
             }
             state.pending.push(PendingJoin {
                 marker,
                 member: member.clone(),
                 request_id,
+                comeback,
                 done,
             });
         }
+        let mut admitted = None;
         let wait = Duration::from_millis(self.config.request_timeout_ms);
         let result = loop {
             if let Err(error) = self.check_link() {
@@ -427,7 +543,11 @@ impl Inner {
             let step = match step {
                 // The marker is out: the join completes when the room's order reaches it.
                 Step::Done(()) => match tokio::time::timeout(wait, &mut completed).await {
-                    Ok(_) => Step::Done(()),
+                    Ok(Ok(entered)) => {
+                        admitted = Some(entered);
+                        Step::Done(())
+                    }
+                    Ok(Err(_)) => Step::Retry("the join was dropped".into()),
                     Err(_) => Step::Retry("the join marker did not arrive".into()),
                 },
                 other => other,
@@ -445,13 +565,16 @@ impl Inner {
         // No pending entry outlives this call; one that is already gone was admitted by its
         // marker, and the session is a member.
         let mut state = interest.state.lock().expect("interest lock poisoned");
-        match state.pending.iter().position(|p| p.marker == marker) {
-            Some(i) => {
-                state.pending.swap_remove(i);
-                result.map(|()| true)
-            }
-            None => Ok(true),
+        if let Some(i) = state.pending.iter().position(|p| p.marker == marker) {
+            state.pending.swap_remove(i);
+            result?;
         }
+        // Gone while the wait gave up: its marker decided just then.
+        let admitted = admitted.or_else(|| completed.try_recv().ok());
+        Ok(match admitted {
+            Some(Admission::Admitted) | None => Entered::Yes,
+            Some(other) => Entered::Behind(other),
+        })
     }
 
     /// Drops the room's subscription when no local member and no pending join needs it.

@@ -37,13 +37,16 @@ use crate::config::{MeshConfig, RoomsConfig};
 use crate::fanout::{Hub, UnreliableReport};
 use crate::member::Member;
 use crate::metrics::Metrics;
-use crate::room::{EpochClock, Publication, RoomName, Sequenced};
+use crate::room::{
+    Classes, EpochClock, HistoryPage, HistoryQuery, Publication, RoomName, Sequenced,
+};
 
 mod interest;
 mod lease;
 mod link;
 mod members;
 mod owning;
+mod recovery;
 mod replay;
 mod routing;
 mod wire;
@@ -75,6 +78,8 @@ struct Inner {
     prefix: String,
     config: MeshConfig,
     rooms: RoomsConfig,
+    /// What each room keeps (`rooms.classes`).
+    classes: Classes,
     hub: Arc<Hub>,
     metrics: Arc<Metrics>,
     link: Arc<Link>,
@@ -178,6 +183,7 @@ impl MeshBus {
             prefix: mesh.subject_prefix.clone(),
             config: mesh,
             rooms: config.rooms.clone(),
+            classes: Classes::new(&config.rooms.classes),
             hub,
             metrics,
             link,
@@ -231,8 +237,19 @@ impl MeshBus {
         room: &RoomName,
         member: &Arc<Member>,
         request_id: Option<u64>,
+        since: Option<(u64, u64)>,
     ) -> Result<(), BusError> {
-        self.inner.join(room, member, request_id).await
+        self.inner.join(room, member, request_id, since).await
+    }
+
+    /// A page of `room`'s history, read at its owner.
+    pub async fn history(
+        &self,
+        room: &RoomName,
+        query: HistoryQuery,
+        limit: usize,
+    ) -> Result<HistoryPage, BusError> {
+        self.inner.history_page(room, query, limit).await
     }
 
     pub fn leave(&self, room: &RoomName, member: &Arc<Member>) {

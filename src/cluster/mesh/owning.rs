@@ -111,11 +111,15 @@ impl Inner {
         };
         let mut fresh = None;
         let installed = self.owned.install(room, || match &pulled {
-            Some(state) => Held::new(room_wire::import(state, mono_ms(), wall_ms()), generation),
+            Some(state) => {
+                let state = room_wire::import(state, mono_ms(), wall_ms());
+                Held::new(self.classes.attach(room, state), generation)
+            }
             None => {
                 let epoch = self.fresh_epoch(room);
                 fresh = Some(epoch);
-                Held::new(OwnedRoom::new(epoch, mono_ms()), generation)
+                let state = OwnedRoom::new(epoch, mono_ms());
+                Held::new(self.classes.attach(room, state), generation)
             }
         });
         let cell = match installed {
@@ -252,7 +256,8 @@ impl Inner {
         }
         let generation = self.generation();
         let installed = self.owned.install(&room, || {
-            Held::new(room_wire::import(&state, mono_ms(), wall_ms()), generation)
+            let state = room_wire::import(&state, mono_ms(), wall_ms());
+            Held::new(self.classes.attach(&room, state), generation)
         });
         if !matches!(installed, Installed::New(_)) {
             return reply::Kind::Done(false);
@@ -344,6 +349,7 @@ impl Inner {
             Sequencing::Duplicate { epoch, seq } => (epoch, seq, None),
             Sequencing::New { epoch, seq, frame } => {
                 let bytes = frame.encode_after(&room_wire::header(KIND_MESSAGE, epoch, seq));
+                held.room.keep(seq, &bytes.slice(HEADER..), mono_ms());
                 (epoch, seq, Some(bytes))
             }
         };

@@ -115,6 +115,7 @@ impl Inner {
                 Err(_) => reply::Kind::Done(true),
             },
             request::Kind::Ping(_) => reply::Kind::Done(true),
+            request::Kind::History(ask) => self.serve_history(ask).await,
             request::Kind::Handoff(state) => match parse(&state.room) {
                 Ok(room) => self.take_handoff(room, state),
                 Err(_) => reply::Kind::Done(true),
