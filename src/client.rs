@@ -59,6 +59,9 @@ pub struct ClientOptions {
     /// Rooms to rejoin from where a previous session left off (`Connect.resume`): each comes
     /// back as [`Event::Joined`], after the messages it missed.
     pub resume: Vec<proto::RoomPosition>,
+    /// A stable id of this device (`Connect.device_id`): the node delivers what was sent to the
+    /// user while this device was away, on its next connect. Empty: no offline delivery.
+    pub device_id: String,
 }
 
 impl Default for ClientOptions {
@@ -73,6 +76,7 @@ impl Default for ClientOptions {
             client_cert: None,
             ping_interval: Duration::from_secs(20),
             resume: Vec::new(),
+            device_id: String::new(),
         }
     }
 }
@@ -261,6 +265,7 @@ impl Client {
                 resume: (!options.resume.is_empty()).then_some(proto::Resume {
                     rooms: options.resume,
                 }),
+                device_id: options.device_id,
             }))
             .await;
         match reply {

@@ -152,6 +152,11 @@ export const descriptor = {
                 "resume": {
                   "type": "Resume",
                   "id": 3
+                },
+                "deviceId": {
+                  "type": "string",
+                  "id": 4,
+                  "protoName": "device_id"
                 }
               }
             },
