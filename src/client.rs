@@ -204,6 +204,9 @@ pub struct Client {
     connected: proto::Connected,
     timeout: Duration,
     reader: tokio::task::JoinHandle<()>,
+    /// With a device id: the user room, whose messages are reported `seen` once handed to the
+    /// application.
+    user_room: Option<String>,
 }
 
 impl Client {
@@ -257,7 +260,9 @@ impl Client {
             connected: proto::Connected::default(),
             timeout: options.request_timeout,
             reader,
+            user_room: None,
         };
+        let has_device = !options.device_id.is_empty();
         let reply = client
             .request(client_frame::Kind::Connect(proto::Connect {
                 token: options.token,
@@ -270,6 +275,9 @@ impl Client {
             .await;
         match reply {
             Ok(server_frame::Kind::Connected(connected)) => {
+                if has_device {
+                    client.user_room = Some(format!("$user.{}", connected.user_id));
+                }
                 client.connected = connected;
                 Ok(client)
             }
@@ -399,6 +407,22 @@ impl Client {
         }
     }
 
+    /// Tells the node that this device (`ClientOptions::device_id`) has handled its user room
+    /// up to `(epoch, seq)`; its next connection replays only what follows (offline delivery).
+    /// No reply; a refusal arrives as an `Error` event.
+    pub async fn seen(&self, room: &str, epoch: u64, seq: u64) -> Result<(), ClientError> {
+        let request_id = self.next_request.fetch_add(1, Ordering::Relaxed);
+        self.send(ClientFrame {
+            request_id,
+            kind: Some(client_frame::Kind::Seen(proto::RoomPosition {
+                room: room.into(),
+                epoch,
+                seq,
+            })),
+        })
+        .await
+    }
+
     /// Which transport the client speaks.
     pub fn transport(&self) -> &'static str {
         match &*self.writer {
@@ -456,9 +480,18 @@ impl Client {
         }
     }
 
-    /// The next thing the node sent unasked; `None` after `Closed` has been returned.
+    /// The next thing the node sent unasked; `None` after `Closed` has been returned. With a
+    /// device id, a message of the user room is reported `seen` as it is handed over (offline
+    /// delivery then resumes after it).
     pub async fn next_event(&mut self) -> Option<Event> {
-        self.events.recv().await
+        let event = self.events.recv().await;
+        if let (Some(Event::Message(m)), Some(user_room)) = (&event, &self.user_room)
+            && &m.room == user_room
+        {
+            // A lost report only means the message may be delivered again.
+            let _ = self.seen(&m.room, m.epoch, m.seq).await;
+        }
+        event
     }
 
     /// Sends one already-built frame (for tests that need exact control of the wire).

@@ -41,6 +41,21 @@ pub fn is_room_pattern(pattern: &str) -> bool {
     })
 }
 
+/// Longest device id (`Connect.device_id`), in bytes.
+pub const MAX_DEVICE_ID_BYTES: usize = 64;
+
+/// What a device id may be, for error messages.
+pub const DEVICE_ID_RULE: &str = "device_id must be 1-64 letters, digits or ._-";
+
+/// A device id: 1 to 64 of `[A-Za-z0-9._-]`.
+pub fn is_valid_device_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_DEVICE_ID_BYTES
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
 /// User ids become one segment of the room name `$user.<id>`.
 pub fn is_valid_user_id(user: &str) -> bool {
     user.len() <= MAX_USER_ID_BYTES && is_name_segment(user)

@@ -93,6 +93,13 @@ pub struct Metrics {
     pub mesh_epochs_started: Counter,
     /// Sequence gaps given up on: a message missing for the reorder wait was skipped.
     pub mesh_gaps: Counter,
+    /// Appends to a durable room's JetStream stream, by outcome (`stored`, `fenced`: another
+    /// node took the room over, `failed`: JetStream did not answer or refused).
+    pub history_appends: Family<Labels, Counter>,
+    /// Time one append took until JetStream acknowledged it (the publish waits for it).
+    pub history_append_seconds: Histogram,
+    /// Reads from the durable history streams (direct gets, a batch counting once).
+    pub history_reads: Counter,
     /// Messages received from the mesh older than what was already delivered, dropped.
     pub mesh_stale_messages: Counter,
     /// Of those, messages from an older epoch than one already delivered: sequenced by an owner
@@ -118,7 +125,7 @@ impl Default for Metrics {
 }
 
 /// Inbound frame kinds, counted through counters resolved once (no label lookup per frame).
-pub const FRAME_KINDS: [&str; 11] = [
+pub const FRAME_KINDS: [&str; 12] = [
     "connect",
     "join",
     "leave",
@@ -126,6 +133,7 @@ pub const FRAME_KINDS: [&str; 11] = [
     "ping",
     "refresh",
     "history",
+    "seen",
     "empty",
     "text",
     "undecodable",
@@ -319,6 +327,21 @@ impl Metrics {
             mesh_epochs_started: reg!(
                 "mesh_epochs_started",
                 "New epochs started because no previous owner state was found",
+                Counter::default()
+            ),
+            history_appends: reg!(
+                "history_appends",
+                "Appends to durable room history in JetStream, by outcome",
+                Family::default()
+            ),
+            history_append_seconds: reg!(
+                "history_append_seconds",
+                "Time until JetStream acknowledged one append of durable room history",
+                Histogram::new(exponential_buckets(0.000_05, 2.0, 18))
+            ),
+            history_reads: reg!(
+                "history_reads",
+                "Direct gets from durable room history (a batch counts once)",
                 Counter::default()
             ),
             mesh_gaps: reg!(

@@ -510,4 +510,304 @@ mod mesh {
         assert_eq!(seqs, [1_205, 1_204, 1_203]);
         assert_eq!(page.oldest_seq, 1);
     }
+
+    const DURABLE: &str = r#"rooms.classes=[{name="tiny",pattern="tiny.*",history="durable",max_messages=50,max_age_ms=3600000,max_bytes=1048576},{name="rooms",pattern=">",history="durable",max_messages=5000,max_age_ms=3600000,max_bytes=67108864}]"#;
+
+    /// Publishes `"{prefix}{i}"` for `i` in `0..count`, one at a time, retrying what is refused
+    /// as retryable (a room whose owner is moving); the acknowledged `(epoch, seq, payload)`.
+    async fn publish_retrying(
+        client: &Client,
+        room: &str,
+        prefix: &str,
+        count: usize,
+    ) -> Vec<(u64, u64, String)> {
+        let mut acked = Vec::new();
+        for i in 0..count {
+            let payload = format!("{prefix}{i}");
+            let deadline = tokio::time::Instant::now() + DEADLINE;
+            loop {
+                match client
+                    .publish(room, payload.clone(), &format!("{prefix}-{i}"))
+                    .await
+                {
+                    Ok(ack) => {
+                        acked.push((ack.epoch, ack.seq, payload));
+                        break;
+                    }
+                    Err(error) => {
+                        assert!(tokio::time::Instant::now() < deadline, "{error}");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        }
+        acked
+    }
+
+    /// The events after a resume until the room's `Joined`: `(epoch, seq, payload)` of each
+    /// message, the epochs announced, and the `Joined`.
+    async fn resumed(client: &mut Client) -> (Vec<(u64, u64, String)>, Vec<u64>, proto::Joined) {
+        let mut got = Vec::new();
+        let mut epochs = Vec::new();
+        loop {
+            match tokio::time::timeout(DEADLINE, client.next_event())
+                .await
+                .unwrap()
+            {
+                Some(Event::Message(m)) => got.push((
+                    m.epoch,
+                    m.seq,
+                    String::from_utf8(m.payload.to_vec()).unwrap(),
+                )),
+                Some(Event::EpochChanged(e)) => epochs.push(e.epoch),
+                Some(Event::Joined(j)) => return (got, epochs, j),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn durable_history_outlives_its_owner_and_a_resume_bridges_the_new_epoch() {
+        let nats = NatsServer::start().await;
+        let urls = [nats.url()];
+        let n1 = NodeProcess::mesh_with("n1", "eu", &urls, &[DURABLE]).await;
+        let n2 = NodeProcess::mesh_with("n2", "eu", &urls, &[DURABLE]).await;
+        let mut n3 = NodeProcess::mesh_with("n3", "eu", &urls, &[DURABLE]).await;
+        wait_converged(&[&n1, &n2, &n3]).await;
+        let room = &rooms_owned_by(&["n1", "n2", "n3"], "n3", 1, "chat.durable")[0];
+        let publisher = n2.client("bob").await;
+        let mut alice = n1.client("alice").await;
+        alice.join(room).await.unwrap();
+        let before = publish_retrying(&publisher, room, "before-", 5).await;
+        let (e1, _, _) = before[0];
+        assert_eq!(messages(&mut alice, 5).await.len(), 5);
+        alice.close().await;
+
+        // While alice is away: 300 messages, then the owner dies (its state with it), and 100
+        // more go into the new owner's epoch.
+        let missed = publish_retrying(&publisher, room, "missed-", 300).await;
+        assert!(
+            n3.metric("roomwire_history_appends_total{outcome=\"stored\"}")
+                .await
+                >= 305.0
+        );
+        n3.kill9();
+        wait_converged(&[&n1, &n2]).await;
+        let after = publish_retrying(&publisher, room, "after-", 100).await;
+        let e2 = after[0].0;
+        assert!(e2 > e1, "a new epoch after the owner died");
+        assert_eq!(after[0].1, 1);
+
+        // She resumes on another node, over WebTransport... (the other transport is covered on
+        // one node; here the point is the store): exactly what she missed, across the epochs.
+        let options = ClientOptions {
+            resume: vec![proto::RoomPosition {
+                room: room.clone(),
+                epoch: e1,
+                seq: 5,
+            }],
+            ..ClientOptions::user("alice")
+        };
+        let mut alice = Client::connect(&n2.ws_url(), options).await.unwrap();
+        let (got, epochs, joined) = resumed(&mut alice).await;
+        let mut expected = missed.clone();
+        expected.extend(after.clone());
+        assert_eq!(
+            got, expected,
+            "the missed messages of both epochs, in order"
+        );
+        assert_eq!(epochs, [e2], "the new epoch announced where it begins");
+        assert!(outcome(&joined).recovered, "{joined:?}");
+        assert_eq!(outcome(&joined).replayed, 400);
+        assert_eq!((joined.epoch, joined.seq), (e2, 100));
+
+        // History reads the stream from any node, across the epochs.
+        let page = alice.history(room, None, None, 3).await.unwrap();
+        let seqs: Vec<_> = page.messages.iter().map(|m| (m.epoch, m.seq)).collect();
+        assert_eq!(seqs, [(e2, 100), (e2, 99), (e2, 98)]);
+        assert_eq!((page.oldest_epoch, page.oldest_seq), (e1, 1));
+        let page = alice.history(room, None, Some((e2, 2)), 3).await.unwrap();
+        let seqs: Vec<_> = page.messages.iter().map(|m| (m.epoch, m.seq)).collect();
+        assert_eq!(
+            seqs,
+            [(e2, 1), (e1, 305), (e1, 304)],
+            "newest first, across the epochs"
+        );
+        let page = alice.history(room, Some((e1, 303)), None, 4).await.unwrap();
+        let seqs: Vec<_> = page.messages.iter().map(|m| (m.epoch, m.seq)).collect();
+        assert_eq!(seqs, [(e1, 304), (e1, 305), (e2, 1), (e2, 2)]);
+        assert!(page.more);
+
+        // A position older than the class keeps: a reset naming the oldest kept.
+        let tiny = "tiny.one";
+        let kept = publish_retrying(&publisher, tiny, "t-", 80).await;
+        let carol = n1.client("carol").await;
+        let joined = carol.join_since(tiny, Some((kept[0].0, 3))).await.unwrap();
+        assert!(!outcome(&joined).recovered, "{joined:?}");
+        let oldest = (outcome(&joined).oldest_epoch, outcome(&joined).oldest_seq);
+        assert_eq!(oldest, (kept[30].0, kept[30].1), "the last 50 are kept");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn without_jetstream_nothing_is_acknowledged_and_history_survives_its_restart() {
+        let mut nats = NatsServer::start().await;
+        let urls = [nats.url()];
+        let n1 = NodeProcess::mesh_with("n1", "eu", &urls, &[DURABLE]).await;
+        let n2 = NodeProcess::mesh_with("n2", "eu", &urls, &[DURABLE]).await;
+        wait_converged(&[&n1, &n2]).await;
+        let publisher = n1.client("bob").await;
+        let first = publish_retrying(&publisher, "chat.kept", "a-", 20).await;
+
+        nats.kill();
+        for node in [&n1, &n2] {
+            let deadline = tokio::time::Instant::now() + DEADLINE;
+            while node.readyz().await != Some(503) {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{} stays ready",
+                    node.id
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+        // A publish now is refused as retryable, never acknowledged without storage.
+        match publisher.publish("chat.kept", "while-down", "down-1").await {
+            Ok(ack) => panic!("acknowledged without JetStream: {ack:?}"),
+            Err(error) => assert_eq!(
+                refused_code(&error),
+                Some(ErrorCode::Unavailable),
+                "{error}"
+            ),
+        }
+        nats.restart().await;
+        nats.wait_jetstream().await;
+        wait_converged(&[&n1, &n2]).await;
+        let second = publish_retrying(&publisher, "chat.kept", "b-", 20).await;
+
+        // Every acknowledged message is in the history, read on the other node.
+        let reader = n2.client("reader").await;
+        let page = reader.history("chat.kept", None, None, 100).await.unwrap();
+        let mut got: Vec<_> = page
+            .messages
+            .iter()
+            .map(|m| {
+                (
+                    m.epoch,
+                    m.seq,
+                    String::from_utf8(m.payload.to_vec()).unwrap(),
+                )
+            })
+            .collect();
+        got.reverse();
+        let acked: Vec<_> = first.iter().chain(&second).cloned().collect();
+        assert_eq!(
+            got, acked,
+            "every acknowledged message, and nothing refused"
+        );
+    }
+
+    const OFFLINE: &str = r#"rooms.classes=[{name="users",pattern="$user.>",history="durable",max_messages=100,max_age_ms=3000,max_bytes=1048576},{name="rooms",pattern=">",history="durable",max_messages=5000,max_age_ms=3600000,max_bytes=67108864}]"#;
+
+    /// Sends `text` to `user` through the HTTP API of `node`.
+    async fn send_to_user(node: &NodeProcess, user: &str, text: &str) {
+        let body = format!(r#"{{"user":"{user}","data":"{text}","client_msg_id":"{text}"}}"#);
+        let (status, response) = try_http_request(
+            node.addr,
+            "POST",
+            "/api/v1/publish",
+            Some(API_KEY),
+            Some(&body),
+        )
+        .await
+        .unwrap();
+        assert_eq!(status, 200, "{response}");
+    }
+
+    /// Connects `device` of alice to `node`: the messages replayed to it in its user room and
+    /// that room's `Joined`.
+    async fn device(node: &NodeProcess, device: &str) -> (Client, Vec<String>, proto::Joined) {
+        let options = ClientOptions {
+            device_id: device.into(),
+            ..ClientOptions::user("alice")
+        };
+        let mut client = Client::connect(&node.ws_url(), options).await.unwrap();
+        let (got, _, joined) = resumed(&mut client).await;
+        assert_eq!(joined.room, "$user.alice");
+        let texts = got.into_iter().map(|(_, _, text)| text).collect();
+        // Answered in order: every `seen` before it has been kept.
+        client.ping().await.unwrap();
+        (client, texts, joined)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn messages_sent_to_an_absent_user_reach_each_device_once_then_expire() {
+        let nats = NatsServer::start().await;
+        let urls = [nats.url()];
+        let n1 = NodeProcess::mesh_with("n1", "eu", &urls, &[OFFLINE]).await;
+        let n2 = NodeProcess::mesh_with("n2", "eu", &urls, &[OFFLINE]).await;
+        wait_converged(&[&n1, &n2]).await;
+        // Her phone and laptop connected once; then she is away.
+        for name in ["phone", "laptop"] {
+            let (client, texts, joined) = device(&n1, name).await;
+            assert!(texts.is_empty() && outcome(&joined).recovered);
+            client.close().await;
+        }
+        for text in ["one", "two", "three"] {
+            send_to_user(&n2, "alice", text).await;
+        }
+
+        // Each device gets them once, on any node.
+        let (phone, texts, joined) = device(&n2, "phone").await;
+        assert_eq!(texts, ["one", "two", "three"]);
+        assert!(outcome(&joined).recovered);
+        assert_eq!(outcome(&joined).replayed, 3);
+        phone.close().await;
+        let (laptop, texts, _) = device(&n1, "laptop").await;
+        assert_eq!(texts, ["one", "two", "three"]);
+        laptop.close().await;
+        let (phone, texts, joined) = device(&n1, "phone").await;
+        assert!(texts.is_empty(), "not again: {texts:?}");
+        assert!(outcome(&joined).recovered);
+        phone.close().await;
+        // A device id that breaks the rule is refused.
+        let options = ClientOptions {
+            device_id: "no spaces".into(),
+            ..ClientOptions::user("alice")
+        };
+        assert!(Client::connect(&n1.ws_url(), options).await.is_err());
+
+        // Past the users' retention (3 s) what she was sent is gone.
+        send_to_user(&n2, "alice", "four").await;
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let path = "/jsz?streams=true";
+            let (_, body) = try_http_request(nats.monitoring_addr(), "GET", path, None, None)
+                .await
+                .unwrap();
+            let jsz: serde_json::Value = serde_json::from_str(&body).unwrap();
+            let kept: u64 = jsz["account_details"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .flat_map(|a| a["stream_detail"].as_array().cloned().unwrap_or_default())
+                .filter(|s| {
+                    s["name"]
+                        .as_str()
+                        .is_some_and(|n| n.ends_with("_history_users"))
+                })
+                .map(|s| s["state"]["messages"].as_u64().unwrap_or(0))
+                .sum();
+            if kept == 0 {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "still {kept} kept: {body}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        let (_phone, texts, joined) = device(&n2, "phone").await;
+        assert!(texts.is_empty(), "expired: {texts:?}");
+        assert!(!outcome(&joined).recovered, "a reset: {joined:?}");
+    }
 }

@@ -18,7 +18,8 @@ export const descriptor = {
                     "publish",
                     "ping",
                     "refresh",
-                    "history"
+                    "history",
+                    "seen"
                   ]
                 }
               },
@@ -55,6 +56,10 @@ export const descriptor = {
                 "history": {
                   "type": "History",
                   "id": 8
+                },
+                "seen": {
+                  "type": "RoomPosition",
+                  "id": 9
                 }
               }
             },

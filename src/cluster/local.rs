@@ -7,6 +7,7 @@
 use std::sync::Arc;
 
 use crate::clock::{mono_ms, wall_ms};
+use crate::cluster::devices::LocalDevices;
 use crate::cluster::owners::{Cell, Held, Installed, Owners};
 use crate::cluster::{BusError, REPLAY_PAGE, RoomInfo, fit_to_share, joined_frame, page_size};
 use crate::config::RoomsConfig;
@@ -23,6 +24,7 @@ pub struct LocalBus {
     owners: Owners,
     epochs: EpochClock,
     classes: Classes,
+    devices: LocalDevices,
 }
 
 impl LocalBus {
@@ -32,6 +34,7 @@ impl LocalBus {
             owners: Owners::new(config, metrics),
             epochs: EpochClock::default(),
             classes: Classes::new(&config.classes),
+            devices: LocalDevices::default(),
         }
     }
 
@@ -153,6 +156,15 @@ impl LocalBus {
     }
 
     /// A page of `room`'s history (nothing kept: an empty page at the room's position).
+    /// Where `device` of `user` has read the user's room to (kept in memory, like the history).
+    pub fn device_position(&self, user: &str, device: &str) -> Option<(u64, u64)> {
+        self.devices.position(user, device)
+    }
+
+    pub fn device_seen(&self, user: &str, device: &str, position: (u64, u64)) {
+        self.devices.seen(user, device, position, wall_ms());
+    }
+
     pub async fn history(
         &self,
         room: &RoomName,

@@ -15,6 +15,7 @@ use crate::room::{
     HistoryPage, HistoryQuery, KeptMessage, Publication, Recovery, RoomName, Sequenced,
 };
 
+pub mod devices;
 pub mod local;
 pub mod membership;
 pub mod mesh;
@@ -181,6 +182,34 @@ impl Bus {
     }
 
     /// A page of `room`'s history, at most `limit` messages.
+    /// Where `device` of `user` has read the user's room `$user.<id>` to (offline delivery).
+    pub async fn device_position(
+        &self,
+        user: &str,
+        device: &str,
+    ) -> Result<Option<(u64, u64)>, BusError> {
+        match self {
+            Bus::Standalone(bus) => Ok(bus.device_position(user, device)),
+            Bus::Mesh(bus) => bus.device_position(user, device).await,
+        }
+    }
+
+    /// `device` of `user` has read the user's room to `position` (the furthest is kept).
+    pub async fn device_seen(
+        &self,
+        user: &str,
+        device: &str,
+        position: (u64, u64),
+    ) -> Result<(), BusError> {
+        match self {
+            Bus::Standalone(bus) => {
+                bus.device_seen(user, device, position);
+                Ok(())
+            }
+            Bus::Mesh(bus) => bus.device_seen(user, device, position).await,
+        }
+    }
+
     pub async fn history(
         &self,
         room: &RoomName,

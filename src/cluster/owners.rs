@@ -20,6 +20,9 @@ pub struct Held {
     /// The NATS connection (and lease) the state was created or taken over on (mesh; always 0
     /// standalone). State from an earlier one is never used again.
     pub generation: u64,
+    /// The sequence of this node's fence record in the room's durable history stream, once
+    /// taken (mesh, durable rooms): appends are accepted only while it is the fence's last.
+    pub fence: Option<u64>,
 }
 
 impl Held {
@@ -28,6 +31,7 @@ impl Held {
             room,
             moved: false,
             generation,
+            fence: None,
         }
     }
 }

@@ -90,6 +90,7 @@ impl ClientFrame {
             Some(Kind::Ping(_)) => "ping",
             Some(Kind::Refresh(_)) => "refresh",
             Some(Kind::History(_)) => "history",
+            Some(Kind::Seen(_)) => "seen",
             None => "empty",
         }
     }

@@ -59,6 +59,11 @@ impl Classes {
         )
     }
 
+    /// Every class, in order.
+    pub fn all(&self) -> Vec<History> {
+        self.0.iter().map(|(_, history)| history.clone()).collect()
+    }
+
     /// The history `room` keeps: its class's, or none.
     pub fn of(&self, room: &RoomName) -> History {
         self.0

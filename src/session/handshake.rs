@@ -70,6 +70,13 @@ pub(super) async fn handshake<S: FrameSource, K: FrameSink>(
         return None;
     };
 
+    if !connect.device_id.is_empty() && !crate::ids::is_valid_device_id(&connect.device_id) {
+        let reason = CloseReason::ProtocolViolation;
+        let error = Some((request_id, ErrorCode::BadFrame, crate::ids::DEVICE_ID_RULE));
+        refuse(ctx, sink, reason, error).await;
+        return None;
+    }
+
     let key = ctx.next_session_key();
     // A token that came with the upgrade was checked there; otherwise Connect carries it.
     let principal = match authenticated {
@@ -134,6 +141,9 @@ pub(super) async fn handshake<S: FrameSource, K: FrameSink>(
             .resume
             .map(|resume| (request_id, resume.rooms))
             .filter(|(_, rooms)| !rooms.is_empty()),
+        connect_request_id: request_id,
+        device: (!connect.device_id.is_empty()).then_some(connect.device_id),
+        user_room_since: None,
     })
 }
 

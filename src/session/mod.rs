@@ -93,7 +93,15 @@ fn serve<S: FrameSource, K: FrameSink>(
             .inc();
 
         let implicit = [RoomName::for_user(&handle.user), RoomName::broadcast()];
-        for room in &implicit {
+        // A user room with a position to resume from is rejoined once the writer runs (its
+        // replay waits on it); its messages meanwhile are part of that replay.
+        session.user_room_since = Box::pin(session.user_room_position()).await;
+        let live = if session.user_room_since.is_some() {
+            &implicit[1..]
+        } else {
+            &implicit[..]
+        };
+        for room in live {
             // Membership of the user's and the broadcast room; no Joined frame is sent for them.
             // A session that could not become a member would silently miss what is sent to its
             // user: it is told to reconnect (elsewhere) instead.

@@ -43,6 +43,8 @@ enum RequestError {
     Auth(#[from] AuthError),
     #[error("a History request names either after or before, not both")]
     BothDirections,
+    #[error("seen needs a Connect.device_id and names the session's own user room")]
+    SeenWithoutDevice,
 }
 
 impl RequestError {
@@ -56,7 +58,7 @@ impl RequestError {
             RequestError::Bus(e) => e.code(),
             RequestError::Forbidden(..) => ErrorCode::Forbidden,
             RequestError::Auth(e) => e.code(),
-            RequestError::BothDirections => ErrorCode::BadFrame,
+            RequestError::BothDirections | RequestError::SeenWithoutDevice => ErrorCode::BadFrame,
         }
     }
 }
@@ -90,6 +92,13 @@ pub(super) struct Session {
     pub(super) publishes: Pipeline,
     /// The rooms the Connect asked to resume, with its request id, until they are rejoined.
     pub(super) resume: Option<(u64, Vec<proto::RoomPosition>)>,
+    /// The Connect's request id (resumed rooms are answered with it).
+    pub(super) connect_request_id: u64,
+    /// `Connect.device_id`: where this device has read its user room to is kept.
+    pub(super) device: Option<String>,
+    /// Where the user room is rejoined from (a resumed position, or the device's), once the
+    /// writer runs; `None`: it was joined live with the other implicit room.
+    pub(super) user_room_since: Option<(u64, u64)>,
 }
 
 /// The answer to a History request: the page's frames are the Message frames members got.
@@ -389,6 +398,12 @@ impl Session {
                     self.answer(request_id, result);
                 }));
             }
+            Some(Kind::Seen(position)) => {
+                return Some(Box::pin(async move {
+                    let result = self.seen(position).await;
+                    self.answer(request_id, result);
+                }));
+            }
             Some(Kind::Leave(leave)) => {
                 return Some(Box::pin(async move {
                     let result = self.leave(request_id, &leave.room).await;
@@ -449,9 +464,79 @@ impl Session {
         )?)
     }
 
-    /// Rejoins the rooms the Connect named in `resume`, each as a Join with its position; what
-    /// fails for one room is answered with an Error naming it (the Connect's request id).
+    /// This device has read its user room to `position` (offline delivery).
+    async fn seen(&mut self, position: proto::RoomPosition) -> Result<(), RequestError> {
+        let Some(device) = &self.device else {
+            return Err(RequestError::SeenWithoutDevice);
+        };
+        if position.room != RoomName::for_user(&self.handle.user).as_str() {
+            return Err(RequestError::SeenWithoutDevice);
+        }
+        let at = (position.epoch, position.seq);
+        Ok(self
+            .ctx
+            .bus
+            .device_seen(&self.handle.user, device, at)
+            .await?)
+    }
+
+    /// Where the user room is to be rejoined from: its entry in `Connect.resume`, else where
+    /// this device had read to; `None` to join it live.
+    pub(super) async fn user_room_position(&mut self) -> Option<(u64, u64)> {
+        let user_room = RoomName::for_user(&self.handle.user);
+        if let Some((_, rooms)) = &mut self.resume
+            && let Some(i) = rooms.iter().position(|p| p.room == user_room.as_str())
+        {
+            let position = rooms.remove(i);
+            return Some((position.epoch, position.seq));
+        }
+        let device = self.device.clone()?;
+        let bus = &self.ctx.bus;
+        let user = &self.handle.user;
+        let known = match bus.device_position(user, &device).await {
+            Ok(known) => known,
+            Err(error) => {
+                tracing::warn!(%error, "the device's position is unknown; its user room is joined live");
+                return None;
+            }
+        };
+        if known.is_some() {
+            return known;
+        }
+        // A device not known (new, or away for longer than its entry is kept) gets what the
+        // user room keeps: it starts right before the oldest kept message (or at the room's
+        // position when it keeps none), remembered at once, so what it is sent is delivered to
+        // it even if this session ends before it reports anything.
+        let oldest = bus.history(&user_room, HistoryQuery::After(0, 0), 1).await;
+        let page = oldest.ok()?;
+        let position = match page.messages.first() {
+            Some(m) => (m.epoch, m.seq - 1),
+            None => page.position,
+        };
+        if let Err(error) = bus.device_seen(user, &device, position).await {
+            tracing::warn!(%error, "a new device's position could not be kept");
+        }
+        Some(position)
+    }
+
+    /// Rejoins the rooms the Connect named in `resume`, each as a Join with its position, and
+    /// the user room from where this device left it; what fails for one room is answered with
+    /// an Error naming it (the Connect's request id).
     pub(super) async fn resume(&mut self) {
+        if let Some(since) = self.user_room_since {
+            let user_room = RoomName::for_user(&self.handle.user);
+            let request_id = self.connect_request_id;
+            let joined = self
+                .ctx
+                .bus
+                .join(&user_room, &self.handle, Some(request_id), Some(since))
+                .await;
+            if let Err(error) = joined {
+                tracing::warn!(%error, "user room not rejoined; sending the session away");
+                self.handle
+                    .go_away("this node cannot serve the session now; reconnect");
+            }
+        }
         let Some((request_id, positions)) = self.resume.take() else {
             return;
         };

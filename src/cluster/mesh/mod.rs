@@ -41,6 +41,7 @@ use crate::room::{
     Classes, EpochClock, HistoryPage, HistoryQuery, Publication, RoomName, Sequenced,
 };
 
+mod devices;
 mod interest;
 mod lease;
 mod link;
@@ -49,6 +50,7 @@ mod owning;
 mod recovery;
 mod replay;
 mod routing;
+mod store;
 mod wire;
 
 pub use replay::TokenClaim;
@@ -67,6 +69,7 @@ const MOVED_TTL_MS: u64 = 60_000;
 /// The NATS mesh bus.
 pub struct MeshBus {
     inner: Arc<Inner>,
+    devices: Arc<devices::DeviceStore>,
     token_ids: Arc<replay::TokenIds>,
 }
 
@@ -80,6 +83,8 @@ struct Inner {
     rooms: RoomsConfig,
     /// What each room keeps (`rooms.classes`).
     classes: Classes,
+    /// Durable rooms' history, in JetStream.
+    store: Arc<store::Store>,
     hub: Arc<Hub>,
     metrics: Arc<Metrics>,
     link: Arc<Link>,
@@ -174,6 +179,12 @@ impl MeshBus {
         let view = Arc::new(membership.view(mono_ms()));
         let stats = nats.statistics();
         let owned = Owners::new(&config.rooms, metrics.clone());
+        let classes = Classes::new(&config.rooms.classes);
+        let store = Arc::new(store::Store::new(
+            &nats,
+            Duration::from_millis(mesh.request_timeout_ms),
+            &classes,
+        ));
         let inner = Arc::new(Inner {
             nats,
             stats,
@@ -183,7 +194,8 @@ impl MeshBus {
             prefix: mesh.subject_prefix.clone(),
             config: mesh,
             rooms: config.rooms.clone(),
-            classes: Classes::new(&config.rooms.classes),
+            classes,
+            store,
             hub,
             metrics,
             link,
@@ -215,8 +227,14 @@ impl MeshBus {
         tokio::spawn(inner.clone().lease_loop());
         tokio::spawn(inner.clone().request_loop(requests));
         tokio::spawn(inner.clone().rtt_loop());
+        inner.store.start(&inner);
         let token_ids = replay::TokenIds::start(&inner, config);
-        Ok(MeshBus { inner, token_ids })
+        let devices = devices::DeviceStore::start(&inner);
+        Ok(MeshBus {
+            inner,
+            devices,
+            token_ids,
+        })
     }
 
     /// Sequences every publication at its room's owner; one result per publication, in order.
@@ -252,6 +270,25 @@ impl MeshBus {
         self.inner.history_page(room, query, limit).await
     }
 
+    /// Where `device` of `user` has read the user's room to.
+    pub async fn device_position(
+        &self,
+        user: &str,
+        device: &str,
+    ) -> Result<Option<(u64, u64)>, BusError> {
+        self.devices.position(&self.inner, user, device).await
+    }
+
+    /// `device` of `user` has read the user's room to `position`.
+    pub async fn device_seen(
+        &self,
+        user: &str,
+        device: &str,
+        position: (u64, u64),
+    ) -> Result<(), BusError> {
+        self.devices.seen(&self.inner, user, device, position).await
+    }
+
     pub fn leave(&self, room: &RoomName, member: &Arc<Member>) {
         self.inner.leave(room, member)
     }
@@ -264,9 +301,11 @@ impl MeshBus {
         self.inner.sweep(mono_ms())
     }
 
-    /// Connected to NATS, settled, and not draining.
+    /// Connected to NATS, settled, not draining, and the durable history streams open.
     pub fn is_ready(&self) -> bool {
-        self.inner.settled() && !self.inner.draining.load(Ordering::Acquire)
+        self.inner.settled()
+            && !self.inner.draining.load(Ordering::Acquire)
+            && self.inner.store.is_ready()
     }
 
     /// Leaves the active ring and hands every owned room to its next owner; sessions on this

@@ -12,6 +12,7 @@ use tokio::sync::OwnedMutexGuard;
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::link::RequestFailure;
+use super::store::{self, StoreError};
 use super::wire::{self as room_wire, HEADER, KIND_MESSAGE, Step};
 use super::{DRAIN_PUSHES_AT_ONCE, Inner, MOVED_MAX, MOVED_TTL_MS};
 use crate::clock::{mono_ms, wall_ms};
@@ -46,9 +47,10 @@ impl Inner {
         }
     }
 
-    /// A new epoch for `room` (see [`ownership::fresh_epoch`]).
-    fn fresh_epoch(&self, room: &RoomName) -> u64 {
-        let known = self.delivered_epoch(room).unwrap_or(0);
+    /// A new epoch for `room`, after every epoch this node delivered and `stored` (the last
+    /// epoch in the room's durable history; see [`ownership::fresh_epoch`]).
+    fn fresh_epoch(&self, room: &RoomName, stored: u64) -> u64 {
+        let known = self.delivered_epoch(room).unwrap_or(0).max(stored);
         ownership::fresh_epoch(
             &self.epochs,
             wall_ms(),
@@ -99,6 +101,15 @@ impl Inner {
             return Err(Owners::full_error());
         }
         let generation = self.generation();
+        // A durable room is taken only with its stream at hand (a state pulled without it
+        // could not be used, and would be lost to everyone). Its new epoch begins with taking
+        // its fence and storing its epoch record after the last one stored; a pulled state is
+        // fenced at its first message.
+        let stream = match self.store.stream(&self.classes.of(room)) {
+            None => None,
+            Some(Ok(stream)) => Some(stream),
+            Some(Err(error)) => return Err(BusError::Moving(error.to_string())),
+        };
         let pulled = match self.pull(room).await {
             Pulled::State(state) => Some(state),
             // Only a settled node starts rooms: one still learning the mesh may not have heard
@@ -109,6 +120,16 @@ impl Inner {
             Pulled::Nowhere => None,
             Pulled::Busy(reason) => return Err(BusError::Moving(reason)),
         };
+        let fenced = match (&pulled, &stream) {
+            (None, Some(stream)) => Some(
+                self.store
+                    .fence(stream, room, &self.node_id)
+                    .await
+                    .map_err(|e| BusError::Moving(e.to_string()))?,
+            ),
+            _ => None,
+        };
+        let stored = fenced.as_ref().and_then(|f| f.last);
         let mut fresh = None;
         let installed = self.owned.install(room, || match &pulled {
             Some(state) => {
@@ -116,7 +137,7 @@ impl Inner {
                 Held::new(self.classes.attach(room, state), generation)
             }
             None => {
-                let epoch = self.fresh_epoch(room);
+                let epoch = self.fresh_epoch(room, stored.map_or(0, |(epoch, _)| epoch));
                 fresh = Some(epoch);
                 let state = OwnedRoom::new(epoch, mono_ms());
                 Held::new(self.classes.attach(room, state), generation)
@@ -139,7 +160,21 @@ impl Inner {
                 // Nothing is sequenced in the new epoch before its marker is out, so members
                 // (here too: this node hears its own room messages like every other node) learn
                 // of it now (EpochChanged), not at the next message.
-                let _sequencing = cell.lock().await;
+                let mut held = cell.lock().await;
+                if let (Some(stream), Some(fenced)) = (&stream, &fenced) {
+                    held.fence = Some(fenced.fence);
+                    let record = store::epoch_record(room, epoch, stored.unwrap_or((0, 0)));
+                    let appended = self
+                        .store
+                        .append(self, (stream, fenced.fence), room, (epoch, 0), record)
+                        .await;
+                    if let Err(error) = appended {
+                        held.moved = true;
+                        drop(held);
+                        self.owned.forget(room, &cell);
+                        return Err(BusError::Moving(error.to_string()));
+                    }
+                }
                 self.metrics.mesh_epochs_started.inc();
                 let marker = room_wire::epoch_marker(epoch);
                 if let Err(error) = self.send(self.subject_room(room), marker).await {
@@ -321,6 +356,26 @@ impl Inner {
             Step::Retry(r) => return Step::Retry(r),
             Step::Fail(e) => return Step::Fail(e),
         };
+        let stream = match self.store.stream(&self.classes.of(&p.room)) {
+            None => None,
+            Some(Ok(stream)) => Some(stream),
+            Some(Err(error)) => return Step::Fail(error.into()),
+        };
+        if let Some(stream) = &stream
+            && held.fence.is_none()
+        {
+            match self.store.fence(stream, &p.room, &self.node_id).await {
+                // The stream never holds more than the state it was pulled or pushed with.
+                Ok(fenced) if fenced.last.is_none_or(|last| last <= held.room.position()) => {
+                    held.fence = Some(fenced.fence);
+                }
+                Ok(_) | Err(StoreError::Fenced) => {
+                    self.retire(held, &p.room);
+                    return Step::Retry(format!("the state of {} is stale", p.room));
+                }
+                Err(error) => return Step::Fail(error.into()),
+            }
+        }
         // What cannot be published to the other nodes is refused before it takes a sequence.
         let fits = || {
             let size = HEADER
@@ -349,6 +404,36 @@ impl Inner {
             Sequencing::Duplicate { epoch, seq } => (epoch, seq, None),
             Sequencing::New { epoch, seq, frame } => {
                 let bytes = frame.encode_after(&room_wire::header(KIND_MESSAGE, epoch, seq));
+                if let (Some(stream), Some(fence)) = (&stream, held.fence) {
+                    // Acknowledged, and sent to the members, only once stored.
+                    let stored = self
+                        .store
+                        .append(
+                            self,
+                            (stream, fence),
+                            &p.room,
+                            (epoch, seq),
+                            bytes.slice(HEADER..),
+                        )
+                        .await;
+                    if let Err(error) = stored {
+                        self.retire(held, &p.room);
+                        self.abandon(&p.room, epoch, seq);
+                        return Step::Fail(error.into());
+                    }
+                    // Stored, but the lease may have ended while JetStream answered (a stall):
+                    // a new owner may be sequencing already, so the message is not sent to the
+                    // members (they are past this epoch); it stays in the history, and the
+                    // publisher's retry goes to the new owner.
+                    if held.generation != self.generation() || !self.lease_valid() {
+                        self.retire(held, &p.room);
+                        self.abandon(&p.room, epoch, seq);
+                        return Step::Fail(BusError::Unavailable(format!(
+                            "{} lost its ownership lease while storing in {}; retry",
+                            self.node_id, p.room
+                        )));
+                    }
+                }
                 held.room.keep(seq, &bytes.slice(HEADER..), mono_ms());
                 (epoch, seq, Some(bytes))
             }
@@ -359,10 +444,7 @@ impl Inner {
             // The message took a position but never reached the NATS client: this state can
             // promise nothing any more (its dedupe memory names a message nobody will receive).
             // It is dropped; the room is taken over afresh, and the client retries.
-            held.moved = true;
-            let cell = OwnedMutexGuard::mutex(&held).clone();
-            drop(held);
-            self.owned.forget(&p.room, &cell);
+            self.retire(held, &p.room);
             self.abandon(&p.room, epoch, seq);
             return Step::Fail(BusError::Unavailable(format!(
                 "mesh publish failed: {error}"
@@ -408,6 +490,14 @@ impl Inner {
             },
             duplicate,
         })
+    }
+
+    /// Drops a state that can promise nothing any more: the room is taken over afresh.
+    fn retire(&self, mut held: OwnedMutexGuard<Held>, room: &RoomName) {
+        held.moved = true;
+        let cell = OwnedMutexGuard::mutex(&held).clone();
+        drop(held);
+        self.owned.forget(room, &cell);
     }
 
     /// Remembers that this node's messages of `room` in `epoch` from `seq` on were never

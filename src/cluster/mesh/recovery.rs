@@ -11,6 +11,7 @@ use bytes::Bytes;
 use super::Inner;
 use super::link::RequestFailure;
 use super::routing::Route;
+use super::store::{After, ClassStream, Record};
 use super::wire::Step;
 use crate::clock::mono_ms;
 use crate::cluster::REPLAY_PAGE;
@@ -88,6 +89,73 @@ impl Inner {
         room: &RoomName,
         member: &Arc<Member>,
         since: (u64, u64),
+        replayed: u64,
+    ) -> Result<Comeback, BusError> {
+        if let Some(stream) = self.store.stream(&self.classes.of(room))
+            && let Some(comeback) = self
+                .catch_up_stored(room, member, &*stream?, since, replayed)
+                .await?
+        {
+            return Ok(comeback);
+        }
+        self.catch_up_at_owner(room, member, since, replayed).await
+    }
+
+    /// [`Self::catch_up`] from a durable room's stream, across epochs (their epoch records
+    /// prove that nothing stored is skipped); `None` when the room has nothing stored.
+    async fn catch_up_stored(
+        self: &Arc<Self>,
+        room: &RoomName,
+        member: &Arc<Member>,
+        stream: &ClassStream,
+        mut since: (u64, u64),
+        mut replayed: u64,
+    ) -> Result<Option<Comeback>, BusError> {
+        loop {
+            let page = self
+                .store
+                .after(self, stream, room, since, REPLAY_PAGE)
+                .await?;
+            let (records, more) = match page {
+                After::Empty => return Ok(None),
+                After::Reset { oldest } => {
+                    return Ok(Some(Comeback::Reset {
+                        epoch: oldest.0,
+                        oldest_seq: oldest.1,
+                        replayed,
+                    }));
+                }
+                After::Records { records, more } => (records, more),
+            };
+            if records.is_empty() {
+                return Ok(Some(Comeback::Recover { since, replayed }));
+            }
+            let read = records.len();
+            let mut messages: Vec<KeptMessage> = records.into_iter().map(Record::kept).collect();
+            fit_to_share(member, &mut messages);
+            let cut = messages.len() < read;
+            let last = messages.last().expect("at least one message stays");
+            since = (last.epoch, last.seq);
+            let (frames, bytes) = page_size(&messages);
+            if !member.room_for(frames, bytes).await {
+                return Err(BusError::Unavailable("the session is closing".into()));
+            }
+            replayed += messages.iter().filter(|m| m.seq > 0).count() as u64;
+            for message in messages {
+                member.push(message.frame);
+            }
+            if !more && !cut {
+                return Ok(Some(Comeback::Recover { since, replayed }));
+            }
+        }
+    }
+
+    /// [`Self::catch_up`] from the pages of the room's owner (a `memory` room).
+    async fn catch_up_at_owner(
+        self: &Arc<Self>,
+        room: &RoomName,
+        member: &Arc<Member>,
+        since: (u64, u64),
         mut replayed: u64,
     ) -> Result<Comeback, BusError> {
         let mut since = since;
@@ -142,6 +210,16 @@ impl Inner {
         query: HistoryQuery,
         limit: usize,
     ) -> Result<HistoryPage, BusError> {
+        // A durable room's history is read from its stream by whoever asks; a room with nothing
+        // stored yet falls back to its owner's memory.
+        if let Some(stream) = self.store.stream(&self.classes.of(room))
+            && let Some(page) = self
+                .store
+                .history(self, &*stream?, room, query, limit)
+                .await?
+        {
+            return Ok(page);
+        }
         let mut route = Route::new(&self.config);
         loop {
             self.check_link()?;

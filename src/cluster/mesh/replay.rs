@@ -83,7 +83,7 @@ impl MeshBus {
         let bound = Duration::from_millis(inner.config.request_timeout_ms);
         let started = Instant::now();
         let claim = store.create_with_ttl(
-            key(jti),
+            hashed_key(jti),
             Bytes::copy_from_slice(inner.node_id.as_bytes()),
             whole_seconds(ttl),
         );
@@ -107,8 +107,8 @@ impl MeshBus {
     }
 }
 
-/// The key of a token id: hex SHA-256, valid in a KV key whatever the id holds.
-fn key(jti: &str) -> String {
+/// The key of a token id (or a user id): hex SHA-256, valid in a KV key whatever the id holds.
+pub(super) fn hashed_key(jti: &str) -> String {
     let digest = ring::digest::digest(&ring::digest::SHA256, jti.as_bytes());
     digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -221,15 +221,15 @@ mod tests {
     #[test]
     fn keys_are_fixed_size_hex_whatever_the_token_id() {
         for jti in ["a", "with spaces.and.dots>*", "ü", &"x".repeat(128)] {
-            let k = key(jti);
+            let k = hashed_key(jti);
             assert_eq!(k.len(), 64);
             assert!(
                 k.bytes()
                     .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
             );
         }
-        assert_ne!(key("a"), key("b"));
-        assert_eq!(key("a"), key("a"));
+        assert_ne!(hashed_key("a"), hashed_key("b"));
+        assert_eq!(hashed_key("a"), hashed_key("a"));
     }
 
     #[test]

@@ -1,0 +1,803 @@
+//! Durable room history in NATS JetStream (rooms whose class is `durable`).
+//!
+//! One stream per durable class, `<prefix>_history_<class>` (file storage, `mesh.jetstream_*`
+//! placement and replicas, the class's `max_messages` per subject and `max_age`, direct gets
+//! allowed), with two subjects per room:
+//!
+//! - `<prefix>.history.<class>.m.<room>`: the room's records in position order. A message record
+//!   is the encoded `ServerFrame` its members received, with headers `Roomwire-Epoch` and
+//!   `Roomwire-Seq`. An epoch record (`Roomwire-Seq: 0`) is the `EpochChanged` frame a new owner
+//!   wrote before the first message of its new epoch: it names the last position stored before
+//!   it, so a reader can tell that nothing acknowledged in the earlier epoch is missing.
+//! - `<prefix>.history.<class>.f.<room>`: the room's fence. An owner appends a fence record
+//!   (expecting the fence's last sequence it read) before it appends anything, and appends every
+//!   record expecting that fence record to be the fence's last
+//!   (`Nats-Expected-Last-Subject-Sequence` with `…-Subject`). A node that took the room over
+//!   since has appended its own fence record, so the stale owner's appends are refused by
+//!   JetStream itself: it cannot store, hence cannot acknowledge, whatever it believes.
+//!
+//! The owner acknowledges a publish only once JetStream has its record, and publishes to the
+//! room's subject only after that, so a member never receives a message that is not stored, and
+//! the stream holds every acknowledged message. Any node reads a room's history straight from
+//! the stream (direct gets, batched), wherever its owner is.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, stream};
+use async_nats::{HeaderMap, StatusCode};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio::sync::Notify;
+
+use super::Inner;
+use crate::cluster::BusError;
+use crate::config::HistoryMode;
+use crate::proto::{self, ServerFrame, server_frame};
+use crate::room::{Classes, History, HistoryPage, HistoryQuery, KeptMessage, RoomName};
+
+const EPOCH: &str = "Roomwire-Epoch";
+const SEQ: &str = "Roomwire-Seq";
+const EXPECT_LAST: &str = "Nats-Expected-Last-Subject-Sequence";
+const EXPECT_LAST_SUBJECT: &str = "Nats-Expected-Last-Subject-Sequence-Subject";
+/// Pauses between attempts to open the streams: from the first, doubling to the last.
+const OPEN_RETRY: (Duration, Duration) = (Duration::from_millis(250), Duration::from_secs(10));
+/// Records asked for in one batched direct get.
+const BATCH: usize = 256;
+
+/// Why the store could not do something.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum StoreError {
+    /// Another node fenced the room since this one did: it no longer owns it.
+    Fenced,
+    /// JetStream did not answer in time, refused, or the stream is not open (yet).
+    Unavailable(String),
+}
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Fenced => write!(f, "another node took the room over (its history is fenced)"),
+            Self::Unavailable(why) => write!(f, "durable history unavailable: {why}"),
+        }
+    }
+}
+
+impl From<StoreError> for BusError {
+    fn from(error: StoreError) -> Self {
+        BusError::Unavailable(error.to_string())
+    }
+}
+
+/// One record of a room's stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Record {
+    pub stream_seq: u64,
+    pub epoch: u64,
+    /// 0: an epoch record.
+    pub seq: u64,
+    pub frame: Bytes,
+}
+
+impl Record {
+    fn position(&self) -> (u64, u64) {
+        (self.epoch, self.seq)
+    }
+
+    fn is_message(&self) -> bool {
+        self.seq > 0
+    }
+
+    pub(super) fn kept(self) -> KeptMessage {
+        KeptMessage {
+            epoch: self.epoch,
+            seq: self.seq,
+            frame: self.frame,
+        }
+    }
+}
+
+/// The opened stream of one durable class.
+pub(super) struct ClassStream {
+    stream: stream::Stream,
+    name: String,
+    /// `<prefix>.history.<class>`.
+    subjects: String,
+}
+
+impl ClassStream {
+    fn messages(&self, room: &RoomName) -> String {
+        format!("{}.m.{room}", self.subjects)
+    }
+
+    fn fence(&self, room: &RoomName) -> String {
+        format!("{}.f.{room}", self.subjects)
+    }
+}
+
+/// What taking a room's fence found in its stream.
+pub(super) struct Fenced {
+    /// The sequence of the fence record: appends are accepted while it is the fence's last.
+    pub fence: u64,
+    /// The last record stored, if any.
+    pub last: Option<(u64, u64)>,
+}
+
+/// What follows a position in a room's stream.
+#[derive(Debug)]
+pub(super) enum After {
+    /// The records right after it (message and epoch records), none missing; `more` follow.
+    Records { records: Vec<Record>, more: bool },
+    /// The position is not in the stream (older than what is kept, or never stored there):
+    /// messages are kept from `oldest` on (the room's position when it keeps none).
+    Reset { oldest: (u64, u64) },
+    /// The room has no record at all.
+    Empty,
+}
+
+/// The durable history streams.
+pub(super) struct Store {
+    js: jetstream::Context,
+    /// The durable classes, by name.
+    classes: Vec<History>,
+    streams: RwLock<HashMap<Arc<str>, Arc<ClassStream>>>,
+    /// Wakes the opener after an operation found a stream gone.
+    reopen: Notify,
+}
+
+impl Store {
+    /// The store of the durable ones among `classes`; nothing is opened yet ([`Self::start`]).
+    pub(super) fn new(nats: &async_nats::Client, bound: Duration, classes: &Classes) -> Store {
+        Store {
+            js: jetstream::ContextBuilder::new()
+                .timeout(bound)
+                .build(nats.clone()),
+            classes: classes
+                .all()
+                .into_iter()
+                .filter(|c| c.mode == HistoryMode::Durable)
+                .collect(),
+            streams: RwLock::new(HashMap::new()),
+            reopen: Notify::new(),
+        }
+    }
+
+    /// Opens the streams in the background (see [`open_loop`]).
+    pub(super) fn start(self: &Arc<Self>, inner: &Arc<Inner>) {
+        if !self.classes.is_empty() {
+            tokio::spawn(open_loop(inner.clone(), self.clone()));
+        }
+    }
+
+    /// Every durable class's stream is open (true when there is none).
+    pub(super) fn is_ready(&self) -> bool {
+        self.streams.read().expect("store lock poisoned").len() >= self.classes.len()
+    }
+
+    /// The stream of a durable class: `None` for other classes, an error while it is not open.
+    pub(super) fn stream(&self, history: &History) -> Option<Result<Arc<ClassStream>, StoreError>> {
+        if history.mode != HistoryMode::Durable {
+            return None;
+        }
+        let streams = self.streams.read().expect("store lock poisoned");
+        Some(
+            streams
+                .get(&history.class)
+                .cloned()
+                .ok_or_else(|| StoreError::Unavailable("the history stream is not open".into())),
+        )
+    }
+
+    fn unavailable(&self, why: impl std::fmt::Display) -> StoreError {
+        StoreError::Unavailable(why.to_string())
+    }
+
+    /// Takes `room`'s fence for this node: from now on no other node's appends are accepted.
+    /// Reads at the stream's leader, so what it finds is what is stored.
+    pub(super) async fn fence(
+        &self,
+        stream: &ClassStream,
+        room: &RoomName,
+        node_id: &str,
+    ) -> Result<Fenced, StoreError> {
+        let fence_subject = stream.fence(room);
+        let last_fence = match stream
+            .stream
+            .get_last_raw_message_by_subject(&fence_subject)
+            .await
+        {
+            Ok(message) => message.sequence,
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => 0,
+            Err(e) => return Err(self.unavailable(format!("reading the fence: {e}"))),
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert(EXPECT_LAST, last_fence.to_string().as_str());
+        let ack = self
+            .js
+            .publish_with_headers(
+                fence_subject,
+                headers,
+                Bytes::copy_from_slice(node_id.as_bytes()),
+            )
+            .await
+            .map_err(|e| self.unavailable(e))?
+            .await;
+        let seq = match ack {
+            Ok(ack) => ack.sequence,
+            Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
+                return Err(StoreError::Fenced);
+            }
+            Err(e) => {
+                self.reopen_if_gone(&e.to_string());
+                return Err(self.unavailable(e));
+            }
+        };
+        let last = match stream
+            .stream
+            .get_last_raw_message_by_subject(&stream.messages(room))
+            .await
+        {
+            Ok(message) => Some(position(&message.headers).ok_or_else(|| {
+                self.unavailable(format!("record {} has no position", message.sequence))
+            })?),
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => None,
+            Err(e) => return Err(self.unavailable(format!("reading the last record: {e}"))),
+        };
+        Ok(Fenced { fence: seq, last })
+    }
+
+    /// Appends one record of `room` under `fence`, once JetStream has it.
+    pub(super) async fn append(
+        &self,
+        inner: &Inner,
+        (stream, fence): (&ClassStream, u64),
+        room: &RoomName,
+        (epoch, seq): (u64, u64),
+        frame: Bytes,
+    ) -> Result<(), StoreError> {
+        let started = Instant::now();
+        let mut headers = HeaderMap::new();
+        headers.insert(EXPECT_LAST, fence.to_string().as_str());
+        headers.insert(EXPECT_LAST_SUBJECT, stream.fence(room).as_str());
+        headers.insert(EPOCH, epoch.to_string().as_str());
+        headers.insert(SEQ, seq.to_string().as_str());
+        let result = match self
+            .js
+            .publish_with_headers(stream.messages(room), headers, frame)
+            .await
+        {
+            Ok(ack) => ack.await,
+            Err(e) => Err(e),
+        };
+        let metrics = &inner.metrics;
+        metrics
+            .history_append_seconds
+            .observe(started.elapsed().as_secs_f64());
+        match result {
+            Ok(_) => {
+                metrics
+                    .history_appends
+                    .get_or_create(&[("outcome", "stored")])
+                    .inc();
+                Ok(())
+            }
+            Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
+                metrics
+                    .history_appends
+                    .get_or_create(&[("outcome", "fenced")])
+                    .inc();
+                Err(StoreError::Fenced)
+            }
+            Err(e) => {
+                metrics
+                    .history_appends
+                    .get_or_create(&[("outcome", "failed")])
+                    .inc();
+                self.reopen_if_gone(&e.to_string());
+                Err(self.unavailable(e))
+            }
+        }
+    }
+
+    fn reopen_if_gone(&self, error: &str) {
+        if error.contains("no stream") || error.contains("not found") {
+            self.reopen.notify_one();
+        }
+    }
+
+    /// Up to `max` records of `room` from stream sequence `from` on, and how many follow them.
+    async fn batch(
+        &self,
+        inner: &Inner,
+        stream: &ClassStream,
+        room: &RoomName,
+        from: u64,
+        max: usize,
+    ) -> Result<(Vec<Record>, u64), StoreError> {
+        inner.metrics.history_reads.inc();
+        let bound = Duration::from_millis(inner.config.request_timeout_ms);
+        let inbox = inner.nats.new_inbox();
+        let mut replies = inner
+            .nats
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        let ask = serde_json::json!({
+            "seq": from.max(1),
+            "next_by_subj": stream.messages(room),
+            "batch": max,
+        });
+        inner
+            .nats
+            .publish_with_reply(
+                format!("$JS.API.DIRECT.GET.{}", stream.name),
+                inbox,
+                Bytes::from(ask.to_string()),
+            )
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        let mut records = Vec::new();
+        let mut pending = 0;
+        loop {
+            let reply = match tokio::time::timeout(bound, replies.next()).await {
+                Ok(Some(reply)) => reply,
+                Ok(None) => return Err(self.unavailable("the reply subscription closed")),
+                Err(_) => return Err(self.unavailable("a history read timed out")),
+            };
+            match reply.status {
+                None | Some(StatusCode::OK) => {}
+                // Nothing (more) at or after `from`.
+                Some(StatusCode::NOT_FOUND) => break,
+                // The end of a batch.
+                Some(status) if status.as_u16() == 204 => break,
+                Some(status) => {
+                    return Err(self.unavailable(format!(
+                        "direct get answered {status}: {}",
+                        reply.description.unwrap_or_default()
+                    )));
+                }
+            }
+            let headers = reply.headers.unwrap_or_default();
+            let Some(stream_seq) = number(&headers, "Nats-Sequence") else {
+                return Err(self.unavailable("a direct get reply without a sequence"));
+            };
+            pending = number(&headers, "Nats-Num-Pending").unwrap_or(0);
+            let Some((epoch, seq)) = position(&headers) else {
+                return Err(self.unavailable(format!("record {stream_seq} has no position")));
+            };
+            records.push(Record {
+                stream_seq,
+                epoch,
+                seq,
+                frame: reply.payload,
+            });
+            if records.len() >= max {
+                break;
+            }
+        }
+        let _ = replies.unsubscribe().await;
+        // The server counts the last record returned among the pending ones.
+        Ok((records, pending.saturating_sub(1)))
+    }
+
+    /// The first record of `room` at or after stream sequence `from`.
+    async fn next(
+        &self,
+        inner: &Inner,
+        stream: &ClassStream,
+        room: &RoomName,
+        from: u64,
+    ) -> Result<Option<Record>, StoreError> {
+        Ok(self
+            .batch(inner, stream, room, from, 1)
+            .await?
+            .0
+            .into_iter()
+            .next())
+    }
+
+    /// The last record of `room`.
+    async fn last(
+        &self,
+        inner: &Inner,
+        stream: &ClassStream,
+        room: &RoomName,
+    ) -> Result<Option<Record>, StoreError> {
+        inner.metrics.history_reads.inc();
+        match stream
+            .stream
+            .direct_get_last_for_subject(stream.messages(room))
+            .await
+        {
+            Ok(message) => {
+                let (epoch, seq) = position(&message.headers).ok_or_else(|| {
+                    self.unavailable(format!("record {} has no position", message.sequence))
+                })?;
+                Ok(Some(Record {
+                    stream_seq: message.sequence,
+                    epoch,
+                    seq,
+                    frame: message.payload,
+                }))
+            }
+            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
+            Err(e) => Err(self.unavailable(e)),
+        }
+    }
+
+    /// The last record of `room` at or before `target`, and the first record of the room;
+    /// `None` when the room has none. A binary search over stream sequences: the records of
+    /// one room are stored in position order.
+    async fn locate(
+        &self,
+        inner: &Inner,
+        stream: &ClassStream,
+        room: &RoomName,
+        target: (u64, u64),
+    ) -> Result<Option<(Option<Record>, Record)>, StoreError> {
+        let Some(first) = self.next(inner, stream, room, 1).await? else {
+            return Ok(None);
+        };
+        if first.position() > target {
+            return Ok(Some((None, first)));
+        }
+        let Some(last) = self.last(inner, stream, room).await? else {
+            return Ok(None);
+        };
+        if last.position() <= target {
+            return Ok(Some((Some(last), first)));
+        }
+        // first <= target < last: the answer lies in [lo, limit).
+        let mut lo = first.clone();
+        let mut limit = last.stream_seq;
+        while limit - lo.stream_seq > 1 {
+            let mid = lo.stream_seq + (limit - lo.stream_seq) / 2;
+            match self.next(inner, stream, room, mid).await? {
+                Some(r) if r.stream_seq < limit => {
+                    if r.position() <= target {
+                        lo = r;
+                    } else {
+                        limit = r.stream_seq;
+                    }
+                }
+                _ => limit = mid,
+            }
+        }
+        Ok(Some((Some(lo), first)))
+    }
+
+    /// The oldest message (not epoch record) of `room` from `first` on.
+    async fn oldest_message(
+        &self,
+        inner: &Inner,
+        stream: &ClassStream,
+        room: &RoomName,
+        first: Record,
+    ) -> Result<(u64, u64), StoreError> {
+        if first.is_message() {
+            return Ok(first.position());
+        }
+        let (records, _) = self
+            .batch(inner, stream, room, first.stream_seq, 16)
+            .await?;
+        Ok(records
+            .iter()
+            .find(|r| r.is_message())
+            .map_or_else(|| first.position(), Record::position))
+    }
+
+    /// What follows `since` in `room`'s stream, up to `limit` records, none missing: the next
+    /// message of its epoch, or the record of a later epoch when `since` was its epoch's last.
+    pub(super) async fn after(
+        &self,
+        inner: &Inner,
+        stream: &ClassStream,
+        room: &RoomName,
+        since: (u64, u64),
+        limit: usize,
+    ) -> Result<After, StoreError> {
+        let Some((found, first)) = self.locate(inner, stream, room, since).await? else {
+            return Ok(After::Empty);
+        };
+        let start = match found {
+            Some(found) if found.position() == since => found.stream_seq + 1,
+            // Right before the oldest record kept: nothing in between can be missing.
+            None if first.position() == (since.0, since.1 + 1) => first.stream_seq,
+            _ => {
+                let oldest = self.oldest_message(inner, stream, room, first).await?;
+                return Ok(After::Reset { oldest });
+            }
+        };
+        let (read, pending) = self.batch(inner, stream, room, start, limit.max(1)).await?;
+        let read_count = read.len();
+        let mut records = Vec::with_capacity(read.len());
+        let mut at = since;
+        for record in read {
+            let continues = (record.epoch == at.0 && record.seq == at.1 + 1)
+                || (record.epoch > at.0 && record.seq == 0);
+            if !continues {
+                break;
+            }
+            at = record.position();
+            records.push(record);
+        }
+        if records.is_empty() && read_count > 0 {
+            let oldest = self.oldest_message(inner, stream, room, first).await?;
+            return Ok(After::Reset { oldest });
+        }
+        let more = pending > 0 || records.len() < read_count;
+        Ok(After::Records { records, more })
+    }
+
+    /// A page of `room`'s history as a `History` request asks for it; `None` when the room has
+    /// no record.
+    pub(super) async fn history(
+        &self,
+        inner: &Inner,
+        stream: &ClassStream,
+        room: &RoomName,
+        query: HistoryQuery,
+        limit: usize,
+    ) -> Result<Option<HistoryPage>, StoreError> {
+        let target = match query {
+            HistoryQuery::Newest => return self.before(inner, stream, room, None, limit).await,
+            HistoryQuery::Before(e, s) => {
+                return self.before(inner, stream, room, Some((e, s)), limit).await;
+            }
+            HistoryQuery::After(e, s) => (e, s),
+        };
+        let Some(last) = self.last(inner, stream, room).await? else {
+            return Ok(None);
+        };
+        let Some((found, first)) = self.locate(inner, stream, room, target).await? else {
+            return Ok(None);
+        };
+        let mut from = found.map_or(first.stream_seq, |f| f.stream_seq + 1);
+        let oldest = self.oldest_message(inner, stream, room, first).await?;
+        let limit = limit.max(1);
+        let mut messages = Vec::new();
+        let mut more = false;
+        loop {
+            let want = (limit + 1 - messages.len()).min(BATCH);
+            let (records, pending) = self.batch(inner, stream, room, from, want).await?;
+            let Some(tail) = records.last().map(|r| r.stream_seq) else {
+                break;
+            };
+            messages.extend(
+                records
+                    .into_iter()
+                    .filter(Record::is_message)
+                    .map(Record::kept),
+            );
+            if messages.len() > limit {
+                more = true;
+                messages.truncate(limit);
+                break;
+            }
+            if pending == 0 {
+                break;
+            }
+            from = tail + 1;
+        }
+        Ok(Some(HistoryPage {
+            messages,
+            more,
+            position: last.position(),
+            oldest: Some(oldest),
+        }))
+    }
+
+    /// A page of `room`'s messages newest first, before `before` (or the newest), with the
+    /// room's stored position and oldest message; `None` when the room has no record.
+    pub(super) async fn before(
+        &self,
+        inner: &Inner,
+        stream: &ClassStream,
+        room: &RoomName,
+        before: Option<(u64, u64)>,
+        limit: usize,
+    ) -> Result<Option<HistoryPage>, StoreError> {
+        let Some(last) = self.last(inner, stream, room).await? else {
+            return Ok(None);
+        };
+        let Some(first) = self.next(inner, stream, room, 1).await? else {
+            return Ok(None);
+        };
+        let oldest = self
+            .oldest_message(inner, stream, room, first.clone())
+            .await?;
+        let position = last.position();
+        // Records before stream sequence `end` are candidates.
+        let end = match before {
+            None => last.stream_seq + 1,
+            Some(target) => match self.locate(inner, stream, room, target).await? {
+                Some((Some(found), _)) if found.position() == target => found.stream_seq,
+                Some((Some(found), _)) => found.stream_seq + 1,
+                _ => first.stream_seq,
+            },
+        };
+        let limit = limit.max(1);
+        // Walk backwards in growing spans of stream sequences until `limit` messages are read
+        // or the room's first record is reached.
+        let mut newest_first: Vec<Record> = Vec::new();
+        let mut upto = end;
+        let mut span = (limit as u64 * 2).max(64);
+        while upto > first.stream_seq && newest_first.len() < limit {
+            let start = upto.saturating_sub(span).max(first.stream_seq);
+            let mut chunk = Vec::new();
+            let mut from = start;
+            'read: loop {
+                let (records, pending) = self.batch(inner, stream, room, from, BATCH).await?;
+                let Some(tail) = records.last().map(|r| r.stream_seq) else {
+                    break;
+                };
+                for record in records {
+                    if record.stream_seq >= upto {
+                        break 'read;
+                    }
+                    chunk.push(record);
+                }
+                if pending == 0 {
+                    break;
+                }
+                from = tail + 1;
+            }
+            newest_first.extend(chunk.into_iter().rev().filter(Record::is_message));
+            upto = start;
+            span = span.saturating_mul(4);
+        }
+        newest_first.truncate(limit);
+        let more = newest_first.last().is_some_and(|r| r.position() > oldest);
+        Ok(Some(HistoryPage {
+            messages: newest_first.into_iter().map(Record::kept).collect(),
+            more,
+            position,
+            oldest: Some(oldest),
+        }))
+    }
+}
+
+/// The `EpochChanged` frame an epoch record holds.
+pub(super) fn epoch_record(room: &RoomName, epoch: u64, previous: (u64, u64)) -> Bytes {
+    ServerFrame::reply(
+        0,
+        server_frame::Kind::EpochChanged(proto::EpochChanged {
+            room: room.to_string(),
+            epoch,
+            previous_epoch: previous.0,
+            previous_seq: previous.1,
+        }),
+    )
+    .encode_shared()
+}
+
+fn number(headers: &HeaderMap, name: &str) -> Option<u64> {
+    headers.get(name)?.as_str().parse().ok()
+}
+
+fn position(headers: &HeaderMap) -> Option<(u64, u64)> {
+    Some((number(headers, EPOCH)?, number(headers, SEQ)?))
+}
+
+/// Opens (or creates) every durable class's stream; then waits for an operation to report one
+/// gone and starts over. Attempts wait while NATS is disconnected and back off while JetStream
+/// fails.
+async fn open_loop(inner: Arc<Inner>, store: Arc<Store>) {
+    let bound = Duration::from_millis(inner.config.request_timeout_ms);
+    let mut pause = OPEN_RETRY.0;
+    loop {
+        if !inner.connected() {
+            tokio::time::sleep(pause).await;
+            continue;
+        }
+        let mut failed = None;
+        for class in &store.classes {
+            let config = stream_config(&inner, class);
+            match open(&store.js, config, bound).await {
+                Ok(stream) => {
+                    let opened = ClassStream {
+                        name: stream.cached_info().config.name.clone(),
+                        subjects: subjects(&inner, class),
+                        stream,
+                    };
+                    store
+                        .streams
+                        .write()
+                        .expect("store lock poisoned")
+                        .insert(class.class.clone(), Arc::new(opened));
+                }
+                Err(error) => failed = Some((class.class.clone(), error)),
+            }
+        }
+        match failed {
+            None => {
+                tracing::info!(
+                    classes = store.classes.len(),
+                    "mesh: durable history streams open"
+                );
+                pause = OPEN_RETRY.0;
+                store.reopen.notified().await;
+            }
+            Some((class, error)) => {
+                tracing::warn!(%class, %error, retry_in_ms = pause.as_millis() as u64,
+                    "mesh: cannot open a durable history stream; its rooms are unavailable");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(OPEN_RETRY.1);
+            }
+        }
+    }
+}
+
+fn subjects(inner: &Inner, class: &History) -> String {
+    format!("{}.history.{}", inner.prefix, class.class)
+}
+
+/// The stream of `class` as this node would create it.
+fn stream_config(inner: &Inner, class: &History) -> stream::Config {
+    let placement = &inner.config.jetstream_placement;
+    let max_age = Duration::from_millis(class.max_age_ms);
+    stream::Config {
+        name: format!("{}_history_{}", inner.prefix, class.class),
+        description: Some(format!(
+            "roomwire: durable history of the rooms of class {}",
+            class.class
+        )),
+        subjects: vec![format!("{}.>", subjects(inner, class))],
+        storage: stream::StorageType::File,
+        num_replicas: inner.config.jetstream_replicas,
+        placement: (!placement.is_empty()).then(|| stream::Placement {
+            cluster: Some(placement.clone()),
+            tags: Vec::new(),
+        }),
+        max_messages_per_subject: i64::try_from(class.max_messages.max(1)).unwrap_or(i64::MAX),
+        max_age,
+        discard: stream::DiscardPolicy::Old,
+        allow_direct: true,
+        // Appends carry no message id; the window only has to be valid.
+        duplicate_window: if max_age.is_zero() {
+            Duration::from_secs(1)
+        } else {
+            max_age.min(Duration::from_secs(1))
+        },
+        ..Default::default()
+    }
+}
+
+/// Opens the stream, or creates it; an existing stream gets this node's limits (the operator
+/// changed the class).
+async fn open(
+    js: &jetstream::Context,
+    config: stream::Config,
+    bound: Duration,
+) -> Result<stream::Stream, String> {
+    let timed = |what: &str| format!("{what}: timed out");
+    match tokio::time::timeout(bound, js.get_stream(&config.name)).await {
+        Ok(Ok(mut stream)) => {
+            let info = stream
+                .info()
+                .await
+                .map_err(|e| e.to_string())?
+                .config
+                .clone();
+            if info.max_messages_per_subject != config.max_messages_per_subject
+                || info.max_age != config.max_age
+            {
+                let mut updated = info;
+                updated.max_messages_per_subject = config.max_messages_per_subject;
+                updated.max_age = config.max_age;
+                updated.duplicate_window = config.duplicate_window;
+                tokio::time::timeout(bound, js.update_stream(updated))
+                    .await
+                    .map_err(|_| timed("updating its limits"))?
+                    .map_err(|e| format!("updating its limits: {e}"))?;
+            }
+            Ok(stream)
+        }
+        Ok(Err(open_error)) => tokio::time::timeout(2 * bound, js.create_stream(config))
+            .await
+            .map_err(|_| timed("creating it"))?
+            .map_err(|e| format!("creating it: {e} (opening it: {open_error})")),
+        Err(_) => Err(timed("opening it")),
+    }
+}
