@@ -202,6 +202,8 @@ async fn killing_the_owner_of_a_busy_room_loses_no_acknowledged_message() {
     }
     let _doomed = Member::join(&owner, "m-owner", room).await;
     let epoch1 = members[0].joined.epoch;
+    // One more member leaves before the crash and comes back after it, on another node.
+    let leaver = Member::join(survivors[1], "m-leaver", room).await;
 
     let mut pumps = Vec::new();
     for node in &survivors {
@@ -211,6 +213,8 @@ async fn killing_the_owner_of_a_busy_room_loses_no_acknowledged_message() {
     for p in &mut pumps {
         p.wait_acked(30).await;
     }
+    let since = leaver.last_position();
+    drop(leaver);
 
     owner.kill9();
     wait_converged(&survivors).await;
@@ -312,8 +316,14 @@ async fn killing_the_owner_of_a_busy_room_loses_no_acknowledged_message() {
             twice.push(*p);
         }
     }
+    // The member that was away gets, from the room's durable history, everything acknowledged
+    // after where it left, across the crash's new epoch.
+    let replayed =
+        assert_resume_replays_everything(survivors[0], "m-leaver", room, since, &sent, &reference)
+            .await;
     eprintln!(
-        "owner crash: {} messages, {} publishes refused at least once, delivered twice: {twice:?}",
+        "owner crash: {} messages, {} publishes refused at least once, delivered twice: {twice:?}, \
+         {replayed} replayed to a member that resumed after it",
         sent.len(),
         retried.len(),
     );
@@ -509,6 +519,7 @@ async fn a_nats_restart_under_load_loses_no_acknowledged_message_on_the_owner() 
         .iter()
         .position(|m| m.label.ends_with(&owner_id))
         .unwrap();
+    let leaver = Member::join(other, "m-leaver", room).await;
 
     let mut pumps = vec![
         Pump::start("pub-owner", owner.client("pub-owner").await, room),
@@ -518,6 +529,8 @@ async fn a_nats_restart_under_load_loses_no_acknowledged_message_on_the_owner() 
         p.wait_acked(20).await;
     }
 
+    let since = leaver.last_position();
+    drop(leaver);
     let at_kill: Vec<usize> = pumps.iter().map(|p| p.acked()).collect();
     nats.kill();
     for node in &all {
@@ -620,6 +633,20 @@ async fn a_nats_restart_under_load_loses_no_acknowledged_message_on_the_owner() 
     let owner_member = &members[on_owner];
     wait_received(&[owner_member], &sent).await;
     assert_acks_match(&owner_member.label, &owner_member.received(), &sent);
+
+    // A member that left before NATS went away resumes on the owner's node: everything
+    // acknowledged after it left, from the durable history.
+    sent.extend(fresh);
+    let replayed = assert_resume_replays_everything(
+        owner,
+        "m-leaver",
+        room,
+        since,
+        &sent,
+        &owner_member.received(),
+    )
+    .await;
+    eprintln!("nats restart: {replayed} replayed to a member that resumed after it");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -153,6 +153,13 @@ impl Member {
             .collect()
     }
 
+    /// The position of the last message received (where `Joined` put it when none yet).
+    pub fn last_position(&self) -> (u64, u64) {
+        self.received()
+            .last()
+            .map_or((self.joined.epoch, self.joined.seq), |(e, s, _)| (*e, *s))
+    }
+
     /// The timeline for failure messages: runs of contiguous messages as `epoch:first..last`.
     pub fn summary(&self) -> String {
         let mut out: Vec<String> = Vec::new();
@@ -489,4 +496,76 @@ pub async fn two_regions_three_nodes() -> (Vec<NatsServer>, [NodeProcess; 3]) {
     let n3 = NodeProcess::mesh("n3", "us", &[nats[1].url()]).await;
     wait_converged(&[&n1, &n2, &n3]).await;
     (nats, [n1, n2, n3])
+}
+
+/// Connects `user` to `node` resuming `room` from `since` (`Connect.resume`) and checks what it
+/// is replayed against what was acknowledged and what the live members received: every
+/// publish acknowledged after `since` at its acknowledged position, every message the live
+/// members got after `since`, in position order, no position twice, and `Joined` saying
+/// `recovered`. (It may also get a message a crashed owner stored but never sent nor
+/// acknowledged.) Returns how many messages were replayed.
+pub async fn assert_resume_replays_everything(
+    node: &NodeProcess,
+    user: &str,
+    room: &str,
+    since: (u64, u64),
+    sent: &[Sent],
+    live: &[(u64, u64, String)],
+) -> usize {
+    let options = roomwire::client::ClientOptions {
+        resume: vec![proto::RoomPosition {
+            room: room.into(),
+            epoch: since.0,
+            seq: since.1,
+        }],
+        ..roomwire::client::ClientOptions::user(user)
+    };
+    let mut client = Client::connect(&node.ws_url(), options).await.unwrap();
+    let mut got: Vec<(u64, u64, String)> = Vec::new();
+    let joined = loop {
+        match tokio::time::timeout(DEADLINE, client.next_event())
+            .await
+            .unwrap_or_else(|_| panic!("{user}: no Joined in time after {} messages", got.len()))
+        {
+            Some(Event::Message(m)) => got.push((
+                m.epoch,
+                m.seq,
+                String::from_utf8(m.payload.to_vec()).unwrap(),
+            )),
+            Some(Event::EpochChanged(_)) => {}
+            Some(Event::Joined(j)) => break j,
+            other => panic!("{user}: unexpected {other:?}"),
+        }
+    };
+    let recovery = joined
+        .recovery
+        .expect("a resumed Joined says what became of it");
+    assert!(recovery.recovered, "{user}: {joined:?}");
+    assert_eq!(recovery.replayed as usize, got.len(), "{user}");
+    for w in got.windows(2) {
+        assert!(
+            (w[0].0, w[0].1) < (w[1].0, w[1].1),
+            "{user}: not in position order: {w:?}"
+        );
+    }
+    assert!(got.iter().all(|(e, s, _)| (*e, *s) > since), "{user}");
+    for s in sent {
+        let at = (s.ack.epoch, s.ack.seq);
+        if at > since {
+            assert!(
+                got.iter()
+                    .any(|(e, q, p)| (*e, *q) == at && *p == s.payload),
+                "{user}: acknowledged {} at {at:?} not replayed",
+                s.payload
+            );
+        }
+    }
+    for m in live.iter().filter(|(e, s, _)| (*e, *s) > since) {
+        assert!(
+            got.contains(m),
+            "{user}: {m:?} reached the live members, not the replay"
+        );
+    }
+    client.close().await;
+    got.len()
 }
