@@ -2,7 +2,8 @@
 //! here on port 0.
 //! - `tests/browser/demo.mjs`: the demo page. One page chats over WebTransport, one over
 //!   WebSocket; a typing indicator crosses as a datagram; reconnects, the offline outbox, the
-//!   countdown, message ids and a plain-http page. The screenshot is kept in
+//!   countdown, message ids and a plain-http page; resume across a reload, history, a reset (the
+//!   node's `tiny.*` rooms keep 3 messages), a refused resume. The screenshot is kept in
 //!   `target/artifacts/demo.png`.
 //! - `tests/browser/package.mjs`: the npm package (`web/`) packed, installed, type-checked with
 //!   tsc, and used by a page on another origin (CORS).
@@ -18,6 +19,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::{DEADLINE, TestNode};
+use roomwire::config::{HistoryMode, RoomClass};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -82,7 +84,21 @@ fn free_port() -> u16 {
 async fn the_demo_page_chats_over_webtransport_and_websocket_in_chromium() {
     require_browser();
     let _chromium = CHROMIUM.lock().await;
-    let node = TestNode::start().await;
+    // `tiny.*` rooms keep 3 messages, so a page away for more is told of a reset.
+    let node = TestNode::start_with(|config| {
+        config.rooms.classes.insert(
+            0,
+            RoomClass {
+                name: "tiny".into(),
+                pattern: "tiny.*".into(),
+                history: HistoryMode::Memory,
+                max_messages: 3,
+                max_age_ms: 3_600_000,
+                max_bytes: 64 * 1024,
+            },
+        );
+    })
+    .await;
     let base = format!("http://{}", node.addr);
     let screenshot = root().join("target/artifacts/demo.png");
     let _ = std::fs::remove_file(&screenshot);

@@ -7,10 +7,13 @@ import type {
   Connected,
   ConnectionState,
   GapEvent,
+  HistoryOptions,
+  HistoryPage,
   Joined,
   Message,
   MessageInfo,
   PublishAck,
+  ResetEvent,
   RoomwireOptions,
   StatusEvent,
   TransportKind,
@@ -21,13 +24,19 @@ export type {
   Connected,
   ConnectionState,
   GapEvent,
+  HistoryOptions,
+  HistoryPage,
   Joined,
   Limits,
   Message,
   MessageInfo,
   PublishAck,
+  Recovery,
+  ResetEvent,
+  RoomPosition,
   RoomwireOptions,
   StatusEvent,
+  StorageLike,
   TransportKind,
 } from './types.js';
 
@@ -50,17 +59,20 @@ export type FailureReason =
 export declare class RoomwireError extends Error {
   constructor(
     message: string,
-    details: { code?: ErrorCodeValue; reason: FailureReason; retryable: boolean },
+    details: { code?: ErrorCodeValue; reason: FailureReason; retryable: boolean; room?: string },
   );
   /** The node's error code; `ErrorCode.UNSPECIFIED` (0) when the node did not answer. */
   readonly code: ErrorCodeValue;
   readonly reason: FailureReason;
   readonly retryable: boolean;
+  /** The room it is about when one request covered several (a room a reconnect could not resume). */
+  readonly room: string | null;
 }
 
 /**
  * A connection to a roomwire node: WebTransport first, WebSocket as the fallback, reconnecting
- * with backoff and jitter, and rejoining its rooms after a reconnect.
+ * with backoff and jitter, and resuming its rooms where it left off after a reconnect (all in
+ * the Connect) or a page reload (positions kept in sessionStorage, used by join()).
  */
 export declare class RoomwireClient {
   constructor(options?: RoomwireOptions);
@@ -76,6 +88,8 @@ export declare class RoomwireClient {
   readonly connected: Connected | null;
   /** Sessions opened so far (1 after the first connect; more after reconnects). */
   readonly sessions: number;
+  /** The id sent as Connect.device_id (see RoomwireOptions.deviceId), null when none is sent. */
+  readonly deviceId: string | null;
 
   /**
    * Connects, retrying with backoff until it works or close() is called (one loop at a time;
@@ -86,9 +100,19 @@ export declare class RoomwireClient {
   /** Ends the session and stops reconnecting; pending requests fail with 'connection_lost'. */
   close(): void;
 
-  /** Joins a room (rejoined on its own after a reconnect). */
+  /**
+   * Joins a room; resumed on its own after a reconnect. When this client or an earlier page of
+   * the tab knows where it left the room, the missed messages are replayed first (onMessage with
+   * `info.replayed`) or a reset is reported (onReset); `recovery` tells which.
+   */
   join(room: string): Promise<Joined>;
+  /** Leaves a room and forgets its position. */
   leave(room: string): Promise<void>;
+  /**
+   * A page of a room's kept messages (a room the token may join; membership not needed):
+   * `after` a position oldest first, `before` one newest first, neither the newest.
+   */
+  history(room: string, options?: HistoryOptions): Promise<HistoryPage>;
   /**
    * Reliable, sequenced publish, resolved with the owner's acknowledgement (`duplicate` when the
    * clientMsgId had been sequenced before). `clientMsgId` defaults to a fresh newMessageId().
@@ -107,8 +131,17 @@ export declare class RoomwireClient {
   onMessage(cb: (message: Message, info: MessageInfo) => void): () => void;
   /** connecting / connected / reconnecting (with `delay` and `retryAt`) / closed. */
   onStatus(cb: (event: StatusEvent) => void): () => void;
-  /** Messages of a joined room were missed; the node does not replay them. */
+  /**
+   * A joined room goes on without some messages this client missed: older than what the room
+   * keeps, or lost with a crashed owner (a new epoch). Refetch from `oldest` (history()) or from
+   * the application's own store.
+   */
+  onReset(cb: (reset: ResetEvent) => void): () => void;
+  /** @deprecated Use onReset; fired on every reset, with the seqs as numbers. */
   onGap(cb: (gap: GapEvent) => void): () => void;
-  /** Errors that answer no request, and rooms that could not be rejoined after a reconnect. */
+  /**
+   * Errors that answer no request, and rooms a reconnect could not resume (`error.room`; join
+   * again to retry, from the kept position).
+   */
   onError(cb: (error: RoomwireError) => void): () => void;
 }

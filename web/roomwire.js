@@ -2,7 +2,8 @@
 // roomwire browser client, published as the npm package @roomwire/client and served by every node
 // at /client/roomwire.js: WebTransport first (trusting the node's generated certificate through
 // serverCertificateHashes), WebSocket as the fallback, reconnect with exponential backoff and
-// jitter, application heartbeats (Ping frames), and rooms rejoined after a reconnect.
+// jitter, application heartbeats (Ping frames), and rooms resumed where they left off after a
+// reconnect or a page reload (the node replays what was missed, or says it cannot: a reset).
 //
 // Frames are Protobuf, encoded by the vendored protobuf.js from the wire contract compiled into
 // ./wire.js (generated from proto/roomwire/v1/roomwire.proto by tools/generate-wire.mjs; a test
@@ -21,6 +22,8 @@
 //   await client.join('lobby');
 //   const ack = await client.publish('lobby', 'hello'); // { epoch, seq, duplicate, ... }
 //   client.publishUnreliable('lobby', 'typing');
+//   client.onReset(({ room, oldest }) => refetch(room, oldest)); // missed messages no longer kept
+//   const page = await client.history('lobby', { limit: 50 }); // newest first
 
 import './vendor/protobuf.min.js';
 import { CloseCode, ErrorCode, descriptor } from './wire.js';
@@ -31,10 +34,15 @@ export { CloseCode, ErrorCode };
  * @typedef {import('./types.js').Connected} Connected
  * @typedef {import('./types.js').ConnectionState} ConnectionState
  * @typedef {import('./types.js').GapEvent} GapEvent
+ * @typedef {import('./types.js').HistoryOptions} HistoryOptions
+ * @typedef {import('./types.js').HistoryPage} HistoryPage
  * @typedef {import('./types.js').Joined} Joined
  * @typedef {import('./types.js').Message} Message
  * @typedef {import('./types.js').MessageInfo} MessageInfo
  * @typedef {import('./types.js').PublishAck} PublishAck
+ * @typedef {import('./types.js').ResetEvent} ResetEvent
+ * @typedef {import('./types.js').RoomPosition} RoomPosition
+ * @typedef {import('./types.js').StorageLike} StorageLike
  * @typedef {import('./types.js').RoomwireOptions} RoomwireOptions
  * @typedef {import('./types.js').StatusEvent} StatusEvent
  * @typedef {import('./wire.js').ErrorCode} ErrorCodeValue
@@ -78,14 +86,90 @@ function base64ToBytes(b64) {
 }
 
 /**
+ * `bytes` random bytes as hex. crypto.getRandomValues, unlike crypto.randomUUID, exists on
+ * plain-http pages (insecure contexts) too; Math.random only where there is no Web Crypto at all.
+ * @param {number} bytes
+ */
+function randomHex(bytes) {
+  const out = new Uint8Array(bytes);
+  if (typeof globalThis.crypto?.getRandomValues === 'function') crypto.getRandomValues(out);
+  else for (let i = 0; i < bytes; i++) out[i] = Math.floor(Math.random() * 256);
+  return Array.from(out, (b) => b.toString(16).padStart(2, '0')).join('');
+}
+
+/**
  * A random per-client prefix for client_msg_id: the node de-duplicates publishes per user (not
  * per session) for rooms.dedupe_window_ms, so ids must not repeat across a user's tabs or a
- * reload. crypto.getRandomValues, unlike crypto.randomUUID, exists on plain-http pages too.
+ * reload.
  */
 function randomPrefix() {
-  const bytes = new Uint8Array(8);
-  crypto.getRandomValues(bytes);
-  return Array.from(bytes, (b) => b.toString(16).padStart(2, '0')).join('');
+  return randomHex(8);
+}
+
+/** What Connect.device_id accepts. */
+const DEVICE_ID = /^[A-Za-z0-9._-]{1,64}$/;
+/** The localStorage key of the generated device id (one per browser profile and origin). */
+const DEVICE_ID_KEY = 'roomwire.deviceId';
+
+/**
+ * A Web Storage of the page (sessionStorage, localStorage), or null where there is none or it
+ * is refused (Node, a sandboxed frame, storage disabled: touching it may throw).
+ * @param {'sessionStorage' | 'localStorage'} name
+ * @returns {StorageLike | null}
+ */
+function webStorage(name) {
+  try {
+    return /** @type {any} */ (globalThis)[name] ?? null;
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * The device id to send: the option when given (null: none), else the one kept in localStorage,
+ * generated the first time. Without localStorage none is sent: an id that changes with every
+ * client would make the node remember a new device each time.
+ * @param {string | null | undefined} option
+ */
+function deviceIdFor(option) {
+  if (option === null) return null;
+  if (option !== undefined) {
+    if (!DEVICE_ID.test(option)) {
+      throw new TypeError('RoomwireClient: deviceId must be 1 to 64 characters of [A-Za-z0-9._-]');
+    }
+    return option;
+  }
+  const store = webStorage('localStorage');
+  if (store === null) return null;
+  try {
+    const kept = store.getItem(DEVICE_ID_KEY);
+    if (kept !== null && DEVICE_ID.test(kept)) return kept;
+    const fresh = randomHex(16);
+    store.setItem(DEVICE_ID_KEY, fresh);
+    return fresh;
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * Whose positions a storage entry holds: the token's user (a JWT's `sub`; in the node's
+ * development mode the token is the user id), so two users signing in within one tab never
+ * resume each other's rooms. Read without verifying: it only names a storage key.
+ * @param {string} token
+ */
+function tokenUser(token) {
+  const parts = token.split('.');
+  if (parts.length === 3) {
+    try {
+      const json = atob(parts[1].replace(/-/g, '+').replace(/_/g, '/'));
+      const sub = JSON.parse(json).sub;
+      if (typeof sub === 'string') return sub;
+    } catch {
+      // Not a JWT after all: the token itself names the user.
+    }
+  }
+  return token;
 }
 
 /**
@@ -96,15 +180,17 @@ function randomPrefix() {
 export class RoomwireError extends Error {
   /**
    * @param {string} message
-   * @param {{ code?: number, reason: 'node' | 'not_connected' | 'connection_lost' | 'timeout', retryable: boolean }} details
+   * @param {{ code?: number, reason: 'node' | 'not_connected' | 'connection_lost' | 'timeout', retryable: boolean, room?: string }} details
    */
-  constructor(message, { code = ErrorCode.UNSPECIFIED, reason, retryable }) {
+  constructor(message, { code = ErrorCode.UNSPECIFIED, reason, retryable, room }) {
     super(message);
     this.name = 'RoomwireError';
     /** @type {ErrorCodeValue} */
     this.code = /** @type {any} */ (code);
     this.reason = reason;
     this.retryable = retryable;
+    /** The room it is about, when one request covered several (a room not resumed); else null. */
+    this.room = room || null;
   }
 
   /** @param {any} error a decoded Error frame */
@@ -113,8 +199,39 @@ export class RoomwireError extends Error {
       code: error.code,
       reason: 'node',
       retryable: Boolean(error.retryable),
+      room: error.room,
     });
   }
+}
+
+/**
+ * A decoded Message frame as the application gets it.
+ * @param {any} m
+ * @returns {Message}
+ */
+function toMessage(m) {
+  const payload = m.payload ?? new Uint8Array(0);
+  return {
+    room: m.room,
+    epoch: num(m.epoch),
+    seq: num(m.seq),
+    publisher: m.publisher,
+    payload,
+    clientMsgId: m.clientMsgId,
+    serverTimeMs: num(m.serverTimeMs),
+    text: () => decoder.decode(payload),
+  };
+}
+
+/**
+ * A (epoch, seq) pair as a position; null for (0, 0), which the node sends for "none".
+ * @param {any} epoch
+ * @param {any} seq
+ * @returns {RoomPosition | null}
+ */
+function positionOrNull(epoch, seq) {
+  const p = { epoch: num(epoch), seq: num(seq) };
+  return p.epoch === 0 && p.seq === 0 ? null : p;
 }
 
 /** @param {Uint8Array} frame Protobuf varint length prefix + frame: the WebTransport stream framing. */
@@ -345,6 +462,23 @@ class WebSocketConnection {
  * @typedef {{ resolve: (frame: any) => void, reject: (error: RoomwireError) => void }} Pending
  */
 
+/**
+ * The rooms a Connect resumes, each until it is answered (a Joined, or an Error naming it, both
+ * carrying the Connect's request id, after the room's replayed messages).
+ * @typedef {{
+ *   requestId: number,
+ *   since: Map<string, RoomPosition>,
+ *   done: () => void,
+ *   fail: (error: RoomwireError) => void,
+ *   touch: () => void,
+ * }} Resuming
+ */
+
+/** The sessionStorage key prefix of the rooms' positions (one entry per node and user). */
+const POSITIONS_KEY = 'roomwire.positions';
+/** Positions are written at most this often (and at once when the page goes away). */
+const SAVE_DELAY_MS = 200;
+
 export class RoomwireClient {
   /** @param {RoomwireOptions} [options] what each option means: types.d.ts */
   constructor(options = {}) {
@@ -359,22 +493,44 @@ export class RoomwireClient {
     this.initialBackoffMs = options.initialBackoffMs ?? 250;
     this.maxBackoffMs = options.maxBackoffMs ?? 30000;
     this.requestTimeoutMs = options.requestTimeoutMs ?? 10000;
+    /** The id sent as Connect.device_id (offline delivery of the user room), or null. */
+    this.deviceId = deviceIdFor(options.deviceId);
     /** @type {WebTransportConnection | WebSocketConnection | null} */
     this.conn = null;
     /** @type {Connected | null} */
     this.connected = null;
     /** @type {ConnectionState} */
     this.status = 'idle';
-    /** @type {Map<string, { epoch: number, seq: number }>} room -> last position seen */
+    /**
+     * The joined rooms, each with the position of the last message delivered to the application
+     * (or, before any, where it joined): what a reconnect resumes from.
+     * @type {Map<string, RoomPosition>}
+     */
     this.rooms = new Map();
+    /**
+     * The last known position of every room joined and not left (also rooms a resume could not
+     * rejoin), so a later join() continues from it.
+     * @type {Map<string, RoomPosition>}
+     */
+    this.positions = new Map();
+    /** Rooms whose missed messages are being replayed (a join with a position, a resume). */
+    this.catchingUp = new Set();
+    /** @type {Resuming | null} the resume of the Connect in flight */
+    this.resuming = null;
+    /** @type {StorageLike | null} where positions outlive the page (sessionStorage by default) */
+    this.storage = options.storage === undefined ? webStorage('sessionStorage') : options.storage;
+    /** @type {Map<string, RoomPosition | null>} positions not written yet (null: forget it) */
+    this.unsaved = new Map();
+    /** @type {ReturnType<typeof setTimeout> | undefined} */
+    this.saveTimer = undefined;
     /** @type {Map<number, Pending>} request id -> its answer's callbacks */
     this.pending = new Map();
     this.nextRequest = 1;
     /** client_msg_id = `${idPrefix}-${counter}`: unique per client instance (see randomPrefix). */
     this.idPrefix = randomPrefix();
     this.idCounter = 0;
-    /** @type {{ message: Function[], status: Function[], error: Function[], gap: Function[] }} */
-    this.listeners = { message: [], status: [], error: [], gap: [] };
+    /** @type {{ message: Function[], status: Function[], error: Function[], reset: Function[], gap: Function[] }} */
+    this.listeners = { message: [], status: [], error: [], reset: [], gap: [] };
     /** @type {Promise<Connected> | null} the one connect loop in flight */
     this.connecting = null;
     this.upSince = 0;
@@ -389,6 +545,10 @@ export class RoomwireClient {
     this.reconnectAfter = null;
     /** Sessions opened so far (1 after the first connect; more after reconnects). */
     this.sessions = 0;
+    // A page going away (a reload, a navigation) writes its positions first: the next page
+    // resumes exactly after the last message this one showed. Listened to from connect() to
+    // close().
+    this.onPageHide = () => this.savePositions();
   }
 
   /** Which transport the session runs on right now ('webtransport', 'websocket' or null). */
@@ -408,7 +568,8 @@ export class RoomwireClient {
   }
 
   /**
-   * cb(message, { unreliable, datagram, transport }) for every Message frame.
+   * cb(message, { unreliable, datagram, transport, replayed }) for every Message frame, each
+   * sequenced message once.
    * @param {(message: Message, info: MessageInfo) => void} cb
    */
   onMessage(cb) {
@@ -424,10 +585,17 @@ export class RoomwireClient {
   }
 
   /**
-   * cb({ room, fromSeq, toSeq, epochChanged }) when messages of a joined room were skipped: on a
-   * reconnect, or when the room's owner in a mesh crashed and the room restarted in a new epoch
-   * (`toSeq` null: an unknown number). The node does not replay them yet (history is a later
-   * feature), so the application can refetch.
+   * cb({ room, reason, since, position, oldest }) when a joined room continues without some
+   * messages this client missed: they are older than what the room keeps ('not_kept'), or the
+   * room restarted its numbering in a new epoch ('epoch_changed').
+   * @param {(reset: ResetEvent) => void} cb
+   */
+  onReset(cb) {
+    return this.listen('reset', cb);
+  }
+
+  /**
+   * Deprecated (use onReset): cb({ room, fromSeq, toSeq, epochChanged }) on every reset.
    * @param {(gap: GapEvent) => void} cb
    */
   onGap(cb) {
@@ -435,7 +603,8 @@ export class RoomwireClient {
   }
 
   /**
-   * cb(error) for Error frames that answer no request, and for rooms that could not be rejoined.
+   * cb(error) for Error frames that answer no request, and for rooms a reconnect could not
+   * resume (`error.room`).
    * @param {(error: RoomwireError) => void} cb
    */
   onError(cb) {
@@ -443,7 +612,7 @@ export class RoomwireClient {
   }
 
   /**
-   * @param {'message' | 'status' | 'error' | 'gap'} kind
+   * @param {'message' | 'status' | 'error' | 'reset' | 'gap'} kind
    * @param {Function} cb
    * @returns {() => void} removes the listener
    */
@@ -455,7 +624,7 @@ export class RoomwireClient {
   }
 
   /**
-   * @param {'message' | 'status' | 'error' | 'gap'} kind
+   * @param {'message' | 'status' | 'error' | 'reset' | 'gap'} kind
    * @param {...any} args
    */
   emit(kind, ...args) {
@@ -466,6 +635,14 @@ export class RoomwireClient {
         console.error(error);
       }
     }
+  }
+
+  /** @param {ResetEvent} reset */
+  emitReset(reset) {
+    this.emit('reset', reset);
+    const { room, since, position } = reset;
+    const epochChanged = since.epoch !== position.epoch;
+    this.emit('gap', { room, fromSeq: since.seq + 1, toSeq: epochChanged ? null : position.seq, epochChanged });
   }
 
   /**
@@ -483,6 +660,87 @@ export class RoomwireClient {
     this.emit('status', event);
   }
 
+  /** The storage entry of this node and user (see tokenUser). */
+  positionsKey() {
+    let node = this.url;
+    try {
+      node = new URL(this.url).origin;
+    } catch {
+      // Kept as given.
+    }
+    return `${POSITIONS_KEY} ${node} ${tokenUser(this.token)}`;
+  }
+
+  /** @returns {Record<string, unknown>} the positions kept in storage, by room */
+  storedPositions() {
+    if (this.storage === null) return {};
+    try {
+      const parsed = JSON.parse(this.storage.getItem(this.positionsKey()) ?? '{}');
+      return parsed !== null && typeof parsed === 'object' ? parsed : {};
+    } catch {
+      return {};
+    }
+  }
+
+  /**
+   * Where this client (or an earlier page of this tab) left `room`, if it knows.
+   * @param {string} room
+   * @returns {RoomPosition | null}
+   */
+  lastPosition(room) {
+    const known = this.positions.get(room);
+    if (known !== undefined) return known;
+    const unsaved = this.unsaved.get(room);
+    if (unsaved !== undefined) return unsaved;
+    const kept = this.storedPositions()[room];
+    const valid = (/** @type {unknown} */ n) => Number.isSafeInteger(n) && /** @type {number} */ (n) >= 0;
+    if (Array.isArray(kept) && kept.length === 2 && valid(kept[0]) && valid(kept[1])) {
+      return { epoch: kept[0], seq: kept[1] };
+    }
+    return null;
+  }
+
+  /**
+   * The position of the last message of `room` the application got (or where it joined).
+   * @param {string} room
+   * @param {RoomPosition} position
+   */
+  setPosition(room, position) {
+    this.rooms.set(room, position);
+    this.positions.set(room, position);
+    this.remember(room, position);
+  }
+
+  /**
+   * Schedules writing a position (null: removing it) to the storage.
+   * @param {string} room
+   * @param {RoomPosition | null} position
+   */
+  remember(room, position) {
+    if (this.storage === null) return;
+    this.unsaved.set(room, position);
+    this.saveTimer ??= setTimeout(() => this.savePositions(), SAVE_DELAY_MS);
+  }
+
+  /** Writes the unsaved positions, merged with what other clients of this tab kept there. */
+  savePositions() {
+    clearTimeout(this.saveTimer);
+    this.saveTimer = undefined;
+    if (this.storage === null || this.unsaved.size === 0) return;
+    const all = this.storedPositions();
+    for (const [room, position] of this.unsaved) {
+      if (position === null) delete all[room];
+      else all[room] = [position.epoch, position.seq];
+    }
+    this.unsaved.clear();
+    try {
+      if (Object.keys(all).length === 0) this.storage.removeItem(this.positionsKey());
+      else this.storage.setItem(this.positionsKey(), JSON.stringify(all));
+    } catch {
+      // Full or refused: positions then last as long as this client.
+    }
+  }
+
   /**
    * Connects, retrying with backoff until it works or close() is called. There is only ever one
    * such loop: a second call returns the first one's promise, and a call while connected
@@ -492,6 +750,9 @@ export class RoomwireClient {
    */
   connect() {
     this.closedByUser = false;
+    if (this.storage !== null && typeof globalThis.addEventListener === 'function') {
+      globalThis.addEventListener('pagehide', this.onPageHide);
+    }
     if (this.status === 'connected' && this.conn !== null && this.connected !== null) {
       return Promise.resolve(this.connected);
     }
@@ -546,6 +807,75 @@ export class RoomwireClient {
     return Math.round(ceiling / 2 + Math.random() * (ceiling / 2));
   }
 
+  /**
+   * Follows the answers to a Connect that resumes `since`'s rooms; resolves once each room is
+   * answered. A catch-up may be long (it is paced by the send queue), so the timeout counts from
+   * the last sign of progress, not from the start.
+   * @param {number} requestId
+   * @param {Map<string, RoomPosition>} since
+   * @returns {Promise<void>}
+   */
+  trackResume(requestId, since) {
+    return new Promise((resolve, reject) => {
+      /** @type {ReturnType<typeof setTimeout> | undefined} */
+      let timer;
+      const end = () => {
+        clearTimeout(timer);
+        if (this.resuming === resuming) this.resuming = null;
+        for (const room of since.keys()) this.catchingUp.delete(room);
+      };
+      /** @type {Resuming} */
+      const resuming = {
+        requestId,
+        since,
+        done: () => {
+          end();
+          resolve();
+        },
+        fail: (error) => {
+          end();
+          reject(error);
+        },
+        touch: () => {
+          clearTimeout(timer);
+          timer = setTimeout(() => {
+            resuming.fail(new RoomwireError('rooms not resumed in time', { reason: 'timeout', retryable: true }));
+          }, this.requestTimeoutMs);
+        },
+      };
+      this.resuming = resuming;
+      for (const room of since.keys()) this.catchingUp.add(room);
+      resuming.touch();
+    });
+  }
+
+  /**
+   * A Joined or Error answering the Connect for one resumed room.
+   * @param {any} frame
+   */
+  onResumed(frame) {
+    const resuming = /** @type {Resuming} */ (this.resuming);
+    if (frame.kind === 'joined') {
+      const room = frame.joined.room;
+      const since = resuming.since.get(room);
+      resuming.since.delete(room);
+      this.catchingUp.delete(room);
+      if (since !== undefined) this.applyJoined(room, frame.joined, since);
+    } else {
+      const error = RoomwireError.fromFrame(frame.error);
+      if (error.room !== null) {
+        // Not a member any more (e.g. the token no longer allows it): the application is told;
+        // its position is kept, so joining again later misses nothing the room still keeps.
+        resuming.since.delete(error.room);
+        this.catchingUp.delete(error.room);
+        this.rooms.delete(error.room);
+      }
+      this.emit('error', error);
+    }
+    resuming.touch();
+    if (resuming.since.size === 0) resuming.done();
+  }
+
   /** @returns {Promise<Connected>} */
   async open() {
     this.setStatus('connecting');
@@ -572,16 +902,25 @@ export class RoomwireClient {
       throw new RoomwireError('closed', { reason: 'not_connected', retryable: false });
     }
     this.conn = conn;
+    // Every joined room resumes from its position within the Connect: one round trip, on
+    // whichever node and transport this is.
+    const since = new Map(this.rooms);
+    const requestId = this.nextRequest++;
+    const resumed = since.size > 0 ? this.trackResume(requestId, since) : Promise.resolve();
+    resumed.catch(() => {}); // awaited below, unless the Connect itself fails first
     const resume = {
-      rooms: [...this.rooms].map(([room, pos]) => ({ room, epoch: pos.epoch, seq: pos.seq })),
+      rooms: [...since].map(([room, p]) => ({ room, epoch: p.epoch, seq: p.seq })),
     };
     let reply;
     try {
-      reply = await this.request({
-        connect: { token: this.token, clientName: this.clientName, resume },
-      });
+      reply = await this.request(
+        { connect: { token: this.token, clientName: this.clientName, resume, deviceId: this.deviceId ?? '' } },
+        this.requestTimeoutMs,
+        requestId,
+      );
     } catch (error) {
       // Refused or timed out: this connection is done; the connect loop decides what is next.
+      if (this.resuming?.requestId === requestId) this.resuming.fail(/** @type {RoomwireError} */ (error));
       this.conn = null;
       conn.close();
       throw error;
@@ -613,24 +952,18 @@ export class RoomwireClient {
     // The backoff resets only once a session has stayed up a while (see onClose).
     this.upSince = Date.now();
     this.startHeartbeat();
-    // Rejoin what was joined before a reconnect, and say what was missed in between.
-    for (const [room, last] of this.rooms) {
-      try {
-        const joined = (await this.request({ join: { room } })).joined;
-        const epoch = num(joined.epoch);
-        const seq = num(joined.seq);
-        if (last.seq > 0 && (epoch !== last.epoch || seq > last.seq)) {
-          this.emit('gap', { room, fromSeq: last.seq + 1, toSeq: seq, epochChanged: epoch !== last.epoch });
-        }
-        this.rooms.set(room, { epoch, seq });
-      } catch (error) {
-        if (this.conn !== conn) break;
-        this.emit('error', error);
+    // The rooms' missed messages arrive now, each room's followed by its Joined (or an Error).
+    try {
+      this.resuming?.touch();
+      await resumed;
+    } catch (error) {
+      // Lost while resuming (onClose left the retry to this loop), or no progress in time: a
+      // new session resumes from the positions reached.
+      if (this.conn === conn) {
+        this.onClose(conn, null, 'rooms not resumed in time');
+        conn.close();
       }
-    }
-    // Lost while rejoining: onClose left the retry to this loop.
-    if (this.conn !== conn) {
-      throw new RoomwireError('connection lost while rejoining', { reason: 'connection_lost', retryable: true });
+      throw error;
     }
     this.setStatus('connected', { detail: connected });
     return connected;
@@ -643,6 +976,40 @@ export class RoomwireClient {
       // A Ping unanswered within two intervals means the path is dead: reconnect.
       this.request({ ping: { nonce: Date.now() } }, every * 2).catch(() => this.conn?.close());
     }, every);
+  }
+
+  /**
+   * Takes the answer to a join with a position (`since`, null: none) into account: the room's
+   * position, and a reset when the node could not replay everything missed.
+   * @param {string} room
+   * @param {any} joined the decoded Joined frame
+   * @param {RoomPosition | null} since
+   * @returns {Joined}
+   */
+  applyJoined(room, joined, since) {
+    const position = { epoch: num(joined.epoch), seq: num(joined.seq) };
+    /** @type {Joined['recovery']} */
+    let recovery = null;
+    if (since !== null) {
+      const r = joined.recovery;
+      if (r) {
+        recovery = {
+          recovered: r.recovered === true,
+          replayed: num(r.replayed),
+          oldest: positionOrNull(r.oldestEpoch, r.oldestSeq),
+        };
+      } else {
+        // A node without history says nothing: recovered only when nothing was missed.
+        const reached = this.rooms.get(room) ?? since;
+        const missed = reached.epoch !== position.epoch || reached.seq < position.seq;
+        recovery = { recovered: !missed, replayed: 0, oldest: null };
+      }
+      if (!recovery.recovered) {
+        this.emitReset({ room, reason: 'not_kept', since, position, oldest: recovery.oldest });
+      }
+    }
+    this.setPosition(room, position);
+    return { room, ...position, recovery };
   }
 
   /**
@@ -665,25 +1032,25 @@ export class RoomwireClient {
       else pending.resolve(frame);
       return;
     }
+    if (id !== 0 && id === this.resuming?.requestId && (frame.kind === 'joined' || frame.kind === 'error')) {
+      this.onResumed(frame);
+      return;
+    }
     switch (frame.kind) {
       case 'message': {
-        const m = frame.message;
-        const payload = m.payload;
-        /** @type {Message} */
-        const message = {
-          room: m.room,
-          epoch: num(m.epoch),
-          seq: num(m.seq),
-          publisher: m.publisher,
-          payload,
-          clientMsgId: m.clientMsgId,
-          serverTimeMs: num(m.serverTimeMs),
-          text: () => decoder.decode(payload),
-        };
-        if (message.seq > 0 && this.rooms.has(message.room)) {
-          this.rooms.set(message.room, { epoch: message.epoch, seq: message.seq });
+        const message = toMessage(frame.message);
+        const room = message.room;
+        const replayed = message.seq > 0 && this.catchingUp.has(room);
+        if (message.seq > 0) {
+          const last = this.rooms.get(room);
+          if (last !== undefined) {
+            // Already delivered (a replay overlapping what came live): never twice.
+            if (message.epoch === last.epoch && message.seq <= last.seq) break;
+            this.setPosition(room, { epoch: message.epoch, seq: message.seq });
+          }
         }
-        this.emit('message', message, { unreliable: message.seq === 0, datagram, transport: this.transport });
+        if (replayed) this.resuming?.touch();
+        this.emit('message', message, { unreliable: message.seq === 0, datagram, transport: this.transport, replayed });
         break;
       }
       case 'epochChanged': {
@@ -692,13 +1059,9 @@ export class RoomwireClient {
         const e = frame.epochChanged;
         const last = this.rooms.get(e.room);
         if (last) {
-          this.emit('gap', {
-            room: e.room,
-            fromSeq: Math.min(last.seq, num(e.previousSeq)) + 1,
-            toSeq: null,
-            epochChanged: true,
-          });
-          this.rooms.set(e.room, { epoch: num(e.epoch), seq: 0 });
+          const position = { epoch: num(e.epoch), seq: 0 };
+          this.setPosition(e.room, position);
+          this.emitReset({ room: e.room, reason: 'epoch_changed', since: last, position, oldest: null });
         }
         break;
       }
@@ -728,6 +1091,7 @@ export class RoomwireClient {
     const lost = new RoomwireError(`closed (${code}): ${reason}`, { reason: 'connection_lost', retryable: true });
     for (const { reject } of this.pending.values()) reject(lost);
     this.pending.clear();
+    this.resuming?.fail(lost);
     if (this.closedByUser) {
       this.setStatus('closed', { detail: { code, reason } });
       return;
@@ -751,14 +1115,14 @@ export class RoomwireClient {
   /**
    * @param {object} kind
    * @param {number} [timeoutMs]
+   * @param {number} [requestId] default: the next one
    * @returns {Promise<any>} the decoded ServerFrame that answers it
    */
-  request(kind, timeoutMs = this.requestTimeoutMs) {
+  request(kind, timeoutMs = this.requestTimeoutMs, requestId = this.nextRequest++) {
     const conn = this.conn;
     if (conn === null) {
       return Promise.reject(new RoomwireError('not connected', { reason: 'not_connected', retryable: true }));
     }
-    const requestId = this.nextRequest++;
     const bytes = this.encode({ requestId, ...kind });
     return new Promise((resolve, reject) => {
       const timer = setTimeout(() => {
@@ -784,21 +1148,69 @@ export class RoomwireClient {
   }
 
   /**
-   * Joins a room; its messages follow from `seq + 1`. Rejoined on its own after a reconnect.
+   * Joins a room. When this client, or an earlier page of this tab (sessionStorage), knows where
+   * it left the room, the node first replays what was missed (onMessage, `info.replayed`), or
+   * reports a reset (onReset) when it no longer keeps all of it; else messages follow from
+   * `seq + 1`. Resumed on its own after a reconnect.
    * @param {string} room
    * @returns {Promise<Joined>}
    */
   async join(room) {
-    const joined = (await this.request({ join: { room } })).joined;
-    const position = { epoch: num(joined.epoch), seq: num(joined.seq) };
-    this.rooms.set(room, position);
-    return { room: joined.room, ...position };
+    const member = this.rooms.get(room);
+    const since = member ?? this.lastPosition(room);
+    if (since !== null) {
+      // Replayed messages advance it, and a message already delivered is not delivered again.
+      this.rooms.set(room, since);
+      this.catchingUp.add(room);
+    }
+    let frame;
+    try {
+      frame = await this.request({
+        join: { room, since: since === null ? undefined : { room, epoch: since.epoch, seq: since.seq } },
+      });
+    } catch (error) {
+      if (member === undefined) this.rooms.delete(room);
+      throw error;
+    } finally {
+      this.catchingUp.delete(room);
+    }
+    return this.applyJoined(room, frame.joined, since);
   }
 
-  /** @param {string} room */
+  /**
+   * Leaves a room and forgets its position (a later join starts from the room's present).
+   * @param {string} room
+   */
   async leave(room) {
     this.rooms.delete(room);
+    this.positions.delete(room);
+    this.remember(room, null);
     await this.request({ leave: { room } });
+  }
+
+  /**
+   * One page of a room's kept messages (any room the token may join; membership not needed):
+   * `after` a position, oldest first (paging forward); `before` one, newest first (paging
+   * back); neither, the newest, newest first. At most `limit` (default and most: the node's
+   * page size, 128).
+   * @param {string} room
+   * @param {HistoryOptions} [options]
+   * @returns {Promise<HistoryPage>}
+   */
+  async history(room, options = {}) {
+    const { before, after, limit = 0 } = options;
+    if (before && after) throw new TypeError('history: give before or after, not both');
+    const at = (/** @type {RoomPosition | undefined} */ p) =>
+      p ? { room, epoch: p.epoch, seq: p.seq } : undefined;
+    const frame = await this.request({ history: { room, before: at(before), after: at(after), limit } });
+    const page = frame.historyPage;
+    return {
+      room: page.room,
+      messages: (page.messages ?? []).map(toMessage),
+      more: page.more === true,
+      position: { epoch: num(page.epoch), seq: num(page.seq) },
+      oldest: positionOrNull(page.oldestEpoch, page.oldestSeq),
+    };
   }
 
   /**
@@ -837,10 +1249,17 @@ export class RoomwireClient {
     return this.conn.sendUnreliable(bytes).catch(() => {});
   }
 
-  /** Ends the session and stops reconnecting; pending requests fail with 'connection_lost'. */
+  /**
+   * Ends the session and stops reconnecting; pending requests fail with 'connection_lost'. The
+   * rooms' positions stay stored, so a new client of this tab resumes them on join().
+   */
   close() {
     this.closedByUser = true;
     clearInterval(this.heartbeat);
+    this.savePositions();
+    if (typeof globalThis.removeEventListener === 'function') {
+      globalThis.removeEventListener('pagehide', this.onPageHide);
+    }
     this.retryWait?.wake();
     if (this.conn) this.conn.close();
     else if (this.status !== 'closed') this.setStatus('closed');

@@ -23,8 +23,38 @@ export interface RoomwireOptions {
   initialBackoffMs?: number;
   /** Longest reconnect delay in ms (default 30 000). */
   maxBackoffMs?: number;
-  /** How long a request (join, publish, …) waits for the node's answer, in ms (default 10 000). */
+  /**
+   * How long a request (join, publish, …) waits for the node's answer, in ms (default 10 000);
+   * also how long a reconnect's resume may go without progress.
+   */
   requestTimeoutMs?: number;
+  /**
+   * Where each joined room's position is kept across page reloads, so `join()` on the next page
+   * resumes where this one left off. Default: `sessionStorage` when there is one (one entry per
+   * node origin and user: the token's JWT `sub`, or the token itself in development mode);
+   * `null`: positions live only as long as the client.
+   */
+  storage?: StorageLike | null;
+  /**
+   * This device's stable id, sent as `Connect.device_id` (1–64 characters of `[A-Za-z0-9._-]`):
+   * the node delivers what was sent to the user room `$user.<id>` while this device was away.
+   * Default: a random id generated once and kept in `localStorage` (`roomwire.deviceId`; none
+   * where there is no localStorage, e.g. in Node: pass one); `null`: send none.
+   */
+  deviceId?: string | null;
+}
+
+/** The part of the Web Storage interface the client uses (sessionStorage fits). */
+export interface StorageLike {
+  getItem(key: string): string | null;
+  setItem(key: string, value: string): void;
+  removeItem(key: string): void;
+}
+
+/** A point in a room's message stream: the message `(epoch, seq)`, or just before the next one. */
+export interface RoomPosition {
+  epoch: number;
+  seq: number;
 }
 
 /** The node's answer to Connect: the session and the limits it runs under. */
@@ -52,12 +82,72 @@ export interface Limits {
   bytesPerSecond: number;
 }
 
-/** Where a join entered the room: its messages follow from `seq + 1`. */
+/** Where a join entered the room: its live messages follow from `seq + 1`. */
 export interface Joined {
   room: string;
   epoch: number;
   /** The last sequence number the room had assigned when this session joined (0: none yet). */
   seq: number;
+  /** When the join resumed from a known position: what became of it. null: a fresh join. */
+  recovery: Recovery | null;
+}
+
+/** The node's account of a resume from a known position. */
+export interface Recovery {
+  /**
+   * true: every message missed was replayed (before the join resolved). false: a reset, some
+   * were not kept any more; an onReset event was fired.
+   */
+  recovered: boolean;
+  /** Messages replayed. */
+  replayed: number;
+  /** The oldest position the room keeps (null: nothing kept, or not known). */
+  oldest: RoomPosition | null;
+}
+
+/**
+ * A joined room continues without some of the messages this client had not received: read what
+ * the room still keeps with `history()` from `oldest`, or refetch from the application's store.
+ * The client's position moves to `position`; nothing is renumbered silently.
+ */
+export interface ResetEvent {
+  room: string;
+  /**
+   * `'not_kept'`: the position is older than what the room keeps (retention), or of an epoch it
+   * cannot bridge. `'epoch_changed'`: in a mesh, the room's owner stopped without handing it
+   * over and the room restarted at seq 1 of a new epoch; the old epoch's messages after `since`
+   * that this node never received are not coming.
+   */
+  reason: 'not_kept' | 'epoch_changed';
+  /** The last position this client had. */
+  since: RoomPosition;
+  /** Where the room continues: its messages from here on arrive live. */
+  position: RoomPosition;
+  /** The oldest position the room keeps (null: nothing kept, or not known). */
+  oldest: RoomPosition | null;
+}
+
+/** Which page of a room's history to read. Neither before nor after: the newest messages. */
+export interface HistoryOptions {
+  /** Messages before this position (a message's `{ epoch, seq }`), newest first. */
+  before?: RoomPosition;
+  /** Messages after this position, oldest first. */
+  after?: RoomPosition;
+  /** At most this many; the node never sends more than its page size (128), the default. */
+  limit?: number;
+}
+
+/** One page of a room's history. */
+export interface HistoryPage {
+  room: string;
+  /** In the order asked for: oldest first with `after`, newest first otherwise. */
+  messages: Message[];
+  /** More messages lie beyond the last one, in the same direction. */
+  more: boolean;
+  /** The room's current position. */
+  position: RoomPosition;
+  /** The oldest position the room keeps (null: nothing kept). */
+  oldest: RoomPosition | null;
 }
 
 /** The room owner's acknowledgement of a reliable publish. */
@@ -96,6 +186,8 @@ export interface MessageInfo {
   /** Arrived as a QUIC datagram (WebTransport only). */
   datagram: boolean;
   transport: TransportKind | null;
+  /** Missed while away, replayed by the node on a join or a reconnect's resume. */
+  replayed: boolean;
 }
 
 export interface StatusEvent {
@@ -109,7 +201,10 @@ export interface StatusEvent {
   retryAt?: number;
 }
 
-/** Messages of a joined room this client missed (on a reconnect, or when a room restarted). */
+/**
+ * Deprecated: use `ResetEvent` (onReset). Fired with every reset: `fromSeq` is the first seq not
+ * received, `toSeq` the last one missed when the epoch did not change (else null).
+ */
 export interface GapEvent {
   room: string;
   fromSeq: number;

@@ -4,6 +4,11 @@
 // without a name waits for one; a message typed while offline is sent on reconnect while the
 // "reconnecting in N ms" indicator counts down; message ids are unique per client instance and a
 // repeated id is acknowledged as a duplicate; a plain-http (insecure context) page chats too.
+// Resume and history: a page reloaded while another publishes shows exactly what it missed
+// (replayed, once) after what it had (history); a page whose position the room no longer keeps
+// (the node runs `tiny.*` rooms keeping 3 messages) shows a reset notice; history() pages both
+// ways; a room a reconnect cannot resume is reported as an error naming it; the device id
+// outlives a reload.
 // Saves a screenshot. Usage: node tests/browser/demo.mjs http://127.0.0.1:PORT [screenshot.png]
 import { mkdtempSync, mkdirSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -54,7 +59,22 @@ function watch(page, label) {
 }
 
 async function waitReady(page) {
-  await page.waitForFunction(() => window.roomwireDemo?.ready === true, null, { timeout: TIMEOUT });
+  try {
+    await page.waitForFunction(() => window.roomwireDemo?.ready === true, null, { timeout: TIMEOUT });
+  } catch (error) {
+    const seen = await page
+      .evaluate(() => ({ state: document.getElementById('state')?.textContent, demo: window.roomwireDemo !== undefined }))
+      .catch((e) => String(e));
+    throw new Error(`the page did not get ready: ${JSON.stringify(seen)}: ${error.message}`);
+  }
+}
+
+async function openPageIn(name, pageRoom) {
+  const page = await context.newPage();
+  watch(page, name);
+  await page.goto(`${base}/?room=${pageRoom}&name=${name}`);
+  await waitReady(page);
+  return page;
 }
 
 async function openPage(name, extra, init, pageBase = base) {
@@ -64,6 +84,45 @@ async function openPage(name, extra, init, pageBase = base) {
   await page.goto(`${pageBase}/?room=${room}&name=${name}${extra}`);
   await waitReady(page);
   return page;
+}
+
+/**
+ * Reloads `page` and holds the new page's client module until `whileAway()` has run: the old
+ * page is gone by then (the new document is committed), so what whileAway() publishes is missed.
+ */
+async function reloadAway(page, whileAway) {
+  let release;
+  const gate = new Promise((resolve) => {
+    release = resolve;
+  });
+  const pattern = '**/client/roomwire.js';
+  await page.route(pattern, async (route) => {
+    await gate;
+    await route.continue();
+  });
+  await page.reload({ waitUntil: 'commit', timeout: TIMEOUT });
+  try {
+    await whileAway();
+  } finally {
+    release();
+  }
+  await waitReady(page);
+  await page.unroute(pattern);
+}
+
+/** Publishes from a client of its own in `page` (another user, no stored state); returns the acks. */
+async function publishFrom(page, targetRoom, texts) {
+  return page.evaluate(async ({ targetRoom, texts }) => {
+    const { RoomwireClient } = await import('/client/roomwire.js');
+    const other = new RoomwireClient({ token: 'frank', transport: 'websocket', storage: null, deviceId: null });
+    await other.connect();
+    const acks = [];
+    for (const text of texts) {
+      acks.push(await other.publish(targetRoom, JSON.stringify({ type: 'chat', name: 'frank', text })));
+    }
+    other.close();
+    return acks;
+  }, { targetRoom, texts });
 }
 
 async function say(page, text) {
@@ -167,7 +226,8 @@ try {
   await alice.evaluate(() => {
     const client = window.roomwireDemo.client;
     window.gaps = [];
-    client.onGap((gap) => window.gaps.push(gap));
+    client.onReset((reset) => window.gaps.push(reset));
+    client.onGap((gap) => window.gaps.push(gap)); // deprecated, but must agree
     client.initialBackoffMs = 3000;
     client.conn.wt.close();
   });
@@ -180,13 +240,13 @@ try {
   );
   console.log('alice reconnected over', await alice.textContent('#transport'));
   const replayed = await waitForMessages(alice, 4);
-  if (replayed[3].text !== 'while alice was away' || replayed[3].seq !== 4) {
+  if (replayed[3].text !== 'while alice was away' || replayed[3].seq !== 4 || replayed[3].source !== 'replay') {
     throw new Error(`the missed message was not replayed: ${JSON.stringify(replayed)}`);
   }
   const gaps = await alice.evaluate(() => window.gaps);
-  console.log('alice was told of gaps:', JSON.stringify(gaps));
+  console.log('alice was told of resets:', JSON.stringify(gaps));
   if (gaps.length !== 0) {
-    throw new Error(`expected no gap after the resume, got ${JSON.stringify(gaps)}`);
+    throw new Error(`expected no reset after the resume, got ${JSON.stringify(gaps)}`);
   }
   await say(bob, 'after the reconnect');
   const afterReconnect = await waitForMessages(alice, 5);
@@ -239,6 +299,137 @@ try {
   if (sentOnce.length !== 1) throw new Error(`the queued message arrived ${sentOnce.length} times`);
   console.log('bob reconnected and sent the queued message');
 
+  // A reload mid-conversation: while bob's page is away (the old page gone, the new one not yet
+  // connected) frank publishes twice. The new page joins with the position the old one kept
+  // in sessionStorage: the node replays exactly those two, once, and the page shows the earlier
+  // conversation from history() before them, numbered as before.
+  const beforeReload = await bob.evaluate(() => ({
+    messages: window.roomwireDemo.messages,
+    deviceId: window.roomwireDemo.client.deviceId,
+  }));
+  const awayTexts = ['sent during the reload', 'also sent during the reload'];
+  let awayAcks = null;
+  await reloadAway(bob, async () => {
+    awayAcks = await publishFrom(alice, room, awayTexts);
+  });
+  const reloaded = await waitForText(bob, awayTexts[1]);
+  console.log('bob after the reload:', JSON.stringify(reloaded));
+  const replayedTexts = reloaded.filter((m) => m.source === 'replay').map((m) => m.text);
+  if (JSON.stringify(replayedTexts) !== JSON.stringify(awayTexts)) {
+    throw new Error(`the reloaded page was not replayed exactly what it missed: ${JSON.stringify(replayedTexts)}`);
+  }
+  const seqs = reloaded.map((m) => m.seq);
+  const lastSeq = awayAcks[awayAcks.length - 1].seq;
+  if (new Set(seqs).size !== seqs.length || seqs.some((seq, i) => seq !== lastSeq - seqs.length + 1 + i)) {
+    throw new Error(`duplicates or holes after the reload: ${JSON.stringify(seqs)}`);
+  }
+  const earlier = reloaded.filter((m) => m.source === 'history');
+  const hadBefore = beforeReload.messages.map(({ text, seq }) => ({ text, seq }));
+  if (JSON.stringify(earlier.map(({ text, seq }) => ({ text, seq }))) !== JSON.stringify(hadBefore)) {
+    throw new Error(`history() did not show what the page had before the reload: ${JSON.stringify(earlier)}`);
+  }
+  const deviceAfter = await bob.evaluate(() => window.roomwireDemo.client.deviceId);
+  console.log(`bob's device id before and after the reload: ${beforeReload.deviceId} ${deviceAfter}`);
+  if (!/^[0-9a-f]{32}$/.test(deviceAfter ?? '') || deviceAfter !== beforeReload.deviceId) {
+    throw new Error('the device id is not kept across a reload');
+  }
+
+  // history() through the library: pages back (newest first) and forward (oldest first).
+  const pages = await alice.evaluate(async (historyRoom) => {
+    const client = window.roomwireDemo.client;
+    const newest = await client.history(historyRoom, { limit: 2 });
+    const back = await client.history(historyRoom, { before: newest.messages[1], limit: 2 });
+    const forward = await client.history(historyRoom, { after: { epoch: newest.position.epoch, seq: 0 }, limit: 3 });
+    const seqs = (page) => page.messages.map((m) => m.seq);
+    return {
+      newest: seqs(newest), back: seqs(back), forward: seqs(forward), more: [newest.more, back.more, forward.more],
+      position: newest.position, oldest: newest.oldest, text: forward.messages[0].text(),
+    };
+  }, room);
+  console.log('history pages:', JSON.stringify(pages));
+  const p = pages.position.seq;
+  if (
+    p !== lastSeq ||
+    JSON.stringify(pages.newest) !== JSON.stringify([p, p - 1]) ||
+    JSON.stringify(pages.back) !== JSON.stringify([p - 2, p - 3]) ||
+    JSON.stringify(pages.forward) !== JSON.stringify([1, 2, 3]) ||
+    pages.more.some((more) => more !== true) ||
+    pages.oldest?.seq !== 1 ||
+    !pages.text.includes('hello from WebTransport')
+  ) {
+    throw new Error(`unexpected history pages: ${JSON.stringify(pages)}`);
+  }
+
+  // A reset: dave's page is away while seven messages go to a room that keeps three. The page
+  // says so (no silent hole, nothing renumbered) and shows what the room still keeps.
+  const tinyRoom = `tiny.r${Date.now()}`;
+  const dave = await openPageIn('dave', tinyRoom);
+  await say(dave, 'before the reset');
+  await waitForText(dave, 'before the reset');
+  const tinyTexts = Array.from({ length: 7 }, (_, i) => `tiny ${i + 1}`);
+  await reloadAway(dave, async () => {
+    await publishFrom(bob, tinyRoom, tinyTexts);
+  });
+  await dave.waitForFunction(() => window.roomwireDemo.resets.length > 0, null, { timeout: TIMEOUT });
+  const afterReset = await dave.evaluate(() => ({
+    resets: window.roomwireDemo.resets,
+    messages: window.roomwireDemo.messages,
+    notices: document.getElementById('notices').textContent,
+  }));
+  console.log('dave after the reset:', JSON.stringify(afterReset));
+  const [reset] = afterReset.resets;
+  if (
+    afterReset.resets.length !== 1 ||
+    reset.room !== tinyRoom ||
+    reset.reason !== 'not_kept' ||
+    reset.since.seq !== 1 ||
+    reset.position.seq !== 8 ||
+    reset.oldest?.seq !== 6 ||
+    reset.oldest.epoch !== reset.position.epoch
+  ) {
+    throw new Error(`the reset was not reported as expected: ${JSON.stringify(afterReset.resets)}`);
+  }
+  if (!afterReset.notices.includes('no longer kept')) throw new Error('no reset notice on the page');
+  const kept = afterReset.messages.map((m) => `${m.seq}:${m.text}:${m.source}`);
+  if (JSON.stringify(kept) !== JSON.stringify(['6:tiny 5:history', '7:tiny 6:history', '8:tiny 7:history'])) {
+    throw new Error(`the page does not show what the room keeps: ${JSON.stringify(kept)}`);
+  }
+
+  // A reconnect resumes every joined room in its Connect; a room the node refuses (here a name
+  // it never accepts, standing in for a permission withdrawn) is reported as an error naming it,
+  // and the other rooms go on.
+  const refused = await alice.evaluate(async (okRoom) => {
+    const { RoomwireClient } = await import('/client/roomwire.js');
+    const client = new RoomwireClient({ token: 'gina', transport: 'websocket', storage: null, deviceId: null });
+    const errors = [];
+    const resets = [];
+    client.onError((error) => errors.push({ room: error.room, code: error.code, reason: error.reason }));
+    client.onReset((reset) => resets.push(reset));
+    await client.connect();
+    await client.join(okRoom);
+    client.rooms.set('not..a.room', { epoch: 1, seq: 0 });
+    const sessions = client.sessions;
+    client.conn.ws.close();
+    const deadline = Date.now() + 15000;
+    while ((client.sessions === sessions || client.state !== 'connected') && Date.now() < deadline) {
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    }
+    const rooms = [...client.rooms.keys()];
+    client.close();
+    return { errors, resets, rooms, state: client.sessions > sessions };
+  }, room);
+  console.log('a refused resume:', JSON.stringify(refused));
+  if (
+    !refused.state ||
+    refused.errors.length !== 1 ||
+    refused.errors[0].room !== 'not..a.room' ||
+    refused.errors[0].reason !== 'node' ||
+    JSON.stringify(refused.rooms) !== JSON.stringify([room]) ||
+    refused.resets.length !== 0
+  ) {
+    throw new Error(`a refused resume was not reported: ${JSON.stringify(refused)}`);
+  }
+
   // Message ids: two clients of one user (two tabs) pick different random prefixes, and a
   // publish repeating an id is acknowledged as a duplicate with the original's position.
   const ids = await alice.evaluate(async (idsRoom) => {
@@ -273,9 +464,10 @@ try {
   const insecure = await erin.evaluate(() => ({
     secure: window.isSecureContext,
     transport: window.roomwireDemo.client.transport,
+    deviceId: window.roomwireDemo.client.deviceId,
   }));
   console.log('erin on', insecureBase, JSON.stringify(insecure));
-  if (insecure.secure !== false || insecure.transport !== 'websocket') {
+  if (insecure.secure !== false || insecure.transport !== 'websocket' || !/^[0-9a-f]{32}$/.test(insecure.deviceId ?? '')) {
     throw new Error(`erin's page is not the insecure-context case: ${JSON.stringify(insecure)}`);
   }
   await say(erin, 'from a plain-http page');

@@ -7,10 +7,14 @@ import {
   RoomwireError,
   type ConnectionState,
   type GapEvent,
+  type HistoryPage,
   type Message,
   type MessageInfo,
   type PublishAck,
+  type ResetEvent,
+  type RoomPosition,
   type StatusEvent,
+  type StorageLike,
 } from '@roomwire/client';
 
 const client = new RoomwireClient({
@@ -18,13 +22,27 @@ const client = new RoomwireClient({
   token: 'alice',
   transport: 'auto',
   initialBackoffMs: 500,
+  storage: null,
+  deviceId: 'laptop-1',
 });
+
+// Positions kept in a storage of the application's own (e.g. in Node), and no device id.
+const memory = new Map<string, string>();
+const store: StorageLike = {
+  getItem: (key) => memory.get(key) ?? null,
+  setItem: (key, value) => void memory.set(key, value),
+  removeItem: (key) => void memory.delete(key),
+};
+export const nodeClient = new RoomwireClient({ url: 'http://127.0.0.1:8080', storage: store, deviceId: null });
+const device: string | null = nodeClient.deviceId;
+console.log(device);
 
 const stop = client.onMessage((message: Message, info: MessageInfo) => {
   const text: string = message.text();
   const position: [number, number] = [message.epoch, message.seq];
   const bytes: Uint8Array = message.payload;
   if (info.datagram || info.unreliable) console.log(text, position, bytes.length);
+  if (info.replayed) console.log("missed while away", position);
 });
 stop();
 client.onStatus((event: StatusEvent) => {
@@ -34,12 +52,19 @@ client.onStatus((event: StatusEvent) => {
   }
   if (event.transport === 'webtransport') console.log('on QUIC');
 });
+client.onReset((reset: ResetEvent) => {
+  const from: RoomPosition | null = reset.oldest;
+  if (reset.reason === 'not_kept' && from !== null) console.log(reset.room, reset.since.seq, from.seq);
+  if (reset.reason === 'epoch_changed') console.log('renumbered from', reset.position.epoch);
+});
 client.onGap((gap: GapEvent) => {
   const missed: number | null = gap.toSeq === null ? null : gap.toSeq - gap.fromSeq + 1;
   console.log(gap.room, missed, gap.epochChanged);
 });
 client.onError((error: RoomwireError) => {
   const code: ErrorCode = error.code;
+  const room: string | null = error.room;
+  if (room !== null) console.log('not resumed', room);
   console.log(code === ErrorCode.RATE_LIMITED);
 });
 
@@ -49,6 +74,17 @@ export async function chat(): Promise<void> {
   const maxFrame: number = connected.limits.maxFrameBytes;
   const joined = await client.join('lobby');
   console.log(user, maxFrame, joined.seq, client.state, client.transport);
+  if (joined.recovery !== null && !joined.recovery.recovered) console.log('reset at', joined.recovery.oldest);
+  let page: HistoryPage = await client.history('lobby', { limit: 50 });
+  while (page.more) {
+    const oldest = page.messages[page.messages.length - 1];
+    page = await client.history('lobby', { before: oldest, limit: 50 });
+  }
+  const forward = await client.history('lobby', { after: { epoch: joined.epoch, seq: 0 } });
+  const texts: string[] = forward.messages.map((m) => m.text());
+  console.log(texts, page.position.seq, page.oldest?.seq);
+  // @ts-expect-error a position is { epoch, seq }
+  await client.history('lobby', { before: 5 });
   const id = client.newMessageId();
   let ack: PublishAck;
   try {
