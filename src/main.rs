@@ -20,7 +20,7 @@ fn main() -> ExitCode {
         Some(Command::Client(args)) => {
             init_tracing(LogFormat::Text, "warn");
             match runtime.block_on(roomwire::cli::run_client(args)) {
-                Ok(()) => ExitCode::SUCCESS,
+                Ok(code) => code,
                 Err(error) => {
                     eprintln!("error: {error:#}");
                     ExitCode::FAILURE

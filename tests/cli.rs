@@ -6,6 +6,7 @@ mod common;
 use std::process::Stdio;
 use std::time::Duration;
 
+use common::proxy::TcpProxy;
 use common::*;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
@@ -289,4 +290,227 @@ async fn many_cli_processes_connecting_over_webtransport_at_once_all_succeed() {
         node.metric(r#"roomwire_sessions_opened_total{transport="webtransport"}"#),
         CLIENTS as f64
     );
+}
+
+/// Runs `roomwire client --url URL ARGS...` to completion (within the deadline).
+async fn run_client(url: &str, args: &[&str]) -> std::process::Output {
+    tokio::time::timeout(
+        DEADLINE,
+        Command::new(BIN)
+            .args(["client", "--url", url])
+            .args(args)
+            .output(),
+    )
+    .await
+    .expect("the CLI finishes in time")
+    .unwrap()
+}
+
+/// A `roomwire client ... chat ROOM` process with piped standard streams.
+struct Chat {
+    child: Killed,
+    out: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+    err: tokio::io::Lines<BufReader<tokio::process::ChildStderr>>,
+}
+
+impl Chat {
+    /// Starts a chat and waits until it has joined `room`.
+    async fn start(url: &str, user: &str, room: &str, extra: &[&str]) -> Chat {
+        let mut child = Killed(
+            Command::new(BIN)
+                .args(["client", "--url", url, "--token", user, "chat", room])
+                .args(extra)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()
+                .unwrap(),
+        );
+        let out = BufReader::new(child.0.stdout.take().unwrap()).lines();
+        let err = BufReader::new(child.0.stderr.take().unwrap()).lines();
+        let mut chat = Chat { child, out, err };
+        wait_for_line(&mut chat.err, &format!("joined {room}")).await;
+        chat
+    }
+
+    async fn say(&mut self, line: &str) {
+        let stdin = self.child.0.stdin.as_mut().unwrap();
+        stdin
+            .write_all(format!("{line}\n").as_bytes())
+            .await
+            .unwrap();
+        stdin.flush().await.unwrap();
+    }
+
+    /// Waits for the process to exit (its standard input still open).
+    async fn exit_status(&mut self) -> std::process::ExitStatus {
+        tokio::time::timeout(DEADLINE, self.child.0.wait())
+            .await
+            .expect("the chat exits in time")
+            .unwrap()
+    }
+}
+
+#[tokio::test]
+async fn two_chats_of_one_user_never_share_message_ids() {
+    // The node de-duplicates client message ids per user for two minutes: two terminals of one
+    // user (or a chat restarted within that window) must not number their lines alike.
+    let node = TestNode::start().await;
+    let mut listener = node.client("bob").await;
+    listener.join("lobby").await.unwrap();
+    let url = node.ws_url();
+    let mut first = Chat::start(&url, "alice", "lobby", &[]).await;
+    first.say("from the first terminal").await;
+    let m = next_message(&mut listener).await;
+    assert_eq!(&m.payload[..], b"from the first terminal");
+    let mut second = Chat::start(&url, "alice", "lobby", &[]).await;
+    second.say("from the second terminal").await;
+    let m = next_message(&mut listener).await;
+    assert_eq!(&m.payload[..], b"from the second terminal");
+    assert_ne!(m.client_msg_id, "", "chat lines carry ids");
+    first.say("and the first again").await;
+    let m = next_message(&mut listener).await;
+    assert_eq!(&m.payload[..], b"and the first again");
+}
+
+#[tokio::test]
+async fn a_publish_answered_as_duplicate_says_so() {
+    let node = TestNode::start().await;
+    let url = node.ws_url();
+    let args = [
+        "--token", "alice", "publish", "lobby", "once", "--id", "x-1",
+    ];
+    let first = run_client(&url, &args).await;
+    let stdout = String::from_utf8_lossy(&first.stdout);
+    assert!(first.status.success(), "{stdout}");
+    assert!(stdout.contains("published to lobby"), "{stdout}");
+    assert!(!stdout.contains("duplicate"), "{stdout}");
+    let again = run_client(&url, &args).await;
+    let stdout = String::from_utf8_lossy(&again.stdout);
+    assert!(again.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("duplicate") && stdout.contains("not delivered again"),
+        "{stdout}"
+    );
+}
+
+#[tokio::test]
+async fn chat_exits_at_once_when_the_node_ends_the_session() {
+    let node = TestNode::start().await;
+    let url = node.ws_url();
+    // Standard input stays open: the chat must not wait for a line to notice the close. An
+    // operator's disconnect (4005) is deliberate, so --reconnect does not come back either.
+    let mut plain = Chat::start(&url, "alice", "lobby", &[]).await;
+    let mut reconnecting = Chat::start(&url, "alice", "lobby", &["--reconnect"]).await;
+    let (status, _) = node
+        .http(
+            "POST",
+            "/api/v1/users/alice/disconnect",
+            Some(API_KEY),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    for chat in [&mut plain, &mut reconnecting] {
+        wait_for_line(&mut chat.err, "closed (4005)").await;
+        let status = chat.exit_status().await;
+        assert!(
+            !status.success(),
+            "a session ended by the node exits non-zero"
+        );
+    }
+}
+
+#[tokio::test]
+async fn chat_with_reconnect_comes_back_and_gets_what_it_missed() {
+    let node = TestNode::start().await;
+    let proxy = TcpProxy::start(node.addr);
+    let mut bob = node.client("bob").await;
+    bob.join("lobby").await.unwrap();
+    let url = format!("ws://{}/ws", proxy.addr);
+    let mut alice = Chat::start(&url, "alice", "lobby", &["--reconnect"]).await;
+    bob.publish("lobby", "before", "b-1").await.unwrap();
+    wait_for_line(&mut alice.out, "bob: before").await;
+
+    // The network drops alice's connection, and her next attempts hang until it heals: the
+    // message published meanwhile can reach her only through the resume.
+    proxy.blackhole();
+    proxy.cut();
+    wait_for_line(&mut alice.err, "reconnecting in").await;
+    let ack = bob.publish("lobby", "while away", "b-2").await.unwrap();
+    proxy.forward();
+    let line = wait_for_line(&mut alice.out, "bob: while away").await;
+    assert!(line.contains(&format!("#{}", ack.seq)), "{line}");
+    wait_for_line(&mut alice.err, "recovered, 1 missed").await;
+
+    alice.say("back again").await;
+    loop {
+        let m = next_message(&mut bob).await;
+        if m.publisher == "alice" {
+            assert_eq!(&m.payload[..], b"back again");
+            break;
+        }
+    }
+}
+
+#[tokio::test]
+async fn client_history_pages_back_through_a_room() {
+    let node = TestNode::start().await;
+    let alice = node.client("alice").await;
+    let mut epoch = 0;
+    for (i, text) in ["one", "two", "three"].into_iter().enumerate() {
+        let ack = alice
+            .publish("lobby", text, &format!("h-{i}"))
+            .await
+            .unwrap();
+        epoch = ack.epoch;
+    }
+    let url = node.ws_url();
+    let newest = run_client(
+        &url,
+        &["--token", "bob", "history", "lobby", "--limit", "2"],
+    )
+    .await;
+    let stdout = String::from_utf8_lossy(&newest.stdout);
+    let stderr = String::from_utf8_lossy(&newest.stderr);
+    assert!(newest.status.success(), "{stdout}{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            format!("[lobby {epoch}:3] alice: three"),
+            format!("[lobby {epoch}:2] alice: two")
+        ],
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("more: --before {epoch}:2")),
+        "{stderr}"
+    );
+    let before = format!("{epoch}:2");
+    let older = run_client(
+        &url,
+        &["--token", "bob", "history", "lobby", "--before", &before],
+    )
+    .await;
+    let stdout = String::from_utf8_lossy(&older.stdout);
+    assert_eq!(stdout.trim(), format!("[lobby {epoch}:1] alice: one"));
+    let after = format!("{epoch}:1");
+    let newer = run_client(
+        &url,
+        &["--token", "bob", "history", "lobby", "--after", &after],
+    )
+    .await;
+    let stdout = String::from_utf8_lossy(&newer.stdout);
+    assert_eq!(
+        stdout.lines().collect::<Vec<_>>(),
+        [
+            format!("[lobby {epoch}:2] alice: two"),
+            format!("[lobby {epoch}:3] alice: three")
+        ]
+    );
+    // A malformed position is a usage error, before any connection.
+    let bad = run_client(&url, &["history", "lobby", "--before", "7"]).await;
+    assert_eq!(bad.status.code(), Some(2));
 }
