@@ -53,6 +53,10 @@ pub enum CertsAction {
         /// Repeatable.
         #[arg(long = "service")]
         services: Vec<String>,
+        /// Replace files already in the directory (a new CA: what the old one signed is no
+        /// longer trusted).
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -63,9 +67,25 @@ pub fn run_certs(action: CertsAction) -> anyhow::Result<()> {
             dir,
             names,
             services,
+            force,
         } => {
-            for path in crate::certs::init(&dir, &names, &services)? {
+            for path in crate::certs::init(&dir, &names, &services, force)? {
                 println!("wrote {}", path.display());
+            }
+            let d = dir.display();
+            println!(
+                "\nnext: serve wss:// and https:// with the node certificate\n  \
+                 roomwire --set tls.enabled=true --set tls.cert_file={d}/node.pem --set tls.key_file={d}/node-key.pem\n\
+                 and connect trusting the CA\n  \
+                 roomwire client --url wss://localhost:8080/ws --ca-file {d}/ca.pem --token alice chat lobby"
+            );
+            if let Some(service) = services.first() {
+                println!(
+                    "a service connects with its certificate (the node needs tls.client_auth, \
+                     tls.client_ca_file = \"{d}/ca.pem\" and a [[tls.services]] entry named {service:?}):\n  \
+                     roomwire client --url wss://localhost:8080/ws --ca-file {d}/ca.pem \
+                     --client-cert {d}/service-{service}.pem --client-key {d}/service-{service}-key.pem publish {service}.events hello"
+                );
             }
             Ok(())
         }

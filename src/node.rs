@@ -45,6 +45,8 @@ pub struct Node {
     ctx: Arc<NodeContext>,
     listeners: Vec<TcpListener>,
     webtransport: Option<webtransport::Listener>,
+    /// The API key generated for this run when none was configured (for the startup banner).
+    generated_api_key: Option<String>,
 }
 
 impl Node {
@@ -64,12 +66,13 @@ impl Node {
         } else {
             config.node.id.as_str().into()
         };
-        let api_keys = if config.api.keys.is_empty() {
-            let key = random_hex(16);
-            tracing::warn!(api_key = %key, "no api.keys configured: generated a development key for this run");
-            vec![key]
-        } else {
-            config.api.keys.clone()
+        let generated_api_key = config.api.keys.is_empty().then(|| random_hex(16));
+        let api_keys = match &generated_api_key {
+            Some(key) => {
+                tracing::info!(api_key = %key, "no api.keys configured: generated a development key for this run");
+                vec![key.clone()]
+            }
+            None => config.api.keys.clone(),
         };
         let mut listeners = Vec::new();
         for addr in &config.server.listen {
@@ -130,7 +133,13 @@ impl Node {
             ctx,
             listeners,
             webtransport,
+            generated_api_key,
         })
+    }
+
+    /// The API key generated for this run, when `api.keys` configured none.
+    pub fn generated_api_key(&self) -> Option<&str> {
+        self.generated_api_key.as_deref()
     }
 
     /// The bound addresses (with the real port when the config asked for port 0).

@@ -60,6 +60,11 @@ async fn two_cli_clients_chat_through_a_node_started_from_the_binary() {
             .unwrap(),
     );
     let mut node_log = BufReader::new(node.0.stderr.take().unwrap()).lines();
+    // A banner first: where to point a browser, and the API key generated for this run.
+    let demo = wait_for_line(&mut node_log, "demo page").await;
+    assert!(demo.contains("http://127.0.0.1:"), "{demo}");
+    let key = wait_for_line(&mut node_log, "API key").await;
+    assert!(key.contains("generated for this run"), "{key}");
     let line = wait_for_line(&mut node_log, "serving HTTP").await;
     let addr = line
         .split("addr=")
@@ -235,6 +240,9 @@ async fn the_cli_publishes_over_webtransport_trusting_the_certificate_hash() {
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(stdout.contains("published to lobby"), "{stdout}");
+    // The session's end is the node closing the connection: no warning about it.
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stderr.contains("WARN"), "{stderr}");
     let m = next_message(&mut listener).await;
     assert_eq!(
         (m.publisher.as_str(), &m.payload[..]),
@@ -513,4 +521,100 @@ async fn client_history_pages_back_through_a_room() {
     // A malformed position is a usage error, before any connection.
     let bad = run_client(&url, &["history", "lobby", "--before", "7"]).await;
     assert_eq!(bad.status.code(), Some(2));
+}
+
+#[tokio::test]
+async fn print_config_redacts_secrets() {
+    let output = Command::new(BIN)
+        .args(["--print-config"])
+        .args([
+            "--set",
+            "auth.jwt.secret=hs256-secret-that-must-not-be-printed",
+        ])
+        .args(["--set", r#"api.keys=["api-key-that-must-not-be-printed"]"#])
+        .args(["--set", "mesh.token=nats-token-that-must-not-be-printed"])
+        .args([
+            "--set",
+            r#"mesh.nats_urls=["nats://user:nats-password-not-printed@127.0.0.1:4222"]"#,
+        ])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(!stdout.contains("must-not-be-printed"), "{stdout}");
+    assert!(!stdout.contains("nats-password"), "{stdout}");
+    assert!(stdout.contains("<redacted>"), "{stdout}");
+    assert!(
+        stdout.contains("nats://user:<redacted>@127.0.0.1:4222")
+            || stdout.contains("nats://user:%3Credacted%3E@127.0.0.1:4222"),
+        "{stdout}"
+    );
+}
+
+#[tokio::test]
+async fn certs_init_refuses_to_overwrite_without_force_and_says_what_next() {
+    let dir = std::env::temp_dir().join(format!("roomwire-certs-{}", roomwire::random_hex(6)));
+    let dir_arg = dir.display().to_string();
+    let init = |force: bool| {
+        let mut command = Command::new(BIN);
+        command.args(["certs", "init", "--dir", &dir_arg, "--service", "billing"]);
+        if force {
+            command.arg("--force");
+        }
+        command.output()
+    };
+    let first = init(false).await.unwrap();
+    let stdout = String::from_utf8_lossy(&first.stdout);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert!(
+        stdout.contains("next:") && stdout.contains("tls.cert_file="),
+        "{stdout}"
+    );
+    assert!(stdout.contains("--ca-file"), "{stdout}");
+    let ca = std::fs::read(dir.join("ca.pem")).unwrap();
+
+    let again = init(false).await.unwrap();
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(!again.status.success());
+    assert!(
+        stderr.contains("--force") && stderr.contains("ca.pem"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read(dir.join("ca.pem")).unwrap(),
+        ca,
+        "the CA is untouched"
+    );
+
+    let forced = init(true).await.unwrap();
+    assert!(forced.status.success());
+    assert_ne!(std::fs::read(dir.join("ca.pem")).unwrap(), ca, "a new CA");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn a_failing_client_says_each_cause_once() {
+    // A port nothing listens on: bind one, then let it go.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let output = run_client(
+        &format!("ws://127.0.0.1:{port}/ws"),
+        &["publish", "lobby", "hi"],
+    )
+    .await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert_eq!(stderr.matches("refused").count(), 1, "{stderr}");
 }

@@ -297,7 +297,8 @@ async fn a_rotated_certificate_is_served_without_a_restart() {
 async fn certs_init_writes_a_ca_a_node_and_service_certificates_a_node_can_use() {
     let dir = std::env::temp_dir().join(format!("roomwire-init-{}", roomwire::random_hex(6)));
     let files =
-        roomwire::init_dev_certs(&dir, &["node-1.example".into()], &["billing".into()]).unwrap();
+        roomwire::init_dev_certs(&dir, &["node-1.example".into()], &["billing".into()], false)
+            .unwrap();
     let names: Vec<String> = files
         .iter()
         .map(|f| f.file_name().unwrap().to_string_lossy().into())
