@@ -30,6 +30,9 @@ pub enum Command {
     Serve(ServeArgs),
     /// Talk to a node: join rooms, publish, chat.
     Client(ClientArgs),
+    /// Mint a JWT connection token the node accepts in JWT mode (auth.jwt from --config and
+    /// --set, as the node reads them), printed on standard output.
+    Token(TokenArgs),
     /// Development certificates.
     Certs {
         #[command(subcommand)]
@@ -90,6 +93,68 @@ pub fn run_certs(action: CertsAction) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    /// The user id (`sub`).
+    #[arg(long)]
+    pub sub: String,
+    /// A room pattern the token may join (`chat.*`, `news.>`); repeatable.
+    #[arg(long = "join", value_name = "PATTERN")]
+    pub join: Vec<String>,
+    /// A room pattern the token may publish to; repeatable.
+    #[arg(long = "publish", value_name = "PATTERN")]
+    pub publish: Vec<String>,
+    /// Lifetime: `90s`, `15m`, `1h`, `1d` (at most auth.jwt.max_lifetime_s).
+    #[arg(long, default_value = "1h", value_parser = crate::auth::parse_ttl)]
+    pub ttl: Duration,
+    /// ES256 / RS256: the private key (PEM) whose public key the node is configured with. HS256:
+    /// a file holding the secret, instead of the configured one.
+    #[arg(long, value_name = "FILE")]
+    pub key: Option<PathBuf>,
+    /// `kid` header, for nodes verifying with a JWKS file.
+    #[arg(long)]
+    pub kid: Option<String>,
+    /// The node's TOML configuration file (for auth.jwt).
+    #[arg(long, short, env = "ROOMWIRE_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Override one key, as for the node (e.g. `--set auth.jwt.secret=...`); repeatable.
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    pub overrides: Vec<String>,
+}
+
+/// Runs `roomwire token ...`: prints the token.
+pub fn run_token(args: TokenArgs) -> anyhow::Result<()> {
+    let config =
+        crate::config::Config::load(args.config.as_deref(), std::env::vars(), &args.overrides)?;
+    let key = args
+        .key
+        .as_ref()
+        .map(|path| {
+            std::fs::read(path).map_err(|e| anyhow::anyhow!("--key {}: {e}", path.display()))
+        })
+        .transpose()?;
+    let request = crate::auth::TokenRequest {
+        sub: args.sub,
+        join: args.join,
+        publish: args.publish,
+        ttl: args.ttl,
+        kid: args.kid,
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    println!(
+        "{}",
+        crate::auth::mint(&config.auth, &request, key.as_deref(), now)?
+    );
+    if config.auth.mode != crate::config::AuthMode::Jwt {
+        eprintln!(
+            "note: the configuration's auth.mode is not jwt; the node accepts this token only with auth.mode = \"jwt\""
+        );
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, Args)]

@@ -29,6 +29,13 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Some(Command::Token(args)) => match roomwire::cli::run_token(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("error: {}", causes(&error));
+                ExitCode::FAILURE
+            }
+        },
         Some(Command::Certs { action }) => match roomwire::cli::run_certs(action) {
             Ok(()) => ExitCode::SUCCESS,
             Err(error) => {

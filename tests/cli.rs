@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use common::proxy::TcpProxy;
 use common::*;
+use roomwire::client::{Client, ClientOptions};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 
@@ -521,6 +522,130 @@ async fn client_history_pages_back_through_a_room() {
     // A malformed position is a usage error, before any connection.
     let bad = run_client(&url, &["history", "lobby", "--before", "7"]).await;
     assert_eq!(bad.status.code(), Some(2));
+}
+
+/// `roomwire token ARGS...`: the token printed, or the failure's standard error.
+async fn mint_token(args: &[&str]) -> Result<String, String> {
+    let output = Command::new(BIN)
+        .arg("token")
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    if output.status.success() {
+        Ok(String::from_utf8(output.stdout).unwrap().trim().to_string())
+    } else {
+        Err(String::from_utf8_lossy(&output.stderr).into_owned())
+    }
+}
+
+#[tokio::test]
+async fn a_token_minted_by_the_cli_is_accepted_in_jwt_mode() {
+    use roomwire::config::{AuthMode, JwtAlgorithm};
+    let secret = "a-secret-of-at-least-32-bytes-for-hs256";
+    let node = TestNode::start_with(|c| {
+        c.auth.mode = AuthMode::Jwt;
+        c.auth.jwt.secret = Some(secret.into());
+    })
+    .await;
+    let set_secret = format!("auth.jwt.secret={secret}");
+    let token = mint_token(&[
+        "--sub",
+        "alice",
+        "--join",
+        "chat.*",
+        "--publish",
+        "chat.lobby",
+        "--ttl",
+        "1h",
+        "--set",
+        "auth.mode=jwt",
+        "--set",
+        &set_secret,
+    ])
+    .await
+    .unwrap();
+    let alice = Client::connect(&node.ws_url(), ClientOptions::user(&token))
+        .await
+        .expect("the node accepts the minted token");
+    assert_eq!(alice.connected().user_id, "alice");
+    let expires_in = alice.connected().token_expires_at_ms / 1000
+        - std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+    assert!((3500..=3600).contains(&expires_in), "{expires_in}");
+    alice.join("chat.random").await.unwrap();
+    alice.publish("chat.lobby", "hi", "t-1").await.unwrap();
+    let refused = alice.publish("chat.random", "hi", "t-2").await.unwrap_err();
+    assert_eq!(
+        refused_code(&refused),
+        Some(roomwire::proto::ErrorCode::Forbidden)
+    );
+    let refused = alice.join("news.today").await.unwrap_err();
+    assert_eq!(
+        refused_code(&refused),
+        Some(roomwire::proto::ErrorCode::Forbidden)
+    );
+    // Each token connects once (anti-replay): a second one for the same user is minted anew.
+    assert!(
+        Client::connect(&node.ws_url(), ClientOptions::user(&token))
+            .await
+            .is_err()
+    );
+
+    // ES256: the node holds the public key, the tool signs with the private one.
+    let dir = std::env::temp_dir().join(format!("roomwire-token-{}", roomwire::random_hex(6)));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let (private, public) = (dir.join("issuer-key.pem"), dir.join("issuer.pem"));
+    std::fs::write(&private, key.serialize_pem()).unwrap();
+    std::fs::write(&public, key.public_key_pem()).unwrap();
+    let public_file = public.display().to_string();
+    let es256 = TestNode::start_with(|c| {
+        c.auth.mode = AuthMode::Jwt;
+        c.auth.jwt.algorithm = JwtAlgorithm::Es256;
+        c.auth.jwt.public_key_file = Some(public_file.clone());
+    })
+    .await;
+    let set_key = format!("auth.jwt.public_key_file={public_file}");
+    let es256_args = [
+        "--sub",
+        "bob",
+        "--join",
+        "chat.>",
+        "--set",
+        "auth.mode=jwt",
+        "--set",
+        "auth.jwt.algorithm=ES256",
+        "--set",
+        &set_key,
+    ];
+    let error = mint_token(&es256_args).await.unwrap_err();
+    assert!(error.contains("--key"), "{error}");
+    let mut with_key = es256_args.to_vec();
+    let private_file = private.display().to_string();
+    with_key.extend(["--key", &private_file]);
+    let token = mint_token(&with_key).await.unwrap();
+    let bob = Client::connect(&es256.ws_url(), ClientOptions::user(&token))
+        .await
+        .expect("the node accepts the ES256 token");
+    assert_eq!(bob.connected().user_id, "bob");
+    bob.join("chat.a.b").await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // A token can never name a service.
+    let error = mint_token(&[
+        "--sub",
+        "service:billing",
+        "--set",
+        "auth.mode=jwt",
+        "--set",
+        &set_secret,
+    ])
+    .await
+    .unwrap_err();
+    assert!(error.contains("service"), "{error}");
 }
 
 #[tokio::test]

@@ -26,11 +26,13 @@ use crate::room::{RoomName, RoomPattern};
 mod api_key;
 mod identity;
 mod jwt;
+mod mint;
 mod replay;
 
 pub use api_key::{ApiKeys, bearer};
 pub use identity::Services;
 use jwt::JwtVerifier;
+pub use mint::{TokenRequest, mint, parse_ttl};
 use replay::ReplayGuard;
 
 /// Which rooms a principal may join and publish to.
