@@ -38,7 +38,7 @@ if ! usable; then
       SUDO=""
       [ "$(id -u)" -eq 0 ] || SUDO="sudo"
       $SUDO apt-get update -qq >&2
-      $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >&2
+      $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv >&2
       rm -rf "$VENV"
       python3 -m venv "$VENV" >&2
     fi

@@ -29,7 +29,7 @@ if [ -n "$MISSING" ]; then
   [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
   # shellcheck disable=SC2086
-  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $MISSING
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $MISSING
 fi
 # typescript checks the npm package's declarations (tests/browser/package.mjs); a changed
 # package-lock.json reinstalls.

@@ -6,7 +6,7 @@
 //! use roomwire::client::{Client, ClientOptions, Event};
 //! let mut client = Client::connect("ws://127.0.0.1:8080/ws", ClientOptions::user("alice")).await?;
 //! client.join("lobby").await?;
-//! client.publish("lobby", "hello", "msg-1").await?;
+//! client.publish("lobby", "hello", &client.next_message_id()).await?;
 //! while let Some(Event::Message(m)) = client.next_event().await {
 //!     println!("{} #{}: {:?}", m.room, m.seq, m.payload);
 //! }
@@ -48,10 +48,11 @@ pub struct ClientOptions {
     /// WebTransport: SHA-256 hashes of certificates to trust (a node's generated certificate,
     /// from `/webtransport/certhash`), instead of CA roots.
     pub cert_hashes: Vec<Vec<u8>>,
-    /// WebTransport: a PEM file of CA certificates to trust instead of the system roots.
+    /// `wss://` and WebTransport: a PEM file of CA certificates to trust instead of the system
+    /// roots.
     pub ca_file: Option<std::path::PathBuf>,
-    /// WebTransport with `ca_file`: a client certificate and its key (PEM files) to present, for
-    /// nodes that identify services by mutual TLS.
+    /// `wss://`, or WebTransport with `ca_file`: a client certificate and its key (PEM files) to
+    /// present, for nodes that identify services by mutual TLS.
     pub client_cert: Option<(std::path::PathBuf, std::path::PathBuf)>,
     /// WebTransport: interval of the application Pings that keep the session alive (the node
     /// closes sessions silent for its idle timeout; WebSocket pongs do this job there).
@@ -87,6 +88,14 @@ impl ClientOptions {
         Self {
             token: token.into(),
             ..Self::default()
+        }
+    }
+
+    /// These options with another token.
+    pub fn with_token(self, token: &str) -> Self {
+        Self {
+            token: token.into(),
+            ..self
         }
     }
 }
@@ -195,11 +204,44 @@ impl Writer {
     }
 }
 
+/// Client message ids for reliable publishes: a random prefix (64 bits from the OS) and a
+/// counter. The node de-duplicates ids per user for `rooms.dedupe_window_ms` (120 s by
+/// default), so ids that merely count from 1 would collide between two processes of one user
+/// (two terminals, or a restart within the window) and the later messages would be dropped as
+/// duplicates. Take an id once per message and reuse it for every retry of that message.
+#[derive(Debug)]
+pub struct MessageIds {
+    prefix: String,
+    next: AtomicU64,
+}
+
+impl MessageIds {
+    pub fn new() -> Self {
+        Self {
+            prefix: crate::ids::random_hex(8),
+            next: AtomicU64::new(1),
+        }
+    }
+
+    /// The next id: `<16 hex digits>-<n>`.
+    pub fn next_id(&self) -> String {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        format!("{}-{n}", self.prefix)
+    }
+}
+
+impl Default for MessageIds {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// A connected session.
 pub struct Client {
     writer: Arc<Writer>,
     pending: Pending,
     next_request: AtomicU64,
+    message_ids: MessageIds,
     events: mpsc::Receiver<Event>,
     connected: proto::Connected,
     timeout: Duration,
@@ -246,8 +288,19 @@ impl Client {
             let config = WebSocketConfig::default()
                 .read_buffer_size(8 * 1024)
                 .write_buffer_size(0);
-            let (ws, _response) =
-                tokio_tungstenite::connect_async_with_config(request, Some(config), true).await?;
+            let connector = if url.starts_with("wss://") {
+                let tls = rustls_config(&options, rustls::DEFAULT_VERSIONS).await?;
+                Some(tokio_tungstenite::Connector::Rustls(Arc::new(tls)))
+            } else {
+                None
+            };
+            let (ws, _response) = tokio_tungstenite::connect_async_tls_with_config(
+                request,
+                Some(config),
+                true,
+                connector,
+            )
+            .await?;
             let (sink, stream) = ws.split();
             let reader = tokio::spawn(ws_read_loop(stream, dispatcher));
             (Arc::new(Writer::Ws(tokio::sync::Mutex::new(sink))), reader)
@@ -256,6 +309,7 @@ impl Client {
             writer,
             pending,
             next_request: AtomicU64::new(1),
+            message_ids: MessageIds::new(),
             events,
             connected: proto::Connected::default(),
             timeout: options.request_timeout,
@@ -363,7 +417,15 @@ impl Client {
         }
     }
 
-    /// Publishes reliably and waits for the owner's acknowledgement (epoch, seq).
+    /// A new client message id, unique to this client (see [`MessageIds`]); reuse it when
+    /// retrying the same message.
+    pub fn next_message_id(&self) -> String {
+        self.message_ids.next_id()
+    }
+
+    /// Publishes reliably and waits for the owner's acknowledgement (epoch, seq). A retry with
+    /// the same `client_msg_id` that already reached the room is answered with
+    /// `PublishAck.duplicate` and the original position, and is not delivered again.
     pub async fn publish(
         &self,
         room: &str,
@@ -513,6 +575,32 @@ impl Client {
         }
     }
 
+    /// WebTransport: closes the WebTransport session with `code`, as a browser's
+    /// `WebTransport.close()` does (a CLOSE_WEBTRANSPORT_SESSION capsule on the CONNECT stream,
+    /// then the QUIC connection); returns false over WebSocket.
+    pub fn close_webtransport_session(&self, code: u32, reason: &str) -> bool {
+        match &*self.writer {
+            Writer::Wt { session, .. } => {
+                session.close(code, reason.as_bytes());
+                true
+            }
+            Writer::Ws(_) => false,
+        }
+    }
+
+    /// WebTransport: closes the QUIC connection at once, without closing the session first (a
+    /// process or tab that goes away); returns false over WebSocket.
+    pub fn close_quic_connection(&self) -> bool {
+        match &*self.writer {
+            Writer::Wt { session, .. } => {
+                let conn: &quinn::Connection = session;
+                conn.close(quinn::VarInt::from_u32(0), b"gone");
+                true
+            }
+            Writer::Ws(_) => false,
+        }
+    }
+
     /// Closes the session normally (1000).
     pub async fn close(mut self) {
         self.writer.finish().await;
@@ -647,6 +735,63 @@ async fn ws_read_loop(mut stream: SplitStream<Ws>, dispatcher: Dispatcher) {
     dispatcher.closed(code, reason).await;
 }
 
+/// A rustls client configuration (ring provider) for `wss://` and WebTransport: trusting the CA
+/// file when one is given (else the system's roots), presenting the client certificate when one
+/// is configured (mutual TLS).
+async fn rustls_config(
+    options: &ClientOptions,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> Result<rustls::ClientConfig, ClientError> {
+    let mut roots = rustls::RootCertStore::empty();
+    match &options.ca_file {
+        Some(path) => {
+            let bad = |e: &dyn std::fmt::Display| {
+                ClientError::BadUrl(format!("CA file {}: {e}", path.display()))
+            };
+            let pem = tokio::fs::read(path).await.map_err(|e| bad(&e))?;
+            for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+                roots.add(cert.map_err(|e| bad(&e))?).map_err(|e| bad(&e))?;
+            }
+            if roots.is_empty() {
+                return Err(bad(&"no certificate in it"));
+            }
+        }
+        None => {
+            // Unreadable system certificates are skipped; none at all is an error.
+            let native = rustls_native_certs::load_native_certs();
+            roots.add_parsable_certificates(native.certs);
+            if roots.is_empty() {
+                return Err(ClientError::BadUrl(
+                    "no system CA certificates found: pass --ca-file".into(),
+                ));
+            }
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(versions)
+        .map_err(|e| ClientError::BadUrl(e.to_string()))?
+        .with_root_certificates(roots);
+    match &options.client_cert {
+        None => Ok(tls.with_no_client_auth()),
+        Some((cert, key)) => {
+            let bad = |what: &std::path::Path, e: &dyn std::fmt::Display| {
+                ClientError::BadUrl(format!("client certificate {}: {e}", what.display()))
+            };
+            let pem = tokio::fs::read(cert).await.map_err(|e| bad(cert, &e))?;
+            let chain = rustls_pemfile::certs(&mut pem.as_slice())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| bad(cert, &e))?;
+            let pem = tokio::fs::read(key).await.map_err(|e| bad(key, &e))?;
+            let key_der = rustls_pemfile::private_key(&mut pem.as_slice())
+                .map_err(|e| bad(key, &e))?
+                .ok_or_else(|| bad(key, &"no private key"))?;
+            tls.with_client_auth_cert(chain, key_der)
+                .map_err(|e| bad(cert, &e))
+        }
+    }
+}
+
 /// Opens the QUIC connection and the WebTransport session, trusting the configured certificate
 /// hashes or CA file (else the system roots). The token goes into the CONNECT request's query.
 async fn connect_webtransport(
@@ -663,42 +808,8 @@ async fn connect_webtransport(
         builder
             .with_server_certificate_hashes(options.cert_hashes.clone())
             .map_err(wt_error)?
-    } else if let Some(path) = &options.ca_file {
-        let pem = tokio::fs::read(path)
-            .await
-            .map_err(|e| ClientError::BadUrl(format!("CA file {}: {e}", path.display())))?;
-        let certs = rustls_pemfile::certs(&mut pem.as_slice())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| ClientError::BadUrl(format!("CA file {}: {e}", path.display())))?;
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in certs {
-            roots
-                .add(cert)
-                .map_err(|e| ClientError::BadUrl(format!("CA file {}: {e}", path.display())))?;
-        }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| ClientError::WebTransport(e.to_string()))?
-            .with_root_certificates(roots);
-        let mut tls = match &options.client_cert {
-            None => tls.with_no_client_auth(),
-            Some((cert, key)) => {
-                let bad = |what: &std::path::Path, e: &dyn std::fmt::Display| {
-                    ClientError::BadUrl(format!("client certificate {}: {e}", what.display()))
-                };
-                let pem = tokio::fs::read(cert).await.map_err(|e| bad(cert, &e))?;
-                let chain = rustls_pemfile::certs(&mut pem.as_slice())
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| bad(cert, &e))?;
-                let pem = tokio::fs::read(key).await.map_err(|e| bad(key, &e))?;
-                let key_der = rustls_pemfile::private_key(&mut pem.as_slice())
-                    .map_err(|e| bad(key, &e))?
-                    .ok_or_else(|| bad(key, &"no private key"))?;
-                tls.with_client_auth_cert(chain, key_der)
-                    .map_err(|e| bad(cert, &e))?
-            }
-        };
+    } else if options.ca_file.is_some() {
+        let mut tls = rustls_config(options, &[&rustls::version::TLS13]).await?;
         tls.alpn_protocols = vec![web_transport_quinn::ALPN.as_bytes().to_vec()];
         let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
             .map_err(|e| ClientError::WebTransport(e.to_string()))?;

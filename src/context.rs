@@ -91,16 +91,11 @@ impl NodeContext {
 
     /// Checks a connection token now, whichever transport brought it, uses up its token id
     /// (in a mesh: for every node), and counts a refusal in `roomwire_auth_failures_total{reason}`.
-    /// `session_key` only names an anonymous session (insecure mode, empty token); callers
-    /// holding a non-empty token may pass 0. In a mesh this waits for the shared token-id store,
+    /// In a mesh this waits for the shared token-id store,
     /// at most `mesh.request_timeout_ms`.
-    pub async fn authenticate(
-        &self,
-        token: &str,
-        session_key: u64,
-    ) -> Result<Principal, AuthError> {
+    pub async fn authenticate(&self, token: &str) -> Result<Principal, AuthError> {
         let now = wall_ms() / 1000;
-        let result = match self.auth.verify(token, session_key, now) {
+        let result = match self.auth.verify(token, now) {
             Ok((principal, id)) => self.claim_token_id(id, now).await.map(|()| principal),
             Err(error) => Err(error),
         };

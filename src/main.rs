@@ -18,19 +18,28 @@ fn main() -> ExitCode {
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     match cli.command {
         Some(Command::Client(args)) => {
-            init_tracing(LogFormat::Text, "warn");
+            // web-transport-quinn warns "failed to read capsule" whenever the node closes the
+            // connection, which is how every WebTransport session ends: not worth a warning here.
+            init_tracing(LogFormat::Text, "warn,web_transport_quinn::session=error");
             match runtime.block_on(roomwire::cli::run_client(args)) {
-                Ok(()) => ExitCode::SUCCESS,
+                Ok(code) => code,
                 Err(error) => {
-                    eprintln!("error: {error:#}");
+                    eprintln!("error: {}", causes(&error));
                     ExitCode::FAILURE
                 }
             }
         }
+        Some(Command::Token(args)) => match roomwire::cli::run_token(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("error: {}", causes(&error));
+                ExitCode::FAILURE
+            }
+        },
         Some(Command::Certs { action }) => match roomwire::cli::run_certs(action) {
             Ok(()) => ExitCode::SUCCESS,
             Err(error) => {
-                eprintln!("error: {error:#}");
+                eprintln!("error: {}", causes(&error));
                 ExitCode::FAILURE
             }
         },
@@ -50,13 +59,14 @@ fn serve(runtime: &tokio::runtime::Runtime, args: ServeArgs) -> ExitCode {
     if args.print_config {
         print!(
             "{}",
-            toml::to_string_pretty(&config).expect("config serializes")
+            toml::to_string_pretty(&config.redacted()).expect("config serializes")
         );
         return ExitCode::SUCCESS;
     }
     init_tracing(config.log.format, "info");
     let result = runtime.block_on(async move {
         let node = Node::bind(config).await?;
+        banner(&node);
         let shutdown = CancellationToken::new();
         tokio::spawn(signal_shutdown(shutdown.clone()));
         node.run(shutdown).await
@@ -69,10 +79,74 @@ fn serve(runtime: &tokio::runtime::Runtime, args: ServeArgs) -> ExitCode {
             ExitCode::from(EXIT_CONFIG)
         }
         Err(error) => {
-            tracing::error!("{error:#}");
+            tracing::error!("{}", causes(&error));
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes on one line, each cause once: many errors repeat their source in
+/// their own message (`websocket: IO error: refused` caused by `IO error: refused`), and a cause
+/// already said is not said again.
+fn causes(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
+/// What a person starting a node needs first, on standard error: where to point a browser and a
+/// client, and the API key when one was generated (the logs carry the rest).
+fn banner(node: &Node) {
+    let ctx = node.context();
+    let config = &ctx.config;
+    let http = if config.tls.enabled { "https" } else { "http" };
+    let ws = if config.tls.enabled { "wss" } else { "ws" };
+    // An address the browser on this machine can open (0.0.0.0 is not one).
+    let shown = |addr: std::net::SocketAddr| match addr.ip() {
+        ip if ip.is_unspecified() && addr.is_ipv4() => format!("127.0.0.1:{}", addr.port()),
+        ip if ip.is_unspecified() => format!("[::1]:{}", addr.port()),
+        _ => addr.to_string(),
+    };
+    let mut lines = vec![format!(
+        "roomwire {} ready: node {} in region {} ({})",
+        env!("CARGO_PKG_VERSION"),
+        ctx.node_id,
+        config.node.region,
+        if config.mesh.nats_urls.is_empty() {
+            "standalone"
+        } else {
+            "mesh"
+        }
+    )];
+    for addr in node.local_addrs() {
+        let addr = shown(addr);
+        lines.push(format!("  demo page      {http}://{addr}/"));
+        lines.push(format!("  WebSocket      {ws}://{addr}/ws"));
+    }
+    for addr in node.webtransport_addrs() {
+        lines.push(format!("  WebTransport   https://{}/wt", shown(addr)));
+    }
+    match node.generated_api_key() {
+        Some(key) => lines.push(format!(
+            "  API key        {key}   (generated for this run; set api.keys to keep one)"
+        )),
+        None => lines.push("  API key        from api.keys".into()),
+    }
+    if config.auth.mode == roomwire::config::AuthMode::Insecure {
+        lines.push(
+            "  auth           insecure development mode: the token is the user id (try: roomwire client --token alice chat lobby)".into(),
+        );
+    }
+    eprintln!("{}", lines.join("\n"));
 }
 
 fn init_tracing(format: LogFormat, default: &str) {

@@ -45,6 +45,8 @@ pub struct Node {
     ctx: Arc<NodeContext>,
     listeners: Vec<TcpListener>,
     webtransport: Option<webtransport::Listener>,
+    /// The API key generated for this run when none was configured (for the startup banner).
+    generated_api_key: Option<String>,
 }
 
 impl Node {
@@ -64,12 +66,13 @@ impl Node {
         } else {
             config.node.id.as_str().into()
         };
-        let api_keys = if config.api.keys.is_empty() {
-            let key = random_hex(16);
-            tracing::warn!(api_key = %key, "no api.keys configured: generated a development key for this run");
-            vec![key]
-        } else {
-            config.api.keys.clone()
+        let generated_api_key = config.api.keys.is_empty().then(|| random_hex(16));
+        let api_keys = match &generated_api_key {
+            Some(key) => {
+                tracing::info!(api_key = %key, "no api.keys configured: generated a development key for this run");
+                vec![key.clone()]
+            }
+            None => config.api.keys.clone(),
         };
         let mut listeners = Vec::new();
         for addr in &config.server.listen {
@@ -130,7 +133,13 @@ impl Node {
             ctx,
             listeners,
             webtransport,
+            generated_api_key,
         })
+    }
+
+    /// The API key generated for this run, when `api.keys` configured none.
+    pub fn generated_api_key(&self) -> Option<&str> {
+        self.generated_api_key.as_deref()
     }
 
     /// The bound addresses (with the real port when the config asked for port 0).
@@ -158,6 +167,9 @@ impl Node {
         let ctx = self.ctx;
         let router = crate::http::router(ctx.clone());
         let limit = Arc::new(Semaphore::new(ctx.config.server.max_connections));
+        // Open HTTP connections keep being served through the drain (so a load balancer's
+        // keep-alive connection hears /readyz answer 503), and are closed when it is over.
+        let drained = CancellationToken::new();
         for listener in self.listeners {
             tracing::info!(addr = %listener.local_addr()?, node = %ctx.node_id, region = %ctx.config.node.region, "serving HTTP and WebSocket (/ws)");
             ctx.tracker.spawn(accept_loop(
@@ -165,6 +177,7 @@ impl Node {
                 ctx.clone(),
                 router.clone(),
                 limit.clone(),
+                drained.clone(),
             ));
         }
         let quic_endpoints = self
@@ -208,6 +221,7 @@ impl Node {
             reloader.abort();
         }
         drain(&ctx).await;
+        drained.cancel();
         for endpoint in &quic_endpoints {
             endpoint.close(quinn::VarInt::from_u32(0), b"node shut down");
         }
@@ -249,6 +263,7 @@ async fn accept_loop(
     ctx: Arc<NodeContext>,
     router: Router,
     limit: Arc<Semaphore>,
+    drained: CancellationToken,
 ) {
     loop {
         let accepted = tokio::select! {
@@ -285,10 +300,12 @@ async fn accept_loop(
         };
         let _ = stream.set_nodelay(true);
         let permit = ConnPermit(Arc::new((permit, slot)));
-        let (ctx, router) = (ctx.clone(), router.clone());
-        ctx.tracker.clone().spawn(async move {
+        let (ctx, router, drained) = (ctx.clone(), router.clone(), drained.clone());
+        // Not on the node's tracker: the drain waits for sessions (each upgrade spawns its own
+        // task there), not for idle keep-alive connections; these end when the drain does.
+        tokio::spawn(async move {
             match ctx.tls.clone() {
-                None => serve_connection(stream, peer, ctx, router, permit, None).await,
+                None => serve_connection(stream, peer, ctx, router, permit, None, drained).await,
                 Some(tls) => {
                     let handshake = tokio::time::timeout(
                         ctx.config.handshake_timeout(),
@@ -327,7 +344,7 @@ async fn accept_loop(
                             }
                         },
                     };
-                    serve_connection(stream, peer, ctx, router, permit, identity).await;
+                    serve_connection(stream, peer, ctx, router, permit, identity, drained).await;
                 }
             }
         });
@@ -342,6 +359,7 @@ async fn serve_connection<I>(
     router: Router,
     permit: ConnPermit,
     identity: Option<Principal>,
+    drained: CancellationToken,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -361,11 +379,13 @@ async fn serve_connection<I>(
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
     tokio::pin!(conn);
+    // During the drain requests are still answered (/readyz with 503, /ws upgrades refused);
+    // once it is over the connection finishes what is in flight and closes.
     let result = tokio::select! {
         r = conn.as_mut() => r,
-        _ = ctx.shutdown.cancelled() => {
+        _ = drained.cancelled() => {
             conn.as_mut().graceful_shutdown();
-            tokio::time::timeout(ctx.config.drain_grace(), conn).await.unwrap_or(Ok(()))
+            tokio::time::timeout(Duration::from_secs(1), conn).await.unwrap_or(Ok(()))
         }
     };
     if let Err(error) = result {

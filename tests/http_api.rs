@@ -229,3 +229,84 @@ async fn graceful_shutdown_sends_goaway_flushes_and_closes_every_session_with_10
     // Nothing listens any more.
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
 }
+
+/// One request on an open keep-alive connection; the status, or `None` when the connection
+/// was closed instead of answered.
+async fn keep_alive_get(stream: &mut tokio::net::TcpStream, path: &str) -> Option<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = Vec::new();
+    let mut buf = [0u8; 1024];
+    tokio::time::timeout(DEADLINE, async {
+        loop {
+            let n = stream.read(&mut buf).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            response.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&response);
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| {
+                        let (name, value) = l.split_once(':')?;
+                        name.eq_ignore_ascii_case("content-length")
+                            .then(|| value.trim().parse().ok())?
+                    })
+                    .unwrap_or(0);
+                if body.len() >= length {
+                    return head.split(' ').nth(1)?.parse().ok();
+                }
+            }
+        }
+    })
+    .await
+    .expect("an answer or a close in time")
+}
+
+#[tokio::test]
+async fn readyz_on_an_open_keep_alive_connection_answers_503_during_the_drain() {
+    let node = TestNode::start_with(|c| {
+        c.session.send_queue_frames = 1_000_000;
+        c.session.send_queue_bytes = 256 << 20;
+        c.limits.session_frames_per_second = 1_000_000;
+        c.limits.session_bytes_per_second = 1 << 30;
+        c.limits.session_byte_burst = 1 << 30;
+    })
+    .await;
+    // A session that stops reading keeps the drain going (up to drain_grace_ms, 5 s here): the
+    // node must write what it had queued before it closes it, and the socket is full.
+    let mut stuck = node.raw_connected("stuck").await;
+    send_frame(
+        &mut stuck,
+        2,
+        roomwire::proto::client_frame::Kind::Join(roomwire::proto::Join {
+            room: "firehose".into(),
+            since: None,
+        }),
+    )
+    .await;
+    let publisher = node.client("publisher").await;
+    let payload = bytes::Bytes::from(vec![b'x'; 16 * 1024]);
+    let mut published = 0;
+    while node.metric("roomwire_send_queue_bytes") < 1_000_000.0 {
+        assert!(published < 20_000, "the stuck session's queue never filled");
+        publisher
+            .publish("firehose", payload.clone(), "")
+            .await
+            .unwrap();
+        published += 1;
+    }
+    let mut balancer = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+    assert_eq!(keep_alive_get(&mut balancer, "/readyz").await, Some(200));
+    node.begin_shutdown();
+    eventually("the drain starts", || async { node.ctx.is_draining() }).await;
+    assert_eq!(
+        keep_alive_get(&mut balancer, "/readyz").await,
+        Some(503),
+        "answered on the open connection, not closed"
+    );
+    assert_eq!(keep_alive_get(&mut balancer, "/healthz").await, Some(200));
+    assert!(!node.is_finished(), "still draining");
+}

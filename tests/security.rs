@@ -470,6 +470,10 @@ async fn a_message_flood_closes_only_the_flooding_session() {
                 kind: Some(server_frame::Kind::Error(e)),
             }) => {
                 assert_eq!(ErrorCode::try_from(e.code).unwrap(), ErrorCode::RateLimited);
+                assert!(
+                    e.retryable,
+                    "slow down, then resend (PROTOCOL.md section 9)"
+                );
                 assert!(request_id >= 10, "the refusal answers the dropped request");
                 rate_limited += 1;
             }
@@ -739,5 +743,49 @@ async fn a_token_cannot_pose_as_a_certificate_service_and_ids_are_bounded() {
         .unwrap_err();
     assert_eq!(refused_code(&err), Some(ErrorCode::BadFrame), "{err}");
     client.publish("r", "x", &"i".repeat(128)).await.unwrap();
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn insecure_mode_refuses_service_ids_and_names_anonymous_users_unguessably() {
+    let node = TestNode::start().await;
+    // In the upgrade (401 before any session) and in Connect (UNAUTHORIZED, 4004).
+    let url = format!("{}?token=service:billing", node.ws_url());
+    let err = Client::connect(&url, ClientOptions::default())
+        .await
+        .err()
+        .expect("refused in the upgrade");
+    assert!(err.to_string().contains("401"), "{err}");
+    let err = Client::connect(&node.ws_url(), ClientOptions::user("service:billing"))
+        .await
+        .err()
+        .expect("refused in Connect");
+    assert!(
+        refused_code(&err) == Some(ErrorCode::Unauthorized)
+            || matches!(
+                err,
+                ClientError::Closed {
+                    code: Some(4004),
+                    ..
+                }
+            ),
+        "{err}"
+    );
+    // Anonymous ids are random, not a counter another client could guess.
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let client = Client::connect(&node.ws_url(), ClientOptions::default())
+            .await
+            .unwrap();
+        ids.push(client.connected().user_id.clone());
+    }
+    for id in &ids {
+        let suffix = id.strip_prefix("anon-").unwrap_or_else(|| panic!("{id}"));
+        assert_eq!(suffix.len(), 16, "{id}");
+        assert!(suffix.bytes().all(|b| b.is_ascii_hexdigit()), "{id}");
+    }
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 3, "{ids:?}");
     node.shutdown().await;
 }

@@ -297,7 +297,8 @@ async fn a_rotated_certificate_is_served_without_a_restart() {
 async fn certs_init_writes_a_ca_a_node_and_service_certificates_a_node_can_use() {
     let dir = std::env::temp_dir().join(format!("roomwire-init-{}", roomwire::random_hex(6)));
     let files =
-        roomwire::init_dev_certs(&dir, &["node-1.example".into()], &["billing".into()]).unwrap();
+        roomwire::init_dev_certs(&dir, &["node-1.example".into()], &["billing".into()], false)
+            .unwrap();
     let names: Vec<String> = files
         .iter()
         .map(|f| f.file_name().unwrap().to_string_lossy().into())
@@ -405,5 +406,71 @@ async fn a_changed_client_ca_file_reaches_the_webtransport_listener_without_a_re
         Client::connect(&node.wt_url(), options()).await.is_ok()
     })
     .await;
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_cli_and_the_rust_client_speak_wss_trusting_a_ca_file() {
+    use roomwire::client::Client;
+    let pki = Pki::new();
+    let node = pki.node(ClientAuth::Optional, |_| {}).await;
+    let mut listener = Client::connect(
+        &format!("wss://localhost:{}/ws", node.addr.port()),
+        pki.wt_options("ca.pem", None).with_token("bob"),
+    )
+    .await
+    .unwrap();
+    listener.join("lobby").await.unwrap();
+
+    let url = format!("wss://127.0.0.1:{}/ws", node.addr.port());
+    let cli = |args: Vec<String>| async move {
+        tokio::time::timeout(
+            DEADLINE,
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_roomwire"))
+                .arg("client")
+                .args(args)
+                .output(),
+        )
+        .await
+        .expect("the CLI finishes in time")
+        .unwrap()
+    };
+    let args = |extra: &[&str]| {
+        let mut args = vec!["--url".to_string(), url.clone()];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args.extend(["--token", "carol", "publish", "lobby", "over wss"].map(String::from));
+        args
+    };
+    let output = cli(args(&["--ca-file", &pki.path("ca.pem")])).await;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("published to lobby"), "{stdout}");
+    let m = next_message(&mut listener).await;
+    assert_eq!(
+        (m.publisher.as_str(), &m.payload[..]),
+        ("carol", &b"over wss"[..])
+    );
+
+    // Without the CA the node's certificate is not trusted: no session.
+    let output = cli(args(&[])).await;
+    assert!(!output.status.success());
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("certificate"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    // A client certificate over wss identifies a service (mutual TLS).
+    let billing = pki.ca.service("billing").unwrap();
+    pki.write("billing.pem", &billing.cert_pem);
+    pki.write("billing-key.pem", &billing.key_pem);
+    let service = Client::connect(&url, pki.wt_options("ca.pem", Some("billing")))
+        .await
+        .unwrap();
+    assert_eq!(service.connected().user_id, "service:billing");
     node.shutdown().await;
 }

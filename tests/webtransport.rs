@@ -398,3 +398,78 @@ async fn a_generated_certificate_is_rotated_and_the_new_hash_published() {
     assert!(connected, "a client pinned to the published hash connects");
     assert!(Client::connect(&node.wt_url(), old_options).await.is_err());
 }
+
+/// The users the room's local members are, from the HTTP API.
+async fn member_users(node: &TestNode, room: &str) -> Vec<String> {
+    let (status, body) = node
+        .http(
+            "GET",
+            &format!("/api/v1/rooms/{room}?members=true"),
+            Some(common::API_KEY),
+            None,
+        )
+        .await;
+    if status == 404 {
+        return Vec::new();
+    }
+    assert_eq!(status, 200, "{body}");
+    let info: serde_json::Value = serde_json::from_str(&body).unwrap();
+    info["members"]
+        .as_array()
+        .map(|members| {
+            members
+                .iter()
+                .map(|m| m["user"].as_str().unwrap().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_member_that_closes_its_webtransport_session_leaves_the_room_at_once() {
+    // Not at the idle timeout: whichever way the client ends it, the session ends within ~2 s.
+    let node = TestNode::start_with(|c| {
+        c.webtransport.idle_timeout_ms = 30_000;
+        c.session.idle_timeout_ms = 60_000;
+    })
+    .await;
+    let _stays = {
+        let stays = node.wt_client("stays").await;
+        stays.join("lobby").await.unwrap();
+        stays
+    };
+    for how in ["stream", "session", "connection"] {
+        let user = format!("closes-its-{how}");
+        let member = node.wt_client(&user).await;
+        member.join("lobby").await.unwrap();
+        assert!(member_users(&node, "lobby").await.contains(&user));
+        let closed_at = std::time::Instant::now();
+        match how {
+            "stream" => member.close().await,
+            "session" => {
+                assert!(member.close_webtransport_session(0, "bye"));
+                drop(member);
+            }
+            _ => {
+                assert!(member.close_quic_connection());
+                drop(member);
+            }
+        }
+        let deadline = closed_at + Duration::from_secs(2);
+        loop {
+            let users = member_users(&node, "lobby").await;
+            if !users.contains(&user) {
+                assert!(users.contains(&"stays".to_string()), "{users:?}");
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{how}: still a member after {:?}",
+                closed_at.elapsed()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        eprintln!("{how}: left after {:?}", closed_at.elapsed());
+    }
+    node.shutdown().await;
+}

@@ -26,11 +26,13 @@ use crate::room::{RoomName, RoomPattern};
 mod api_key;
 mod identity;
 mod jwt;
+mod mint;
 mod replay;
 
 pub use api_key::{ApiKeys, bearer};
 pub use identity::Services;
 use jwt::JwtVerifier;
+pub use mint::{TokenRequest, mint, parse_ttl};
 use replay::ReplayGuard;
 
 /// Which rooms a principal may join and publish to.
@@ -165,17 +167,11 @@ impl Authenticator {
     }
 
     /// Verifies a connection token at `now` (Unix seconds) and returns the token id it uses up,
-    /// which the caller must claim before admitting the principal. `session_key` names
-    /// anonymous users.
-    pub fn verify(
-        &self,
-        token: &str,
-        session_key: u64,
-        now: u64,
-    ) -> Result<(Principal, Option<TokenId>), AuthError> {
+    /// which the caller must claim before admitting the principal.
+    pub fn verify(&self, token: &str, now: u64) -> Result<(Principal, Option<TokenId>), AuthError> {
         match (&self.mode, &self.jwt) {
             (AuthMode::Jwt, Some(jwt)) => jwt.verify(token, now),
-            _ => Ok((insecure(token, session_key)?, None)),
+            _ => Ok((insecure(token)?, None)),
         }
     }
 
@@ -187,7 +183,7 @@ impl Authenticator {
         user: &str,
         now: u64,
     ) -> Result<(Principal, Option<TokenId>), AuthError> {
-        let (principal, id) = self.verify(token, 0, now)?;
+        let (principal, id) = self.verify(token, now)?;
         if *principal.user != *user {
             return Err(AuthError::WrongUser);
         }
@@ -209,10 +205,18 @@ impl Authenticator {
     }
 }
 
-/// Development mode: a non-empty token is the user id; without one the user is anonymous.
-fn insecure(token: &str, session_key: u64) -> Result<Principal, AuthError> {
+/// Development mode: a non-empty token is the user id; without one the user is anonymous, with
+/// a random id (not a counter: one anonymous user must not guess another's `$user.` room or
+/// take over its id on a later connect). A token can never act as a service: `service:` ids
+/// belong to client certificates.
+fn insecure(token: &str) -> Result<Principal, AuthError> {
     let user = if token.is_empty() {
-        format!("anon-{session_key:x}")
+        format!("anon-{}", crate::ids::random_hex(8))
+    } else if token.starts_with(crate::ids::SERVICE_PREFIX) {
+        return Err(AuthError::Invalid(format!(
+            "user ids starting with {:?} are reserved for services identified by certificate",
+            crate::ids::SERVICE_PREFIX
+        )));
     } else if crate::ids::is_valid_user_id(token) {
         token.to_string()
     } else {
@@ -236,8 +240,8 @@ mod tests {
             let mut config = AuthConfig { mode: AuthMode::Jwt, ..AuthConfig::default() };
             config.jwt.secret = Some("x".repeat(32));
             let auth = Authenticator::new(&config).unwrap();
-            let _ = auth.verify(&token, 1, 1_000);
-            let _ = auth.verify(&String::from_utf8_lossy(&bytes), 1, 1_000);
+            let _ = auth.verify(&token, 1_000);
+            let _ = auth.verify(&String::from_utf8_lossy(&bytes), 1_000);
             let _ = RoomPattern::parse(&token);
         }
     }

@@ -98,12 +98,46 @@ fn name(common_name: &str) -> DistinguishedName {
 }
 
 /// Writes a development CA, a node certificate (localhost, 127.0.0.1, ::1 and `extra_names`) and
-/// one client certificate per service into `dir`. Returns the files written.
+/// one client certificate per service into `dir`. Returns the files written. Files already there
+/// are replaced only with `overwrite`: a new CA silently replacing the old one would make every
+/// certificate it signed untrusted. Nothing is written when any check fails.
 pub fn init(
     dir: &Path,
     extra_names: &[String],
     services: &[String],
+    overwrite: bool,
 ) -> anyhow::Result<Vec<PathBuf>> {
+    for service in services {
+        anyhow::ensure!(
+            crate::ids::is_valid_user_id(service),
+            "service name {service:?}: {}",
+            crate::ids::USER_ID_RULE
+        );
+    }
+    if !overwrite {
+        let mut files = vec![
+            "ca.pem".to_string(),
+            "ca-key.pem".into(),
+            "node.pem".into(),
+            "node-key.pem".into(),
+        ];
+        for service in services {
+            files.push(format!("service-{service}.pem"));
+            files.push(format!("service-{service}-key.pem"));
+        }
+        let existing: Vec<&str> = files
+            .iter()
+            .filter(|file| dir.join(file).exists())
+            .map(String::as_str)
+            .collect();
+        anyhow::ensure!(
+            existing.is_empty(),
+            "{} already holds {}; nothing was written. Pass --force to replace them (certificates \
+             signed by the old CA are then no longer trusted), or choose another --dir",
+            dir.display(),
+            existing.join(", ")
+        );
+    }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let ca = DevCa::new("roomwire development CA")?;
     let mut names: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
@@ -134,11 +168,6 @@ pub fn init(
     write("node.pem", &node.cert_pem, false)?;
     write("node-key.pem", &node.key_pem, true)?;
     for service in services {
-        anyhow::ensure!(
-            crate::ids::is_valid_user_id(service),
-            "service name {service:?}: {}",
-            crate::ids::USER_ID_RULE
-        );
         let issued = ca.service(service)?;
         write(&format!("service-{service}.pem"), &issued.cert_pem, false)?;
         write(&format!("service-{service}-key.pem"), &issued.key_pem, true)?;

@@ -58,7 +58,35 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+/// What `--print-config` shows instead of a secret.
+pub const REDACTED: &str = "<redacted>";
+
 impl Config {
+    /// This configuration with its secrets replaced by [`REDACTED`] (API keys, the HS256
+    /// secret, the NATS token, passwords in NATS URLs), for printing. File names stay: they are
+    /// where secrets live, not secrets.
+    pub fn redacted(&self) -> Config {
+        let mut config = self.clone();
+        for key in &mut config.api.keys {
+            *key = REDACTED.into();
+        }
+        if let Some(secret) = &mut config.auth.jwt.secret {
+            *secret = REDACTED.into();
+        }
+        if !config.mesh.token.is_empty() {
+            config.mesh.token = REDACTED.into();
+        }
+        for url in &mut config.mesh.nats_urls {
+            if let Ok(mut parsed) = url::Url::parse(url)
+                && parsed.password().is_some()
+                && parsed.set_password(Some(REDACTED)).is_ok()
+            {
+                *url = parsed.to_string();
+            }
+        }
+        config
+    }
+
     /// Builds the configuration from an optional file, environment variables (`ROOMWIRE__*`) and
     /// `section.key=value` overrides, then validates it.
     pub fn load(

@@ -81,7 +81,7 @@ pub(super) async fn handshake<S: FrameSource, K: FrameSink>(
     // A token that came with the upgrade was checked there; otherwise Connect carries it.
     let principal = match authenticated {
         Some(principal) => principal,
-        None => match ctx.authenticate(&connect.token, key).await {
+        None => match ctx.authenticate(&connect.token).await {
             Ok(principal) => principal,
             Err(error) => {
                 let reason = CloseReason::Unauthorized(error.to_string());

@@ -112,7 +112,7 @@ pub async fn upgrade(State(ctx): State<Arc<NodeContext>>, mut req: Request) -> R
         _ if certified.is_some() => certified,
         None => None,
         // In a mesh this waits for the shared token-id store (bounded by mesh.request_timeout_ms).
-        Some(token) => match ctx.authenticate(&token, 0).await {
+        Some(token) => match ctx.authenticate(&token).await {
             Ok(principal) => Some(principal),
             Err(error) => {
                 let status = if error.retryable() {

@@ -174,6 +174,16 @@ impl TestNode {
         http_request(self.addr, method, path, key, body).await
     }
 
+    /// Starts the graceful shutdown (the drain) without waiting for it.
+    pub fn begin_shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Whether the node has finished (drained and stopped).
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+
     /// Triggers the graceful shutdown and waits for the node to finish draining.
     pub async fn shutdown(self) {
         self.shutdown.cancel();

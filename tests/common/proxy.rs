@@ -5,12 +5,15 @@
 //! silently drops packets. [`TcpProxy::forward`] heals it: what was held moves on, in order,
 //! and a close that happened meanwhile reaches the other side only then.
 //!
+//! [`TcpProxy::cut`] closes the connections it carries at that moment (a network loss both sides
+//! see at once), for clients that must notice and reconnect.
+//!
 //! The proxy runs on its own thread and runtime, so it keeps forwarding whatever the test's
 //! runtime is doing; dropping it closes every connection it carries.
 
 use std::net::{SocketAddr, TcpListener as StdListener};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -34,6 +37,8 @@ pub struct TcpProxy {
     pub addr: SocketAddr,
     mode: watch::Sender<Mode>,
     accepted: Arc<AtomicUsize>,
+    /// Cancelled by [`TcpProxy::cut`]: every connection accepted before it, then replaced.
+    cut: Arc<Mutex<CancellationToken>>,
     stop: CancellationToken,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -49,7 +54,8 @@ impl TcpProxy {
         let (mode, watching) = watch::channel(Mode::Forward);
         let accepted = Arc::new(AtomicUsize::new(0));
         let stop = CancellationToken::new();
-        let (count, stopped) = (accepted.clone(), stop.clone());
+        let cut = Arc::new(Mutex::new(CancellationToken::new()));
+        let (count, stopped, cuts) = (accepted.clone(), stop.clone(), cut.clone());
         let thread = std::thread::Builder::new()
             .name(format!("proxy-{}", addr.port()))
             .spawn(move || {
@@ -61,7 +67,7 @@ impl TcpProxy {
                     let listener = TcpListener::from_std(listener).expect("proxy listener");
                     tokio::select! {
                         _ = stopped.cancelled() => {}
-                        _ = accept_loop(listener, upstream, watching, count) => {}
+                        _ = accept_loop(listener, upstream, watching, count, cuts) => {}
                     }
                 });
                 // Dropping the runtime drops every connection's tasks, closing their sockets.
@@ -71,6 +77,7 @@ impl TcpProxy {
             addr,
             mode,
             accepted,
+            cut,
             stop,
             thread: Some(thread),
         }
@@ -95,6 +102,14 @@ impl TcpProxy {
         *self.mode.borrow()
     }
 
+    /// Closes every connection carried now, both sides (held bytes are dropped); later
+    /// connections are carried as the mode says.
+    pub fn cut(&self) {
+        let mut cut = self.cut.lock().unwrap();
+        cut.cancel();
+        *cut = CancellationToken::new();
+    }
+
     /// Connections accepted so far.
     pub fn accepted(&self) -> usize {
         self.accepted.load(Ordering::Relaxed)
@@ -115,6 +130,7 @@ async fn accept_loop(
     upstream: SocketAddr,
     mode: watch::Receiver<Mode>,
     accepted: Arc<AtomicUsize>,
+    cuts: Arc<Mutex<CancellationToken>>,
 ) {
     loop {
         let Ok((client, _)) = listener.accept().await else {
@@ -122,7 +138,9 @@ async fn accept_loop(
         };
         accepted.fetch_add(1, Ordering::Relaxed);
         let mode = mode.clone();
-        tokio::spawn(async move {
+        let cut = cuts.lock().unwrap().clone();
+        // Dropping the connection's future (on a cut) drops both sockets: each side sees a close.
+        tokio::spawn(cut.run_until_cancelled_owned(async move {
             // Upstream refused (the server is down): the client's connection closes.
             let Ok(server) = TcpStream::connect(upstream).await else {
                 return;
@@ -135,7 +153,7 @@ async fn accept_loop(
                 pump(client_read, server_write, mode.clone()),
                 pump(server_read, client_write, mode),
             );
-        });
+        }));
     }
 }
 

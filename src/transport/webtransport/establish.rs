@@ -103,7 +103,7 @@ async fn check_request(
     let Some(token) = request_token(req).filter(|t| !t.is_empty()) else {
         return Ok(None);
     };
-    match tokio::time::timeout_at(deadline, ctx.authenticate(&token, 0)).await {
+    match tokio::time::timeout_at(deadline, ctx.authenticate(&token)).await {
         Ok(Ok(principal)) => Ok(Some(principal)),
         Ok(Err(error)) if error.retryable() => Err(Refusal::AuthBusy),
         Ok(Err(_)) => Err(Refusal::Unauthorized),
