@@ -548,7 +548,32 @@ export class RoomwireClient {
     // A page going away (a reload, a navigation) writes its positions first: the next page
     // resumes exactly after the last message this one showed. Listened to from connect() to
     // close().
-    this.onPageHide = () => this.savePositions();
+    this.onPageHide = () => {
+      this.savePositions();
+      this.flushSeen();
+    };
+    /**
+     * With a device id: the last message of the user room handed to the app, not yet reported.
+     * @type {{ room: string, epoch: number, seq: number } | null}
+     */
+    this.unreported = null;
+    /** @type {ReturnType<typeof setTimeout> | null} */
+    this.seenTimer = null;
+  }
+
+  /**
+   * Tells the node how far this device has read its user room (`seen`), so its next connection
+   * gets only what follows (offline delivery). Reported about once a second, and on close.
+   */
+  flushSeen() {
+    if (this.seenTimer !== null) clearTimeout(this.seenTimer);
+    this.seenTimer = null;
+    const position = this.unreported;
+    if (position === null || !this.conn) return;
+    this.unreported = null;
+    this.conn.send(this.encode({ requestId: this.nextRequest++, seen: position })).catch(() => {
+      // Not reported: the message may come again on the next connection, never lost.
+    });
   }
 
   /** Which transport the session runs on right now ('webtransport', 'websocket' or null). */
@@ -1032,6 +1057,9 @@ export class RoomwireClient {
       else pending.resolve(frame);
       return;
     }
+    // The user room, rejoined from where this device left it (offline delivery), is answered
+    // like a resumed room; it is implicit, so there is nothing to track.
+    if (frame.kind === 'joined' && frame.joined.room.startsWith('$user.')) return;
     if (id !== 0 && id === this.resuming?.requestId && (frame.kind === 'joined' || frame.kind === 'error')) {
       this.onResumed(frame);
       return;
@@ -1051,6 +1079,10 @@ export class RoomwireClient {
         }
         if (replayed) this.resuming?.touch();
         this.emit('message', message, { unreliable: message.seq === 0, datagram, transport: this.transport, replayed });
+        if (this.deviceId && message.seq > 0 && room === `$user.${this.connected?.userId}`) {
+          this.unreported = { room, epoch: message.epoch, seq: message.seq };
+          this.seenTimer ??= setTimeout(() => this.flushSeen(), 1000);
+        }
         break;
       }
       case 'epochChanged': {
@@ -1257,6 +1289,7 @@ export class RoomwireClient {
     this.closedByUser = true;
     clearInterval(this.heartbeat);
     this.savePositions();
+    this.flushSeen();
     if (typeof globalThis.removeEventListener === 'function') {
       globalThis.removeEventListener('pagehide', this.onPageHide);
     }
