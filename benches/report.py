@@ -205,6 +205,8 @@ def main(results_path, md_path, svg_path, delivered_svg=None):
             owner[r["phase"]] = r
         elif r.get("label") == "mesh":
             mesh[r["target"]].append(r)
+        elif r.get("label") == "mesh-nohistory":
+            mesh["roomwire-nohistory"].append(r)
         elif r.get("label") != "transports":
             by[r["scenario"]][r["target"]].append(r)
     threads = sorted({r.get("threads", 1) for r in rows if r["scenario"] not in ("mesh-owner", "failover")}) or [1]
@@ -345,7 +347,10 @@ def main(results_path, md_path, svg_path, delivered_svg=None):
                "**Peer:** two nats-servers joined as a cluster (routes), each with its own WebSocket listener. "
                "Server CPU is the sum of every process the system needs: for roomwire both nodes *and* the "
                "backbone nats-server (the mesh does not run without it), for the peer both nats-servers. "
-               "As under (b), a system stops stepping after two steps in a row that do not keep up (\"not run\").", ""]
+               "As under (b), a system stops stepping after two steps in a row that do not keep up (\"not run\"). "
+               "roomwire's room is **durable** (the default class): every message is appended to JetStream "
+               "on the backbone, and acknowledged and fanned out only once stored; the last columns run "
+               "the same with the room keeping no history, to show what storing costs.", ""]
         before, after = owner.get("before"), owner.get("after")
         if before:
             where = "the publisher's node" if before["owner_is_publisher_node"] else "the other node (not the publisher's)"
@@ -357,8 +362,8 @@ def main(results_path, md_path, svg_path, delivered_svg=None):
             moved = changes(after) - changes(before)
             md.append(f"- **Ring changes during the run:** {moved}" + (
                 "" if moved == 0 else f" (the owner afterwards: `{after['owner']}`)") + ".")
-        md += ["", "| offered deliveries/s | roomwire delivered/s | nats delivered/s | ratio | drain s (rw / nats) | roomwire p50 / p90 / p99 / p99.9 / max ms | nats p50 / p90 / p99 / p99.9 / max ms | lost, out of order (rw / nats) | roomwire CPU: nodes + backbone = sum | nats CPU: servers = sum | generator CPU (rw / nats) |",
-               "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        md += ["", "| offered deliveries/s | roomwire delivered/s | nats delivered/s | ratio | drain s (rw / nats) | roomwire p50 / p90 / p99 / p99.9 / max ms | nats p50 / p90 / p99 / p99.9 / max ms | lost, out of order (rw / nats) | roomwire CPU: nodes + backbone = sum | nats CPU: servers = sum | generator CPU (rw / nats) | no history: delivered/s | no history: p50 / p90 / p99 / p99.9 / max ms | no history: CPU |",
+               "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         def breakdown(r):
             if not r:
                 return "n/a"
@@ -367,10 +372,12 @@ def main(results_path, md_path, svg_path, delivered_svg=None):
             return f"{parts} = {cores(r)}"
         for o in sorted({r["offered_deliveries_per_sec"] for r in all_rows}):
             rw, na = at(mesh.get("roomwire", []), o), at(mesh.get("nats", []), o)
+            nh = at(mesh.get("roomwire-nohistory", []), o)
             nr = lambda r: fmt(in_window(r)) if r else "not run"
             md.append(f"| {o:,} | {nr(rw)} | {nr(na)} | {ratio(in_window(rw), in_window(na))} | "
                       f"{drain(rw)} / {drain(na)} | {lat(rw)} | {lat(na)} | {loss(rw)} / {loss(na)} | "
-                      f"{breakdown(rw)} | {breakdown(na)} | {cores(rw, 'loadgen_cpu_cores')} / {cores(na, 'loadgen_cpu_cores')} |")
+                      f"{breakdown(rw)} | {breakdown(na)} | {cores(rw, 'loadgen_cpu_cores')} / {cores(na, 'loadgen_cpu_cores')} | "
+                      f"{nr(nh)} | {lat(nh) if nh else 'n/a'} | {breakdown(nh)} |")
         md.append("")
 
     if transports:

@@ -142,12 +142,15 @@ start_server() {
 }
 stop_server() { for p in "$@"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; }
 
-# (d) roomwire: a backbone nats-server and two nodes meshed over it -> sets MESH_URLS, MESH_PIDS
-# (node a, node b, backbone: the mesh needs the backbone, so its CPU is counted) and MESH_HTTP.
+# (d) roomwire: a backbone nats-server (JetStream on) and two nodes meshed over it, given any
+# extra node arguments -> sets MESH_URLS, MESH_PIDS (node a, node b, backbone: the mesh needs the
+# backbone, so its CPU is counted) and MESH_HTTP.
 start_roomwire_mesh() {
   local backbone a b
   free_port backbone
-  "$NATS" -a 127.0.0.1 -p "$backbone" >"$OUT/nats-backbone-$backbone.log" 2>&1 &
+  # JetStream on: durable rooms (the default class) are stored there before they are acknowledged.
+  rm -rf "$OUT/jetstream-$backbone"
+  "$NATS" -a 127.0.0.1 -p "$backbone" -js -sd "$OUT/jetstream-$backbone" >"$OUT/nats-backbone-$backbone.log" 2>&1 &
   local backbone_pid=$!
   PIDS+=("$backbone_pid")
   wait_port "$backbone" "$backbone_pid"
@@ -158,7 +161,7 @@ start_roomwire_mesh() {
     local port=${!node}
     RUST_LOG=warn "$NODE" --set "server.listen=[\"127.0.0.1:$port\"]" "${NODE_ARGS[@]}" \
       --set "node.id=bench-$node" --set "mesh.nats_urls=[\"nats://127.0.0.1:$backbone\"]" \
-      --set "api.keys=[\"$API_KEY\"]" >"$OUT/node-mesh-$node-$port.log" 2>&1 &
+      --set "api.keys=[\"$API_KEY\"]" "$@" >"$OUT/node-mesh-$node-$port.log" 2>&1 &
     pids+=($!)
     PIDS+=($!)
   done
@@ -299,14 +302,22 @@ for scenario in $SCENARIOS; do
         ;;
       mesh)
         # (d) Two servers, members split half and half, the publisher on the first.
-        step "mesh: two servers, $MESH_MEMBERS members split across them, on $target"
-        if [ "$target" = roomwire ]; then start_roomwire_mesh; mesh_status before; else start_nats_cluster; fi
-        "${LOADGEN[@]}" fanout --target "$target" --url "$MESH_URLS" --members "$MESH_MEMBERS" --size 64 \
-          --rates "$MESH_RATES" --step-secs "$MESH_STEP" --settle-ms 1000 --stop-after-misses 2 --drain-max-secs 15 \
-          --pid "$MESH_PIDS" --sources "$SOURCES" --label mesh >>"$RESULTS"
-        [ "$target" = roomwire ] && mesh_status after
-        IFS=, read -ra stop <<<"$MESH_PIDS"
-        stop_server "${stop[@]}"
+        # roomwire twice: the room durable (the default: stored in JetStream before it is
+        # acknowledged), then keeping no history (label mesh-nohistory), to show what storing costs.
+        variants=(mesh)
+        [ "$target" = roomwire ] && variants=(mesh mesh-nohistory)
+        for variant in "${variants[@]}"; do
+          step "$variant: two servers, $MESH_MEMBERS members split across them, on $target"
+          if [ "$target" = roomwire ] && [ "$variant" = mesh ]; then start_roomwire_mesh; mesh_status before
+          elif [ "$target" = roomwire ]; then start_roomwire_mesh --set 'rooms.classes=[{name="rooms",pattern=">",history="none"}]'
+          else start_nats_cluster; fi
+          "${LOADGEN[@]}" fanout --target "$target" --url "$MESH_URLS" --members "$MESH_MEMBERS" --size 64 \
+            --rates "$MESH_RATES" --step-secs "$MESH_STEP" --settle-ms 1000 --stop-after-misses 2 --drain-max-secs 15 \
+            --pid "$MESH_PIDS" --sources "$SOURCES" --label "$variant" >>"$RESULTS"
+          [ "$target" = roomwire ] && [ "$variant" = mesh ] && mesh_status after
+          IFS=, read -ra stop <<<"$MESH_PIDS"
+          stop_server "${stop[@]}"
+        done
         ;;
     esac
   done
