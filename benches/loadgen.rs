@@ -7,6 +7,7 @@
 //! loadgen fanout  --target nats --url ws://127.0.0.1:8222 --members 2000 --size 64 --rates 100,200,400
 //! loadgen latency --target roomwire --url ... --rates 100,1000,10000 --step-secs 3
 //! loadgen chat    --target roomwire --url ... --rooms 1000 --members-per-room 10 --rate 0.5 --secs 20
+//! loadgen storm   --target roomwire --url ws://a/ws,ws://b/ws --kill-pid <a> --rooms 100 --members-per-room 100
 //! loadgen --threads 2 fanout --url ws://a/ws,ws://b/ws --pid <a>,<b>,<nats> ...   (two nodes)
 //! ```
 //!
@@ -37,6 +38,8 @@ use tokio_tungstenite::tungstenite::Message as Ws;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+mod storm;
 
 type Stream = WebSocketStream<MaybeTlsStream<TcpStream>>;
 type SharedSink = Arc<Mutex<SplitSink<Stream, Ws>>>;
@@ -168,6 +171,27 @@ enum Scenario {
         members: usize,
         #[command(flatten)]
         steps: Steps,
+    },
+    /// Reconnect storm (roomwire mesh): every member on the first URL's node, a publisher on the
+    /// second; the first node is killed and every member resumes on the others.
+    Storm {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, default_value_t = 100)]
+        rooms: usize,
+        #[arg(long, default_value_t = 100)]
+        members_per_room: usize,
+        /// Messages per second into each room.
+        #[arg(long, default_value_t = 1.0)]
+        rate: f64,
+        /// The first node's process, killed with SIGKILL.
+        #[arg(long)]
+        kill_pid: u32,
+        /// Seconds of publishing before the kill, and after it.
+        #[arg(long, default_value_t = 3)]
+        before_secs: u64,
+        #[arg(long, default_value_t = 10)]
+        after_secs: u64,
     },
     /// Many small rooms, every member publishing slowly.
     Chat {
@@ -958,6 +982,25 @@ async fn run(scenario: Scenario, threads: usize) -> anyhow::Result<()> {
             members,
             steps,
         } => one_room("latency", "bench.latency", common, members, steps, threads).await?,
+        Scenario::Storm {
+            common,
+            rooms,
+            members_per_room,
+            rate,
+            kill_pid,
+            before_secs,
+            after_secs,
+        } => {
+            let storm = storm::Storm {
+                rooms,
+                members_per_room,
+                rate,
+                kill_pid,
+                before_secs,
+                after_secs,
+            };
+            storm::run(common, storm, threads).await?;
+        }
         Scenario::Chat {
             common,
             rooms,

@@ -8,7 +8,7 @@
 #   QUICK=1 benches/run.sh                  # smoke run: tiny sizes, 1 s steps, report under $OUT
 #
 # Knobs (environment):
-#   SCENARIOS    any of: idle fanout latency chat mesh transports failover (default: all, in
+#   SCENARIOS    any of: idle fanout latency chat mesh transports failover storm (default: all, in
 #                that order)
 #   QUICK=1      a smoke run of every scenario in well under a minute each; the report goes to
 #                $OUT/BENCHMARKS.md, never over docs/
@@ -24,7 +24,7 @@ OUT=${OUT:-target/bench}
 mkdir -p "$OUT"
 RESULTS="$OUT/results.jsonl"
 : > "$RESULTS"
-SCENARIOS=${SCENARIOS:-"idle fanout latency chat mesh transports failover"}
+SCENARIOS=${SCENARIOS:-"idle fanout latency chat mesh transports failover storm"}
 QUICK=${QUICK:-0}
 THREADS=${THREADS:-1}
 NEXT_PORT=${PORT_BASE:-19080}
@@ -39,6 +39,7 @@ if [ "$QUICK" = 1 ]; then
   MESH_MEMBERS=200 MESH_RATES=50,500 MESH_STEP=1
   WT_IDLE=200 WT_MEMBERS=100 WT_RATES=25 WT_STEP=1
   FAILOVER_RUNS=1
+  STORM_SESSIONS=1000
 else
   IDLE_SIZES="1000 10000 19000"
   # 2,000 members: 10k to 3M deliveries/s, past both systems' ceilings; a system stops stepping
@@ -50,6 +51,7 @@ else
   MESH_MEMBERS=2000 MESH_RATES=50,100,200,300,400,500,750,1000 MESH_STEP=3
   WT_IDLE=2000 WT_MEMBERS=1000 WT_RATES=25,100 WT_STEP=5
   FAILOVER_RUNS=3
+  STORM_SESSIONS=10000
 fi
 
 step() { printf '\n==> %s (at %ss)\n' "$*" "$SECONDS" >&2; }
@@ -257,6 +259,19 @@ for scenario in $SCENARIOS; do
           --test fencing failover_after_kill9 -- --nocapture >"$OUT/failover-$run.log" 2>&1
         python3 benches/failover.py "$OUT/failover-$run.log" "$run" >>"$RESULTS"
       done
+      continue
+      ;;
+    storm)
+      # (g) reconnect storm: STORM_SESSIONS members in 100 rooms on node a of a two-node mesh
+      # (durable rooms), a publisher on node b; node a is killed and every member resumes on b.
+      # roomwire only.
+      step "storm: $STORM_SESSIONS sessions resume after their node is killed"
+      start_roomwire_mesh --set webtransport.enabled=false
+      IFS=, read -ra mesh_pids <<<"$MESH_PIDS"
+      "${LOADGEN[@]}" storm --target roomwire --url "$MESH_URLS" --rooms 100 \
+        --members-per-room $((STORM_SESSIONS / 100)) --rate 2 --kill-pid "${mesh_pids[0]}" \
+        --before-secs 3 --after-secs 10 --sources "$SOURCES" --label storm >>"$RESULTS"
+      stop_server "${mesh_pids[@]}"
       continue
       ;;
     idle | fanout | latency | chat | mesh) ;;

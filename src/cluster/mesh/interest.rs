@@ -350,6 +350,9 @@ impl Inner {
                 replayed,
             } => (Some(Recovery::Reset { epoch, oldest_seq }), replayed),
             Comeback::Recover { since, replayed } => {
+                if since > (epoch, seq) {
+                    return Admission::Missing;
+                }
                 let tail = if since.0 == epoch {
                     recent.between(epoch, since.1, seq)
                 } else {
@@ -474,7 +477,15 @@ impl Inner {
                 return Ok(Entered::Closed);
             }
             let generation_current = state.generation == self.generation();
-            if let Some((epoch, seq)) = state.order.position().filter(|_| generation_current) {
+            // A member that already has more than this node delivered (it came from a node
+            // that was ahead) waits for the marker: admitted here now, it would get the
+            // messages in between again.
+            let at_once = state
+                .order
+                .position()
+                .filter(|_| generation_current)
+                .filter(|&at| !matches!(comeback, Comeback::Recover { since, .. } if since > at));
+            if let Some((epoch, seq)) = at_once {
                 return Ok(
                     match self.enter(
                         interest,
