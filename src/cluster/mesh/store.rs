@@ -45,6 +45,8 @@ const EXPECT_LAST_SUBJECT: &str = "Nats-Expected-Last-Subject-Sequence-Subject";
 const OPEN_RETRY: (Duration, Duration) = (Duration::from_millis(250), Duration::from_secs(10));
 /// Records asked for in one batched direct get.
 const BATCH: usize = 256;
+/// History reads (direct gets) in flight at once on one node.
+const MAX_READS: usize = 64;
 
 /// Why the store could not do something.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -136,6 +138,16 @@ pub(super) enum After {
     Empty,
 }
 
+/// Where a position is in a room's stream.
+enum Located {
+    /// The records after it start at this stream sequence.
+    Start(u64),
+    /// It is not kept; the oldest message kept.
+    Reset((u64, u64)),
+    /// The room has no record.
+    Empty,
+}
+
 /// The durable history streams.
 pub(super) struct Store {
     js: jetstream::Context,
@@ -144,6 +156,50 @@ pub(super) struct Store {
     streams: RwLock<HashMap<Arc<str>, Arc<ClassStream>>>,
     /// Wakes the opener after an operation found a stream gone.
     reopen: Notify,
+    /// Reads in flight (see [`Store::reading`]).
+    reads: tokio::sync::Semaphore,
+    /// Where recent records of each room are in its stream (see [`Index`]).
+    index: std::sync::Mutex<Index>,
+}
+
+/// Rooms whose recent records' stream sequences are remembered, at most (past it, all are
+/// forgotten at once), and records remembered per room.
+const INDEX_ROOMS: usize = 20_000;
+const INDEX_PER_ROOM: usize = 64;
+
+/// The stream sequences of the records of each room this node appended or read most recently,
+/// in position order: a member that comes back from a recent position (most do, and a storm of
+/// them from the same few) is found without a binary search over the stream.
+#[derive(Default)]
+struct Index(HashMap<RoomName, std::collections::VecDeque<IndexEntry>>);
+
+/// A record's position and its stream sequence.
+type IndexEntry = ((u64, u64), u64);
+
+impl Index {
+    fn remember(&mut self, room: &RoomName, position: (u64, u64), stream_seq: u64) {
+        if !self.0.contains_key(room) && self.0.len() >= INDEX_ROOMS {
+            self.0.clear();
+        }
+        let known = self.0.entry(room.clone()).or_default();
+        let i = known.partition_point(|(p, _)| *p < position);
+        if known.get(i).is_some_and(|(p, _)| *p == position) {
+            return;
+        }
+        known.insert(i, (position, stream_seq));
+        if known.len() > INDEX_PER_ROOM {
+            known.pop_front();
+        }
+    }
+
+    fn find(&self, room: &RoomName, position: (u64, u64)) -> Option<u64> {
+        let known = self.0.get(room)?;
+        let i = known.partition_point(|(p, _)| *p < position);
+        known
+            .get(i)
+            .filter(|(p, _)| *p == position)
+            .map(|(_, seq)| *seq)
+    }
 }
 
 impl Store {
@@ -160,6 +216,8 @@ impl Store {
                 .collect(),
             streams: RwLock::new(HashMap::new()),
             reopen: Notify::new(),
+            reads: tokio::sync::Semaphore::new(MAX_READS),
+            index: std::sync::Mutex::new(Index::default()),
         }
     }
 
@@ -275,11 +333,16 @@ impl Store {
             .history_append_seconds
             .observe(started.elapsed().as_secs_f64());
         match result {
-            Ok(_) => {
+            Ok(ack) => {
                 metrics
                     .history_appends
                     .get_or_create(&[("outcome", "stored")])
                     .inc();
+                self.index.lock().expect("index lock poisoned").remember(
+                    room,
+                    (epoch, seq),
+                    ack.sequence,
+                );
                 Ok(())
             }
             Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
@@ -315,6 +378,7 @@ impl Store {
         from: u64,
         max: usize,
     ) -> Result<(Vec<Record>, u64), StoreError> {
+        let _reading = self.reading(inner).await?;
         inner.metrics.history_reads.inc();
         let bound = Duration::from_millis(inner.config.request_timeout_ms);
         let inbox = inner.nats.new_inbox();
@@ -377,6 +441,11 @@ impl Store {
             }
         }
         let _ = replies.unsubscribe().await;
+        let mut index = self.index.lock().expect("index lock poisoned");
+        for r in &records {
+            index.remember(room, r.position(), r.stream_seq);
+        }
+        drop(index);
         // The server counts the last record returned among the pending ones.
         Ok((records, pending.saturating_sub(1)))
     }
@@ -389,27 +458,21 @@ impl Store {
         room: &RoomName,
         from: u64,
     ) -> Result<Option<Record>, StoreError> {
-        Ok(self
-            .batch(inner, stream, room, from, 1)
-            .await?
-            .0
-            .into_iter()
-            .next())
+        let _reading = self.reading(inner).await?;
+        inner.metrics.history_reads.inc();
+        let got = stream
+            .stream
+            .direct_get_next_for_subject(stream.messages(room), Some(from.max(1)))
+            .await;
+        self.record(got)
     }
 
-    /// The last record of `room`.
-    async fn last(
+    /// One direct get's record (`None`: nothing there).
+    fn record(
         &self,
-        inner: &Inner,
-        stream: &ClassStream,
-        room: &RoomName,
+        got: Result<jetstream::message::StreamMessage, stream::DirectGetError>,
     ) -> Result<Option<Record>, StoreError> {
-        inner.metrics.history_reads.inc();
-        match stream
-            .stream
-            .direct_get_last_for_subject(stream.messages(room))
-            .await
-        {
+        match got {
             Ok(message) => {
                 let (epoch, seq) = position(&message.headers).ok_or_else(|| {
                     self.unavailable(format!("record {} has no position", message.sequence))
@@ -424,6 +487,33 @@ impl Store {
             Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
             Err(e) => Err(self.unavailable(e)),
         }
+    }
+
+    /// A permit to read: reads in flight are bounded, so a storm of returning members (every
+    /// session of a failed node resuming here at once) queues here instead of flooding the NATS
+    /// connection the node's heartbeats and leases share.
+    async fn reading(&self, inner: &Inner) -> Result<tokio::sync::SemaphorePermit<'_>, StoreError> {
+        let bound = Duration::from_millis(inner.config.request_timeout_ms * 4);
+        match tokio::time::timeout(bound, self.reads.acquire()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => Err(self.unavailable("too many history reads waiting")),
+        }
+    }
+
+    /// The last record of `room`.
+    async fn last(
+        &self,
+        inner: &Inner,
+        stream: &ClassStream,
+        room: &RoomName,
+    ) -> Result<Option<Record>, StoreError> {
+        let _reading = self.reading(inner).await?;
+        inner.metrics.history_reads.inc();
+        let got = stream
+            .stream
+            .direct_get_last_for_subject(stream.messages(room))
+            .await;
+        self.record(got)
     }
 
     /// The last record of `room` at or before `target`, and the first record of the room;
@@ -497,17 +587,29 @@ impl Store {
         since: (u64, u64),
         limit: usize,
     ) -> Result<After, StoreError> {
-        let Some((found, first)) = self.locate(inner, stream, room, since).await? else {
-            return Ok(After::Empty);
-        };
-        let start = match found {
-            Some(found) if found.position() == since => found.stream_seq + 1,
-            // Right before the oldest record kept: nothing in between can be missing.
-            None if first.position() == (since.0, since.1 + 1) => first.stream_seq,
-            _ => {
-                let oldest = self.oldest_message(inner, stream, room, first).await?;
-                return Ok(After::Reset { oldest });
+        // The common case first: the member has everything stored (one read).
+        match self.last(inner, stream, room).await? {
+            None => return Ok(After::Empty),
+            Some(last) if last.position() == since => {
+                return Ok(After::Records {
+                    records: Vec::new(),
+                    more: false,
+                });
             }
+            Some(_) => {}
+        }
+        let known = self
+            .index
+            .lock()
+            .expect("index lock poisoned")
+            .find(room, since);
+        let start = match known {
+            Some(stream_seq) => stream_seq + 1,
+            None => match self.locate_after(inner, stream, room, since).await? {
+                Located::Start(start) => start,
+                Located::Reset(oldest) => return Ok(After::Reset { oldest }),
+                Located::Empty => return Ok(After::Empty),
+            },
         };
         let (read, pending) = self.batch(inner, stream, room, start, limit.max(1)).await?;
         let read_count = read.len();
@@ -523,11 +625,40 @@ impl Store {
             records.push(record);
         }
         if records.is_empty() && read_count > 0 {
-            let oldest = self.oldest_message(inner, stream, room, first).await?;
+            let oldest = match self.next(inner, stream, room, 1).await? {
+                Some(first) => self.oldest_message(inner, stream, room, first).await?,
+                None => since,
+            };
             return Ok(After::Reset { oldest });
         }
         let more = pending > 0 || records.len() < read_count;
         Ok(After::Records { records, more })
+    }
+
+    /// Where the records after `since` start in `room`'s stream, by a binary search.
+    async fn locate_after(
+        &self,
+        inner: &Inner,
+        stream: &ClassStream,
+        room: &RoomName,
+        since: (u64, u64),
+    ) -> Result<Located, StoreError> {
+        let Some((found, first)) = self.locate(inner, stream, room, since).await? else {
+            return Ok(Located::Empty);
+        };
+        Ok(match found {
+            Some(found) if found.position() == since => {
+                self.index.lock().expect("index lock poisoned").remember(
+                    room,
+                    since,
+                    found.stream_seq,
+                );
+                Located::Start(found.stream_seq + 1)
+            }
+            // Right before the oldest record kept: nothing in between can be missing.
+            None if first.position() == (since.0, since.1 + 1) => Located::Start(first.stream_seq),
+            _ => Located::Reset(self.oldest_message(inner, stream, room, first).await?),
+        })
     }
 
     /// A page of `room`'s history as a `History` request asks for it; `None` when the room has
