@@ -199,6 +199,7 @@ def main(results_path, md_path, svg_path, delivered_svg=None):
     owner = {}
     failover = [r for r in rows if r["scenario"] == "failover"]
     storms = [r for r in rows if r["scenario"] == "storm"]
+    meshchat = [r for r in rows if r.get("label", "").startswith("meshchat-")]
     for r in rows:
         if r["scenario"] in ("failover", "storm"):
             continue
@@ -206,6 +207,8 @@ def main(results_path, md_path, svg_path, delivered_svg=None):
             owner[r["phase"]] = r
         elif r.get("label") == "mesh":
             mesh[r["target"]].append(r)
+        elif r.get("label", "").startswith("meshchat-"):
+            continue
         elif r.get("label") == "mesh-nohistory":
             mesh["roomwire-nohistory"].append(r)
         elif r.get("label") != "transports":
@@ -438,6 +441,25 @@ def main(results_path, md_path, svg_path, delivered_svg=None):
                       f"{r['publish_refusals']:,} | {secs(r['back_p50_secs'])} / {secs(r['back_p99_secs'])} / "
                       f"{secs(r['back_max_secs'])} | {r['not_back']} | {r['replayed']:,} | {r['resets']} | "
                       f"{r['gaps']} | {r['repeats']} | {r['behind_at_end']} |")
+        md.append("")
+
+    if meshchat:
+        md += ["## (h) Chat over two nodes: durable history on and off", "",
+               "The chat load of (c) (rooms of 10 members, each member publishing 0.5 messages/s) on "
+               "two roomwire nodes meshed over one nats-server with JetStream, members spread over both "
+               "nodes: with the rooms **durable** (every message appended to the room's JetStream "
+               "stream, and acknowledged and fanned out only once stored), then keeping **no "
+               "history**. Sent/s is the rate JetStream took the appends at in the durable run. CPU is "
+               "both nodes and the backbone.", "",
+               "| history | rooms | sent msgs/s | delivered/s | drain s | p50 / p90 / p99 / p99.9 / max ms | lost, out of order | CPU: nodes + backbone = sum |",
+               "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in meshchat:
+            each = r["resources"].get("server_cpu_cores_each") or []
+            parts = " + ".join("n/a" if c is None else f"{c:.2f}" for c in each)
+            window = r.get("window_secs") or 1
+            md.append(f"| {r['label'].removeprefix('meshchat-')} | {r['rooms']:,} | "
+                      f"{r['sent'] / window:,.0f} | {fmt(in_window(r))} | {drain(r)} | {lat(r)} | {loss(r)} | "
+                      f"{parts} = {cores(r)} |")
         md.append("")
 
     md += [open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "NOTES.md")).read()]

@@ -8,7 +8,7 @@
 #   QUICK=1 benches/run.sh                  # smoke run: tiny sizes, 1 s steps, report under $OUT
 #
 # Knobs (environment):
-#   SCENARIOS    any of: idle fanout latency chat mesh transports failover storm (default: all, in
+#   SCENARIOS    any of: idle fanout latency chat mesh transports failover storm meshchat (default: all, in
 #                that order)
 #   QUICK=1      a smoke run of every scenario in well under a minute each; the report goes to
 #                $OUT/BENCHMARKS.md, never over docs/
@@ -24,7 +24,7 @@ OUT=${OUT:-target/bench}
 mkdir -p "$OUT"
 RESULTS="$OUT/results.jsonl"
 : > "$RESULTS"
-SCENARIOS=${SCENARIOS:-"idle fanout latency chat mesh transports failover storm"}
+SCENARIOS=${SCENARIOS:-"idle fanout latency chat mesh transports failover storm meshchat"}
 QUICK=${QUICK:-0}
 THREADS=${THREADS:-1}
 NEXT_PORT=${PORT_BASE:-19080}
@@ -272,6 +272,21 @@ for scenario in $SCENARIOS; do
         --members-per-room $((STORM_SESSIONS / 100)) --rate 2 --kill-pid "${mesh_pids[0]}" \
         --before-secs 3 --after-secs 10 --sources "$SOURCES" --label storm >>"$RESULTS"
       stop_server "${mesh_pids[@]}"
+      continue
+      ;;
+    meshchat)
+      # (h) the chat load on a two-node mesh, rooms durable (every message stored in JetStream
+      # before it is acknowledged) and keeping no history: the JetStream write rate it sustains,
+      # and what storing costs. roomwire only.
+      for variant in durable none; do
+        step "meshchat: $CHAT_ROOMS rooms x 10 members over two nodes, history $variant"
+        if [ "$variant" = durable ]; then start_roomwire_mesh
+        else start_roomwire_mesh --set 'rooms.classes=[{name="rooms",pattern=">",history="none"}]'; fi
+        "${LOADGEN[@]}" chat --target roomwire --url "$MESH_URLS" --rooms "$CHAT_ROOMS" --members-per-room 10 \
+          --rate 0.5 --secs "$CHAT_SECS" --pid "$MESH_PIDS" --sources "$SOURCES" --label "meshchat-$variant" >>"$RESULTS"
+        IFS=, read -ra stop <<<"$MESH_PIDS"
+        stop_server "${stop[@]}"
+      done
       continue
       ;;
     idle | fanout | latency | chat | mesh) ;;

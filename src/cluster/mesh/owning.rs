@@ -463,7 +463,9 @@ impl Inner {
             // after it, and is retired (the room is taken over afresh).
             cell.lock().await.moved = true;
             self.owned.forget(&p.room, &cell);
-            if !duplicate_answer {
+            // A durable room's message is stored, so it is the room's: its echo is delivered
+            // here like everywhere it arrives (dropped only by members already past its epoch).
+            if !duplicate_answer && stream.is_none() {
                 self.abandon(&p.room, epoch, seq);
             }
             return Step::Fail(BusError::Unavailable(format!(
