@@ -177,21 +177,8 @@ enum Scenario {
     Storm {
         #[command(flatten)]
         common: Common,
-        #[arg(long, default_value_t = 100)]
-        rooms: usize,
-        #[arg(long, default_value_t = 100)]
-        members_per_room: usize,
-        /// Messages per second into each room.
-        #[arg(long, default_value_t = 1.0)]
-        rate: f64,
-        /// The first node's process, killed with SIGKILL.
-        #[arg(long)]
-        kill_pid: u32,
-        /// Seconds of publishing before the kill, and after it.
-        #[arg(long, default_value_t = 3)]
-        before_secs: u64,
-        #[arg(long, default_value_t = 10)]
-        after_secs: u64,
+        #[command(flatten)]
+        storm: storm::Storm,
     },
     /// Many small rooms, every member publishing slowly.
     Chat {
@@ -982,25 +969,7 @@ async fn run(scenario: Scenario, threads: usize) -> anyhow::Result<()> {
             members,
             steps,
         } => one_room("latency", "bench.latency", common, members, steps, threads).await?,
-        Scenario::Storm {
-            common,
-            rooms,
-            members_per_room,
-            rate,
-            kill_pid,
-            before_secs,
-            after_secs,
-        } => {
-            let storm = storm::Storm {
-                rooms,
-                members_per_room,
-                rate,
-                kill_pid,
-                before_secs,
-                after_secs,
-            };
-            storm::run(common, storm, threads).await?;
-        }
+        Scenario::Storm { common, storm } => storm::run(common, storm, threads).await?,
         Scenario::Chat {
             common,
             rooms,

@@ -62,14 +62,23 @@ impl Seen {
     }
 }
 
+#[derive(clap::Args, Clone)]
 pub struct Storm {
-    pub rooms: usize,
-    pub members_per_room: usize,
+    #[arg(long, default_value_t = 100)]
+    rooms: usize,
+    #[arg(long, default_value_t = 100)]
+    members_per_room: usize,
     /// Messages per second into each room.
-    pub rate: f64,
-    pub kill_pid: u32,
-    pub before_secs: u64,
-    pub after_secs: u64,
+    #[arg(long, default_value_t = 1.0)]
+    rate: f64,
+    /// The first node's process, killed with SIGKILL.
+    #[arg(long)]
+    kill_pid: u32,
+    /// Seconds of publishing before the kill, and after it.
+    #[arg(long, default_value_t = 3)]
+    before_secs: u64,
+    #[arg(long, default_value_t = 10)]
+    after_secs: u64,
 }
 
 fn room_of(i: usize, members_per_room: usize) -> String {

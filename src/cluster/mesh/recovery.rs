@@ -81,6 +81,29 @@ pub(super) enum Comeback {
     },
 }
 
+/// Pushes what fits of a page to `member` (its replay share of the send queue, at least one
+/// message) once its send queue has room for it: the position of the last one pushed, how many
+/// messages were pushed (epoch records are not counted), and whether some were left over.
+async fn push_page(
+    member: &Arc<Member>,
+    mut messages: Vec<KeptMessage>,
+) -> Result<((u64, u64), u64, bool), BusError> {
+    let read = messages.len();
+    fit_to_share(member, &mut messages);
+    let cut = messages.len() < read;
+    let last = messages.last().expect("at least one message stays");
+    let at = (last.epoch, last.seq);
+    let (frames, bytes) = page_size(&messages);
+    if !member.room_for(frames, bytes).await {
+        return Err(BusError::Unavailable("the session is closing".into()));
+    }
+    let pushed = messages.iter().filter(|m| m.seq > 0).count() as u64;
+    for message in messages {
+        member.push(message.frame);
+    }
+    Ok((at, pushed, cut))
+}
+
 impl Inner {
     /// Catches `member` up on `room` from `since` with pages of the owner's history, each pushed
     /// once its send queue has room for it, until the owner had nothing more.
@@ -130,20 +153,10 @@ impl Inner {
             if records.is_empty() {
                 return Ok(Some(Comeback::Recover { since, replayed }));
             }
-            let read = records.len();
-            let mut messages: Vec<KeptMessage> = records.into_iter().map(Record::kept).collect();
-            fit_to_share(member, &mut messages);
-            let cut = messages.len() < read;
-            let last = messages.last().expect("at least one message stays");
-            since = (last.epoch, last.seq);
-            let (frames, bytes) = page_size(&messages);
-            if !member.room_for(frames, bytes).await {
-                return Err(BusError::Unavailable("the session is closing".into()));
-            }
-            replayed += messages.iter().filter(|m| m.seq > 0).count() as u64;
-            for message in messages {
-                member.push(message.frame);
-            }
+            let messages = records.into_iter().map(Record::kept).collect();
+            let (at, pushed, cut) = push_page(member, messages).await?;
+            since = at;
+            replayed += pushed;
             if !more && !cut {
                 return Ok(Some(Comeback::Recover { since, replayed }));
             }
@@ -183,20 +196,9 @@ impl Inner {
             if page.messages.is_empty() || !continues {
                 return Ok(reset);
             }
-            let read = page.messages.len();
-            let mut messages = page.messages;
-            fit_to_share(member, &mut messages);
-            let cut = messages.len() < read;
-            let last = messages.last().expect("at least one message stays");
-            since = (last.epoch, last.seq);
-            let (frames, bytes) = page_size(&messages);
-            if !member.room_for(frames, bytes).await {
-                return Err(BusError::Unavailable("the session is closing".into()));
-            }
-            replayed += frames as u64;
-            for message in messages {
-                member.push(message.frame);
-            }
+            let (at, pushed, cut) = push_page(member, page.messages).await?;
+            since = at;
+            replayed += pushed;
             if !page.more && !cut {
                 return Ok(Comeback::Recover { since, replayed });
             }
