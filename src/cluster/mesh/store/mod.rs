@@ -37,6 +37,12 @@ use crate::config::HistoryMode;
 use crate::proto::{self, ServerFrame, server_frame};
 use crate::room::{Classes, History, HistoryPage, HistoryQuery, KeptMessage, RoomName};
 
+mod index;
+mod open;
+
+use index::Index;
+use open::open_loop;
+
 const EPOCH: &str = "Roomwire-Epoch";
 const SEQ: &str = "Roomwire-Seq";
 const EXPECT_LAST: &str = "Nats-Expected-Last-Subject-Sequence";
@@ -160,46 +166,6 @@ pub(super) struct Store {
     reads: tokio::sync::Semaphore,
     /// Where recent records of each room are in its stream (see [`Index`]).
     index: std::sync::Mutex<Index>,
-}
-
-/// Rooms whose recent records' stream sequences are remembered, at most (past it, all are
-/// forgotten at once), and records remembered per room.
-const INDEX_ROOMS: usize = 20_000;
-const INDEX_PER_ROOM: usize = 64;
-
-/// The stream sequences of the records of each room this node appended or read most recently,
-/// in position order: a member that comes back from a recent position (most do, and a storm of
-/// them from the same few) is found without a binary search over the stream.
-#[derive(Default)]
-struct Index(HashMap<RoomName, std::collections::VecDeque<IndexEntry>>);
-
-/// A record's position and its stream sequence.
-type IndexEntry = ((u64, u64), u64);
-
-impl Index {
-    fn remember(&mut self, room: &RoomName, position: (u64, u64), stream_seq: u64) {
-        if !self.0.contains_key(room) && self.0.len() >= INDEX_ROOMS {
-            self.0.clear();
-        }
-        let known = self.0.entry(room.clone()).or_default();
-        let i = known.partition_point(|(p, _)| *p < position);
-        if known.get(i).is_some_and(|(p, _)| *p == position) {
-            return;
-        }
-        known.insert(i, (position, stream_seq));
-        if known.len() > INDEX_PER_ROOM {
-            known.pop_front();
-        }
-    }
-
-    fn find(&self, room: &RoomName, position: (u64, u64)) -> Option<u64> {
-        let known = self.0.get(room)?;
-        let i = known.partition_point(|(p, _)| *p < position);
-        known
-            .get(i)
-            .filter(|(p, _)| *p == position)
-            .map(|(_, seq)| *seq)
-    }
 }
 
 impl Store {
@@ -809,126 +775,4 @@ fn number(headers: &HeaderMap, name: &str) -> Option<u64> {
 
 fn position(headers: &HeaderMap) -> Option<(u64, u64)> {
     Some((number(headers, EPOCH)?, number(headers, SEQ)?))
-}
-
-/// Opens (or creates) every durable class's stream; then waits for an operation to report one
-/// gone and starts over. Attempts wait while NATS is disconnected and back off while JetStream
-/// fails.
-async fn open_loop(inner: Arc<Inner>, store: Arc<Store>) {
-    let bound = Duration::from_millis(inner.config.request_timeout_ms);
-    let mut pause = OPEN_RETRY.0;
-    loop {
-        if !inner.connected() {
-            tokio::time::sleep(pause).await;
-            continue;
-        }
-        let mut failed = None;
-        for class in &store.classes {
-            let config = stream_config(&inner, class);
-            match open(&store.js, config, bound).await {
-                Ok(stream) => {
-                    let opened = ClassStream {
-                        name: stream.cached_info().config.name.clone(),
-                        subjects: subjects(&inner, class),
-                        stream,
-                    };
-                    store
-                        .streams
-                        .write()
-                        .expect("store lock poisoned")
-                        .insert(class.class.clone(), Arc::new(opened));
-                }
-                Err(error) => failed = Some((class.class.clone(), error)),
-            }
-        }
-        match failed {
-            None => {
-                tracing::info!(
-                    classes = store.classes.len(),
-                    "mesh: durable history streams open"
-                );
-                pause = OPEN_RETRY.0;
-                store.reopen.notified().await;
-            }
-            Some((class, error)) => {
-                tracing::warn!(%class, %error, retry_in_ms = pause.as_millis() as u64,
-                    "mesh: cannot open a durable history stream; its rooms are unavailable");
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(OPEN_RETRY.1);
-            }
-        }
-    }
-}
-
-fn subjects(inner: &Inner, class: &History) -> String {
-    format!("{}.history.{}", inner.prefix, class.class)
-}
-
-/// The stream of `class` as this node would create it.
-fn stream_config(inner: &Inner, class: &History) -> stream::Config {
-    let placement = &inner.config.jetstream_placement;
-    let max_age = Duration::from_millis(class.max_age_ms);
-    stream::Config {
-        name: format!("{}_history_{}", inner.prefix, class.class),
-        description: Some(format!(
-            "roomwire: durable history of the rooms of class {}",
-            class.class
-        )),
-        subjects: vec![format!("{}.>", subjects(inner, class))],
-        storage: stream::StorageType::File,
-        num_replicas: inner.config.jetstream_replicas,
-        placement: (!placement.is_empty()).then(|| stream::Placement {
-            cluster: Some(placement.clone()),
-            tags: Vec::new(),
-        }),
-        max_messages_per_subject: i64::try_from(class.max_messages.max(1)).unwrap_or(i64::MAX),
-        max_age,
-        discard: stream::DiscardPolicy::Old,
-        allow_direct: true,
-        // Appends carry no message id; the window only has to be valid.
-        duplicate_window: if max_age.is_zero() {
-            Duration::from_secs(1)
-        } else {
-            max_age.min(Duration::from_secs(1))
-        },
-        ..Default::default()
-    }
-}
-
-/// Opens the stream, or creates it; an existing stream gets this node's limits (the operator
-/// changed the class).
-async fn open(
-    js: &jetstream::Context,
-    config: stream::Config,
-    bound: Duration,
-) -> Result<stream::Stream, String> {
-    let timed = |what: &str| format!("{what}: timed out");
-    match tokio::time::timeout(bound, js.get_stream(&config.name)).await {
-        Ok(Ok(mut stream)) => {
-            let info = stream
-                .info()
-                .await
-                .map_err(|e| e.to_string())?
-                .config
-                .clone();
-            if info.max_messages_per_subject != config.max_messages_per_subject
-                || info.max_age != config.max_age
-            {
-                let mut updated = info;
-                updated.max_messages_per_subject = config.max_messages_per_subject;
-                updated.max_age = config.max_age;
-                updated.duplicate_window = config.duplicate_window;
-                tokio::time::timeout(bound, js.update_stream(updated))
-                    .await
-                    .map_err(|_| timed("updating its limits"))?
-                    .map_err(|e| format!("updating its limits: {e}"))?;
-            }
-            Ok(stream)
-        }
-        Ok(Err(open_error)) => tokio::time::timeout(2 * bound, js.create_stream(config))
-            .await
-            .map_err(|_| timed("creating it"))?
-            .map_err(|e| format!("creating it: {e} (opening it: {open_error})")),
-        Err(_) => Err(timed("opening it")),
-    }
 }
