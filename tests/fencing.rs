@@ -372,8 +372,10 @@ async fn stalled_owner_loses_no_acknowledged_publish() {
     let mut publishers = publish_from("p", &rooms, &[&n2, &n3], PACE).await;
     each_acks(&mut publishers, 10).await;
 
-    let stopped = Instant::now();
     n1.stop();
+    // Publishes sent until the stop took effect may have been sequenced by n1 before it.
+    n1.wait_stopped().await;
+    let stopped = Instant::now();
     tokio::time::sleep(STALL).await;
     n1.cont();
     let woke = Instant::now();

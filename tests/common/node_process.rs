@@ -303,6 +303,23 @@ impl NodeProcess {
         self.stopped = false;
     }
 
+    /// Waits until the kernel reports the process stopped (state `T` in /proc/<pid>/stat): a
+    /// SIGSTOP takes effect a moment after `kill` returns, and what the process does in that
+    /// moment counts as done before the stop.
+    pub async fn wait_stopped(&self) {
+        let path = format!("/proc/{}/stat", self.pid());
+        super::eventually(&format!("{} stopped", self.id), || {
+            let path = path.clone();
+            async move {
+                std::fs::read_to_string(&path).is_ok_and(|stat| {
+                    stat.rsplit_once(')')
+                        .is_some_and(|(_, rest)| rest.trim_start().starts_with('T'))
+                })
+            }
+        })
+        .await;
+    }
+
     pub fn is_stopped(&self) -> bool {
         self.stopped
     }
