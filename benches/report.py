@@ -102,6 +102,15 @@ def at(rows, offered):
     return next((r for r in rows if r["offered_deliveries_per_sec"] == offered), None)
 
 
+def breakdown(r):
+    """Server CPU per process and their sum: "a + b + c = sum"."""
+    if not r:
+        return "n/a"
+    each = r["resources"].get("server_cpu_cores_each") or []
+    parts = " + ".join("n/a" if c is None else f"{c:.2f}" for c in each)
+    return f"{parts} = {cores(r)}"
+
+
 def rate(v):
     return f"{v / 1e6:g}M" if v >= 1e6 else f"{v / 1e3:g}k" if v >= 1e3 else f"{v:g}"
 
@@ -368,12 +377,6 @@ def main(results_path, md_path, svg_path, delivered_svg=None):
                 "" if moved == 0 else f" (the owner afterwards: `{after['owner']}`)") + ".")
         md += ["", "| offered deliveries/s | roomwire delivered/s | nats delivered/s | ratio | drain s (rw / nats) | roomwire p50 / p90 / p99 / p99.9 / max ms | nats p50 / p90 / p99 / p99.9 / max ms | lost, out of order (rw / nats) | roomwire CPU: nodes + backbone = sum | nats CPU: servers = sum | generator CPU (rw / nats) | no history: delivered/s | no history: p50 / p90 / p99 / p99.9 / max ms | no history: CPU |",
                "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        def breakdown(r):
-            if not r:
-                return "n/a"
-            each = r["resources"].get("server_cpu_cores_each") or []
-            parts = " + ".join("n/a" if c is None else f"{c:.2f}" for c in each)
-            return f"{parts} = {cores(r)}"
         for o in sorted({r["offered_deliveries_per_sec"] for r in all_rows}):
             rw, na = at(mesh.get("roomwire", []), o), at(mesh.get("nats", []), o)
             nh = at(mesh.get("roomwire-nohistory", []), o)
@@ -454,12 +457,10 @@ def main(results_path, md_path, svg_path, delivered_svg=None):
                "| history | rooms | sent msgs/s | delivered/s | drain s | p50 / p90 / p99 / p99.9 / max ms | lost, out of order | CPU: nodes + backbone = sum |",
                "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in meshchat:
-            each = r["resources"].get("server_cpu_cores_each") or []
-            parts = " + ".join("n/a" if c is None else f"{c:.2f}" for c in each)
             window = r.get("window_secs") or 1
             md.append(f"| {r['label'].removeprefix('meshchat-')} | {r['rooms']:,} | "
                       f"{r['sent'] / window:,.0f} | {fmt(in_window(r))} | {drain(r)} | {lat(r)} | {loss(r)} | "
-                      f"{parts} = {cores(r)} |")
+                      f"{breakdown(r)} |")
         md.append("")
 
     md += [open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "NOTES.md")).read()]
