@@ -4,8 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::stream::SplitStream;
 use futures_util::StreamExt;
+use futures_util::stream::SplitStream;
 use prost::Message as _;
 use tokio::io::AsyncReadExt as _;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
