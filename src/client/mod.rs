@@ -339,7 +339,9 @@ impl Client {
                 Ok(client)
             }
             Ok(other) => Err(ClientError::Unexpected(format!("{other:?}"))),
-            // A refused Connect is followed by the close; report the close code when it came.
+            // The node's Error frame says most (code, retryable): report it whenever it came.
+            Err(error @ ClientError::Refused { .. }) => Err(error),
+            // No answer: the connection closed first; report its close code when it came.
             Err(error) => match client.events.try_recv() {
                 Ok(Event::Closed { code, reason }) => Err(ClientError::Closed { code, reason }),
                 _ => Err(error),
