@@ -396,7 +396,7 @@ async fn member(common: &Common, index: usize, url: &str, room: &str) -> anyhow:
                     2,
                     client_frame::Kind::Join(proto::Join {
                         room: room.into(),
-                        since: None,
+                        ..Default::default()
                     }),
                 ))
                 .await?;

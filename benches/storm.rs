@@ -115,6 +115,7 @@ async fn member(
                 epoch: position.0,
                 seq: position.1,
             }],
+            ..Default::default()
         });
         let resuming = resume.is_some();
         let connect = client_frame(
@@ -133,7 +134,7 @@ async fn member(
                 2,
                 proto::client_frame::Kind::Join(proto::Join {
                     room: room.clone(),
-                    since: None,
+                    ..Default::default()
                 }),
             );
             if ws.send(join).await.is_err() {

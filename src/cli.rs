@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use tokio::sync::mpsc;
 
-use crate::client::{Client, ClientError, ClientOptions, Event, MessageIds};
+use crate::client::{Client, ClientError, ClientOptions, Event, JoinOptions, MessageIds};
 use crate::proto;
 
 #[derive(Debug, Parser)]
@@ -234,6 +234,21 @@ pub enum ClientAction {
         #[arg(long, default_value_t = 0)]
         limit: u32,
     },
+    /// Print who is in a room (every page), or only the counts with --stats; with --watch,
+    /// join the room and print its joins and leaves as they come.
+    Presence {
+        room: String,
+        /// Only the numbers of users and sessions (works in rooms of any size).
+        #[arg(long, conflicts_with = "watch")]
+        stats: bool,
+        /// Join the room (present as this client's user) and print its presence diffs until
+        /// interrupted.
+        #[arg(long)]
+        watch: bool,
+        /// Shown with this user in the room's presence while watching (e.g. a display name).
+        #[arg(long, requires = "watch", default_value = "")]
+        info: String,
+    },
 }
 
 /// Runs `roomwire client ...`; returns the process exit code (1 when the node ended the session).
@@ -322,6 +337,49 @@ pub async fn run_client(args: ClientArgs) -> anyhow::Result<ExitCode> {
                 page.oldest_seq
             );
             client.close().await;
+        }
+        ClientAction::Presence {
+            room,
+            stats,
+            watch,
+            info,
+        } => {
+            if stats {
+                let stats = client.presence_stats(&room).await?;
+                println!(
+                    "{}: {} users, {} sessions",
+                    room, stats.users, stats.sessions
+                );
+                client.close().await;
+                return Ok(ExitCode::SUCCESS);
+            }
+            if watch {
+                let options = JoinOptions {
+                    presence_events: true,
+                    presence_info: info.into_bytes().into(),
+                    ..JoinOptions::default()
+                };
+                client.join_with(&room, options).await?;
+            }
+            let view = client.presence(&room).await?;
+            for m in &view.members {
+                println!(
+                    "{} ({} sessions){}",
+                    m.user_id,
+                    m.sessions,
+                    info_suffix(&m.info)
+                );
+            }
+            eprintln!("{}: {} users, {} sessions", room, view.users, view.sessions);
+            if !watch {
+                client.close().await;
+                return Ok(ExitCode::SUCCESS);
+            }
+            while let Some(event) = client.next_event().await {
+                if print_event(&event) {
+                    return Ok(ExitCode::FAILURE);
+                }
+            }
         }
         ClientAction::Chat { .. } => unreachable!("handled above"),
     }
@@ -498,9 +556,36 @@ fn parse_hex(hex: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
+/// `info` of a presence entry, for printing (`""` when empty).
+fn info_suffix(info: &[u8]) -> String {
+    match info {
+        [] => String::new(),
+        info => format!(" {}", String::from_utf8_lossy(info)),
+    }
+}
+
 /// Prints one event; returns true when the session ended.
 fn print_event(event: &Event) -> bool {
     match event {
+        Event::PresenceDiff(d) => {
+            if d.reset {
+                eprintln!("{}: presence rebuilt by a new owner", d.room);
+            }
+            for m in &d.joined {
+                println!(
+                    "[{}] + {} ({} sessions){}",
+                    d.room,
+                    m.user_id,
+                    m.sessions,
+                    info_suffix(&m.info)
+                );
+            }
+            for user in &d.left {
+                println!("[{}] - {user}", d.room);
+            }
+            eprintln!("{}: {} users, {} sessions", d.room, d.users, d.sessions);
+            false
+        }
         Event::Message(m) | Event::Datagram(m) => {
             println!(
                 "[{} #{}] {}: {}",

@@ -38,6 +38,11 @@ pub fn router(ctx: Arc<NodeContext>) -> Router {
         .route("/api/v1/publish", post(publish))
         .route("/api/v1/rooms/{room}", get(room_info))
         .route("/api/v1/rooms/{room}/history", get(room_history))
+        .route("/api/v1/rooms/{room}/presence", get(room_presence))
+        .route(
+            "/api/v1/rooms/{room}/presence/stats",
+            get(room_presence_stats),
+        )
         .route("/api/v1/users/{user}/disconnect", post(disconnect_user))
         .route("/api/v1/node", get(node_info))
         .route("/api/v1/cluster", get(cluster))
@@ -375,6 +380,129 @@ async fn room_history(
         "more": more,
         "messages": messages,
     })))
+}
+
+#[derive(Debug, Deserialize)]
+struct PresenceParams {
+    /// The users after this user id (the previous page's `next`).
+    #[serde(default)]
+    after: String,
+    #[serde(default)]
+    limit: u32,
+}
+
+/// A room's presence as the HTTP API shows it.
+#[derive(Debug, Serialize)]
+struct PresenceBody {
+    room: String,
+    epoch: u64,
+    version: u64,
+    users: u32,
+    sessions: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    members: Option<Vec<PresenceMemberBody>>,
+    /// The last user id of the page when more follow.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct PresenceMemberBody {
+    user: String,
+    sessions: u32,
+    /// The presence info when it is UTF-8, else `info_base64`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    info: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    info_base64: Option<String>,
+}
+
+/// Asks the room's owner for a page of its presence, or its counts. The HTTP API lists any
+/// room, whatever its size (paged): the class's list cap is for clients.
+async fn presence_reply(
+    ctx: &NodeContext,
+    room: &str,
+    after: String,
+    limit: u32,
+    stats_only: bool,
+) -> Result<PresenceBody, ApiError> {
+    let room = RoomName::parse_any(room, ctx.config.rooms.max_name_bytes)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string()))?;
+    if ctx.bus.presence().list_max(&room).is_none() {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "presence_off",
+            format!("room {room} keeps no presence (its class has presence = false)"),
+        ));
+    }
+    let query = crate::proto::mesh::PresenceQuery {
+        room: room.to_string(),
+        after,
+        limit,
+        stats_only,
+        uncapped: true,
+    };
+    let reply = ctx.bus.presence_query(&room, query).await.map_err(|e| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            e.to_string(),
+        )
+    })?;
+    let members = (!stats_only).then(|| {
+        reply
+            .members
+            .into_iter()
+            .map(|m| {
+                let (info, info_base64) = match std::str::from_utf8(&m.info) {
+                    _ if m.info.is_empty() => (None, None),
+                    Ok(text) => (Some(text.to_string()), None),
+                    Err(_) => (
+                        None,
+                        Some(base64::engine::general_purpose::STANDARD.encode(&m.info)),
+                    ),
+                };
+                PresenceMemberBody {
+                    user: m.user,
+                    sessions: m.sessions,
+                    info,
+                    info_base64,
+                }
+            })
+            .collect()
+    });
+    Ok(PresenceBody {
+        room: room.to_string(),
+        epoch: reply.epoch,
+        version: reply.version,
+        users: reply.users,
+        sessions: reply.sessions,
+        members,
+        next: (!reply.next.is_empty()).then_some(reply.next),
+    })
+}
+
+/// A page of a room's presence (`after` a user id; `limit` at most 1000, default 100).
+async fn room_presence(
+    State(ctx): State<Arc<NodeContext>>,
+    _key: ApiKey,
+    Path(room): Path<String>,
+    Query(params): Query<PresenceParams>,
+) -> Result<Json<PresenceBody>, ApiError> {
+    Ok(Json(
+        presence_reply(&ctx, &room, params.after, params.limit, false).await?,
+    ))
+}
+
+/// A room's presence counts.
+async fn room_presence_stats(
+    State(ctx): State<Arc<NodeContext>>,
+    _key: ApiKey,
+    Path(room): Path<String>,
+) -> Result<Json<PresenceBody>, ApiError> {
+    Ok(Json(
+        presence_reply(&ctx, &room, String::new(), 0, true).await?,
+    ))
 }
 
 async fn disconnect_user(

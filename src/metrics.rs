@@ -116,6 +116,16 @@ pub struct Metrics {
     pub mesh_slow_subscriptions: Counter,
     /// Rooms this node is subscribed to in the mesh (it has local members).
     pub mesh_subscribed_rooms: Gauge,
+    /// Rooms whose presence this node holds as their owner.
+    pub presence_rooms: Gauge,
+    /// Presence diffs this node sent as a room's owner (one per room and interval at most).
+    pub presence_diffs: Counter,
+    /// PresenceDiff frames queued to local sessions.
+    pub presence_deliveries: Counter,
+    /// Presence reports this node sent to rooms' owners (one request per owner and interval),
+    /// and those that got no answer (the rooms are reported whole next time).
+    pub presence_reports: Counter,
+    pub presence_reports_lost: Counter,
 }
 
 impl Default for Metrics {
@@ -125,7 +135,7 @@ impl Default for Metrics {
 }
 
 /// Inbound frame kinds, counted through counters resolved once (no label lookup per frame).
-pub const FRAME_KINDS: [&str; 12] = [
+pub const FRAME_KINDS: [&str; 14] = [
     "connect",
     "join",
     "leave",
@@ -134,6 +144,8 @@ pub const FRAME_KINDS: [&str; 12] = [
     "refresh",
     "history",
     "seen",
+    "presence",
+    "presence_stats",
     "empty",
     "text",
     "undecodable",
@@ -357,6 +369,31 @@ impl Metrics {
             mesh_stale_epoch_messages: reg!(
                 "mesh_stale_epoch_messages",
                 "Mesh messages from an older epoch than one already delivered, dropped (an owner that lost the room while publishing them)",
+                Counter::default()
+            ),
+            presence_rooms: reg!(
+                "presence_rooms",
+                "Rooms whose presence this node holds as their owner",
+                Gauge::default()
+            ),
+            presence_diffs: reg!(
+                "presence_diffs",
+                "Presence diffs sent as a room's owner",
+                Counter::default()
+            ),
+            presence_deliveries: reg!(
+                "presence_deliveries",
+                "PresenceDiff frames queued to local sessions",
+                Counter::default()
+            ),
+            presence_reports: reg!(
+                "presence_reports",
+                "Presence reports sent to rooms' owners",
+                Counter::default()
+            ),
+            presence_reports_lost: reg!(
+                "presence_reports_lost",
+                "Presence reports that got no answer (reported whole next time)",
                 Counter::default()
             ),
             mesh_lease_lapses: reg!(

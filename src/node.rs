@@ -101,7 +101,12 @@ impl Node {
             ])
             .set(1);
         let bus = if config.mesh.nats_urls.is_empty() {
-            Bus::Standalone(LocalBus::new(hub.clone(), metrics.clone(), &config.rooms))
+            Bus::Standalone(LocalBus::new(
+                node_id.clone(),
+                hub.clone(),
+                metrics.clone(),
+                &config.rooms,
+            ))
         } else {
             Bus::Mesh(
                 MeshBus::start(&config, node_id.clone(), hub.clone(), metrics.clone())
@@ -196,6 +201,18 @@ impl Node {
             }
         });
 
+        let presence = tokio::spawn({
+            let ctx = ctx.clone();
+            async move {
+                let mut ticker = tokio::time::interval(ctx.bus.presence().interval);
+                ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    ticker.tick().await;
+                    ctx.bus.presence_tick().await;
+                }
+            }
+        });
+
         let reloader = ctx.tls.clone().map(|tls| {
             tokio::spawn(async move {
                 let mut ticker = tokio::time::interval(tls.reload_interval());
@@ -217,6 +234,7 @@ impl Node {
 
         shutdown.cancelled().await;
         sweeper.abort();
+        presence.abort();
         if let Some(reloader) = reloader {
             reloader.abort();
         }

@@ -102,7 +102,7 @@ async fn the_first_frame_must_be_connect() {
         1,
         client_frame::Kind::Join(proto::Join {
             room: "x".into(),
-            since: None,
+            ..Default::default()
         }),
     )
     .await;
@@ -258,7 +258,7 @@ async fn a_slow_consumer_is_cut_off_while_the_others_receive_everything() {
         2,
         client_frame::Kind::Join(proto::Join {
             room: "firehose".into(),
-            since: None,
+            ..Default::default()
         }),
     )
     .await;

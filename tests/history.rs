@@ -21,6 +21,8 @@ fn class(name: &str, pattern: &str, history: HistoryMode, max_messages: u64) -> 
         max_messages,
         max_age_ms: 3_600_000,
         max_bytes: 64 * 1024 * 1024,
+        presence: false,
+        presence_list_max: 1_000,
     }
 }
 

@@ -212,6 +212,7 @@ async fn graceful_shutdown_sends_goaway_flushes_and_closes_every_session_with_10
                     | Event::Joined(_)
                     | Event::TokenExpiring(_)
                     | Event::Left(_)
+                    | Event::PresenceDiff(_)
                     | Event::Datagram(_)
                     | Event::EpochChanged(_)),
                 ) => {
@@ -283,7 +284,7 @@ async fn readyz_on_an_open_keep_alive_connection_answers_503_during_the_drain() 
         2,
         roomwire::proto::client_frame::Kind::Join(roomwire::proto::Join {
             room: "firehose".into(),
-            since: None,
+            ..Default::default()
         }),
     )
     .await;

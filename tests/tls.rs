@@ -197,7 +197,7 @@ async fn required_mtls_admits_the_right_certificate_as_its_service_and_refuses_t
         2,
         client_frame::Kind::Join(proto::Join {
             room: "billing.invoices".into(),
-            since: None,
+            ..Default::default()
         }),
     )
     .await;
@@ -210,7 +210,7 @@ async fn required_mtls_admits_the_right_certificate_as_its_service_and_refuses_t
         3,
         client_frame::Kind::Join(proto::Join {
             room: "chat.lobby".into(),
-            since: None,
+            ..Default::default()
         }),
     )
     .await;

@@ -20,6 +20,8 @@ export declare const ErrorCode: {
   readonly RATE_LIMITED: 11;
   readonly UNAVAILABLE: 12;
   readonly INTERNAL: 13;
+  readonly PRESENCE_OFF: 14;
+  readonly PRESENCE_TOO_LARGE: 15;
 };
 export type ErrorCode = (typeof ErrorCode)[keyof typeof ErrorCode];
 

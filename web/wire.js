@@ -19,7 +19,9 @@ export const descriptor = {
                     "ping",
                     "refresh",
                     "history",
-                    "seen"
+                    "seen",
+                    "presence",
+                    "presenceStats"
                   ]
                 }
               },
@@ -60,6 +62,15 @@ export const descriptor = {
                 "seen": {
                   "type": "RoomPosition",
                   "id": 9
+                },
+                "presence": {
+                  "type": "GetPresence",
+                  "id": 10
+                },
+                "presenceStats": {
+                  "type": "GetPresenceStats",
+                  "id": 11,
+                  "protoName": "presence_stats"
                 }
               }
             },
@@ -78,7 +89,10 @@ export const descriptor = {
                     "refreshed",
                     "tokenExpiring",
                     "epochChanged",
-                    "historyPage"
+                    "historyPage",
+                    "presencePage",
+                    "presenceStats",
+                    "presenceDiff"
                   ]
                 }
               },
@@ -140,6 +154,21 @@ export const descriptor = {
                   "type": "HistoryPage",
                   "id": 13,
                   "protoName": "history_page"
+                },
+                "presencePage": {
+                  "type": "PresencePage",
+                  "id": 14,
+                  "protoName": "presence_page"
+                },
+                "presenceStats": {
+                  "type": "PresenceStats",
+                  "id": 15,
+                  "protoName": "presence_stats"
+                },
+                "presenceDiff": {
+                  "type": "PresenceDiff",
+                  "id": 16,
+                  "protoName": "presence_diff"
                 }
               }
             },
@@ -171,6 +200,12 @@ export const descriptor = {
                   "rule": "repeated",
                   "type": "RoomPosition",
                   "id": 1
+                },
+                "presenceEvents": {
+                  "rule": "repeated",
+                  "type": "string",
+                  "id": 2,
+                  "protoName": "presence_events"
                 }
               }
             },
@@ -285,6 +320,16 @@ export const descriptor = {
                 "since": {
                   "type": "RoomPosition",
                   "id": 2
+                },
+                "presenceEvents": {
+                  "type": "bool",
+                  "id": 3,
+                  "protoName": "presence_events"
+                },
+                "presenceInfo": {
+                  "type": "bytes",
+                  "id": 4,
+                  "protoName": "presence_info"
                 }
               }
             },
@@ -382,6 +427,146 @@ export const descriptor = {
                   "type": "uint64",
                   "id": 7,
                   "protoName": "oldest_seq"
+                }
+              }
+            },
+            "GetPresence": {
+              "fields": {
+                "room": {
+                  "type": "string",
+                  "id": 1
+                },
+                "after": {
+                  "type": "string",
+                  "id": 2
+                },
+                "limit": {
+                  "type": "uint32",
+                  "id": 3
+                }
+              }
+            },
+            "PresenceMember": {
+              "fields": {
+                "userId": {
+                  "type": "string",
+                  "id": 1,
+                  "protoName": "user_id"
+                },
+                "sessions": {
+                  "type": "uint32",
+                  "id": 2
+                },
+                "info": {
+                  "type": "bytes",
+                  "id": 3
+                }
+              }
+            },
+            "PresencePage": {
+              "fields": {
+                "room": {
+                  "type": "string",
+                  "id": 1
+                },
+                "members": {
+                  "rule": "repeated",
+                  "type": "PresenceMember",
+                  "id": 2
+                },
+                "next": {
+                  "type": "string",
+                  "id": 3
+                },
+                "epoch": {
+                  "type": "uint64",
+                  "id": 4
+                },
+                "version": {
+                  "type": "uint64",
+                  "id": 5
+                },
+                "users": {
+                  "type": "uint32",
+                  "id": 6
+                },
+                "sessions": {
+                  "type": "uint32",
+                  "id": 7
+                }
+              }
+            },
+            "GetPresenceStats": {
+              "fields": {
+                "room": {
+                  "type": "string",
+                  "id": 1
+                }
+              }
+            },
+            "PresenceStats": {
+              "fields": {
+                "room": {
+                  "type": "string",
+                  "id": 1
+                },
+                "users": {
+                  "type": "uint32",
+                  "id": 2
+                },
+                "sessions": {
+                  "type": "uint32",
+                  "id": 3
+                },
+                "epoch": {
+                  "type": "uint64",
+                  "id": 4
+                },
+                "version": {
+                  "type": "uint64",
+                  "id": 5
+                }
+              }
+            },
+            "PresenceDiff": {
+              "fields": {
+                "room": {
+                  "type": "string",
+                  "id": 1
+                },
+                "epoch": {
+                  "type": "uint64",
+                  "id": 2
+                },
+                "version": {
+                  "type": "uint64",
+                  "id": 3
+                },
+                "joined": {
+                  "rule": "repeated",
+                  "type": "PresenceMember",
+                  "id": 4
+                },
+                "left": {
+                  "rule": "repeated",
+                  "type": "string",
+                  "id": 5
+                },
+                "users": {
+                  "type": "uint32",
+                  "id": 6
+                },
+                "sessions": {
+                  "type": "uint32",
+                  "id": 7
+                },
+                "truncated": {
+                  "type": "bool",
+                  "id": 8
+                },
+                "reset": {
+                  "type": "bool",
+                  "id": 9
                 }
               }
             },
@@ -598,7 +783,9 @@ export const descriptor = {
                 "ERROR_CODE_FORBIDDEN": 10,
                 "ERROR_CODE_RATE_LIMITED": 11,
                 "ERROR_CODE_UNAVAILABLE": 12,
-                "ERROR_CODE_INTERNAL": 13
+                "ERROR_CODE_INTERNAL": 13,
+                "ERROR_CODE_PRESENCE_OFF": 14,
+                "ERROR_CODE_PRESENCE_TOO_LARGE": 15
               }
             },
             "CloseCode": {
@@ -642,7 +829,9 @@ export const ErrorCode = Object.freeze({
   "FORBIDDEN": 10,
   "RATE_LIMITED": 11,
   "UNAVAILABLE": 12,
-  "INTERNAL": 13
+  "INTERNAL": 13,
+  "PRESENCE_OFF": 14,
+  "PRESENCE_TOO_LARGE": 15
 });
 
 /** The close codes the node uses (roomwire.v1.CloseCode), as reported in status events. */

@@ -63,6 +63,8 @@ pub struct ClientOptions {
     /// Rooms to rejoin from where a previous session left off (`Connect.resume`): each comes
     /// back as [`Event::Joined`], after the messages it missed.
     pub resume: Vec<proto::RoomPosition>,
+    /// Rooms of `resume` whose presence diffs this session receives again.
+    pub resume_presence_events: Vec<String>,
     /// A stable id of this device (`Connect.device_id`): the node delivers what was sent to the
     /// user while this device was away, on its next connect. Empty: no offline delivery.
     pub device_id: String,
@@ -80,6 +82,7 @@ impl Default for ClientOptions {
             client_cert: None,
             ping_interval: Duration::from_secs(20),
             resume: Vec::new(),
+            resume_presence_events: Vec::new(),
             device_id: String::new(),
         }
     }
@@ -120,6 +123,8 @@ pub enum Event {
     EpochChanged(proto::EpochChanged),
     /// A room the Connect resumed is joined again (the messages it missed came before this).
     Joined(proto::Joined),
+    /// Joins and leaves in a room joined with [`JoinOptions::presence_events`].
+    PresenceDiff(proto::PresenceDiff),
     /// An Error frame that answers no request (e.g. a protocol violation, or a room the
     /// Connect's resume could not rejoin: `Error.room`).
     Error(proto::Error),
@@ -129,6 +134,27 @@ pub enum Event {
         code: Option<u16>,
         reason: String,
     },
+}
+
+/// The options of [`Client::join_with`].
+#[derive(Debug, Clone, Default)]
+pub struct JoinOptions {
+    /// The last message this client has of the room (epoch, seq): what follows is replayed.
+    pub since: Option<(u64, u64)>,
+    /// Receive the room's presence diffs ([`Event::PresenceDiff`]).
+    pub presence_events: bool,
+    /// Shown with this user in the room's presence.
+    pub presence_info: bytes::Bytes,
+}
+
+/// A room's whole presence, read page by page ([`Client::presence`]).
+#[derive(Debug, Clone, Default)]
+pub struct PresenceView {
+    pub members: Vec<proto::PresenceMember>,
+    pub epoch: u64,
+    pub version: u64,
+    pub users: u32,
+    pub sessions: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -326,6 +352,7 @@ impl Client {
                 client_name: options.client_name,
                 resume: (!options.resume.is_empty()).then_some(proto::Resume {
                     rooms: options.resume,
+                    presence_events: options.resume_presence_events,
                 }),
                 device_id: options.device_id,
             }))
@@ -365,7 +392,23 @@ impl Client {
         room: &str,
         since: Option<(u64, u64)>,
     ) -> Result<proto::Joined, ClientError> {
-        let since = since.map(|(epoch, seq)| proto::RoomPosition {
+        self.join_with(
+            room,
+            JoinOptions {
+                since,
+                ..JoinOptions::default()
+            },
+        )
+        .await
+    }
+
+    /// Joins `room` with every option of `Join` (position, presence diffs, presence info).
+    pub async fn join_with(
+        &self,
+        room: &str,
+        options: JoinOptions,
+    ) -> Result<proto::Joined, ClientError> {
+        let since = options.since.map(|(epoch, seq)| proto::RoomPosition {
             room: room.into(),
             epoch,
             seq,
@@ -374,10 +417,63 @@ impl Client {
             .request(client_frame::Kind::Join(proto::Join {
                 room: room.into(),
                 since,
+                presence_events: options.presence_events,
+                presence_info: options.presence_info,
             }))
             .await?
         {
             server_frame::Kind::Joined(joined) => Ok(joined),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// One page of `room`'s presence: the users after `after` (empty: from the first), at most
+    /// `limit` (0: the node's default).
+    pub async fn presence_page(
+        &self,
+        room: &str,
+        after: &str,
+        limit: u32,
+    ) -> Result<proto::PresencePage, ClientError> {
+        match self
+            .request(client_frame::Kind::Presence(proto::GetPresence {
+                room: room.into(),
+                after: after.into(),
+                limit,
+            }))
+            .await?
+        {
+            server_frame::Kind::PresencePage(page) => Ok(page),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Every user in `room`'s presence, page after page; with the epoch and version of the last
+    /// page (apply diffs after it).
+    pub async fn presence(&self, room: &str) -> Result<PresenceView, ClientError> {
+        let mut view = PresenceView::default();
+        let mut after = String::new();
+        loop {
+            let page = self.presence_page(room, &after, 0).await?;
+            view.members.extend(page.members);
+            (view.epoch, view.version) = (page.epoch, page.version);
+            (view.users, view.sessions) = (page.users, page.sessions);
+            if page.next.is_empty() {
+                return Ok(view);
+            }
+            after = page.next;
+        }
+    }
+
+    /// How many users and sessions are in `room`.
+    pub async fn presence_stats(&self, room: &str) -> Result<proto::PresenceStats, ClientError> {
+        match self
+            .request(client_frame::Kind::PresenceStats(proto::GetPresenceStats {
+                room: room.into(),
+            }))
+            .await?
+        {
+            server_frame::Kind::PresenceStats(stats) => Ok(stats),
             other => Err(ClientError::Unexpected(format!("{other:?}"))),
         }
     }
@@ -699,6 +795,7 @@ impl Dispatcher {
             Some(server_frame::Kind::Error(e)) => Event::Error(e),
             Some(server_frame::Kind::Joined(j)) => Event::Joined(j),
             Some(server_frame::Kind::EpochChanged(e)) => Event::EpochChanged(e),
+            Some(server_frame::Kind::PresenceDiff(d)) => Event::PresenceDiff(d),
             _ => return true,
         };
         self.events.send(event).await.is_ok()

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use crate::clock::{mono_ms, wall_ms};
 use crate::cluster::devices::LocalDevices;
 use crate::cluster::owners::{Cell, Held, Installed, Owners};
+use crate::cluster::presence::Presence;
 use crate::cluster::{BusError, REPLAY_PAGE, RoomInfo, fit_to_share, joined_frame, page_size};
 use crate::config::RoomsConfig;
 use crate::fanout::{Hub, UnreliableReport};
@@ -20,6 +21,9 @@ use crate::room::{
 };
 
 pub struct LocalBus {
+    /// This node's id: standalone, the owner of every room's presence.
+    node_id: Arc<str>,
+    presence: Box<Presence>,
     hub: Arc<Hub>,
     owners: Owners,
     epochs: EpochClock,
@@ -28,8 +32,15 @@ pub struct LocalBus {
 }
 
 impl LocalBus {
-    pub fn new(hub: Arc<Hub>, metrics: Arc<Metrics>, config: &RoomsConfig) -> Self {
+    pub fn new(
+        node_id: Arc<str>,
+        hub: Arc<Hub>,
+        metrics: Arc<Metrics>,
+        config: &RoomsConfig,
+    ) -> Self {
         Self {
+            node_id,
+            presence: Box::new(Presence::new(config, metrics.clone(), 0)),
             hub,
             owners: Owners::new(config, metrics),
             epochs: EpochClock::default(),
@@ -153,6 +164,15 @@ impl LocalBus {
 
     pub fn leave(&self, room: &RoomName, member: &Arc<Member>) {
         self.hub.remove(room, member.key);
+    }
+
+    pub fn presence(&self) -> &Presence {
+        &self.presence
+    }
+
+    /// One presence interval: this node is every room's owner.
+    pub fn presence_tick(&self) {
+        self.presence.tick_alone(&self.node_id, mono_ms());
     }
 
     /// A page of `room`'s history (nothing kept: an empty page at the room's position).

@@ -33,7 +33,7 @@ pub enum NodeState {
 /// mesh can be upgraded node by node: 1 forwards one publish per request, 2 also takes
 /// `ForwardBatch`, 3 also serves `History`. A node sends a peer only what the peer's heartbeat
 /// says it understands.
-pub const MESH_PROTOCOL: u32 = 3;
+pub const MESH_PROTOCOL: u32 = 4;
 
 /// Nodes whose heartbeats carry no protocol predate it: version 1.
 fn protocol_one() -> u32 {

@@ -22,6 +22,7 @@ pub mod mesh;
 pub mod order;
 pub mod owners;
 pub mod ownership;
+pub mod presence;
 pub mod ring;
 
 use membership::{NodeState, NodeView};
@@ -223,6 +224,7 @@ impl Bus {
     }
 
     pub async fn leave(&self, room: &RoomName, member: &Arc<Member>) {
+        self.presence().left(room, member.key);
         match self {
             Bus::Standalone(bus) => bus.leave(room, member),
             Bus::Mesh(bus) => bus.leave(room, member),
@@ -233,6 +235,34 @@ impl Bus {
         match self {
             Bus::Standalone(bus) => bus.room_info(room).await,
             Bus::Mesh(bus) => bus.room_info(room),
+        }
+    }
+
+    /// This node's presence: its members of presence rooms, and the rooms it owns.
+    pub fn presence(&self) -> &presence::Presence {
+        match self {
+            Bus::Standalone(bus) => bus.presence(),
+            Bus::Mesh(bus) => bus.presence(),
+        }
+    }
+
+    /// A page of `room`'s presence, or its counts, from its owner.
+    pub async fn presence_query(
+        &self,
+        room: &RoomName,
+        q: proto::mesh::PresenceQuery,
+    ) -> Result<proto::mesh::PresenceReply, BusError> {
+        match self {
+            Bus::Standalone(bus) => Ok(bus.presence().owned.query(room, &q)),
+            Bus::Mesh(bus) => bus.presence_query(room, q).await,
+        }
+    }
+
+    /// One presence interval: reports to the rooms' owners, diffs to the members.
+    pub async fn presence_tick(&self) {
+        match self {
+            Bus::Standalone(bus) => bus.presence_tick(),
+            Bus::Mesh(bus) => bus.presence_tick().await,
         }
     }
 

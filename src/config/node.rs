@@ -135,6 +135,14 @@ pub struct RoomsConfig {
     /// How rooms keep their history, by name: the first class whose pattern matches a room is
     /// its class; a room no class matches keeps none. See [`RoomClass`].
     pub classes: Vec<RoomClass>,
+    /// Milliseconds between a room's presence diffs (joins and leaves batched, sent to the
+    /// members that asked for them), and between a node's reports of its members to the owners.
+    pub presence_interval_ms: u64,
+    /// Milliseconds a user whose last session left a room stays present: a session that comes
+    /// back within it (a reload, a reconnect, a drain moving it) is neither a leave nor a join.
+    pub presence_grace_ms: u64,
+    /// Bytes of `Join.presence_info` kept per user at most (a longer one is refused).
+    pub presence_info_max_bytes: usize,
 }
 
 /// A class of rooms and the history they keep.
@@ -161,6 +169,17 @@ pub struct RoomClass {
     /// room's large messages cannot hold the owner's memory.
     #[serde(default)]
     pub max_bytes: u64,
+    /// Whether the class's rooms keep presence (who is in them, join and leave diffs).
+    #[serde(default)]
+    pub presence: bool,
+    /// Users a room's presence lists at most: above it, GetPresence is refused with
+    /// PRESENCE_TOO_LARGE and diffs carry counts only (the HTTP API still lists, paged).
+    #[serde(default = "default_presence_list_max")]
+    pub presence_list_max: usize,
+}
+
+fn default_presence_list_max() -> usize {
+    1_000
 }
 
 /// Where a room's history lives.
@@ -181,6 +200,15 @@ impl RoomClass {
             max_messages: messages,
             max_age_ms: age_ms,
             max_bytes: 1024 * 1024,
+            presence: false,
+            presence_list_max: default_presence_list_max(),
+        }
+    }
+
+    fn with_presence(self) -> Self {
+        Self {
+            presence: true,
+            ..self
         }
     }
 }
@@ -229,6 +257,21 @@ impl RoomsConfig {
                     class.name
                 ));
             }
+            if class.presence && !(1..=100_000).contains(&class.presence_list_max) {
+                return bad(format!(
+                    "rooms.classes[{i}] ({}): presence_list_max must be within 1..=100000",
+                    class.name
+                ));
+            }
+        }
+        if !(50..=60_000).contains(&self.presence_interval_ms) {
+            return bad("rooms.presence_interval_ms must be within 50..=60000".into());
+        }
+        if !(1_000..=600_000).contains(&self.presence_grace_ms) {
+            return bad("rooms.presence_grace_ms must be within 1000..=600000".into());
+        }
+        if self.presence_info_max_bytes > 4096 {
+            return bad("rooms.presence_info_max_bytes must be at most 4096".into());
         }
         Ok(())
     }
@@ -246,8 +289,11 @@ impl Default for RoomsConfig {
                 // Messages to a user wait for her devices (offline delivery).
                 RoomClass::new("users", "$user.>", HistoryMode::Durable, 100, DAY_MS),
                 RoomClass::new("broadcast", "$broadcast", HistoryMode::None, 0, 0),
-                RoomClass::new("rooms", ">", HistoryMode::Durable, 1_000, DAY_MS),
+                RoomClass::new("rooms", ">", HistoryMode::Durable, 1_000, DAY_MS).with_presence(),
             ],
+            presence_interval_ms: 500,
+            presence_grace_ms: 15_000,
+            presence_info_max_bytes: 256,
         }
     }
 }

@@ -91,6 +91,8 @@ impl ClientFrame {
             Some(Kind::Refresh(_)) => "refresh",
             Some(Kind::History(_)) => "history",
             Some(Kind::Seen(_)) => "seen",
+            Some(Kind::Presence(_)) => "presence",
+            Some(Kind::PresenceStats(_)) => "presence_stats",
             None => "empty",
         }
     }

@@ -15,6 +15,8 @@ pub struct History {
     pub max_messages: u64,
     pub max_age_ms: u64,
     pub max_bytes: u64,
+    /// Users listed in the room's presence at most; `None`: the class keeps no presence.
+    pub presence: Option<usize>,
 }
 
 impl History {
@@ -26,6 +28,7 @@ impl History {
             max_messages: 0,
             max_age_ms: 0,
             max_bytes: 0,
+            presence: None,
         }
     }
 
@@ -52,6 +55,7 @@ impl Classes {
                         max_messages: c.max_messages,
                         max_age_ms: c.max_age_ms,
                         max_bytes: c.max_bytes,
+                        presence: c.presence.then_some(c.presence_list_max),
                     };
                     Some((pattern, history))
                 })
@@ -70,6 +74,14 @@ impl Classes {
             .iter()
             .find(|(pattern, _)| pattern.matches(room))
             .map_or_else(History::none, |(_, history)| history.clone())
+    }
+
+    /// Whether `room` keeps presence: the users its presence lists at most.
+    pub fn presence_of(&self, room: &RoomName) -> Option<usize> {
+        self.0
+            .iter()
+            .find(|(pattern, _)| pattern.matches(room))
+            .and_then(|(_, history)| history.presence)
     }
 
     /// `state`, keeping in memory the messages `room`'s class keeps.
@@ -103,10 +115,16 @@ mod tests {
             max_messages: 10,
             max_age_ms: 1_000,
             max_bytes: 1024,
+            presence: true,
+            presence_list_max: 5,
         }]);
         let room = |name: &str| RoomName::parse_any(name, 128).unwrap();
         assert_eq!(only_chat.of(&room("chat.a")).max_messages, 10);
         assert!(!only_chat.of(&room("news.a")).keeps());
         assert!(!only_chat.of(&room("$user.bob")).keeps());
+        assert_eq!(only_chat.presence_of(&room("chat.a")), Some(5));
+        assert_eq!(only_chat.presence_of(&room("news.a")), None);
+        assert_eq!(classes.presence_of(&room("chat.a")), Some(1_000));
+        assert_eq!(classes.presence_of(&room("$user.alice")), None);
     }
 }

@@ -159,6 +159,7 @@ mod tests {
             max_messages: messages,
             max_age_ms: age,
             max_bytes: bytes,
+            presence: None,
         })
     }
 

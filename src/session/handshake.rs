@@ -139,8 +139,8 @@ pub(super) async fn handshake<S: FrameSource, K: FrameSink>(
         publishes: Pipeline::default(),
         resume: connect
             .resume
-            .map(|resume| (request_id, resume.rooms))
-            .filter(|(_, rooms)| !rooms.is_empty()),
+            .map(|resume| (request_id, resume))
+            .filter(|(_, resume)| !resume.rooms.is_empty()),
         connect_request_id: request_id,
         device: (!connect.device_id.is_empty()).then_some(connect.device_id),
         user_room_since: None,

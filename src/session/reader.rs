@@ -45,6 +45,12 @@ enum RequestError {
     BothDirections,
     #[error("seen needs a Connect.device_id and names the session's own user room")]
     SeenWithoutDevice,
+    #[error("presence_info longer than {0} bytes")]
+    InfoTooLarge(usize),
+    #[error("room {0} keeps no presence (its class has presence = false)")]
+    PresenceOff(RoomName),
+    #[error("room {0} has {1} users, more than its class lists: ask for PresenceStats")]
+    PresenceTooLarge(RoomName, u32),
 }
 
 impl RequestError {
@@ -59,6 +65,9 @@ impl RequestError {
             RequestError::Forbidden(..) => ErrorCode::Forbidden,
             RequestError::Auth(e) => e.code(),
             RequestError::BothDirections | RequestError::SeenWithoutDevice => ErrorCode::BadFrame,
+            RequestError::InfoTooLarge(_) => ErrorCode::PayloadTooLarge,
+            RequestError::PresenceOff(_) => ErrorCode::PresenceOff,
+            RequestError::PresenceTooLarge(..) => ErrorCode::PresenceTooLarge,
         }
     }
 }
@@ -91,7 +100,7 @@ pub(super) struct Session {
     /// Reliable publishes read and not yet answered.
     pub(super) publishes: Pipeline,
     /// The rooms the Connect asked to resume, with its request id, until they are rejoined.
-    pub(super) resume: Option<(u64, Vec<proto::RoomPosition>)>,
+    pub(super) resume: Option<(u64, proto::Resume)>,
     /// The Connect's request id (resumed rooms are answered with it).
     pub(super) connect_request_id: u64,
     /// `Connect.device_id`: where this device has read its user room to is kept.
@@ -387,8 +396,23 @@ impl Session {
         let result = match frame.kind {
             Some(Kind::Join(join)) => {
                 return Some(Box::pin(async move {
-                    let since = join.since.map(|p| (p.epoch, p.seq));
-                    let result = self.join(request_id, &join.room, since).await;
+                    let result = self.join(request_id, join).await;
+                    self.answer(request_id, result);
+                }));
+            }
+            Some(Kind::Presence(ask)) => {
+                return Some(Box::pin(async move {
+                    let result = self
+                        .presence(request_id, &ask.room, ask.after, ask.limit, false)
+                        .await;
+                    self.answer(request_id, result);
+                }));
+            }
+            Some(Kind::PresenceStats(ask)) => {
+                return Some(Box::pin(async move {
+                    let result = self
+                        .presence(request_id, &ask.room, String::new(), 0, true)
+                        .await;
                     self.answer(request_id, result);
                 }));
             }
@@ -484,10 +508,13 @@ impl Session {
     /// this device had read to; `None` to join it live.
     pub(super) async fn user_room_position(&mut self) -> Option<(u64, u64)> {
         let user_room = RoomName::for_user(&self.handle.user);
-        if let Some((_, rooms)) = &mut self.resume
-            && let Some(i) = rooms.iter().position(|p| p.room == user_room.as_str())
+        if let Some((_, resume)) = &mut self.resume
+            && let Some(i) = resume
+                .rooms
+                .iter()
+                .position(|p| p.room == user_room.as_str())
         {
-            let position = rooms.remove(i);
+            let position = resume.rooms.remove(i);
             return Some((position.epoch, position.seq));
         }
         let device = self.device.clone()?;
@@ -537,12 +564,17 @@ impl Session {
                     .go_away("this node cannot serve the session now; reconnect");
             }
         }
-        let Some((request_id, positions)) = self.resume.take() else {
+        let Some((request_id, resume)) = self.resume.take() else {
             return;
         };
-        for position in positions {
-            let since = Some((position.epoch, position.seq));
-            if let Err(error) = self.join(request_id, &position.room, since).await {
+        for position in resume.rooms {
+            let join = proto::Join {
+                presence_events: resume.presence_events.contains(&position.room),
+                room: position.room.clone(),
+                since: Some(position.clone()),
+                presence_info: Bytes::new(),
+            };
+            if let Err(error) = self.join(request_id, join).await {
                 tracing::debug!(%error, room = %position.room, "resume refused");
                 self.count_error(error.code());
                 self.handle.push_frame(&ServerFrame::room_error(
@@ -555,15 +587,15 @@ impl Session {
         }
     }
 
-    async fn join(
-        &mut self,
-        request_id: u64,
-        name: &str,
-        since: Option<(u64, u64)>,
-    ) -> Result<(), RequestError> {
-        let room = self.room_name(name)?;
+    async fn join(&mut self, request_id: u64, join: proto::Join) -> Result<(), RequestError> {
+        let room = self.room_name(&join.room)?;
+        let since = join.since.map(|p| (p.epoch, p.seq));
         if !self.permissions.may_join(&room) {
             return Err(RequestError::Forbidden("join", room));
+        }
+        let info_max = self.ctx.bus.presence().info_max_bytes;
+        if join.presence_info.len() > info_max {
+            return Err(RequestError::InfoTooLarge(info_max));
         }
         let max = self.ctx.config.session.max_rooms;
         if !self.rooms.contains(&room) && self.rooms.len() >= max {
@@ -573,7 +605,72 @@ impl Session {
             .bus
             .join(&room, &self.handle, Some(request_id), since)
             .await?;
+        self.ctx.bus.presence().joined(
+            &room,
+            &self.handle,
+            join.presence_info,
+            join.presence_events,
+        );
         self.rooms.insert(room);
+        Ok(())
+    }
+
+    /// Answers GetPresence (a page) or GetPresenceStats (`stats_only`), from the room's owner.
+    async fn presence(
+        &mut self,
+        request_id: u64,
+        room: &str,
+        after: String,
+        limit: u32,
+        stats_only: bool,
+    ) -> Result<(), RequestError> {
+        let room = self.room_name(room)?;
+        if !self.permissions.may_join(&room) {
+            return Err(RequestError::Forbidden("read", room));
+        }
+        if self.ctx.bus.presence().list_max(&room).is_none() {
+            return Err(RequestError::PresenceOff(room));
+        }
+        let query = proto::mesh::PresenceQuery {
+            room: room.to_string(),
+            after,
+            limit,
+            stats_only,
+            uncapped: false,
+        };
+        let reply = self.ctx.bus.presence_query(&room, query).await?;
+        if reply.too_large {
+            return Err(RequestError::PresenceTooLarge(room, reply.users));
+        }
+        let kind = if stats_only {
+            server_frame::Kind::PresenceStats(proto::PresenceStats {
+                room: room.to_string(),
+                users: reply.users,
+                sessions: reply.sessions,
+                epoch: reply.epoch,
+                version: reply.version,
+            })
+        } else {
+            server_frame::Kind::PresencePage(proto::PresencePage {
+                room: room.to_string(),
+                members: reply
+                    .members
+                    .into_iter()
+                    .map(|m| proto::PresenceMember {
+                        user_id: m.user,
+                        sessions: m.sessions,
+                        info: m.info,
+                    })
+                    .collect(),
+                next: reply.next,
+                epoch: reply.epoch,
+                version: reply.version,
+                users: reply.users,
+                sessions: reply.sessions,
+            })
+        };
+        self.handle
+            .push_frame(&ServerFrame::reply(request_id, kind));
         Ok(())
     }
 

@@ -70,6 +70,11 @@ impl Inner {
         format!("{}.gone", self.prefix)
     }
 
+    /// Presence diffs from rooms' owners to `node` (see `mesh::presence`).
+    pub(super) fn subject_presence(&self, node: &str) -> String {
+        format!("{}.presence.{node}", self.prefix)
+    }
+
     pub(super) fn subject_room(&self, room: &RoomName) -> String {
         format!("{}.room.{room}", self.prefix)
     }

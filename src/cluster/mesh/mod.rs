@@ -30,6 +30,7 @@ use tokio::sync::Semaphore;
 use crate::clock::{mono_ms, wall_ms};
 use crate::cluster::membership::{Membership, RingView};
 use crate::cluster::owners::Owners;
+use crate::cluster::presence::Presence;
 use crate::cluster::{
     BusError, ClusterStatus, NatsStatus, NodeRef, OwnerRef, RingStatus, RoomInfo,
 };
@@ -47,6 +48,7 @@ mod lease;
 mod link;
 mod members;
 mod owning;
+mod presence;
 mod recovery;
 mod replay;
 mod routing;
@@ -111,6 +113,7 @@ struct Inner {
     epochs: EpochClock,
     draining: AtomicBool,
     requests: Arc<Semaphore>,
+    presence: Arc<Presence>,
 }
 
 impl MeshBus {
@@ -185,6 +188,12 @@ impl MeshBus {
             Duration::from_millis(mesh.request_timeout_ms),
             &classes,
         ));
+        // A new owner waits for every node's next reports before its first diff.
+        let presence = Arc::new(Presence::new(
+            &config.rooms,
+            metrics.clone(),
+            3 * config.rooms.presence_interval_ms,
+        ));
         let inner = Arc::new(Inner {
             nats,
             stats,
@@ -212,6 +221,7 @@ impl MeshBus {
             epochs: EpochClock::default(),
             draining: AtomicBool::new(false),
             requests: Arc::new(Semaphore::new(MAX_CONCURRENT_REQUESTS)),
+            presence,
         });
         inner.publish_view();
         let heartbeats = inner.nats.subscribe(inner.subject_heartbeat()).await?;
@@ -221,6 +231,11 @@ impl MeshBus {
             .await?;
         let control = inner.nats.subscribe(inner.subject_disconnect()).await?;
         let gone = inner.nats.subscribe(inner.subject_gone()).await?;
+        let diffs = inner
+            .nats
+            .subscribe(inner.subject_presence(&inner.node_id))
+            .await?;
+        tokio::spawn(inner.clone().presence_loop(diffs));
         tokio::spawn(inner.clone().gone_loop(gone));
         tokio::spawn(inner.clone().disconnect_loop(control));
         tokio::spawn(inner.clone().heartbeat_loop(heartbeats));
@@ -291,6 +306,24 @@ impl MeshBus {
 
     pub fn leave(&self, room: &RoomName, member: &Arc<Member>) {
         self.inner.leave(room, member)
+    }
+
+    pub fn presence(&self) -> &Presence {
+        &self.inner.presence
+    }
+
+    /// A page of `room`'s presence or its counts, from its owner.
+    pub async fn presence_query(
+        &self,
+        room: &RoomName,
+        q: crate::proto::mesh::PresenceQuery,
+    ) -> Result<crate::proto::mesh::PresenceReply, BusError> {
+        self.inner.presence_query(room, q).await
+    }
+
+    /// One presence interval: reports to the owners, diffs to the nodes.
+    pub async fn presence_tick(&self) {
+        self.inner.presence_tick().await
     }
 
     pub fn room_info(&self, room: &RoomName) -> RoomInfo {

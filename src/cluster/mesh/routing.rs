@@ -116,6 +116,8 @@ impl Inner {
             },
             request::Kind::Ping(_) => reply::Kind::Done(true),
             request::Kind::History(ask) => self.serve_history(ask).await,
+            request::Kind::PresenceReport(report) => self.serve_presence_report(report),
+            request::Kind::PresenceQuery(q) => self.serve_presence_query(q),
             request::Kind::Handoff(state) => match parse(&state.room) {
                 Ok(room) => self.take_handoff(room, state),
                 Err(_) => reply::Kind::Done(true),

@@ -1,0 +1,401 @@
+//! Presence: who is in a room, across the mesh. Two halves, both used by the standalone bus and
+//! the mesh alike:
+//!
+//! - [`LocalPresence`], on every node: its own members of rooms that keep presence, merged per
+//!   user, reported to each room's owner once per interval (what changed, or everything when
+//!   the owner is new to it), and the sessions that asked for the rooms' diffs;
+//! - [`OwnedPresence`], on the owner: each room's [`RoomPresence`] (the nodes' reports merged,
+//!   leaves held for the grace period), one encoded `PresenceDiff` per room and interval for
+//!   every node with members, and the pages and counts clients and the HTTP API ask for.
+//!
+//! The owner's state is rebuilt, not handed over, when a room moves: a new owner collects the
+//! nodes' reports for a few intervals, then tells the subscribers to fetch the presence again
+//! (`reset`). Time is monotonic milliseconds, passed in.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+
+use crate::config::RoomsConfig;
+use crate::member::Member;
+use crate::metrics::Metrics;
+use crate::proto::mesh::{
+    PresenceAck, PresenceEntry, PresenceQuery, PresenceReply, RoomPresenceReport,
+};
+use crate::proto::{ServerFrame, server_frame};
+use crate::room::{Classes, RoomName};
+
+mod owner;
+
+pub use owner::RoomPresence;
+
+/// Users a presence page lists at most, and by default.
+pub const PAGE_MAX: usize = 1_000;
+pub const PAGE_DEFAULT: usize = 100;
+
+/// A node's presence: its members (reported to the owners) and the rooms it owns.
+pub struct Presence {
+    pub local: LocalPresence,
+    pub owned: OwnedPresence,
+    classes: Classes,
+    metrics: Arc<Metrics>,
+    pub interval: std::time::Duration,
+    pub info_max_bytes: usize,
+}
+
+impl Presence {
+    /// `warm_ms`: how long a new owner state collects reports before its first diff (nothing
+    /// to wait for standalone; a few intervals in a mesh).
+    pub fn new(config: &RoomsConfig, metrics: Arc<Metrics>, warm_ms: u64) -> Self {
+        Self {
+            local: LocalPresence::default(),
+            owned: OwnedPresence::new(config.presence_grace_ms, warm_ms),
+            classes: Classes::new(&config.classes),
+            metrics,
+            interval: std::time::Duration::from_millis(config.presence_interval_ms),
+            info_max_bytes: config.presence_info_max_bytes,
+        }
+    }
+
+    /// The users `room`'s presence lists at most; `None`: its class keeps no presence.
+    pub fn list_max(&self, room: &RoomName) -> Option<usize> {
+        self.classes.presence_of(room)
+    }
+
+    /// `member` joined `room`: present when the room keeps presence.
+    pub fn joined(&self, room: &RoomName, member: &Arc<Member>, info: Bytes, events: bool) {
+        if self.list_max(room).is_some() {
+            self.local.joined(room, member, info, events);
+        }
+    }
+
+    pub fn left(&self, room: &RoomName, key: u64) {
+        self.local.left(room, key);
+    }
+
+    /// Takes reports as the rooms' owner (`owns`: whether this node owns a room now).
+    pub fn apply(
+        &self,
+        node: &Arc<str>,
+        reports: &[RoomPresenceReport],
+        now: u64,
+        owns: impl Fn(&RoomName) -> bool,
+    ) -> PresenceAck {
+        self.owned
+            .apply(node, reports, now, |r| self.list_max(r), owns)
+    }
+
+    /// The owner's diffs due now (see [`OwnedPresence::tick`]), counted.
+    pub fn due(
+        &self,
+        now: u64,
+        owns: impl Fn(&RoomName) -> bool,
+        alive: impl Fn(&str) -> bool,
+    ) -> Vec<Due> {
+        let due = self.owned.tick(now, owns, alive);
+        self.metrics.presence_diffs.inc_by(due.len() as u64);
+        self.metrics.presence_rooms.set(self.owned.len() as i64);
+        due
+    }
+
+    /// Pushes a diff to this node's sessions that asked for the room's diffs.
+    pub fn deliver(&self, room: &RoomName, frame: &Bytes) {
+        let n = self.local.deliver(room, frame);
+        self.metrics.presence_deliveries.inc_by(n as u64);
+    }
+
+    /// Standalone: this node reports to itself and owns every room.
+    pub fn tick_alone(&self, node: &Arc<str>, now: u64) {
+        let reports = self.local.reports(|_| Some(node.clone()));
+        for (owner, rooms) in reports {
+            let ack = self.apply(node, &rooms, now, |_| true);
+            self.local.answered(&owner, &ack);
+        }
+        for due in self.due(now, |_| true, |_| true) {
+            self.deliver(&due.room, &due.frame);
+        }
+    }
+}
+
+/// A user's sessions on this node in one room.
+#[derive(Debug, Default)]
+struct LocalUser {
+    sessions: u32,
+    info: Bytes,
+}
+
+#[derive(Default)]
+struct LocalRoom {
+    /// Member key → user, so a leave counts once whatever calls it.
+    members: HashMap<u64, Arc<str>>,
+    users: HashMap<Arc<str>, LocalUser>,
+    /// Users whose sessions here changed since the last report.
+    dirty: Vec<Arc<str>>,
+    /// The sessions that receive the room's diffs.
+    subscribers: HashMap<u64, Arc<Member>>,
+    /// The owner the last report went to, and that report's `seq`.
+    owner: Option<Arc<str>>,
+    seq: u64,
+    /// The next report names everything (the owner has nothing of this node, or lost track).
+    full: bool,
+}
+
+/// This node's members of rooms that keep presence.
+#[derive(Default)]
+pub struct LocalPresence {
+    rooms: Mutex<HashMap<RoomName, LocalRoom>>,
+}
+
+/// Reports due, by owner node.
+pub type Reports = HashMap<Arc<str>, Vec<RoomPresenceReport>>;
+
+impl LocalPresence {
+    /// `member` joined `room` (a room that keeps presence); with `events`, it receives the
+    /// room's diffs.
+    pub fn joined(&self, room: &RoomName, member: &Arc<Member>, info: Bytes, events: bool) {
+        let mut rooms = self.rooms.lock().expect("presence lock poisoned");
+        let local = rooms.entry(room.clone()).or_insert_with(|| LocalRoom {
+            full: true,
+            ..LocalRoom::default()
+        });
+        if events {
+            local.subscribers.insert(member.key, member.clone());
+        } else {
+            local.subscribers.remove(&member.key);
+        }
+        let user = member.user.clone();
+        let entry = local.users.entry(user.clone()).or_default();
+        if !info.is_empty() {
+            entry.info = info;
+        }
+        if local.members.insert(member.key, user.clone()).is_none() {
+            entry.sessions += 1;
+        }
+        local.dirty.push(user);
+    }
+
+    /// The member with `key` left `room` (or its session ended).
+    pub fn left(&self, room: &RoomName, key: u64) {
+        let mut rooms = self.rooms.lock().expect("presence lock poisoned");
+        let Some(local) = rooms.get_mut(room) else {
+            return;
+        };
+        local.subscribers.remove(&key);
+        let Some(user) = local.members.remove(&key) else {
+            return;
+        };
+        if let Some(entry) = local.users.get_mut(&user) {
+            entry.sessions -= 1;
+            if entry.sessions == 0 {
+                local.users.remove(&user);
+            }
+        }
+        local.dirty.push(user);
+    }
+
+    /// The reports due now, each for its room's owner in `owner_of` (`None`: unknown now, kept
+    /// for later). Rooms with nothing left here are forgotten once their last report is out.
+    pub fn reports(&self, owner_of: impl Fn(&RoomName) -> Option<Arc<str>>) -> Reports {
+        let mut due = Reports::new();
+        let mut rooms = self.rooms.lock().expect("presence lock poisoned");
+        rooms.retain(|room, local| {
+            let Some(owner) = owner_of(room) else {
+                return true;
+            };
+            if local.owner.as_ref() != Some(&owner) {
+                local.owner = Some(owner.clone());
+                local.full = true;
+            }
+            let entry = |user: &Arc<str>, local: &LocalRoom| {
+                let found = local.users.get(user);
+                PresenceEntry {
+                    user: user.to_string(),
+                    sessions: found.map_or(0, |u| u.sessions),
+                    info: found.map(|u| u.info.clone()).unwrap_or_default(),
+                }
+            };
+            let entries: Vec<PresenceEntry> = if local.full {
+                local.users.keys().map(|u| entry(u, local)).collect()
+            } else {
+                let mut dirty = std::mem::take(&mut local.dirty);
+                dirty.sort_unstable();
+                dirty.dedup();
+                dirty.iter().map(|u| entry(u, local)).collect()
+            };
+            if entries.is_empty() && !local.full {
+                return !local.users.is_empty() || !local.subscribers.is_empty();
+            }
+            local.seq += 1;
+            due.entry(owner).or_default().push(RoomPresenceReport {
+                room: room.to_string(),
+                seq: local.seq,
+                full: std::mem::take(&mut local.full),
+                entries,
+            });
+            local.dirty.clear();
+            !local.users.is_empty() || !local.subscribers.is_empty()
+        });
+        due
+    }
+
+    /// What `owner` answered to reports: the rooms to report whole next time, and the rooms it
+    /// does not own (asked of the ring again).
+    pub fn answered(&self, owner: &Arc<str>, ack: &PresenceAck) {
+        let mut rooms = self.rooms.lock().expect("presence lock poisoned");
+        for room in ack.resync.iter().chain(&ack.not_owner) {
+            if let Some(local) = RoomName::parse_any(room, usize::MAX)
+                .ok()
+                .and_then(|r| rooms.get_mut(&r))
+                && local.owner.as_ref() == Some(owner)
+            {
+                local.full = true;
+                if ack.not_owner.contains(room) {
+                    local.owner = None;
+                }
+            }
+        }
+    }
+
+    /// Reports to `owner` that never arrived: those rooms are reported whole next time.
+    pub fn lost(&self, owner: &Arc<str>, reports: &[RoomPresenceReport]) {
+        let ack = PresenceAck {
+            resync: reports.iter().map(|r| r.room.clone()).collect(),
+            not_owner: Vec::new(),
+        };
+        self.answered(owner, &ack);
+    }
+
+    /// Pushes a diff to the room's sessions that asked for diffs; how many.
+    pub fn deliver(&self, room: &RoomName, frame: &Bytes) -> usize {
+        let rooms = self.rooms.lock().expect("presence lock poisoned");
+        let Some(local) = rooms.get(room) else {
+            return 0;
+        };
+        local
+            .subscribers
+            .values()
+            .filter(|m| m.push(frame.clone()))
+            .count()
+    }
+
+    /// Rooms with members here (for the HTTP API's room info).
+    pub fn local_users(&self, room: &RoomName) -> usize {
+        let rooms = self.rooms.lock().expect("presence lock poisoned");
+        rooms.get(room).map_or(0, |r| r.users.len())
+    }
+}
+
+/// A diff due: the room, its encoded frame, and the nodes that have members in it.
+pub struct Due {
+    pub room: RoomName,
+    pub frame: Bytes,
+    pub nodes: Vec<Arc<str>>,
+}
+
+/// The presence of the rooms this node owns.
+pub struct OwnedPresence {
+    rooms: Mutex<HashMap<RoomName, RoomPresence>>,
+    grace_ms: u64,
+    /// How long a new state collects reports before its first diff.
+    warm_ms: u64,
+}
+
+impl OwnedPresence {
+    pub fn new(grace_ms: u64, warm_ms: u64) -> Self {
+        Self {
+            rooms: Mutex::new(HashMap::new()),
+            grace_ms,
+            warm_ms,
+        }
+    }
+
+    /// Takes `node`'s reports. `presence_of` is the room's list cap (`None`: its class keeps
+    /// no presence), `owns` whether this node owns it now.
+    pub fn apply(
+        &self,
+        node: &Arc<str>,
+        reports: &[RoomPresenceReport],
+        now: u64,
+        presence_of: impl Fn(&RoomName) -> Option<usize>,
+        owns: impl Fn(&RoomName) -> bool,
+    ) -> PresenceAck {
+        let mut ack = PresenceAck::default();
+        let mut rooms = self.rooms.lock().expect("presence lock poisoned");
+        for report in reports {
+            let Ok(room) = RoomName::parse_any(&report.room, usize::MAX) else {
+                continue;
+            };
+            let Some(list_max) = presence_of(&room) else {
+                continue;
+            };
+            if !owns(&room) {
+                ack.not_owner.push(report.room.clone());
+                continue;
+            }
+            let state = rooms
+                .entry(room)
+                .or_insert_with(|| RoomPresence::new(new_epoch(), now, self.warm_ms, list_max));
+            if !state.apply(node, report, now, self.grace_ms) {
+                ack.resync.push(report.room.clone());
+            }
+        }
+        ack
+    }
+
+    /// The diffs due at `now`. Rooms this node does not own any more are dropped, members of
+    /// nodes that are not `alive` leave (after the grace), and empty rooms are forgotten.
+    pub fn tick(
+        &self,
+        now: u64,
+        owns: impl Fn(&RoomName) -> bool,
+        alive: impl Fn(&str) -> bool,
+    ) -> Vec<Due> {
+        let mut due = Vec::new();
+        let mut rooms = self.rooms.lock().expect("presence lock poisoned");
+        rooms.retain(|room, state| {
+            if !owns(room) {
+                return false;
+            }
+            let dead: Vec<Arc<str>> = state.nodes().filter(|n| !alive(n)).cloned().collect();
+            for node in dead {
+                state.node_gone(&node, now, self.grace_ms);
+            }
+            if let Some(diff) = state.tick(room.as_str(), now) {
+                due.push(Due {
+                    room: room.clone(),
+                    frame: ServerFrame::reply(0, server_frame::Kind::PresenceDiff(diff))
+                        .encode_shared(),
+                    nodes: state.nodes().cloned().collect(),
+                });
+            }
+            !state.is_empty()
+        });
+        due
+    }
+
+    /// A page of the room's presence, or its counts (see [`RoomPresence::page`]); a room with
+    /// no state here is empty.
+    pub fn query(&self, room: &RoomName, q: &PresenceQuery) -> PresenceReply {
+        let rooms = self.rooms.lock().expect("presence lock poisoned");
+        let limit = match q.limit as usize {
+            0 => PAGE_DEFAULT,
+            n => n.min(PAGE_MAX),
+        };
+        rooms
+            .get(room)
+            .map_or_else(PresenceReply::default, |state| {
+                state.page(&q.after, limit, q.stats_only, q.uncapped)
+            })
+    }
+
+    /// Rooms whose presence this node holds.
+    pub fn len(&self) -> usize {
+        self.rooms.lock().expect("presence lock poisoned").len()
+    }
+}
+
+/// A new presence epoch: unique per owner state (wall time names it; nothing is timed by it).
+fn new_epoch() -> u64 {
+    crate::clock::wall_ms() * 1_000 + crate::ids::random_u64() % 1_000
+}
