@@ -5,6 +5,10 @@
 //!   countdown, message ids and a plain-http page; resume across a reload, history, a reset (the
 //!   node's `tiny.*` rooms keep 3 messages), a refused resume. The screenshot is kept in
 //!   `target/artifacts/demo.png`.
+//! - `tests/browser/presence.mjs`: presence through the client library and the demo page: a
+//!   page joined with presence lists, counts and announces a second user (its presence info
+//!   shown), keeps doing so across a reconnect, and drops the user once it left and the grace
+//!   period (1 s here) passed.
 //! - `tests/browser/package.mjs`: the npm package (`web/`) packed, installed, type-checked with
 //!   tsc, and used by a page on another origin (CORS).
 //!
@@ -95,6 +99,8 @@ async fn the_demo_page_chats_over_webtransport_and_websocket_in_chromium() {
                 max_messages: 3,
                 max_age_ms: 3_600_000,
                 max_bytes: 64 * 1024,
+                presence: false,
+                presence_list_max: 1_000,
             },
         );
     })
@@ -119,6 +125,29 @@ async fn the_demo_page_chats_over_webtransport_and_websocket_in_chromium() {
     assert!(node.metric("roomwire_datagrams_sent_total") >= 1.0);
     // The repeated message id was answered from the node's memory, not delivered again.
     assert!(node.metric("roomwire_duplicate_publishes_total") >= 1.0);
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_keeps_the_presence_of_its_room_in_chromium() {
+    require_browser();
+    let _chromium = CHROMIUM.lock().await;
+    // Diffs every 100 ms and a 1 s grace, so a leave shows within about a second.
+    let node = TestNode::start_with(|config| {
+        config.rooms.presence_interval_ms = 100;
+        config.rooms.presence_grace_ms = 1_000;
+    })
+    .await;
+    let base = format!("http://{}", node.addr);
+    run_node_script(
+        "tests/browser/presence.mjs",
+        &[&base, "1000", "100"],
+        "PRESENCE TEST PASSED",
+    )
+    .await;
+    // The diffs came from the node's presence; the page resumed over WebTransport.
+    assert!(node.metric("roomwire_presence_diffs_total") >= 1.0);
+    assert!(node.metric(r#"roomwire_sessions_opened_total{transport="webtransport"}"#) >= 2.0);
     node.shutdown().await;
 }
 

@@ -10,8 +10,13 @@ import type {
   HistoryOptions,
   HistoryPage,
   Joined,
+  JoinOptions,
   Message,
   MessageInfo,
+  Presence,
+  PresenceJoinEvent,
+  PresenceLeaveEvent,
+  PresenceStats,
   PublishAck,
   ResetEvent,
   RoomwireOptions,
@@ -27,9 +32,15 @@ export type {
   HistoryOptions,
   HistoryPage,
   Joined,
+  JoinOptions,
   Limits,
   Message,
   MessageInfo,
+  Presence,
+  PresenceJoinEvent,
+  PresenceLeaveEvent,
+  PresenceMember,
+  PresenceStats,
   PublishAck,
   Recovery,
   ResetEvent,
@@ -104,15 +115,34 @@ export declare class RoomwireClient {
    * Joins a room; resumed on its own after a reconnect. When this client or an earlier page of
    * the tab knows where it left the room, the missed messages are replayed first (onMessage with
    * `info.replayed`) or a reset is reported (onReset); `recovery` tells which.
+   *
+   * `presence: true` keeps the room's presence: its member list is fetched, kept current from
+   * the node's diffs (fetched again when one is missed, the room changes owner, or after a
+   * reconnect), and reported through onPresence, onPresenceJoin, onPresenceLeave and
+   * presenceView(). `presenceInfo` is shown with this user in the room's presence.
    */
-  join(room: string): Promise<Joined>;
-  /** Leaves a room and forgets its position. */
+  join(room: string, options?: JoinOptions): Promise<Joined>;
+  /** Leaves a room, forgets its position and stops keeping its presence. */
   leave(room: string): Promise<void>;
   /**
    * A page of a room's kept messages (a room the token may join; membership not needed):
    * `after` a position oldest first, `before` one newest first, neither the newest.
    */
   history(room: string, options?: HistoryOptions): Promise<HistoryPage>;
+  /**
+   * Who is in a room (a room whose class keeps presence and that the token may join; membership
+   * not needed): every page of its member list. Refused with `ErrorCode.PRESENCE_OFF` (the room
+   * keeps no presence) or `ErrorCode.PRESENCE_TOO_LARGE` (more users than it lists: use
+   * presenceStats()).
+   */
+  presence(room: string): Promise<Presence>;
+  /** How many users and sessions are in a room (a room whose class keeps presence). */
+  presenceStats(room: string): Promise<PresenceStats>;
+  /**
+   * The presence kept of a room joined with `presence`, as of its last change; null for other
+   * rooms, and until its list is first fetched (onPresence tells when).
+   */
+  presenceView(room: string): Presence | null;
   /**
    * Reliable, sequenced publish, resolved with the owner's acknowledgement (`duplicate` when the
    * clientMsgId had been sequenced before). `clientMsgId` defaults to a fresh newMessageId().
@@ -140,8 +170,24 @@ export declare class RoomwireClient {
   /** @deprecated Use onReset; fired on every reset, with the seqs as numbers. */
   onGap(cb: (gap: GapEvent) => void): () => void;
   /**
-   * Errors that answer no request, and rooms a reconnect could not resume (`error.room`; join
-   * again to retry, from the kept position).
+   * Errors that answer no request, rooms a reconnect could not resume (`error.room`; join
+   * again to retry, from the kept position), and the presence of a room joined with `presence`
+   * that cannot be kept (`ErrorCode.PRESENCE_OFF`: the room keeps none).
    */
   onError(cb: (error: RoomwireError) => void): () => void;
+  /**
+   * The whole presence of a room joined with `presence` (members and counts), once its list is
+   * fetched and after every change. With `truncated` the room is above its list cap: counts only.
+   */
+  onPresence(cb: (presence: Presence) => void): () => void;
+  /**
+   * A user came into a room joined with `presence`. The users already there when the list is
+   * first fetched are not announced; after a reconnect, the ones who came meanwhile are.
+   */
+  onPresenceJoin(cb: (event: PresenceJoinEvent) => void): () => void;
+  /**
+   * A user left a room joined with `presence`: its last session ended and the node's grace
+   * period passed (a quick reload or reconnect is not a leave).
+   */
+  onPresenceLeave(cb: (event: PresenceLeaveEvent) => void): () => void;
 }

@@ -24,6 +24,9 @@
 //   client.publishUnreliable('lobby', 'typing');
 //   client.onReset(({ room, oldest }) => refetch(room, oldest)); // missed messages no longer kept
 //   const page = await client.history('lobby', { limit: 50 }); // newest first
+//   await client.join('lobby', { presence: true, presenceInfo: 'Alice' }); // who is in the room
+//   client.onPresence(({ room, users, members }) => show(room, users, members));
+//   client.onPresenceJoin(({ member }) => log(`${member.infoText || member.userId} joined`));
 
 import './vendor/protobuf.min.js';
 import { CloseCode, ErrorCode, descriptor } from './wire.js';
@@ -37,8 +40,14 @@ export { CloseCode, ErrorCode };
  * @typedef {import('./types.js').HistoryOptions} HistoryOptions
  * @typedef {import('./types.js').HistoryPage} HistoryPage
  * @typedef {import('./types.js').Joined} Joined
+ * @typedef {import('./types.js').JoinOptions} JoinOptions
  * @typedef {import('./types.js').Message} Message
  * @typedef {import('./types.js').MessageInfo} MessageInfo
+ * @typedef {import('./types.js').Presence} Presence
+ * @typedef {import('./types.js').PresenceJoinEvent} PresenceJoinEvent
+ * @typedef {import('./types.js').PresenceLeaveEvent} PresenceLeaveEvent
+ * @typedef {import('./types.js').PresenceMember} PresenceMember
+ * @typedef {import('./types.js').PresenceStats} PresenceStats
  * @typedef {import('./types.js').PublishAck} PublishAck
  * @typedef {import('./types.js').ResetEvent} ResetEvent
  * @typedef {import('./types.js').RoomPosition} RoomPosition
@@ -222,6 +231,91 @@ function toMessage(m) {
     text: () => decoder.decode(payload),
   };
 }
+
+/**
+ * A decoded PresenceMember as the application gets it.
+ * @param {any} m
+ * @returns {PresenceMember}
+ */
+function toMember(m) {
+  const info = m.info ?? new Uint8Array(0);
+  return { userId: m.userId, sessions: m.sessions ?? 0, info, infoText: decoder.decode(info) };
+}
+
+/**
+ * A decoded PresenceDiff, numbers as numbers.
+ * @typedef {{
+ *   room: string, epoch: number, version: number, joined: PresenceMember[], left: string[],
+ *   users: number, sessions: number, truncated: boolean, reset: boolean,
+ * }} PresenceDiff
+ * @param {any} d
+ * @returns {PresenceDiff}
+ */
+function toPresenceDiff(d) {
+  return {
+    room: d.room,
+    epoch: num(d.epoch),
+    version: num(d.version),
+    joined: (d.joined ?? []).map(toMember),
+    left: d.left ?? [],
+    users: d.users ?? 0,
+    sessions: d.sessions ?? 0,
+    truncated: d.truncated === true,
+    reset: d.reset === true,
+  };
+}
+
+/**
+ * A room's presence as this client keeps it (rooms joined with `presence`): the member list at
+ * (epoch, version), brought forward by the node's diffs in version order.
+ * @typedef {{
+ *   room: string,
+ *   loaded: boolean,
+ *   epoch: number,
+ *   version: number,
+ *   users: number,
+ *   sessions: number,
+ *   truncated: boolean,
+ *   members: Map<string, PresenceMember>,
+ *   buffer: PresenceDiff[] | null,
+ *   generation: number,
+ *   retries: number,
+ *   timer: ReturnType<typeof setTimeout> | undefined,
+ * }} PresenceView
+ * `buffer` is non-null while the list is being (re)fetched: the diffs arriving meanwhile wait
+ * there and those newer than the fetched list are applied after it. `generation` tells the
+ * current fetch from older ones still answering.
+ */
+
+/**
+ * @param {{ userId: string }} a
+ * @param {{ userId: string }} b
+ */
+function byUserId(a, b) {
+  return a.userId < b.userId ? -1 : a.userId > b.userId ? 1 : 0;
+}
+
+/**
+ * What the application sees of a view.
+ * @param {PresenceView} view
+ * @returns {Presence}
+ */
+function presenceOf(view) {
+  return {
+    room: view.room,
+    epoch: view.epoch,
+    version: view.version,
+    users: view.users,
+    sessions: view.sessions,
+    members: [...view.members.values()].sort(byUserId),
+    truncated: view.truncated,
+  };
+}
+
+/** Users asked for per presence page (the node's most). */
+const PRESENCE_PAGE = 1000;
+/** A presence that changes owner while its pages are read is read again at most this often. */
+const PRESENCE_READ_ATTEMPTS = 5;
 
 /**
  * A (epoch, seq) pair as a position; null for (0, 0), which the node sends for "none".
@@ -474,6 +568,11 @@ class WebSocketConnection {
  * }} Resuming
  */
 
+/**
+ * The events listeners can be registered for.
+ * @typedef {'message' | 'status' | 'error' | 'reset' | 'gap' | 'presence' | 'presencejoin' | 'presenceleave'} ListenerKind
+ */
+
 /** The sessionStorage key prefix of the rooms' positions (one entry per node and user). */
 const POSITIONS_KEY = 'roomwire.positions';
 /** Positions are written at most this often (and at once when the page goes away). */
@@ -529,8 +628,17 @@ export class RoomwireClient {
     /** client_msg_id = `${idPrefix}-${counter}`: unique per client instance (see randomPrefix). */
     this.idPrefix = randomPrefix();
     this.idCounter = 0;
-    /** @type {{ message: Function[], status: Function[], error: Function[], reset: Function[], gap: Function[] }} */
-    this.listeners = { message: [], status: [], error: [], reset: [], gap: [] };
+    /** @type {Record<ListenerKind, Function[]>} */
+    this.listeners = {
+      message: [], status: [], error: [], reset: [], gap: [], presence: [], presencejoin: [], presenceleave: [],
+    };
+    /**
+     * The presence of each room joined with `presence` (see PresenceView).
+     * @type {Map<string, PresenceView>}
+     */
+    this.presenceViews = new Map();
+    /** Users asked for per GetPresence page. */
+    this.presencePageSize = PRESENCE_PAGE;
     /** @type {Promise<Connected> | null} the one connect loop in flight */
     this.connecting = null;
     this.upSince = 0;
@@ -628,8 +736,9 @@ export class RoomwireClient {
   }
 
   /**
-   * cb(error) for Error frames that answer no request, and for rooms a reconnect could not
-   * resume (`error.room`).
+   * cb(error) for Error frames that answer no request, for rooms a reconnect could not
+   * resume (`error.room`), and for the presence of a room joined with `presence` that cannot be
+   * kept (PRESENCE_OFF: the room keeps none).
    * @param {(error: RoomwireError) => void} cb
    */
   onError(cb) {
@@ -637,7 +746,34 @@ export class RoomwireClient {
   }
 
   /**
-   * @param {'message' | 'status' | 'error' | 'reset' | 'gap'} kind
+   * cb(presence) for each room joined with `presence`: its whole member list and counts, once
+   * fetched and after every change (a diff applied, a list fetched again).
+   * @param {(presence: Presence) => void} cb
+   */
+  onPresence(cb) {
+    return this.listen('presence', cb);
+  }
+
+  /**
+   * cb({ room, member }) when a user comes into a room whose presence this client keeps (the
+   * users already there when the list is first fetched are not announced).
+   * @param {(event: PresenceJoinEvent) => void} cb
+   */
+  onPresenceJoin(cb) {
+    return this.listen('presencejoin', cb);
+  }
+
+  /**
+   * cb({ room, userId, member }) when a user leaves a room whose presence this client keeps
+   * (after the node's grace period: a quick reconnect or reload is not a leave).
+   * @param {(event: PresenceLeaveEvent) => void} cb
+   */
+  onPresenceLeave(cb) {
+    return this.listen('presenceleave', cb);
+  }
+
+  /**
+   * @param {ListenerKind} kind
    * @param {Function} cb
    * @returns {() => void} removes the listener
    */
@@ -649,7 +785,7 @@ export class RoomwireClient {
   }
 
   /**
-   * @param {'message' | 'status' | 'error' | 'reset' | 'gap'} kind
+   * @param {ListenerKind} kind
    * @param {...any} args
    */
   emit(kind, ...args) {
@@ -933,8 +1069,12 @@ export class RoomwireClient {
     const requestId = this.nextRequest++;
     const resumed = since.size > 0 ? this.trackResume(requestId, since) : Promise.resolve();
     resumed.catch(() => {}); // awaited below, unless the Connect itself fails first
+    // Rooms whose presence is kept get their diffs again; their lists are fetched anew once
+    // the rooms are back (diffs arriving meanwhile wait for it).
+    for (const view of this.presenceViews.values()) this.holdPresence(view);
     const resume = {
       rooms: [...since].map(([room, p]) => ({ room, epoch: p.epoch, seq: p.seq })),
+      presenceEvents: [...this.presenceViews.keys()].filter((room) => since.has(room)),
     };
     let reply;
     try {
@@ -989,6 +1129,14 @@ export class RoomwireClient {
         conn.close();
       }
       throw error;
+    }
+    for (const [room, view] of [...this.presenceViews]) {
+      if (this.rooms.has(room)) {
+        view.retries = 0;
+        this.refreshPresence(view);
+      } else if (since.has(room)) {
+        this.dropPresence(room); // not rejoined (onError said why)
+      }
     }
     this.setStatus('connected', { detail: connected });
     return connected;
@@ -1097,6 +1245,9 @@ export class RoomwireClient {
         }
         break;
       }
+      case 'presenceDiff':
+        this.onPresenceDiff(toPresenceDiff(frame.presenceDiff));
+        break;
       case 'goAway':
         // The node drains: reconnect (elsewhere) after the delay it asks for.
         this.reconnectAfter = frame.goAway.reconnectAfterMs;
@@ -1184,11 +1335,21 @@ export class RoomwireClient {
    * it left the room, the node first replays what was missed (onMessage, `info.replayed`), or
    * reports a reset (onReset) when it no longer keeps all of it; else messages follow from
    * `seq + 1`. Resumed on its own after a reconnect.
+   *
+   * With `presence: true` the client keeps the room's presence (onPresence, onPresenceJoin,
+   * onPresenceLeave, presenceView()); `presenceInfo` is shown with this user in it. A join
+   * without `presence` of a room whose presence is kept stops keeping it.
    * @param {string} room
+   * @param {JoinOptions} [options]
    * @returns {Promise<Joined>}
    */
-  async join(room) {
+  async join(room, options = {}) {
+    const { presence = false, presenceInfo } = options;
     const member = this.rooms.get(room);
+    // Created before the Join goes out, so no diff that follows it is missed: they wait for
+    // the list (fetched once joined).
+    const kept = this.presenceViews.get(room);
+    const view = presence ? (kept ?? this.newPresenceView(room)) : null;
     const since = member ?? this.lastPosition(room);
     if (since !== null) {
       // Replayed messages advance it, and a message already delivered is not delivered again.
@@ -1198,15 +1359,24 @@ export class RoomwireClient {
     let frame;
     try {
       frame = await this.request({
-        join: { room, since: since === null ? undefined : { room, epoch: since.epoch, seq: since.seq } },
+        join: {
+          room,
+          since: since === null ? undefined : { room, epoch: since.epoch, seq: since.seq },
+          presenceEvents: presence,
+          presenceInfo: presenceInfo === undefined ? undefined : toBytes(presenceInfo),
+        },
       });
     } catch (error) {
       if (member === undefined) this.rooms.delete(room);
+      if (view !== null && kept === undefined) this.dropPresence(room);
       throw error;
     } finally {
       this.catchingUp.delete(room);
     }
-    return this.applyJoined(room, frame.joined, since);
+    const joined = this.applyJoined(room, frame.joined, since);
+    if (view === null) this.dropPresence(room);
+    else if (kept === undefined) this.refreshPresence(view);
+    return joined;
   }
 
   /**
@@ -1214,6 +1384,7 @@ export class RoomwireClient {
    * @param {string} room
    */
   async leave(room) {
+    this.dropPresence(room);
     this.rooms.delete(room);
     this.positions.delete(room);
     this.remember(room, null);
@@ -1243,6 +1414,276 @@ export class RoomwireClient {
       position: { epoch: num(page.epoch), seq: num(page.seq) },
       oldest: positionOrNull(page.oldestEpoch, page.oldestSeq),
     };
+  }
+
+  /**
+   * Who is in a room (a room whose class keeps presence, that the token may join; membership not
+   * needed): every page of its member list, read one after the other. `version` is the first
+   * page's: a later page may already include some diffs after it, and applying those diffs
+   * again changes nothing. Refused with `ErrorCode.PRESENCE_OFF` (no presence in this room) or
+   * `ErrorCode.PRESENCE_TOO_LARGE` (more users than the room lists: use presenceStats()).
+   * @param {string} room
+   * @returns {Promise<Presence>}
+   */
+  async presence(room) {
+    for (let attempt = 1; ; attempt++) {
+      /** @type {Map<string, PresenceMember>} */
+      const members = new Map();
+      /** @type {{ epoch: number, version: number, users: number, sessions: number } | null} */
+      let first = null;
+      let after = '';
+      let moved = false;
+      for (;;) {
+        const frame = await this.request({ presence: { room, after, limit: this.presencePageSize } });
+        const page = frame.presencePage;
+        const epoch = num(page.epoch);
+        if (first === null) {
+          first = { epoch, version: num(page.version), users: page.users ?? 0, sessions: page.sessions ?? 0 };
+        } else if (epoch !== first.epoch) {
+          moved = true; // a new owner rebuilt the presence between two pages: read it again
+          break;
+        }
+        for (const m of page.members ?? []) members.set(m.userId, toMember(m));
+        const next = page.next ?? '';
+        if (next === '' || next === after) break;
+        after = next;
+      }
+      if (!moved && first !== null) {
+        return { room, ...first, members: [...members.values()].sort(byUserId), truncated: false };
+      }
+      if (attempt >= PRESENCE_READ_ATTEMPTS) {
+        throw new RoomwireError('the presence kept changing owner while it was read', {
+          code: ErrorCode.UNAVAILABLE,
+          reason: 'node',
+          retryable: true,
+        });
+      }
+    }
+  }
+
+  /**
+   * How many are in a room (a room whose class keeps presence): users and sessions, at any size.
+   * @param {string} room
+   * @returns {Promise<PresenceStats>}
+   */
+  async presenceStats(room) {
+    const frame = await this.request({ presenceStats: { room } });
+    const stats = frame.presenceStats;
+    return {
+      room: stats.room,
+      users: stats.users ?? 0,
+      sessions: stats.sessions ?? 0,
+      epoch: num(stats.epoch),
+      version: num(stats.version),
+    };
+  }
+
+  /**
+   * The presence this client keeps of a room joined with `presence` (as of the last change),
+   * or null: not such a room, or its list not fetched yet.
+   * @param {string} room
+   * @returns {Presence | null}
+   */
+  presenceView(room) {
+    const view = this.presenceViews.get(room);
+    return view?.loaded ? presenceOf(view) : null;
+  }
+
+  /**
+   * @param {string} room
+   * @returns {PresenceView}
+   */
+  newPresenceView(room) {
+    /** @type {PresenceView} */
+    const view = {
+      room,
+      loaded: false,
+      epoch: 0,
+      version: 0,
+      users: 0,
+      sessions: 0,
+      truncated: false,
+      members: new Map(),
+      buffer: [],
+      generation: 0,
+      retries: 0,
+      timer: undefined,
+    };
+    this.presenceViews.set(room, view);
+    return view;
+  }
+
+  /**
+   * Stops keeping a room's presence.
+   * @param {string} room
+   */
+  dropPresence(room) {
+    const view = this.presenceViews.get(room);
+    if (view === undefined) return;
+    this.holdPresence(view);
+    this.presenceViews.delete(room);
+  }
+
+  /**
+   * Cancels the view's fetch in flight or scheduled; diffs wait in its buffer until the next.
+   * @param {PresenceView} view
+   */
+  holdPresence(view) {
+    view.generation += 1;
+    clearTimeout(view.timer);
+    view.timer = undefined;
+    view.buffer ??= [];
+  }
+
+  /**
+   * (Re)fetches the view's list: at once the first time, then with a growing delay while
+   * fetches keep failing or coming out stale (a room moving between owners).
+   * @param {PresenceView} view
+   */
+  refreshPresence(view) {
+    this.holdPresence(view);
+    const generation = view.generation;
+    const delay = view.retries === 0 ? 0 : Math.min(5000, 250 * 2 ** (view.retries - 1));
+    view.retries += 1;
+    view.timer = setTimeout(() => {
+      view.timer = undefined;
+      this.fetchPresence(view, generation).catch((error) => console.error(error));
+    }, delay);
+  }
+
+  /**
+   * @param {PresenceView} view
+   * @param {number} generation
+   */
+  async fetchPresence(view, generation) {
+    const current = () => this.presenceViews.get(view.room) === view && view.generation === generation;
+    if (!current() || this.conn === null) return; // a reconnect fetches it again
+    /** @type {Presence} */
+    let presence;
+    try {
+      presence = await this.presence(view.room);
+    } catch (error) {
+      if (!current()) return;
+      const e = /** @type {RoomwireError} */ (error);
+      if (e.code === ErrorCode.PRESENCE_TOO_LARGE) {
+        // Above the room's list cap: counts only, followed through the (truncated) diffs.
+        try {
+          const stats = await this.presenceStats(view.room);
+          presence = { ...stats, members: [], truncated: true };
+        } catch {
+          if (current()) this.refreshPresence(view);
+          return;
+        }
+        if (!current()) return;
+      } else if (e.reason === 'node' && !e.retryable) {
+        // PRESENCE_OFF (the room's class keeps none), FORBIDDEN: nothing to keep.
+        this.dropPresence(view.room);
+        this.emit('error', e);
+        return;
+      } else {
+        if (e.reason !== 'not_connected' && e.reason !== 'connection_lost') this.refreshPresence(view);
+        return; // lost with the connection: the reconnect fetches it again
+      }
+    }
+    this.applyPresence(view, presence);
+  }
+
+  /**
+   * Takes a fetched list, then the diffs that waited for it; tells what changed since the
+   * previous list (none the first time).
+   * @param {PresenceView} view
+   * @param {Presence} presence
+   */
+  applyPresence(view, presence) {
+    const shown = view.loaded ? this.shownMembers(view) : null;
+    view.loaded = true;
+    view.epoch = presence.epoch;
+    view.version = presence.version;
+    view.users = presence.users;
+    view.sessions = presence.sessions;
+    view.truncated = presence.truncated;
+    view.members = new Map(presence.members.map((m) => [m.userId, m]));
+    const buffered = view.buffer ?? [];
+    view.buffer = null;
+    let stale = false;
+    for (const diff of buffered) {
+      if (this.applyDiff(view, diff) === 'stale') {
+        stale = true;
+        break;
+      }
+    }
+    this.emitPresence(view, shown);
+    if (stale) this.refreshPresence(view);
+    else view.retries = 0;
+  }
+
+  /** @param {PresenceDiff} diff */
+  onPresenceDiff(diff) {
+    const view = this.presenceViews.get(diff.room);
+    if (view === undefined) return;
+    if (view.buffer !== null) {
+      view.buffer.push(diff);
+      return;
+    }
+    const shown = this.shownMembers(view);
+    const outcome = this.applyDiff(view, diff);
+    if (outcome === 'applied') this.emitPresence(view, shown);
+    else if (outcome === 'stale') this.refreshPresence(view);
+  }
+
+  /**
+   * Applies the next diff of the view's stream. 'ignored': already in the list; 'stale': the
+   * list must be fetched again (another epoch, a diff missed, a reset, or back under the list
+   * cap after counts only).
+   * @param {PresenceView} view
+   * @param {PresenceDiff} diff
+   * @returns {'applied' | 'ignored' | 'stale'}
+   */
+  applyDiff(view, diff) {
+    if (diff.epoch !== view.epoch) return 'stale';
+    if (diff.version <= view.version) return 'ignored';
+    if (diff.reset || diff.version !== view.version + 1) return 'stale';
+    if (view.truncated && !diff.truncated) return 'stale';
+    view.version = diff.version;
+    view.users = diff.users;
+    view.sessions = diff.sessions;
+    if (diff.truncated) {
+      view.truncated = true;
+      view.members.clear();
+      return 'applied';
+    }
+    for (const m of diff.joined) view.members.set(m.userId, m);
+    for (const id of diff.left) view.members.delete(id);
+    return 'applied';
+  }
+
+  /**
+   * The members a view shows now, to tell later who came and who left; null while it keeps
+   * counts only.
+   * @param {PresenceView} view
+   * @returns {Map<string, PresenceMember> | null}
+   */
+  shownMembers(view) {
+    return view.truncated ? null : new Map(view.members);
+  }
+
+  /**
+   * Announces who came and who left since `shown` (null: nobody, e.g. the first list, or
+   * counts only before or now), then the whole list.
+   * @param {PresenceView} view
+   * @param {Map<string, PresenceMember> | null} shown
+   */
+  emitPresence(view, shown) {
+    const room = view.room;
+    if (shown !== null && !view.truncated) {
+      for (const [id, member] of view.members) {
+        if (!shown.has(id)) this.emit('presencejoin', { room, member });
+      }
+      for (const [userId, member] of shown) {
+        if (!view.members.has(userId)) this.emit('presenceleave', { room, userId, member });
+      }
+    }
+    this.emit('presence', presenceOf(view));
   }
 
   /**
@@ -1293,6 +1734,7 @@ export class RoomwireClient {
     if (typeof globalThis.removeEventListener === 'function') {
       globalThis.removeEventListener('pagehide', this.onPageHide);
     }
+    for (const view of this.presenceViews.values()) this.holdPresence(view);
     this.retryWait?.wake();
     if (this.conn) this.conn.close();
     else if (this.status !== 'closed') this.setStatus('closed');

@@ -212,3 +212,79 @@ export interface GapEvent {
   toSeq: number | null;
   epochChanged: boolean;
 }
+
+/** What join() does besides joining. */
+export interface JoinOptions {
+  /**
+   * Keep this room's presence (who is in it): the client fetches the member list and follows the
+   * node's presence diffs, firing onPresence / onPresenceJoin / onPresenceLeave and keeping
+   * presenceView(room) current, across reconnects. Only rooms whose class keeps presence have one
+   * (else onError gets `ErrorCode.PRESENCE_OFF` and the room is joined without it). Default false.
+   */
+  presence?: boolean;
+  /**
+   * Shown with this user in the room's presence (a display name, an avatar URL): a string
+   * (sent as UTF-8) or bytes, at most the node's `rooms.presence_info_max_bytes` (256 by
+   * default). The user's last joining session sets it; a join without it keeps the one shown.
+   */
+  presenceInfo?: string | Uint8Array;
+}
+
+/** A user in a room's presence: its sessions (on any node) merged into one entry. */
+export interface PresenceMember {
+  userId: string;
+  /** The user's sessions in the room; 0 while a leave waits out the node's grace period. */
+  sessions: number;
+  /** The presence info of the user's last joining session (empty: none). */
+  info: Uint8Array;
+  /** `info` decoded as UTF-8 (e.g. a display name). */
+  infoText: string;
+}
+
+/**
+ * A room's presence: what presence(room) reads, and the view onPresence reports. `(epoch,
+ * version)` says where it stands in the node's stream of presence diffs.
+ */
+export interface Presence {
+  room: string;
+  /** Names the room owner's presence state (a new owner rebuilds it under a new epoch). */
+  epoch: number;
+  /** The last of the room's presence diffs this list includes. */
+  version: number;
+  /** Users and sessions in the room. */
+  users: number;
+  sessions: number;
+  /** By user id. Empty when `truncated`. */
+  members: PresenceMember[];
+  /**
+   * The room has more users than its class lists: only the counts are kept (presence() refuses
+   * such a room with `ErrorCode.PRESENCE_TOO_LARGE`; presenceStats() still answers).
+   */
+  truncated: boolean;
+}
+
+/** How many are in a room (cheap at any size). */
+export interface PresenceStats {
+  room: string;
+  users: number;
+  sessions: number;
+  epoch: number;
+  version: number;
+}
+
+/**
+ * A user came into a room whose presence this client keeps (after the first list: the users
+ * already there when it was fetched are not announced).
+ */
+export interface PresenceJoinEvent {
+  room: string;
+  member: PresenceMember;
+}
+
+/** A user left a room whose presence this client keeps (its grace period over). */
+export interface PresenceLeaveEvent {
+  room: string;
+  userId: string;
+  /** The user's entry as it was last shown. */
+  member: PresenceMember;
+}

@@ -253,6 +253,9 @@ try {
   if (afterReconnect[4].text !== 'after the reconnect') {
     throw new Error(`no message after the reconnect: ${JSON.stringify(afterReconnect)}`);
   }
+  // Bob's own acknowledgement may come a moment after Alice has the message: wait for it, so
+  // the outbox below holds only what he types while offline.
+  await bob.waitForFunction(() => window.roomwireDemo.outbox.length === 0, null, { timeout: TIMEOUT });
 
   // Bob loses his connection and stays offline a few seconds (the first retry waits 4-8 s): the
   // indicator counts down, and what he types meanwhile waits in the outbox and goes out, once,

@@ -10,6 +10,9 @@ import {
   type HistoryPage,
   type Message,
   type MessageInfo,
+  type Presence,
+  type PresenceMember,
+  type PresenceStats,
   type PublishAck,
   type ResetEvent,
   type RoomPosition,
@@ -97,6 +100,22 @@ export async function chat(): Promise<void> {
   if (ack.duplicate) console.log('sent before, as', ack.epoch, ack.seq);
   await client.publish('lobby', new Uint8Array([1, 2, 3]));
   await client.publishUnreliable('lobby', 'typing');
+  // Presence: who is in the room, kept current.
+  await client.join('lobby', { presence: true, presenceInfo: 'Alice' });
+  await client.join('bytes', { presenceInfo: new Uint8Array([1]) });
+  client.onPresence((presence: Presence) => {
+    const names: string[] = presence.members.map((m: PresenceMember) => m.infoText || m.userId);
+    if (presence.truncated) console.log(presence.users, 'online');
+    else console.log(names, presence.epoch, presence.version, presence.sessions);
+  });
+  client.onPresenceJoin(({ room, member }) => console.log(room, member.userId, member.sessions, member.info.length));
+  client.onPresenceLeave(({ room, userId, member }) => console.log(room, userId, member.infoText));
+  const everyone: Presence = await client.presence('lobby');
+  const stats: PresenceStats = await client.presenceStats('lobby');
+  const view: Presence | null = client.presenceView('lobby');
+  console.log(everyone.members.length, stats.users, view?.users);
+  // @ts-expect-error presence is a boolean
+  await client.join('lobby', { presence: 'yes' });
   await client.leave('lobby');
   client.close();
   console.log(CloseCode.SLOW_CONSUMER === 4001);
