@@ -13,7 +13,7 @@
 import { mkdtempSync, mkdirSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
-import { chromium } from 'playwright-core';
+import { launchChromium } from './chromium.mjs';
 
 const base = process.argv[2];
 const screenshot = process.argv[3] ?? 'target/artifacts/demo.png';
@@ -29,19 +29,7 @@ const profile = mkdtempSync(join(tmpdir(), 'roomwire-chromium-'));
 const INSECURE_HOST = 'roomwire.test';
 const insecureBase = base.replace('127.0.0.1', INSECURE_HOST);
 
-const context = await chromium.launchPersistentContext(profile, {
-  executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',
-  headless: true,
-  args: [
-    '--no-sandbox',
-    '--disable-gpu',
-    '--no-first-run',
-    '--disable-background-networking',
-    '--disable-component-update',
-    '--disable-sync',
-    `--host-resolver-rules=MAP ${INSECURE_HOST} 127.0.0.1`,
-  ],
-});
+const context = await launchChromium(profile, [`--host-resolver-rules=MAP ${INSECURE_HOST} 127.0.0.1`]);
 
 /** Uncaught exceptions and unhandled rejections of every page, and console errors. */
 const pageErrors = [];

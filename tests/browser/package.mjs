@@ -13,7 +13,7 @@ import { createServer } from 'node:http';
 import { tmpdir } from 'node:os';
 import { dirname, extname, join, normalize, relative, sep } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { chromium } from 'playwright-core';
+import { launchChromium } from './chromium.mjs';
 
 const nodeBase = process.argv[2];
 const pagePort = Number(process.argv[3]);
@@ -114,18 +114,7 @@ console.log(JSON.stringify({ url, exports: Object.keys(m).sort() }));`;
   });
   console.log(`static server for the app on ${pageOrigin}`);
 
-  context = await chromium.launchPersistentContext(profile, {
-    executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',
-    headless: true,
-    args: [
-      '--no-sandbox',
-      '--disable-gpu',
-      '--no-first-run',
-      '--disable-background-networking',
-      '--disable-component-update',
-      '--disable-sync',
-    ],
-  });
+  context = await launchChromium(profile);
   const requests = [];
   const pageErrors = [];
   async function openApp(name, transport) {

@@ -13,7 +13,7 @@
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { chromium } from 'playwright-core';
+import { launchChromium } from './chromium.mjs';
 
 const base = process.argv[2];
 const GRACE_MS = Number(process.argv[3] ?? 1000);
@@ -28,18 +28,7 @@ const SLACK_MS = 3000;
 const room = `presence-${Date.now()}`;
 const profile = mkdtempSync(join(tmpdir(), 'roomwire-chromium-'));
 
-const context = await chromium.launchPersistentContext(profile, {
-  executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',
-  headless: true,
-  args: [
-    '--no-sandbox',
-    '--disable-gpu',
-    '--no-first-run',
-    '--disable-background-networking',
-    '--disable-component-update',
-    '--disable-sync',
-  ],
-});
+const context = await launchChromium(profile);
 
 const pageErrors = [];
 function watch(page, label) {
