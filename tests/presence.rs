@@ -35,7 +35,6 @@ struct View {
     diffs: Vec<PresenceDiff>,
     /// Snapshots fetched (the first, then one per reset, epoch change or gap).
     snapshots: usize,
-    closed: bool,
 }
 
 impl View {
@@ -178,7 +177,6 @@ async fn watch(mut client: Client, room: String, view: Arc<Mutex<View>>) {
             v.info.remove(user);
         }
     }
-    view.lock().unwrap().closed = true;
 }
 
 /// A plain member of `room` (present, no diffs), with `info`.
@@ -344,9 +342,30 @@ async fn one_node_merges_sessions_holds_leaves_for_the_grace_and_applies_the_cla
         refused_code(probe.presence_stats("quiet.room").await),
         ErrorCode::PresenceOff
     );
-    let _s1 = member(&url, "s1", "small.room", "").await;
+    let mut s1 = node.client("s1").await;
+    let with_diffs = JoinOptions {
+        presence_events: true,
+        ..JoinOptions::default()
+    };
+    s1.join_with("small.room", with_diffs).await.unwrap();
     let _s2 = member(&url, "s2", "small.room", "").await;
     let _s3 = member(&url, "s3", "small.room", "").await;
+    // Above the class's cap the diffs carry the counts only.
+    let truncated = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match s1.next_event().await {
+                Some(Event::PresenceDiff(d)) if d.users == 3 => break d,
+                Some(_) => {}
+                None => panic!("s1's session ended"),
+            }
+        }
+    })
+    .await
+    .expect("a diff with the three users");
+    assert!(
+        truncated.truncated && truncated.joined.is_empty(),
+        "{truncated:?}"
+    );
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let stats = probe.presence_stats("small.room").await.unwrap();
@@ -505,6 +524,16 @@ async fn three_nodes_show_one_presence_and_a_dead_or_drained_node_moves_no_one_t
     let everyone = [("dana", 2), ("erin", 1), ("w1", 1), ("w2", 1), ("w3", 1)];
     w1.wait_for(&everyone, Duration::from_secs(15)).await;
     w3.wait_for(&everyone, Duration::from_secs(15)).await;
+    // A second room, owned by n2: when n2 dies, the next owner rebuilds its presence from the
+    // nodes' reports and the watchers fetch it again (a reset), with no leave for who stayed.
+    let moved = &rooms_owned_by(&IDS, "n2", 1, "chat.moved")[0];
+    let m1 = Watcher::join(&n1.ws_url(), "m1", moved, "").await;
+    let m3 = Watcher::join(&n3.ws_url(), "m3", moved, "").await;
+    let _fay = member(&n1.ws_url(), "fay", moved, "").await;
+    let _gus = member(&n2.ws_url(), "gus", moved, "").await;
+    let in_moved = [("fay", 1), ("gus", 1), ("m1", 1), ("m3", 1)];
+    m1.wait_for(&in_moved, Duration::from_secs(15)).await;
+    m3.wait_for(&in_moved, Duration::from_secs(15)).await;
     assert_eq!(w3.view.lock().unwrap().info["dana"], "Dana");
 
     // erin's session moves from n2 to n3 (a reconnect within the grace): no leave, no join.
@@ -534,6 +563,21 @@ async fn three_nodes_show_one_presence_and_a_dead_or_drained_node_moves_no_one_t
     );
     let after_kill = [("dana", 2), ("erin", 1), ("w1", 1), ("w3", 1)];
     w1.wait_for(&after_kill, Duration::from_secs(5)).await;
+    let rebuilt = [("fay", 1), ("m1", 1), ("m3", 1)];
+    for m in [&m1, &m3] {
+        m.wait_for(&rebuilt, bound).await;
+        let v = m.view.lock().unwrap();
+        assert!(
+            v.snapshots >= 2 && v.diffs.iter().any(|d| d.reset),
+            "{}: the rebuilt presence was not fetched again after a reset ({} snapshots)",
+            m.label,
+            v.snapshots
+        );
+        for user in ["fay", "m1", "m3"] {
+            assert_eq!(v.leaves_of(user), 0, "{}: {user} stayed", m.label);
+        }
+    }
+    drop((m1, m3));
 
     // Drain n3: its sessions move to n1 as a client does on GoAway; no one leaves.
     let leaves_before = |w: &Watcher| {

@@ -114,6 +114,9 @@ struct Inner {
     draining: AtomicBool,
     requests: Arc<Semaphore>,
     presence: Arc<Presence>,
+    /// The ring version of the last presence reports (a change: every room is reported again
+    /// to its owner, which may be new to it).
+    presence_ring: AtomicU64,
 }
 
 impl MeshBus {
@@ -222,6 +225,7 @@ impl MeshBus {
             draining: AtomicBool::new(false),
             requests: Arc::new(Semaphore::new(MAX_CONCURRENT_REQUESTS)),
             presence,
+            presence_ring: AtomicU64::new(0),
         });
         inner.publish_view();
         let heartbeats = inner.nats.subscribe(inner.subject_heartbeat()).await?;

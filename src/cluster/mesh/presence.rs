@@ -4,6 +4,7 @@
 //! on `<prefix>.presence.<node>`. The logic is [`crate::cluster::presence`]'s; this is the IO.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -37,7 +38,12 @@ impl Inner {
         }
         let now = mono_ms();
         let view = self.view();
-        let reports = self.presence.local.reports(|room| self.owner_of(room));
+        // Every room is looked at again when the ring changed (an owner may be new to it).
+        let ring_changed = self.presence_ring.swap(view.version, Ordering::AcqRel) != view.version;
+        let reports = self
+            .presence
+            .local
+            .reports(|room| self.owner_of(room), ring_changed);
         let mut asks = Vec::new();
         for (owner, rooms) in reports {
             if owner == self.node_id {

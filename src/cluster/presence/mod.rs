@@ -12,7 +12,7 @@
 //! nodes' reports for a few intervals, then tells the subscribers to fetch the presence again
 //! (`reset`). Time is monotonic milliseconds, passed in.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -71,7 +71,9 @@ impl Presence {
     }
 
     pub fn left(&self, room: &RoomName, key: u64) {
-        self.local.left(room, key);
+        if self.list_max(room).is_some() {
+            self.local.left(room, key);
+        }
     }
 
     /// Takes reports as the rooms' owner (`owns`: whether this node owns a room now).
@@ -107,7 +109,7 @@ impl Presence {
 
     /// Standalone: this node reports to itself and owns every room.
     pub fn tick_alone(&self, node: &Arc<str>, now: u64) {
-        let reports = self.local.reports(|_| Some(node.clone()));
+        let reports = self.local.reports(|_| Some(node.clone()), false);
         for (owner, rooms) in reports {
             let ack = self.apply(node, &rooms, now, |_| true);
             self.local.answered(&owner, &ack);
@@ -130,8 +132,9 @@ struct LocalRoom {
     /// Member key → user, so a leave counts once whatever calls it.
     members: HashMap<u64, Arc<str>>,
     users: HashMap<Arc<str>, LocalUser>,
-    /// Users whose sessions here changed since the last report.
-    dirty: Vec<Arc<str>>,
+    /// Users whose sessions here changed since the last report (each once: bounded by the
+    /// users, however long the owner stays unknown).
+    dirty: HashSet<Arc<str>>,
     /// The sessions that receive the room's diffs.
     subscribers: HashMap<u64, Arc<Member>>,
     /// The owner the last report went to, and that report's `seq`.
@@ -141,24 +144,39 @@ struct LocalRoom {
     full: bool,
 }
 
+#[derive(Default)]
+struct Rooms {
+    rooms: HashMap<RoomName, LocalRoom>,
+    /// Rooms with something to report (changed, to report whole, or whose owner was unknown):
+    /// a report looks at these only, unless the ring changed.
+    pending: HashSet<RoomName>,
+}
+
 /// This node's members of rooms that keep presence.
 #[derive(Default)]
 pub struct LocalPresence {
-    rooms: Mutex<HashMap<RoomName, LocalRoom>>,
+    inner: Mutex<Rooms>,
 }
 
 /// Reports due, by owner node.
 pub type Reports = HashMap<Arc<str>, Vec<RoomPresenceReport>>;
 
 impl LocalPresence {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Rooms> {
+        self.inner.lock().expect("presence lock poisoned")
+    }
+
     /// `member` joined `room` (a room that keeps presence); with `events`, it receives the
     /// room's diffs.
     pub fn joined(&self, room: &RoomName, member: &Arc<Member>, info: Bytes, events: bool) {
-        let mut rooms = self.rooms.lock().expect("presence lock poisoned");
-        let local = rooms.entry(room.clone()).or_insert_with(|| LocalRoom {
-            full: true,
-            ..LocalRoom::default()
-        });
+        let mut inner = self.lock();
+        let local = inner
+            .rooms
+            .entry(room.clone())
+            .or_insert_with(|| LocalRoom {
+                full: true,
+                ..LocalRoom::default()
+            });
         if events {
             local.subscribers.insert(member.key, member.clone());
         } else {
@@ -172,13 +190,14 @@ impl LocalPresence {
         if local.members.insert(member.key, user.clone()).is_none() {
             entry.sessions += 1;
         }
-        local.dirty.push(user);
+        local.dirty.insert(user);
+        inner.pending.insert(room.clone());
     }
 
     /// The member with `key` left `room` (or its session ended).
     pub fn left(&self, room: &RoomName, key: u64) {
-        let mut rooms = self.rooms.lock().expect("presence lock poisoned");
-        let Some(local) = rooms.get_mut(room) else {
+        let mut inner = self.lock();
+        let Some(local) = inner.rooms.get_mut(room) else {
             return;
         };
         local.subscribers.remove(&key);
@@ -191,68 +210,90 @@ impl LocalPresence {
                 local.users.remove(&user);
             }
         }
-        local.dirty.push(user);
+        local.dirty.insert(user);
+        inner.pending.insert(room.clone());
     }
 
     /// The reports due now, each for its room's owner in `owner_of` (`None`: unknown now, kept
-    /// for later). Rooms with nothing left here are forgotten once their last report is out.
-    pub fn reports(&self, owner_of: impl Fn(&RoomName) -> Option<Arc<str>>) -> Reports {
+    /// for later): the rooms with something to report, or every room when `ring_changed`
+    /// (an owner may be new to a room: it gets the room whole). Rooms with nothing left here
+    /// are forgotten once their last report is out.
+    pub fn reports(
+        &self,
+        owner_of: impl Fn(&RoomName) -> Option<Arc<str>>,
+        ring_changed: bool,
+    ) -> Reports {
         let mut due = Reports::new();
-        let mut rooms = self.rooms.lock().expect("presence lock poisoned");
-        rooms.retain(|room, local| {
-            let Some(owner) = owner_of(room) else {
-                return true;
+        let mut inner = self.lock();
+        let Rooms { rooms, pending } = &mut *inner;
+        let look_at: Vec<RoomName> = if ring_changed {
+            pending.clear();
+            rooms.keys().cloned().collect()
+        } else {
+            pending.drain().collect()
+        };
+        for room in look_at {
+            let Some(local) = rooms.get_mut(&room) else {
+                continue;
+            };
+            let Some(owner) = owner_of(&room) else {
+                pending.insert(room);
+                continue;
             };
             if local.owner.as_ref() != Some(&owner) {
                 local.owner = Some(owner.clone());
                 local.full = true;
             }
-            let entry = |user: &Arc<str>, local: &LocalRoom| {
-                let found = local.users.get(user);
-                PresenceEntry {
-                    user: user.to_string(),
-                    sessions: found.map_or(0, |u| u.sessions),
-                    info: found.map(|u| u.info.clone()).unwrap_or_default(),
-                }
-            };
-            let entries: Vec<PresenceEntry> = if local.full {
-                local.users.keys().map(|u| entry(u, local)).collect()
+            let dirty = std::mem::take(&mut local.dirty);
+            let named: Vec<&Arc<str>> = if local.full {
+                local.users.keys().collect()
             } else {
-                let mut dirty = std::mem::take(&mut local.dirty);
-                dirty.sort_unstable();
-                dirty.dedup();
-                dirty.iter().map(|u| entry(u, local)).collect()
+                dirty.iter().collect()
             };
-            if entries.is_empty() && !local.full {
-                return !local.users.is_empty() || !local.subscribers.is_empty();
+            let entries: Vec<PresenceEntry> = named
+                .into_iter()
+                .map(|user| {
+                    let found = local.users.get(user);
+                    PresenceEntry {
+                        user: user.to_string(),
+                        sessions: found.map_or(0, |u| u.sessions),
+                        info: found.map(|u| u.info.clone()).unwrap_or_default(),
+                    }
+                })
+                .collect();
+            if !entries.is_empty() || local.full {
+                local.seq += 1;
+                due.entry(owner).or_default().push(RoomPresenceReport {
+                    room: room.to_string(),
+                    seq: local.seq,
+                    full: std::mem::take(&mut local.full),
+                    entries,
+                });
             }
-            local.seq += 1;
-            due.entry(owner).or_default().push(RoomPresenceReport {
-                room: room.to_string(),
-                seq: local.seq,
-                full: std::mem::take(&mut local.full),
-                entries,
-            });
-            local.dirty.clear();
-            !local.users.is_empty() || !local.subscribers.is_empty()
-        });
+            if local.users.is_empty() && local.subscribers.is_empty() {
+                rooms.remove(&room);
+            }
+        }
         due
     }
 
     /// What `owner` answered to reports: the rooms to report whole next time, and the rooms it
     /// does not own (asked of the ring again).
     pub fn answered(&self, owner: &Arc<str>, ack: &PresenceAck) {
-        let mut rooms = self.rooms.lock().expect("presence lock poisoned");
-        for room in ack.resync.iter().chain(&ack.not_owner) {
-            if let Some(local) = RoomName::parse_any(room, usize::MAX)
-                .ok()
-                .and_then(|r| rooms.get_mut(&r))
+        let mut inner = self.lock();
+        let Rooms { rooms, pending } = &mut *inner;
+        for name in ack.resync.iter().chain(&ack.not_owner) {
+            let Ok(room) = RoomName::parse_any(name, usize::MAX) else {
+                continue;
+            };
+            if let Some(local) = rooms.get_mut(&room)
                 && local.owner.as_ref() == Some(owner)
             {
                 local.full = true;
-                if ack.not_owner.contains(room) {
+                if ack.not_owner.contains(name) {
                     local.owner = None;
                 }
+                pending.insert(room);
             }
         }
     }
@@ -268,8 +309,8 @@ impl LocalPresence {
 
     /// Pushes a diff to the room's sessions that asked for diffs; how many.
     pub fn deliver(&self, room: &RoomName, frame: &Bytes) -> usize {
-        let rooms = self.rooms.lock().expect("presence lock poisoned");
-        let Some(local) = rooms.get(room) else {
+        let inner = self.lock();
+        let Some(local) = inner.rooms.get(room) else {
             return 0;
         };
         local
@@ -277,12 +318,6 @@ impl LocalPresence {
             .values()
             .filter(|m| m.push(frame.clone()))
             .count()
-    }
-
-    /// Rooms with members here (for the HTTP API's room info).
-    pub fn local_users(&self, room: &RoomName) -> usize {
-        let rooms = self.rooms.lock().expect("presence lock poisoned");
-        rooms.get(room).map_or(0, |r| r.users.len())
     }
 }
 
@@ -398,4 +433,129 @@ impl OwnedPresence {
 /// A new presence epoch: unique per owner state (wall time names it; nothing is timed by it).
 fn new_epoch() -> u64 {
     crate::clock::wall_ms() * 1_000 + crate::ids::random_u64() % 1_000
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::member::{Identity, MemberLimits, Transport};
+
+    fn member(key: u64, user: &str) -> Arc<Member> {
+        let identity = Identity {
+            key,
+            id: Arc::from(format!("n:{key}")),
+            user: Arc::from(user),
+            transport: Transport::WebSocket,
+            peer: "127.0.0.1:1".parse().unwrap(),
+            client_name: String::new(),
+        };
+        let limits = MemberLimits {
+            queue_frames: 16,
+            queue_bytes: 1 << 16,
+            reconnect_after_ms: 0,
+        };
+        Member::new(identity, limits, Arc::new(Metrics::default()))
+    }
+
+    fn room(name: &str) -> RoomName {
+        RoomName::parse_any(name, 128).unwrap()
+    }
+
+    /// (room, seq, full, [(user, sessions)]) of one report.
+    type Summary = (String, u64, bool, Vec<(String, u32)>);
+
+    /// The reports to `owner`, summarized, in room order.
+    fn summary(reports: &Reports, owner: &str) -> Vec<Summary> {
+        let mut out: Vec<_> = reports
+            .get(owner)
+            .into_iter()
+            .flatten()
+            .map(|r| {
+                let mut entries: Vec<_> = r
+                    .entries
+                    .iter()
+                    .map(|e| (e.user.clone(), e.sessions))
+                    .collect();
+                entries.sort();
+                (r.room.clone(), r.seq, r.full, entries)
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn a_node_reports_what_changed_once_and_everything_to_a_new_owner() {
+        let local = LocalPresence::default();
+        let a: Arc<str> = Arc::from("a");
+        let owner_a = |_: &RoomName| Some(a.clone());
+        let (r, s) = (room("chat.r"), room("chat.s"));
+        let (alice1, alice2, bob) = (member(1, "alice"), member(2, "alice"), member(3, "bob"));
+        local.joined(&r, &alice1, Bytes::new(), false);
+        local.joined(&r, &alice2, Bytes::new(), true);
+        local.joined(&s, &bob, Bytes::new(), false);
+        let first = local.reports(owner_a, false);
+        assert_eq!(
+            summary(&first, "a"),
+            [
+                ("chat.r".into(), 1, true, vec![("alice".into(), 2)]),
+                ("chat.s".into(), 1, true, vec![("bob".into(), 1)]),
+            ]
+        );
+        assert!(local.reports(owner_a, false).is_empty(), "nothing changed");
+        // A leave is reported as the user's sessions left here.
+        local.left(&r, alice1.key);
+        local.left(&r, alice1.key);
+        assert_eq!(
+            summary(&local.reports(owner_a, false), "a"),
+            [("chat.r".into(), 2, false, vec![("alice".into(), 1)])]
+        );
+        // The ring changed and s moved to b: b gets s whole; a hears nothing new of r.
+        let b: Arc<str> = Arc::from("b");
+        let moved = |room: &RoomName| {
+            Some(if room.as_str() == "chat.s" {
+                b.clone()
+            } else {
+                a.clone()
+            })
+        };
+        let after = local.reports(moved, true);
+        assert!(!after.contains_key("a"));
+        assert_eq!(
+            summary(&after, "b"),
+            [("chat.s".into(), 2, true, vec![("bob".into(), 1)])]
+        );
+        // The owner lost track of r: reported whole next time.
+        let ack = PresenceAck {
+            resync: vec!["chat.r".into()],
+            not_owner: Vec::new(),
+        };
+        local.answered(&a, &ack);
+        assert_eq!(
+            summary(&local.reports(moved, false), "a"),
+            [("chat.r".into(), 3, true, vec![("alice".into(), 1)])]
+        );
+        // Only the subscriber gets diffs, and an emptied room is forgotten after its report.
+        assert_eq!(local.deliver(&r, &Bytes::from_static(b"diff")), 1);
+        local.left(&r, alice2.key);
+        assert_eq!(
+            summary(&local.reports(moved, false), "a"),
+            [("chat.r".into(), 4, false, vec![("alice".into(), 0)])]
+        );
+        assert_eq!(local.deliver(&r, &Bytes::from_static(b"diff")), 0);
+    }
+
+    #[test]
+    fn an_unknown_owner_keeps_the_report_for_later() {
+        let local = LocalPresence::default();
+        let r = room("chat.r");
+        local.joined(&r, &member(1, "alice"), Bytes::new(), false);
+        assert!(local.reports(|_| None, false).is_empty());
+        let a: Arc<str> = Arc::from("a");
+        let later = local.reports(|_| Some(a.clone()), false);
+        assert_eq!(
+            summary(&later, "a"),
+            [("chat.r".into(), 1, true, vec![("alice".into(), 1)])]
+        );
+    }
 }

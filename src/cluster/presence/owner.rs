@@ -42,6 +42,9 @@ pub struct RoomPresence {
     changed: BTreeSet<Arc<str>>,
     /// Users whose grace period ended since the last diff, and who had been shown.
     left: Vec<Arc<str>>,
+    /// Users in their grace period, by its end (monotonic ms): a tick looks at the due ones
+    /// only, not at every user.
+    leaving: BTreeSet<(u64, Arc<str>)>,
     /// Until then the state is being rebuilt from the nodes' reports: no diff goes out, and
     /// the first one after says `reset`.
     warm_until: u64,
@@ -63,6 +66,7 @@ impl RoomPresence {
             sessions: 0,
             changed: BTreeSet::new(),
             left: Vec::new(),
+            leaving: BTreeSet::new(),
             warm_until: now + warm_ms,
             warm: true,
             list_max,
@@ -167,7 +171,17 @@ impl RoomPresence {
         if sessions > 0 && !info.is_empty() {
             present.info = info;
         }
-        present.leaving_at = (present.sessions == 0).then_some(now + grace_ms);
+        match (present.sessions, present.leaving_at) {
+            (0, None) => {
+                present.leaving_at = Some(now + grace_ms);
+                self.leaving.insert((now + grace_ms, user.clone()));
+            }
+            (1.., Some(at)) => {
+                present.leaving_at = None;
+                self.leaving.remove(&(at, user.clone()));
+            }
+            _ => {}
+        }
         self.changed.insert(user.clone());
     }
 
@@ -192,13 +206,10 @@ impl RoomPresence {
 
     /// Ends the grace periods due at `now` and returns the diff due, if anything changed.
     pub fn tick(&mut self, room: &str, now: u64) -> Option<PresenceDiff> {
-        let expired: Vec<Arc<str>> = self
-            .users
-            .iter()
-            .filter(|(_, p)| p.leaving_at.is_some_and(|at| at <= now))
-            .map(|(u, _)| u.clone())
-            .collect();
-        for user in expired {
+        while let Some((at, _)) = self.leaving.first()
+            && *at <= now
+        {
+            let (_, user) = self.leaving.pop_first().expect("a first entry");
             if let Some(p) = self.users.remove(&user)
                 && p.shown.is_some()
             {
