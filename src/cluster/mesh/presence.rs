@@ -12,7 +12,7 @@ use prost::Message;
 
 use super::Inner;
 use crate::clock::mono_ms;
-use crate::cluster::BusError;
+use crate::cluster::{BusError, presence};
 use crate::proto::mesh::{
     self as wire, PresenceFanout, PresenceFrame, PresenceQuery, PresenceReply, reply, request,
 };
@@ -59,17 +59,23 @@ impl Inner {
                 self.presence.local.lost(&owner, &rooms);
                 continue;
             }
+            // One owner's requests one after the other (a room's chunks in order); owners
+            // at once.
             asks.push(async move {
-                self.metrics.presence_reports.inc();
-                let kind = request::Kind::PresenceReport(wire::PresenceReport {
-                    rooms: rooms.clone(),
-                    node: self.node_id.to_string(),
-                });
-                match self.request(&owner, kind).await {
-                    Ok(reply::Kind::PresenceAck(ack)) => self.presence.local.answered(&owner, &ack),
-                    _ => {
-                        self.metrics.presence_reports_lost.inc();
-                        self.presence.local.lost(&owner, &rooms);
+                for rooms in presence::requests(rooms) {
+                    self.metrics.presence_reports.inc();
+                    let kind = request::Kind::PresenceReport(wire::PresenceReport {
+                        rooms: rooms.clone(),
+                        node: self.node_id.to_string(),
+                    });
+                    match self.request(&owner, kind).await {
+                        Ok(reply::Kind::PresenceAck(ack)) => {
+                            self.presence.local.answered(&owner, &ack)
+                        }
+                        _ => {
+                            self.metrics.presence_reports_lost.inc();
+                            self.presence.local.lost(&owner, &rooms);
+                        }
                     }
                 }
             });

@@ -30,6 +30,43 @@ mod owner;
 
 pub use owner::RoomPresence;
 
+/// Entries of one room's report at most (a full report of a larger room goes in chunks).
+pub const REPORT_CHUNK: usize = 1_000;
+/// Estimated bytes of one report request at most (NATS's default max_payload is 1 MiB; an
+/// entry is at most 64 bytes of user id and `presence_info_max_bytes` ≤ 4 KiB of info, so a
+/// chunk of the default 256-byte infos stays well under it).
+pub const REQUEST_BYTES: usize = 512 * 1024;
+
+/// Cuts one owner's reports into requests of at most [`REQUEST_BYTES`] (estimated), in order:
+/// the chunks of a room follow one another, so each request is sent after the previous one
+/// was answered.
+pub fn requests(reports: Vec<RoomPresenceReport>) -> Vec<Vec<RoomPresenceReport>> {
+    let size = |r: &RoomPresenceReport| {
+        r.room.len()
+            + 16
+            + r.entries
+                .iter()
+                .map(|e| e.user.len() + e.info.len() + 8)
+                .sum::<usize>()
+    };
+    let mut out: Vec<Vec<RoomPresenceReport>> = Vec::new();
+    let mut bytes = 0;
+    for report in reports {
+        let n = size(&report);
+        match out.last_mut() {
+            Some(last) if bytes + n <= REQUEST_BYTES => {
+                bytes += n;
+                last.push(report);
+            }
+            _ => {
+                bytes = n;
+                out.push(vec![report]);
+            }
+        }
+    }
+    out
+}
+
 /// Users a presence page lists at most, and by default.
 pub const PAGE_MAX: usize = 1_000;
 pub const PAGE_DEFAULT: usize = 100;
@@ -262,13 +299,27 @@ impl LocalPresence {
                 })
                 .collect();
             if !entries.is_empty() || local.full {
-                local.seq += 1;
-                due.entry(owner).or_default().push(RoomPresenceReport {
-                    room: room.to_string(),
-                    seq: local.seq,
-                    full: std::mem::take(&mut local.full),
-                    entries,
-                });
+                // In chunks that follow one another (each its own seq; only the first says
+                // `full`), so no NATS message outgrows the server's max_payload.
+                let mut full = std::mem::take(&mut local.full);
+                let mut entries = entries;
+                loop {
+                    let rest = entries.split_off(entries.len().min(REPORT_CHUNK));
+                    local.seq += 1;
+                    due.entry(owner.clone())
+                        .or_default()
+                        .push(RoomPresenceReport {
+                            room: room.to_string(),
+                            seq: local.seq,
+                            full,
+                            entries,
+                        });
+                    full = false;
+                    if rest.is_empty() {
+                        break;
+                    }
+                    entries = rest;
+                }
             }
             if local.users.is_empty() && local.subscribers.is_empty() {
                 rooms.remove(&room);
@@ -543,6 +594,42 @@ mod tests {
             [("chat.r".into(), 4, false, vec![("alice".into(), 0)])]
         );
         assert_eq!(local.deliver(&r, &Bytes::from_static(b"diff")), 0);
+    }
+
+    #[test]
+    fn a_large_room_is_reported_in_chunks_that_follow_one_another() {
+        let local = LocalPresence::default();
+        let r = room("chat.big");
+        for key in 0..2_500u64 {
+            local.joined(
+                &r,
+                &member(key, &format!("user-{key:05}")),
+                Bytes::new(),
+                false,
+            );
+        }
+        let a: Arc<str> = Arc::from("a");
+        let mut reports = local.reports(|_| Some(a.clone()), false);
+        let chunks = reports.remove("a").unwrap();
+        let shape: Vec<(u64, bool, usize)> = chunks
+            .iter()
+            .map(|c| (c.seq, c.full, c.entries.len()))
+            .collect();
+        assert_eq!(
+            shape,
+            [(1, true, 1_000), (2, false, 1_000), (3, false, 500)]
+        );
+        // The owner takes them in order as one whole report.
+        let mut owner = RoomPresence::new(1, 0, 0, 10_000);
+        for chunk in &chunks {
+            assert!(owner.apply(&a, chunk, 0, 1_000));
+        }
+        assert_eq!(owner.counts(), (2_500, 2_500));
+        // Requests stay under the size bound, in order.
+        let big: Vec<RoomPresenceReport> = (0..40).map(|_| chunks[0].clone()).collect();
+        let requests = requests(big);
+        assert!(requests.len() > 1);
+        assert_eq!(requests.iter().map(Vec::len).sum::<usize>(), 40);
     }
 
     #[test]
