@@ -8,6 +8,7 @@
 //! loadgen latency --target roomwire --url ... --rates 100,1000,10000 --step-secs 3
 //! loadgen chat    --target roomwire --url ... --rooms 1000 --members-per-room 10 --rate 0.5 --secs 20
 //! loadgen storm   --target roomwire --url ws://a/ws,ws://b/ws --kill-pid <a> --rooms 100 --members-per-room 100
+//! loadgen presence --target roomwire --url ws://a/ws,ws://b/ws --members 10000 --expect-users 10100 --churn 1000 --owner-pid <a>
 //! loadgen --threads 2 fanout --url ws://a/ws,ws://b/ws --pid <a>,<b>,<nats> ...   (two nodes)
 //! ```
 //!
@@ -39,6 +40,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+mod presence;
 mod storm;
 
 type Stream = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -179,6 +181,13 @@ enum Scenario {
         common: Common,
         #[command(flatten)]
         storm: storm::Storm,
+    },
+    /// Presence at scale (roomwire): one room, every member asking for its diffs, then churn.
+    Presence {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        presence: presence::Presence,
     },
     /// Many small rooms, every member publishing slowly.
     Chat {
@@ -970,6 +979,7 @@ async fn run(scenario: Scenario, threads: usize) -> anyhow::Result<()> {
             steps,
         } => one_room("latency", "bench.latency", common, members, steps, threads).await?,
         Scenario::Storm { common, storm } => storm::run(common, storm, threads).await?,
+        Scenario::Presence { common, presence } => presence::run(common, presence, threads).await?,
         Scenario::Chat {
             common,
             rooms,

@@ -8,7 +8,7 @@
 #   QUICK=1 benches/run.sh                  # smoke run: tiny sizes, 1 s steps, report under $OUT
 #
 # Knobs (environment):
-#   SCENARIOS    any of: idle fanout latency chat mesh transports failover storm meshchat (default: all, in
+#   SCENARIOS    any of: idle fanout latency chat mesh transports failover storm meshchat presence (default: all, in
 #                that order)
 #   QUICK=1      a smoke run of every scenario in well under a minute each; the report goes to
 #                $OUT/BENCHMARKS.md, never over docs/
@@ -24,7 +24,7 @@ OUT=${OUT:-target/bench}
 mkdir -p "$OUT"
 RESULTS="$OUT/results.jsonl"
 : > "$RESULTS"
-SCENARIOS=${SCENARIOS:-"idle fanout latency chat mesh transports failover storm meshchat"}
+SCENARIOS=${SCENARIOS:-"idle fanout latency chat mesh transports failover storm meshchat presence"}
 QUICK=${QUICK:-0}
 THREADS=${THREADS:-1}
 NEXT_PORT=${PORT_BASE:-19080}
@@ -40,6 +40,7 @@ if [ "$QUICK" = 1 ]; then
   WT_IDLE=200 WT_MEMBERS=100 WT_RATES=25 WT_STEP=1
   FAILOVER_RUNS=1
   STORM_SESSIONS=1000
+  PRESENCE_SIZES=${PRESENCE_SIZES:-"500 2000"} PRESENCE_SECS=2
 else
   IDLE_SIZES="1000 10000 19000"
   # 2,000 members: 10k to 3M deliveries/s, past both systems' ceilings; a system stops stepping
@@ -52,6 +53,7 @@ else
   WT_IDLE=2000 WT_MEMBERS=1000 WT_RATES=25,100 WT_STEP=5
   FAILOVER_RUNS=3
   STORM_SESSIONS=10000
+  PRESENCE_SIZES=${PRESENCE_SIZES:-"1000 10000 100000"} PRESENCE_SECS=10
 fi
 
 step() { printf '\n==> %s (at %ss)\n' "$*" "$SECONDS" >&2; }
@@ -144,11 +146,11 @@ start_server() {
 }
 stop_server() { for p in "$@"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; }
 
-# (d) roomwire: a backbone nats-server (JetStream on) and two nodes meshed over it, given any
-# extra node arguments -> sets MESH_URLS, MESH_PIDS (node a, node b, backbone: the mesh needs the
-# backbone, so its CPU is counted) and MESH_HTTP.
+# (d) roomwire: a backbone nats-server (JetStream on) and MESH_NODES nodes (default 2: a, b, …)
+# meshed over it, given any extra node arguments -> sets MESH_URLS, MESH_PIDS (the nodes in
+# order, then the backbone: the mesh needs it, so its CPU is counted), MESH_HTTP and MESH_IDS.
 start_roomwire_mesh() {
-  local backbone a b
+  local backbone count=${MESH_NODES:-2}
   free_port backbone
   # JetStream on: durable rooms (the default class) are stored there before they are acknowledged.
   rm -rf "$OUT/jetstream-$backbone"
@@ -156,27 +158,31 @@ start_roomwire_mesh() {
   local backbone_pid=$!
   PIDS+=("$backbone_pid")
   wait_port "$backbone" "$backbone_pid"
-  free_port a
-  free_port b
-  local pids=()
-  for node in a b; do
-    local port=${!node}
+  local pids=() ports=() urls=() names=(a b c d e f g h)
+  MESH_IDS=()
+  for node in "${names[@]:0:$count}"; do
+    local port
+    free_port port
     RUST_LOG=warn "$NODE" --set "server.listen=[\"127.0.0.1:$port\"]" "${NODE_ARGS[@]}" \
       --set "node.id=bench-$node" --set "mesh.nats_urls=[\"nats://127.0.0.1:$backbone\"]" \
       --set "api.keys=[\"$API_KEY\"]" "$@" >"$OUT/node-mesh-$node-$port.log" 2>&1 &
     pids+=($!)
     PIDS+=($!)
+    ports+=("$port")
+    urls+=("ws://127.0.0.1:$port/ws")
+    MESH_IDS+=("bench-$node")
   done
-  for port in "$a" "$b"; do
-    wait_until 30 curl -fsS "http://127.0.0.1:$port/readyz"
-    # Both nodes on both rings before anyone joins, so no room moves during the run.
-    wait_until 30 python3 -c 'import json,sys,urllib.request as u
+  for port in "${ports[@]}"; do
+    wait_until 60 curl -fsS "http://127.0.0.1:$port/readyz"
+    # Every node on every ring before anyone joins, so no room moves during the run.
+    wait_until 60 python3 -c 'import json,sys,urllib.request as u
 r = u.Request(sys.argv[1], headers={"Authorization": "Bearer " + sys.argv[2]})
-sys.exit(len(json.load(u.urlopen(r))["ring"]["nodes"]) != 2)' "http://127.0.0.1:$port/api/v1/cluster" "$API_KEY"
+sys.exit(len(json.load(u.urlopen(r))["ring"]["nodes"]) != int(sys.argv[3]))' "http://127.0.0.1:$port/api/v1/cluster" "$API_KEY" "$count"
   done
-  MESH_URLS="ws://127.0.0.1:$a/ws,ws://127.0.0.1:$b/ws"
-  MESH_PIDS="${pids[0]},${pids[1]},$backbone_pid"
-  MESH_HTTP=("http://127.0.0.1:$a" "http://127.0.0.1:$b")
+  MESH_URLS=$(IFS=,; echo "${urls[*]}")
+  MESH_PIDS="$(IFS=,; echo "${pids[*]}"),$backbone_pid"
+  MESH_HTTP=()
+  for port in "${ports[@]}"; do MESH_HTTP+=("http://127.0.0.1:$port"); done
 }
 
 # (d) the peer: two nats-servers joined as a cluster (routes), each with its own WebSocket
@@ -272,6 +278,49 @@ for scenario in $SCENARIOS; do
         --members-per-room $((STORM_SESSIONS / 100)) --rate 2 --kill-pid "${mesh_pids[0]}" \
         --before-secs 3 --after-secs 10 --sources "$SOURCES" --label storm >>"$RESULTS"
       stop_server "${mesh_pids[@]}"
+      continue
+      ;;
+    presence)
+      # (i) presence at scale: one room of N users (every session asking for its diffs) over a
+      # mesh of enough nodes for the sessions (at most ~16,700 per node, under the 20,000-file
+      # cap), generators of at most 16,000 sessions each; a steady window, then 1,000 joins +
+      # leaves per second (pool sessions replaced by new users), then the time until the counts
+      # are exact (the leaves wait out a 2 s grace). roomwire only.
+      for size in $PRESENCE_SIZES; do
+        nodes=$(( (size + 16699) / 16700 )); [ "$nodes" -lt 2 ] && nodes=2
+        gens=$(( (size + 15999) / 16000 ))
+        step "presence: $size users in one room over $nodes nodes, $gens generators"
+        # Mesh timings doubled: at 100k, fourteen processes share two cores through the connect
+        # storm, and the default 1.25 s lease lapses while a node waits for a core.
+        MESH_NODES=$nodes start_roomwire_mesh \
+          --set 'rooms.classes=[{name="rooms",pattern=">",history="none",presence=true}]' \
+          --set rooms.presence_grace_ms=2000 --set mesh.heartbeat_ms=1000 \
+          --set mesh.node_ttl_ms=5000 --set mesh.lease_ms=2500 --set mesh.settle_ms=2400
+        IFS=, read -ra mesh_pids <<<"$MESH_PIDS"
+        owner=$(curl -fsS -H "Authorization: Bearer $API_KEY" \
+          "${MESH_HTTP[0]}/api/v1/cluster?room=bench.presence" | python3 -c 'import json,sys; print(json.load(sys.stdin)["owner"]["node"])')
+        owner_pid=""
+        for k in "${!MESH_IDS[@]}"; do [ "${MESH_IDS[$k]}" = "$owner" ] && owner_pid=${mesh_pids[$k]}; done
+        gen_pids=()
+        for g in $(seq 0 $((gens - 1))); do
+          "${LOADGEN[@]}" presence --target roomwire --url "$MESH_URLS" --pid "$MESH_PIDS" \
+            --owner-pid "$owner_pid" --members $((size / gens - 100)) --pool 100 \
+            --first-user $((g * 100000)) --expect-users $((size / gens * gens)) --churn $((1000 / gens)) \
+            --steady-secs "$PRESENCE_SECS" --churn-secs "$PRESENCE_SECS" --sources "$SOURCES" \
+            --connect-concurrency $((100 / gens)) --label "presence-$size" >>"$RESULTS" &
+          gen_pids+=($!)
+          PIDS+=($!)
+        done
+        # A generator that gives up (sessions never joined, counts never settled) is reported as
+        # a run that did not complete; the others are stopped with it.
+        failed=0
+        for g in "${gen_pids[@]}"; do wait "$g" || failed=1; done
+        if [ "$failed" = 1 ]; then
+          stop_server "${gen_pids[@]}"
+          echo "{\"scenario\": \"presence\", \"failed\": true, \"room_users\": $size, \"nodes\": $nodes, \"generators\": $gens}" >>"$RESULTS"
+        fi
+        stop_server "${mesh_pids[@]}"
+      done
       continue
       ;;
     meshchat)
