@@ -116,6 +116,10 @@ pub struct TokenArgs {
     /// `kid` header, for nodes verifying with a JWKS file.
     #[arg(long)]
     pub kid: Option<String>,
+    /// The `info` claim: the user's presence info in every room keeping presence (JSON, e.g.
+    /// `'{"name":"Alice"}'`; text that is not JSON is taken as a string).
+    #[arg(long, value_name = "JSON")]
+    pub info: Option<String>,
     /// The node's TOML configuration file (for auth.jwt).
     #[arg(long, short, env = "ROOMWIRE_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -141,6 +145,9 @@ pub fn run_token(args: TokenArgs) -> anyhow::Result<()> {
         publish: args.publish,
         ttl: args.ttl,
         kid: args.kid,
+        info: args
+            .info
+            .map(|text| serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text))),
     };
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?

@@ -558,6 +558,8 @@ async fn a_token_minted_by_the_cli_is_accepted_in_jwt_mode() {
         "chat.lobby",
         "--ttl",
         "1h",
+        "--info",
+        r#"{"name":"Alice"}"#,
         "--set",
         "auth.mode=jwt",
         "--set",
@@ -576,6 +578,17 @@ async fn a_token_minted_by_the_cli_is_accepted_in_jwt_mode() {
             .as_secs();
     assert!((3500..=3600).contains(&expires_in), "{expires_in}");
     alice.join("chat.random").await.unwrap();
+    // --info is the token's info claim: alice's presence info.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let page = alice.presence("chat.random").await.unwrap();
+        if let Some(me) = page.members.iter().find(|m| m.user_id == "alice") {
+            assert_eq!(&me.info[..], br#"{"name":"Alice"}"#);
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{page:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     alice.publish("chat.lobby", "hi", "t-1").await.unwrap();
     let refused = alice.publish("chat.random", "hi", "t-2").await.unwrap_err();
     assert_eq!(

@@ -389,6 +389,103 @@ async fn one_node_merges_sessions_holds_leaves_for_the_grace_and_applies_the_cla
     );
 }
 
+/// A token's `info` claim is the member's presence info (the issuer's word: a Join cannot
+/// replace it, a resumed session keeps it); above the room's cap a presence Join is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_info_claim_is_the_presence_info_and_a_join_cannot_replace_it() {
+    const SECRET: &str = "presence-test-secret-of-32-bytes!!";
+    let node = TestNode::start_with(|c| {
+        c.auth.mode = roomwire::config::AuthMode::Jwt;
+        c.auth.jwt.secret = Some(SECRET.into());
+        c.rooms.presence_interval_ms = INTERVAL_MS;
+        c.rooms.presence_info_max_bytes = 32;
+        c.rooms.classes = vec![
+            class("quiet", "quiet.>", false, 1_000),
+            class("chat", ">", true, 1_000),
+        ];
+    })
+    .await;
+    let token = |sub: &str, info: Option<serde_json::Value>| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let mut claims = serde_json::json!({
+            "sub": sub, "aud": "roomwire", "iat": now, "exp": now + 300,
+            "jti": roomwire::random_hex(8), "rooms": { "join": [">"], "publish": [">"] },
+        });
+        if let Some(info) = info {
+            claims["info"] = info;
+        }
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap()
+    };
+    let connect = |token: String| {
+        let url = node.ws_url();
+        async move {
+            Client::connect(&url, roomwire::client::ClientOptions::user(&token))
+                .await
+                .expect("connects with its token")
+        }
+    };
+    let room = "chat.badges";
+    let claimed = |info: &str| JoinOptions {
+        presence_info: info.as_bytes().to_vec().into(),
+        ..JoinOptions::default()
+    };
+    let alice = connect(token("alice", Some(serde_json::json!({"name": "Alice"})))).await;
+    alice
+        .join_with(room, claimed("I am the admin"))
+        .await
+        .expect("alice joins");
+    let bob = connect(token("bob", None)).await;
+    bob.join_with(room, claimed("Bob"))
+        .await
+        .expect("bob joins");
+    let carol = connect(token("carol", Some(serde_json::json!("Carol")))).await;
+    carol
+        .join_with(room, claimed(""))
+        .await
+        .expect("carol joins");
+    let want: Vec<(String, String)> = vec![
+        ("alice".into(), r#"{"name":"Alice"}"#.into()),
+        ("bob".into(), "Bob".into()),
+        ("carol".into(), "Carol".into()),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let page = bob.presence(room).await.unwrap();
+        let seen: Vec<(String, String)> = page
+            .members
+            .iter()
+            .map(|m| (m.user_id.clone(), String::from_utf8_lossy(&m.info).into()))
+            .collect();
+        if seen == want {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "presence is {seen:?}, want {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // An info claim above rooms.presence_info_max_bytes: presence rooms refuse the Join with
+    // the reason, rooms without presence do not use it and take it.
+    let long = connect(token("dave", Some(serde_json::json!("d".repeat(40))))).await;
+    match long.join_with(room, JoinOptions::default()).await {
+        Err(ClientError::Refused { code, message, .. }) => {
+            assert_eq!(code, ErrorCode::PayloadTooLarge);
+            assert!(message.contains("info claim"), "{message}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    long.join("quiet.room").await.expect("no presence, no cap");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_thousand_joins_are_batched_per_interval_and_counted_exactly() {
     const MEMBERS: usize = 5_000;

@@ -84,6 +84,7 @@ impl Services {
                     permissions: service.permissions.clone(),
                     // A service cannot refresh: its session ends when its certificate does.
                     expires_at: u64::try_from(cert.validity().not_after.timestamp()).ok(),
+                    info: bytes::Bytes::new(),
                 });
             }
         }

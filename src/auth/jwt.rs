@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 
+use bytes::Bytes;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, jwk::JwkSet};
 use serde::Deserialize;
 
@@ -11,6 +12,8 @@ use crate::config::{AuthConfig, JwtAlgorithm};
 
 /// Longest accepted token id; longer ones are refused rather than stored.
 const MAX_JTI_BYTES: usize = 128;
+/// Longest `info` claim taken (a room's presence caps it further: `rooms.presence_info_max_bytes`).
+const MAX_INFO_BYTES: usize = 4096;
 
 #[derive(Debug, Deserialize)]
 struct Claims {
@@ -20,6 +23,8 @@ struct Claims {
     jti: Option<String>,
     #[serde(default)]
     rooms: RoomClaims,
+    /// Presence info: a string as it is, any other JSON value as compact JSON text.
+    info: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -183,11 +188,22 @@ impl JwtVerifier {
             None if self.require_jti => return Err(AuthError::Invalid("token has no jti".into())),
             None => None,
         };
+        let info = match claims.info {
+            None | Some(serde_json::Value::Null) => Bytes::new(),
+            Some(serde_json::Value::String(text)) => Bytes::from(text),
+            Some(value) => Bytes::from(value.to_string()),
+        };
+        if info.len() > MAX_INFO_BYTES {
+            return Err(AuthError::Invalid(format!(
+                "info longer than {MAX_INFO_BYTES} bytes"
+            )));
+        }
         Ok((
             Principal {
                 user: claims.sub.into(),
                 permissions,
                 expires_at: Some(claims.exp),
+                info,
             },
             jti,
         ))

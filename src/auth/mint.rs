@@ -18,6 +18,8 @@ pub struct TokenRequest {
     pub ttl: Duration,
     /// `kid` in the header, for nodes that verify with a JWKS file.
     pub kid: Option<String>,
+    /// The `info` claim: the member's presence info.
+    pub info: Option<serde_json::Value>,
 }
 
 #[derive(Serialize)]
@@ -32,6 +34,8 @@ struct Claims<'a> {
     exp: u64,
     jti: String,
     rooms: Rooms<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    info: Option<&'a serde_json::Value>,
 }
 
 #[derive(Serialize)]
@@ -126,6 +130,7 @@ pub fn mint(
             join: &request.join,
             publish: &request.publish,
         },
+        info: request.info.as_ref(),
     };
     let mut header = Header::new(algorithm);
     header.kid = request.kid.clone();
@@ -170,6 +175,7 @@ mod tests {
             publish: vec!["chat.lobby".into()],
             ttl: Duration::from_secs(3600),
             kid: None,
+            info: None,
         }
     }
 
@@ -190,6 +196,37 @@ mod tests {
         assert!(id.is_some(), "a jti, for anti-replay");
         let expired = mint(&config, &request("alice"), None, now - 7200).unwrap();
         assert!(auth.verify(&expired, now).is_err(), "expired an hour ago");
+    }
+
+    #[test]
+    fn the_info_claim_becomes_the_presence_info() {
+        let config = hs256();
+        let now = crate::clock::wall_ms() / 1000;
+        let auth = Authenticator::new(&config).unwrap();
+        let info_of = |info: Option<serde_json::Value>| {
+            let request = TokenRequest {
+                info,
+                ..request("alice")
+            };
+            let token = mint(&config, &request, None, now).unwrap();
+            auth.verify(&token, now).map(|(p, _)| p.info)
+        };
+        assert_eq!(info_of(None).unwrap(), "");
+        assert_eq!(
+            info_of(Some(serde_json::json!("Alice"))).unwrap(),
+            "Alice",
+            "a string as it is"
+        );
+        assert_eq!(
+            info_of(Some(serde_json::json!({"name": "Alice", "color": 3}))).unwrap(),
+            r#"{"color":3,"name":"Alice"}"#,
+            "other JSON as compact text"
+        );
+        let huge = serde_json::Value::String("x".repeat(5000));
+        assert!(
+            info_of(Some(huge)).is_err(),
+            "an info claim above 4 KiB is refused"
+        );
     }
 
     #[test]

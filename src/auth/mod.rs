@@ -91,6 +91,10 @@ pub struct Principal {
     pub permissions: Permissions,
     /// Unix seconds when the credential expires; `None` for credentials that do not.
     pub expires_at: Option<u64>,
+    /// The token's `info` claim (empty: none): the member's presence info, set by whoever
+    /// issued the token, in every room keeping presence (a Join's `presence_info` cannot
+    /// replace it).
+    pub info: bytes::Bytes,
 }
 
 /// Why a credential was refused. Each maps to HTTP 401 before an upgrade, to the close code 4004
@@ -226,6 +230,7 @@ fn insecure(token: &str) -> Result<Principal, AuthError> {
         user: user.into(),
         permissions: Permissions::all(),
         expires_at: None,
+        info: bytes::Bytes::new(),
     })
 }
 

@@ -133,6 +133,7 @@ pub(super) async fn handshake<S: FrameSource, K: FrameSink>(
         rooms: HashSet::new(),
         violations: 0,
         permissions: principal.permissions,
+        info: principal.info,
         expires_at: principal.expires_at,
         warned: false,
         rearm: false,

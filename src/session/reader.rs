@@ -47,6 +47,8 @@ enum RequestError {
     SeenWithoutDevice,
     #[error("presence_info longer than {0} bytes")]
     InfoTooLarge(usize),
+    #[error("the token's info claim is longer than {0} bytes (rooms.presence_info_max_bytes)")]
+    TokenInfoTooLarge(usize),
     #[error("room {0} keeps no presence (its class has presence = false)")]
     PresenceOff(RoomName),
     #[error("room {0} has {1} users, more than its class lists: ask for PresenceStats")]
@@ -65,7 +67,9 @@ impl RequestError {
             RequestError::Forbidden(..) => ErrorCode::Forbidden,
             RequestError::Auth(e) => e.code(),
             RequestError::BothDirections | RequestError::SeenWithoutDevice => ErrorCode::BadFrame,
-            RequestError::InfoTooLarge(_) => ErrorCode::PayloadTooLarge,
+            RequestError::InfoTooLarge(_) | RequestError::TokenInfoTooLarge(_) => {
+                ErrorCode::PayloadTooLarge
+            }
             RequestError::PresenceOff(_) => ErrorCode::PresenceOff,
             RequestError::PresenceTooLarge(..) => ErrorCode::PresenceTooLarge,
         }
@@ -91,6 +95,8 @@ pub(super) struct Session {
     pub(super) violations: u32,
     pub(super) budget: SessionBudget,
     pub(super) permissions: Permissions,
+    /// The token's presence info (empty: none; then a Join's `presence_info` is used).
+    pub(super) info: Bytes,
     /// Unix seconds when the token expires (None: never).
     pub(super) expires_at: Option<u64>,
     /// Whether TokenExpiring was sent for the current token.
@@ -330,6 +336,7 @@ impl Session {
         let principal = self.ctx.refresh(token, &self.handle.user).await?;
         self.permissions = principal.permissions;
         self.expires_at = principal.expires_at;
+        self.info = principal.info;
         // Rooms the new token no longer allows are left, each with a Left frame.
         let revoked: Vec<RoomName> = self
             .rooms
@@ -593,10 +600,19 @@ impl Session {
         if !self.permissions.may_join(&room) {
             return Err(RequestError::Forbidden("join", room));
         }
-        let info_max = self.ctx.bus.presence().info_max_bytes;
+        let presence = self.ctx.bus.presence();
+        let info_max = presence.info_max_bytes;
         if join.presence_info.len() > info_max {
             return Err(RequestError::InfoTooLarge(info_max));
         }
+        // The token's info is the issuer's word on who this is: a Join cannot replace it.
+        let info = if self.info.is_empty() {
+            join.presence_info
+        } else if self.info.len() > info_max && presence.list_max(&room).is_some() {
+            return Err(RequestError::TokenInfoTooLarge(info_max));
+        } else {
+            self.info.clone()
+        };
         let max = self.ctx.config.session.max_rooms;
         if !self.rooms.contains(&room) && self.rooms.len() >= max {
             return Err(RequestError::TooManyRooms(max));
@@ -605,12 +621,10 @@ impl Session {
             .bus
             .join(&room, &self.handle, Some(request_id), since)
             .await?;
-        self.ctx.bus.presence().joined(
-            &room,
-            &self.handle,
-            join.presence_info,
-            join.presence_events,
-        );
+        self.ctx
+            .bus
+            .presence()
+            .joined(&room, &self.handle, info, join.presence_events);
         self.rooms.insert(room);
         Ok(())
     }
