@@ -23,6 +23,10 @@ KEEP_UP_SHARE = 0.95
 KEEP_UP_DRAIN_SECS = 1.0
 TARGET_CEILING_RATIO = 1.5
 TARGET_SINGLE_P99_MS = 1.0
+# The history issue's targets for durable rooms: the fan-out ceiling stays at least this many
+# times nats-server's, and p99 at 10k deliveries/s rises by at most this much.
+TARGET_DURABLE_CEILING_RATIO = 3.0
+TARGET_DURABLE_P99_RISE_MS = 2.0
 SYSTEMS = ("roomwire", "nats")
 COLORS = {"roomwire": "#1f77b4", "nats": "#d62728"}
 
@@ -127,6 +131,39 @@ def step_secs(rows):
     return f"{w[len(w) // 2]:.0f}" if w else "?"
 
 
+def durable_fanout_section(durable, memory, nats_ceiling, nats_top_kept):
+    """(b), durable: the same room stored in JetStream before each acknowledgement, against the
+    standalone node (history in memory) and nats-server's ceiling."""
+    c, top_kept = ceiling(durable)
+    verdict = "n/a"
+    if c and nats_ceiling and not nats_top_kept:
+        r = c / nats_ceiling
+        verdict = (f"{'≥ ' if top_kept else ''}{r:.2f} × nats-server's (target ≥ {TARGET_DURABLE_CEILING_RATIO:g}: "
+                   f"{'met' if r >= TARGET_DURABLE_CEILING_RATIO else 'not met'})")
+    offered = {r["offered_deliveries_per_sec"] for r in durable}
+    low = 10_000 if 10_000 in offered else min(offered)
+    d, m = at(durable, low), at(memory, low)
+    rise = "n/a"
+    if d and m:
+        delta = d["latency"]["p99_ms"] - m["latency"]["p99_ms"]
+        rise = (f"{ms(d['latency']['p99_ms'])} ms against {ms(m['latency']['p99_ms'])} ms in memory: "
+                f"{delta:+.2f} ms (target ≤ +{TARGET_DURABLE_P99_RISE_MS:g} ms: "
+                f"{'met' if delta <= TARGET_DURABLE_P99_RISE_MS else 'not met'})")
+    out = ["**The room durable.** The same load on one roomwire node meshed over a nats-server with "
+           "JetStream: every message is appended to the room's stream and acknowledged, and fanned out, "
+           "only once JetStream has it (the standalone node above keeps the room's history in memory). "
+           "CPU is the node and the backbone.", "",
+           f"- **Ceiling, durable:** {f'{c:,} deliveries/s' if c else 'no step kept up'}{' (not reached)' if top_kept else ''}; "
+           f"ratio: {verdict}",
+           f"- **p99 at {low:,} deliveries/s:** {rise}", "",
+           "| offered deliveries/s | durable delivered/s | p50 / p90 / p99 / p99.9 / max ms | drain s | keeps up | lost, out of order | CPU: node + backbone = sum |",
+           "|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(durable, key=lambda r: r["offered_deliveries_per_sec"]):
+        out.append(f"| {r['offered_deliveries_per_sec']:,} | {fmt(in_window(r))} | {lat(r)} | {drain(r)} | "
+                   f"{yes(r)} | {loss(r)} | {breakdown(r)} |")
+    return out + [""]
+
+
 def svg_plot(path, title, xlabel, ylabel, series, logy=False, diagonal=False):
     """A line plot: series = [(name, color, dash, [(x, y), ...])]; x linear from 0, y linear or log."""
     series = [s for s in series if s[3]]
@@ -210,6 +247,7 @@ def main(results_path, md_path, svg_path, delivered_svg=None):
     storms = [r for r in rows if r["scenario"] == "storm"]
     meshchat = [r for r in rows if r.get("label", "").startswith("meshchat-")]
     presence = defaultdict(list)
+    durable_fanout = []
     for r in rows:
         if r["scenario"] == "presence":
             presence[r["room_users"]].append(r)
@@ -224,6 +262,8 @@ def main(results_path, md_path, svg_path, delivered_svg=None):
             continue
         elif r.get("label") == "mesh-nohistory":
             mesh["roomwire-nohistory"].append(r)
+        elif r.get("label") == "fanout-durable":
+            durable_fanout.append(r)
         elif r.get("label") != "transports":
             by[r["scenario"]][r["target"]].append(r)
     threads = sorted({r.get("threads", 1) for r in rows if r["scenario"] not in ("mesh-owner", "failover", "storm", "presence")}) or [1]
@@ -306,6 +346,8 @@ def main(results_path, md_path, svg_path, delivered_svg=None):
                       f"{cores(rw)} / {cores(na)} | {cores(rw, 'loadgen_cpu_cores')} / {cores(na, 'loadgen_cpu_cores')} | "
                       f"{loss(rw)} / {loss(na)} |")
         md += ["", "\"not run\": the system had stopped stepping (two steps in a row past its ceiling).", ""]
+        if durable_fanout:
+            md += durable_fanout_section(durable_fanout, fanout.get("roomwire", []), na_c, ceilings["nats"][1])
         for alt, path in fanout_plots(fanout, svg_path, delivered_svg, members):
             md += [f"![{alt}]({os.path.basename(path)})", ""]
 

@@ -49,7 +49,7 @@ else
   FANOUT_RATES=5,25,50,100,150,200,250,300,400,500,600,700,800,1000,1200,1500
   LATENCY_RATES=100,1000,10000 LATENCY_STEP=3
   CHAT_ROOMS=1000 CHAT_SECS=20
-  MESH_MEMBERS=2000 MESH_RATES=50,100,200,300,400,500,750,1000 MESH_STEP=3
+  MESH_MEMBERS=2000 MESH_RATES=5,50,100,200,300,400,500,750,1000 MESH_STEP=3
   WT_IDLE=2000 WT_MEMBERS=1000 WT_RATES=25,100 WT_STEP=5
   FAILOVER_RUNS=3
   STORM_SESSIONS=10000
@@ -358,6 +358,18 @@ for scenario in $SCENARIOS; do
           --rates "$FANOUT_RATES" --step-secs "$FANOUT_STEP" --stop-after-misses 2 --drain-max-secs 15 \
           --pid "$SERVER_PID" --sources "$SOURCES" >>"$RESULTS"
         stop_server "$SERVER_PID"
+        if [ "$target" = roomwire ]; then
+          # The same room durable: one node meshed over a nats-server with JetStream, every
+          # message stored there before it is acknowledged and fanned out (the standalone node
+          # above keeps the room's history in memory). CPU: the node and the backbone.
+          step "fanout: the same, the room durable in JetStream (one node + backbone)"
+          MESH_NODES=1 start_roomwire_mesh
+          "${LOADGEN[@]}" fanout --target roomwire --url "$MESH_URLS" --members "$FANOUT_MEMBERS" --size 64 \
+            --rates "$FANOUT_RATES" --step-secs "$FANOUT_STEP" --stop-after-misses 2 --drain-max-secs 15 \
+            --pid "$MESH_PIDS" --sources "$SOURCES" --label fanout-durable >>"$RESULTS"
+          IFS=, read -ra stop <<<"$MESH_PIDS"
+          stop_server "${stop[@]}"
+        fi
         ;;
       latency)
         step "latency: 1 publisher, 1 member, rates $LATENCY_RATES, on $target"
