@@ -63,7 +63,9 @@ fn serve(runtime: &tokio::runtime::Runtime, args: ServeArgs) -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
-    init_tracing(config.log.format, "info");
+    // web-transport-quinn's CONNECT-stream reader warns "failed to read capsule" whenever the
+    // node closes a WebTransport connection, which is how every session ends.
+    init_tracing(config.log.format, "info,web_transport_quinn::session=error");
     let result = runtime.block_on(async move {
         let node = Node::bind(config).await?;
         banner(&node);
