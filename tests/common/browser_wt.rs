@@ -42,25 +42,8 @@ impl BrowserLikeSession {
     }
 
     async fn open_inner(node: &TestNode, token: &str) -> BrowserLikeSession {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .unwrap()
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(PinnedCertificate {
-                sha256: hex_bytes(&node.cert_hash_hex()),
-                provider,
-            }))
-            .with_no_client_auth();
-        tls.alpn_protocols = vec![b"h3".to_vec()];
-        let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
-        let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let (endpoint, conn) = quic_connection(node).await;
         let addr = node.wt_addr.expect("webtransport enabled");
-        let conn = endpoint
-            .connect_with(quinn::ClientConfig::new(Arc::new(quic)), addr, "localhost")
-            .unwrap()
-            .await
-            .expect("QUIC handshake");
 
         let mut control = conn.open_uni().await.unwrap();
         let mut settings = Settings::default();
@@ -163,6 +146,31 @@ impl BrowserLikeSession {
         }
         self.connect_send.finish().unwrap();
     }
+}
+
+/// A QUIC connection to `node`'s WebTransport port (ALPN h3), trusting its certificate by its
+/// SHA-256 as a browser given `serverCertificateHashes` does. Nothing sent on it yet.
+pub async fn quic_connection(node: &TestNode) -> (quinn::Endpoint, quinn::Connection) {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PinnedCertificate {
+            sha256: hex_bytes(&node.cert_hash_hex()),
+            provider,
+        }))
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"h3".to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = node.wt_addr.expect("webtransport enabled");
+    let conn = endpoint
+        .connect_with(quinn::ClientConfig::new(Arc::new(quic)), addr, "localhost")
+        .unwrap()
+        .await
+        .expect("QUIC handshake");
+    (endpoint, conn)
 }
 
 fn hex_bytes(hex: &str) -> Vec<u8> {

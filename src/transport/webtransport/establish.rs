@@ -9,7 +9,7 @@ use std::time::Duration;
 use http::StatusCode;
 use quinn::VarInt;
 use rustls_pki_types::CertificateDer;
-use web_transport_quinn::proto::ConnectRequest;
+use web_transport_quinn::proto::{ConnectError as ProtoConnectError, ConnectRequest};
 use web_transport_quinn::{ConnectError, Request, ServerError, Session};
 
 use super::endpoint::{CountGuard, varint};
@@ -295,12 +295,16 @@ impl Steps<'_> {
             ServerError::SettingsError(_) => {
                 ("h3_setup", H3_MISSING_SETTINGS, b"no valid SETTINGS")
             }
+            // The request stream ended or broke before a whole request: the peer went away.
+            ServerError::ConnectError(ConnectError::ProtoError(
+                ProtoConnectError::UnexpectedEnd | ProtoConnectError::Io(_),
+            )) => return None,
             ServerError::ConnectError(ConnectError::ProtoError(_)) => (
                 "wt_not_connect",
                 H3_MESSAGE_ERROR,
                 b"not a WebTransport CONNECT request",
             ),
-            // The peer went away, or its request stream broke: nothing to refuse.
+            // The peer went away: nothing to refuse.
             _ => return None,
         };
         self.refused(reason);
