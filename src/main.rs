@@ -18,9 +18,7 @@ fn main() -> ExitCode {
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     match cli.command {
         Some(Command::Client(args)) => {
-            // web-transport-quinn warns "failed to read capsule" whenever the node closes the
-            // connection, which is how every WebTransport session ends: not worth a warning here.
-            init_tracing(LogFormat::Text, "warn,web_transport_quinn::session=error");
+            init_tracing(LogFormat::Text, "warn");
             match runtime.block_on(roomwire::cli::run_client(args)) {
                 Ok(code) => code,
                 Err(error) => {
@@ -149,8 +147,21 @@ fn banner(node: &Node) {
     eprintln!("{}", lines.join("\n"));
 }
 
+/// web-transport-quinn's CONNECT-stream reader warns "failed to read capsule" whenever a
+/// WebTransport connection is closed without the session being closed first, which is how the
+/// node ends every session (and how the client sees it end): quiet, unless `RUST_LOG` names the
+/// crate.
+const QUIET_CAPSULE_READER: &str = "web_transport_quinn::session=error";
+
+/// Logging from `RUST_LOG`, else `default`, to standard error.
 fn init_tracing(format: LogFormat, default: &str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let names_it = std::env::var("RUST_LOG").is_ok_and(|spec| spec.contains("web_transport_quinn"));
+    let filter = if names_it {
+        filter
+    } else {
+        filter.add_directive(QUIET_CAPSULE_READER.parse().expect("a valid directive"))
+    };
     // Colour only for a person at a terminal, never into files or log shippers.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()

@@ -9,6 +9,9 @@
 //!   page joined with presence lists, counts and announces a second user (its presence info
 //!   shown), keeps doing so across a reconnect, and drops the user once it left and the grace
 //!   period (1 s here) passed.
+//! - `tests/browser/close.mjs`: a page whose client closes its WebTransport session
+//!   (`WebTransport.close()`) leaves its room within 2 s, not at the QUIC idle timeout; a
+//!   watcher's presence shows it come (with no presence info) and, after the grace, leave.
 //! - `tests/browser/package.mjs`: the npm package (`web/`) packed, installed, type-checked with
 //!   tsc, and used by a page on another origin (CORS).
 //!
@@ -148,6 +151,37 @@ async fn a_page_keeps_the_presence_of_its_room_in_chromium() {
     // The diffs came from the node's presence; the page resumed over WebTransport.
     assert!(node.metric("roomwire_presence_diffs_total") >= 1.0);
     assert!(node.metric(r#"roomwire_sessions_opened_total{transport="webtransport"}"#) >= 2.0);
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_that_closes_its_webtransport_session_leaves_the_room_at_once_in_chromium() {
+    require_browser();
+    let _chromium = CHROMIUM.lock().await;
+    // Long idle timeouts: only the close itself can end the sessions within the test's 2 s.
+    // Presence diffs every 100 ms and a 1 s grace, so the watcher sees the leaves soon after.
+    let node = TestNode::start_with(|config| {
+        config.webtransport.idle_timeout_ms = 30_000;
+        config.session.idle_timeout_ms = 60_000;
+        config.rooms.presence_interval_ms = 100;
+        config.rooms.presence_grace_ms = 1_000;
+    })
+    .await;
+    let base = format!("http://{}", node.addr);
+    run_node_script(
+        "tests/browser/close.mjs",
+        &[&base, common::API_KEY, "2000", "4100"],
+        "CLOSE TEST PASSED",
+    )
+    .await;
+    assert_eq!(
+        node.metric(r#"roomwire_sessions_opened_total{transport="webtransport"}"#),
+        2.0
+    );
+    assert_eq!(
+        node.metric(r#"roomwire_sessions{transport="webtransport"}"#),
+        0.0
+    );
     node.shutdown().await;
 }
 

@@ -473,3 +473,114 @@ async fn a_member_that_closes_its_webtransport_session_leaves_the_room_at_once()
     }
     node.shutdown().await;
 }
+
+/// Chromium's `WebTransport.close()` sends a CLOSE_WEBTRANSPORT_SESSION capsule and FIN on the
+/// CONNECT stream, then waits for the server: it neither closes the QUIC connection nor ends the
+/// session's stream. The node reads the CONNECT stream, so the member leaves at once, not at the
+/// QUIC idle timeout; with or without the capsule.
+#[tokio::test]
+async fn a_session_closed_on_its_connect_stream_as_chromium_does_leaves_the_room_at_once() {
+    use common::browser_wt::BrowserLikeSession;
+    let node = TestNode::start_with(|c| {
+        c.webtransport.idle_timeout_ms = 30_000;
+        c.session.idle_timeout_ms = 60_000;
+    })
+    .await;
+    for (user, capsule) in [("capsule", Some((0, "bye"))), ("fin", None)] {
+        let mut member = BrowserLikeSession::open(&node, user).await;
+        let joined = member
+            .request(client_frame::Kind::Join(proto::Join {
+                room: "lobby".into(),
+                ..Default::default()
+            }))
+            .await;
+        assert!(
+            matches!(joined.kind, Some(proto::server_frame::Kind::Joined(_))),
+            "{joined:?}"
+        );
+        assert!(
+            member_users(&node, "lobby")
+                .await
+                .contains(&user.to_string())
+        );
+        let closed_at = std::time::Instant::now();
+        member.close(capsule).await;
+        let deadline = closed_at + Duration::from_secs(2);
+        while member_users(&node, "lobby")
+            .await
+            .contains(&user.to_string())
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{user}: still a member {:?} after closing the session",
+                closed_at.elapsed()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        eprintln!("{user}: left after {:?}", closed_at.elapsed());
+        // The node closed the QUIC connection (the browser waits for that), with the session's
+        // close code in the HTTP/3 space.
+        let closed = tokio::time::timeout(DEADLINE, member.conn.closed())
+            .await
+            .expect("the node closes the QUIC connection");
+        assert!(
+            matches!(closed, quinn::ConnectionError::ApplicationClosed(_)),
+            "{closed:?}"
+        );
+    }
+    assert_eq!(
+        node.metric(r#"roomwire_sessions{transport="webtransport"}"#),
+        0.0
+    );
+    node.shutdown().await;
+}
+
+/// What web-transport-quinn refuses before the node sees a request gets no HTTP status: the
+/// connection is closed with an HTTP/3 error code, and the refusal is counted.
+#[tokio::test]
+async fn settings_without_webtransport_or_a_request_that_is_no_connect_close_the_connection() {
+    use common::browser_wt::quic_connection;
+    use web_transport_quinn::proto::{Frame, Settings, VarInt};
+    let node = TestNode::start().await;
+    let closed_with = |conn: quinn::Connection| async move {
+        match tokio::time::timeout(DEADLINE, conn.closed())
+            .await
+            .expect("the node closes the connection")
+        {
+            quinn::ConnectionError::ApplicationClosed(close) => close.error_code.into_inner(),
+            other => panic!("not closed by the node: {other:?}"),
+        }
+    };
+
+    // SETTINGS that do not enable WebTransport (an HTTP/3 client that is no WebTransport one).
+    let (_endpoint, conn) = quic_connection(&node).await;
+    let mut control = conn.open_uni().await.unwrap();
+    Settings::default().write(&mut control).await.unwrap();
+    assert_eq!(closed_with(conn).await, 0x0109, "H3_SETTINGS_ERROR");
+    assert_eq!(
+        node.metric(r#"roomwire_connections_refused_total{reason="wt_no_webtransport_settings"}"#),
+        1.0
+    );
+
+    // WebTransport SETTINGS, then a request stream that opens with a DATA frame.
+    let (_endpoint, conn) = quic_connection(&node).await;
+    let mut control = conn.open_uni().await.unwrap();
+    let mut settings = Settings::default();
+    settings.enable_webtransport(1);
+    settings.write(&mut control).await.unwrap();
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    let mut frame = Vec::new();
+    Frame::DATA.encode(&mut frame);
+    VarInt::from_u32(2).encode(&mut frame);
+    frame.extend_from_slice(b"hi");
+    send.write_all(&frame).await.unwrap();
+    assert_eq!(closed_with(conn).await, 0x010e, "H3_MESSAGE_ERROR");
+    assert_eq!(
+        node.metric(r#"roomwire_connections_refused_total{reason="wt_not_connect"}"#),
+        1.0
+    );
+    assert_eq!(
+        node.metric(r#"roomwire_sessions_opened_total{transport="webtransport"}"#),
+        0.0
+    );
+}

@@ -214,12 +214,22 @@ export class RoomwireError extends Error {
 }
 
 /**
+ * A decoded bytes field: protobuf.js gives an absent (empty) one as a shared empty Array, which
+ * TextDecoder refuses.
+ * @param {any} value
+ * @returns {Uint8Array}
+ */
+function bytesOf(value) {
+  return value instanceof Uint8Array ? value : new Uint8Array(0);
+}
+
+/**
  * A decoded Message frame as the application gets it.
  * @param {any} m
  * @returns {Message}
  */
 function toMessage(m) {
-  const payload = m.payload ?? new Uint8Array(0);
+  const payload = bytesOf(m.payload);
   return {
     room: m.room,
     epoch: num(m.epoch),
@@ -238,7 +248,7 @@ function toMessage(m) {
  * @returns {PresenceMember}
  */
 function toMember(m) {
-  const info = m.info ?? new Uint8Array(0);
+  const info = bytesOf(m.info);
   return { userId: m.userId, sessions: m.sessions ?? 0, info, infoText: decoder.decode(info) };
 }
 

@@ -201,10 +201,11 @@ pub(super) async fn wt_read_loop(
     // The node finished its stream (or the connection broke): finish ours, then the node closes
     // the connection with the session's close code.
     writer.finish().await;
-    // The QUIC connection's own close carries the code. Best effort: when web-transport-quinn's
-    // CONNECT-stream watcher sees the connection end first, it closes the connection locally and
-    // quinn then reports LocallyClosed instead of the node's code (the node sends no
-    // CLOSE_WEBTRANSPORT_SESSION capsule: h3-webtransport 0.1.2 has no API for it).
+    // The QUIC connection's own close carries the code (the node sends no
+    // CLOSE_WEBTRANSPORT_SESSION capsule). Best effort: should web-transport-quinn's
+    // CONNECT-stream watcher see that stream end before the connection's close, it closes the
+    // connection locally and quinn then reports LocallyClosed instead of the node's code (the
+    // node closes the connection before its end of the CONNECT stream is finished).
     let conn: &quinn::Connection = &session;
     let closed = tokio::time::timeout(Duration::from_secs(3), conn.closed()).await;
     let (code, reason) = match closed {

@@ -175,6 +175,12 @@ impl RoomPresence {
             (0, None) => {
                 present.leaving_at = Some(now + grace_ms);
                 self.leaving.insert((now + grace_ms, user.clone()));
+                // Pages list a user in her grace period with no session: her return is told
+                // even when it restores what the last diff said, or a view fetched meanwhile
+                // would keep the 0.
+                if let Some(shown) = &mut present.shown {
+                    shown.0 = 0;
+                }
             }
             (1.., Some(at)) => {
                 present.leaving_at = None;
@@ -378,7 +384,7 @@ mod tests {
     }
 
     #[test]
-    fn a_leave_waits_out_the_grace_and_a_return_within_it_is_silent() {
+    fn a_leave_waits_out_the_grace_and_a_return_within_it_is_no_leave() {
         let mut p = warmed();
         let a: Arc<str> = "a".into();
         p.apply(
@@ -388,15 +394,23 @@ mod tests {
             GRACE,
         );
         p.tick("r", 300).unwrap();
-        // alice leaves and comes back (a reload) within the grace: no join or leave, only
-        // the counts move.
+        // alice leaves and comes back (a reload) within the grace: no leave, only the counts
+        // move; a page meanwhile lists her with no session.
         p.apply(&a, &report(2, false, &[("alice", 0)]), 400, GRACE);
         let counts = p.tick("r", 500).unwrap();
         assert!(counts.joined.is_empty() && counts.left.is_empty());
         assert_eq!((counts.users, counts.sessions), (2, 1));
+        let page = p.page("", 10, false, false);
+        assert_eq!(
+            (page.members[0].user.as_str(), page.members[0].sessions),
+            ("alice", 0)
+        );
+        // Her return names her again (an upsert: no join for a view that kept her), so a view
+        // fetched during the grace does not keep the 0.
         p.apply(&a, &report(3, false, &[("alice", 1)]), 600, GRACE);
-        let counts = p.tick("r", 2_000).unwrap();
-        assert!(counts.joined.is_empty() && counts.left.is_empty());
+        let back = p.tick("r", 2_000).unwrap();
+        assert_eq!(joined(&back), [("alice", 1)]);
+        assert!(back.left.is_empty());
         assert!(p.tick("r", 2_050).is_none());
         // bob leaves for good: told once the grace has passed, not before.
         p.apply(&a, &report(4, false, &[("bob", 0)]), 2_100, GRACE);

@@ -4,48 +4,41 @@
 use std::sync::{Arc, Mutex};
 
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::AsyncWriteExt;
+use web_transport_quinn::{RecvStream, SendStream, Session, SessionError, WebTransportError};
 
 use crate::member::{DatagramOutcome, Datagrams};
 use crate::metrics::Metrics;
 use crate::proto::framing::{self, Delimited};
 use crate::session::{FrameSink, FrameSource, Inbound, TransportError};
 
-pub(super) type WtSend = h3_webtransport::stream::SendStream<h3_quinn::SendStream<Bytes>, Bytes>;
-pub(super) type WtRecv = h3_webtransport::stream::RecvStream<h3_quinn::RecvStream, Bytes>;
-
 /// The datagram side of a session: sends encoded frames as HTTP/3 datagrams without waiting.
+/// web-transport-quinn puts the session id in front of each datagram (the CONNECT stream's id,
+/// always 0 here: the CONNECT is the client's first bidirectional stream, so it equals the
+/// quarter stream id RFC 9297 asks for) and strips it from received ones.
 #[derive(Clone)]
 pub struct DatagramPath {
-    conn: quinn::Connection,
-    /// The session's quarter stream id, QUIC-varint encoded: every datagram starts with it.
-    prefix: Bytes,
+    session: Arc<Session>,
     metrics: Arc<Metrics>,
 }
 
 impl DatagramPath {
-    pub(super) fn new(conn: quinn::Connection, quarter_id: u64, metrics: Arc<Metrics>) -> Self {
-        let mut prefix = BytesMut::new();
-        quic_varint(quarter_id, &mut prefix);
-        Self {
-            conn,
-            prefix: prefix.freeze(),
-            metrics,
-        }
+    pub(super) fn new(session: Arc<Session>, metrics: Arc<Metrics>) -> Self {
+        Self { session, metrics }
     }
 
-    /// The next datagram of this session, without its prefix; `None` once the connection is gone.
+    /// The next datagram of this session, without its prefix; `None` once the session is gone.
     async fn recv(&self) -> Option<Bytes> {
         loop {
-            let mut datagram = self.conn.read_datagram().await.ok()?;
-            if datagram.starts_with(&self.prefix) {
-                datagram.advance(self.prefix.len());
-                return Some(datagram);
+            match self.session.read_datagram().await {
+                Ok(datagram) => return Some(datagram),
+                Err(SessionError::WebTransportError(WebTransportError::UnknownSession)) => {
+                    self.metrics
+                        .datagrams_received
+                        .get_or_create(&[("outcome", "other_session")])
+                        .inc();
+                }
+                Err(_) => return None,
             }
-            self.metrics
-                .datagrams_received
-                .get_or_create(&[("outcome", "other_session")])
-                .inc();
         }
     }
 }
@@ -54,42 +47,36 @@ impl Datagrams for DatagramPath {
     /// Sends `frame` (already encoded once for every receiver) as one datagram. Never waits:
     /// when the send buffer has no room the datagram is dropped, as datagrams may be.
     fn send(&self, frame: &Bytes) -> DatagramOutcome {
-        let len = self.prefix.len() + frame.len();
         let dropped = |reason: &'static str| {
             self.metrics
                 .datagrams_dropped
                 .get_or_create(&[("reason", reason)])
                 .inc();
         };
-        let Some(max) = self.conn.max_datagram_size() else {
+        // Both sizes are of the payload: the session id's prefix is already subtracted.
+        let max = self.session.max_datagram_size();
+        if max == 0 {
             dropped("unsupported");
             return DatagramOutcome::Dropped;
-        };
-        if len > max {
-            dropped("too_large");
-            return DatagramOutcome::TooLarge {
-                max: max.saturating_sub(self.prefix.len()),
-            };
         }
-        if self.conn.datagram_send_buffer_space() < len {
+        if frame.len() > max {
+            dropped("too_large");
+            return DatagramOutcome::TooLarge { max };
+        }
+        if self.session.datagram_send_buffer_space() < frame.len() {
             dropped("buffer_full");
             return DatagramOutcome::Dropped;
         }
-        // The prefix is per connection, so this one copy per receiver is the datagram framing;
-        // the frame itself was encoded once.
-        let mut datagram = BytesMut::with_capacity(len);
-        datagram.extend_from_slice(&self.prefix);
-        datagram.extend_from_slice(frame);
-        match self.conn.send_datagram(datagram.freeze()) {
+        // The prefix is per session, so web-transport-quinn copies the frame once behind it for
+        // each receiver (quinn takes one `Bytes` per datagram); the frame itself was encoded once.
+        match self.session.send_datagram(frame.clone()) {
             Ok(()) => {
                 self.metrics.datagrams_sent.inc();
                 DatagramOutcome::Sent
             }
-            Err(quinn::SendDatagramError::TooLarge) => {
+            Err(SessionError::SendDatagramError(quinn::SendDatagramError::TooLarge)) => {
                 dropped("too_large");
-                DatagramOutcome::TooLarge {
-                    max: max.saturating_sub(self.prefix.len()),
-                }
+                DatagramOutcome::TooLarge { max }
             }
             Err(_) => {
                 dropped("connection");
@@ -99,29 +86,16 @@ impl Datagrams for DatagramPath {
     }
 }
 
-/// QUIC variable-length integer (RFC 9000 §16), the framing of HTTP/3 datagrams.
-fn quic_varint(value: u64, out: &mut BytesMut) {
-    if value < 1 << 6 {
-        out.extend_from_slice(&[value as u8]);
-    } else if value < 1 << 14 {
-        out.extend_from_slice(&((value as u16) | 0x4000).to_be_bytes());
-    } else if value < 1 << 30 {
-        out.extend_from_slice(&((value as u32) | 0x8000_0000).to_be_bytes());
-    } else {
-        out.extend_from_slice(&(value | 0xc000_0000_0000_0000).to_be_bytes());
-    }
-}
-
 /// The read half: the session stream's frames, and the session's datagrams.
 pub struct WtSource {
-    recv: WtRecv,
+    recv: RecvStream,
     buf: BytesMut,
     max_frame: usize,
     datagrams: DatagramPath,
 }
 
 impl WtSource {
-    pub(super) fn new(recv: WtRecv, max_frame: usize, datagrams: DatagramPath) -> Self {
+    pub(super) fn new(recv: RecvStream, max_frame: usize, datagrams: DatagramPath) -> Self {
         Self {
             recv,
             buf: BytesMut::new(),
@@ -162,14 +136,15 @@ impl FrameSource for WtSource {
             }
             // quinn hands out the chunks it received: no read buffer of our own is held while
             // the session is idle, and a chunk of whole frames is sliced, not copied.
-            let chunk =
-                std::future::poll_fn(|cx| h3::quic::RecvStream::poll_data(&mut self.recv, cx));
             tokio::select! {
-                chunk = chunk => match chunk {
+                chunk = self.recv.read_chunk(usize::MAX, true) => match chunk {
                     Ok(Some(chunk)) if self.buf.is_empty() => {
-                        self.buf = chunk.try_into_mut().unwrap_or_else(|c| BytesMut::from(&c[..]));
+                        self.buf = chunk
+                            .bytes
+                            .try_into_mut()
+                            .unwrap_or_else(|c| BytesMut::from(&c[..]));
                     }
-                    Ok(Some(chunk)) => self.buf.extend_from_slice(&chunk),
+                    Ok(Some(chunk)) => self.buf.extend_from_slice(&chunk.bytes),
                     Ok(None) => return Ok(Inbound::Closed),
                     Err(error) => return Err(TransportError::Io(error.to_string())),
                 },
@@ -185,7 +160,7 @@ impl FrameSource for WtSource {
 /// The write half: one coalesced stream write per batch; the close code waits in `close` for
 /// the connection task, which closes the QUIC connection with it once the session is over.
 pub struct WtSink {
-    send: WtSend,
+    send: SendStream,
     buf: BytesMut,
     close: Arc<Mutex<Option<(u16, String)>>>,
     datagrams: DatagramPath,
@@ -194,7 +169,7 @@ pub struct WtSink {
 impl WtSink {
     /// `close` is where the session's close code waits for the connection task.
     pub(super) fn new(
-        send: WtSend,
+        send: SendStream,
         close: Arc<Mutex<Option<(u16, String)>>>,
         datagrams: DatagramPath,
     ) -> Self {
@@ -231,29 +206,10 @@ impl FrameSink for WtSink {
 
     async fn close(&mut self, code: u16, reason: &str) {
         *self.close.lock().expect("close lock poisoned") = Some((code, reason.to_string()));
-        let _ = self.send.shutdown().await;
+        let _ = self.send.finish();
     }
 
     fn datagrams(&self) -> Option<Box<dyn Datagrams>> {
         Some(Box::new(self.datagrams.clone()))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn quic_varints_use_the_shortest_form() {
-        for (value, expected) in [
-            (0u64, vec![0x00]),
-            (37, vec![0x25]),
-            (15293, vec![0x7b, 0xbd]),
-            (494_878_333, vec![0x9d, 0x7f, 0x3e, 0x7d]),
-        ] {
-            let mut out = BytesMut::new();
-            quic_varint(value, &mut out);
-            assert_eq!(out.to_vec(), expected, "{value}");
-        }
     }
 }
