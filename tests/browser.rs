@@ -11,7 +11,8 @@
 //!   period (1 s here) passed.
 //! - `tests/browser/close.mjs`: a page whose client closes its WebTransport session
 //!   (`WebTransport.close()`) leaves its room within 2 s, not at the QUIC idle timeout; a
-//!   watcher's presence shows it come (with no presence info) and, after the grace, leave.
+//!   watcher's presence shows it come (with no presence info) and, after the grace, leave; a
+//!   session the node ends (the operator's disconnect) reports close code 4005 to the page.
 //! - `tests/browser/package.mjs`: the npm package (`web/`) packed, installed, type-checked with
 //!   tsc, and used by a page on another origin (CORS).
 //!
@@ -174,14 +175,12 @@ async fn a_page_that_closes_its_webtransport_session_leaves_the_room_at_once_in_
         "CLOSE TEST PASSED",
     )
     .await;
-    assert_eq!(
-        node.metric(r#"roomwire_sessions_opened_total{transport="webtransport"}"#),
-        2.0
-    );
-    assert_eq!(
-        node.metric(r#"roomwire_sessions{transport="webtransport"}"#),
-        0.0
-    );
+    // The two closers and the disconnected one (which may have reconnected before its close).
+    assert!(node.metric(r#"roomwire_sessions_opened_total{transport="webtransport"}"#) >= 3.0);
+    common::eventually("no WebTransport session left", || async {
+        node.metric(r#"roomwire_sessions{transport="webtransport"}"#) == 0.0
+    })
+    .await;
     node.shutdown().await;
 }
 

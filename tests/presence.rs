@@ -390,7 +390,7 @@ async fn one_node_merges_sessions_holds_leaves_for_the_grace_and_applies_the_cla
 }
 
 /// A token's `info` claim is the member's presence info (the issuer's word: a Join cannot
-/// replace it, a resumed session keeps it); above the room's cap a presence Join is refused.
+/// replace it); above the room's cap a presence Join is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_info_claim_is_the_presence_info_and_a_join_cannot_replace_it() {
     const SECRET: &str = "presence-test-secret-of-32-bytes!!";

@@ -92,8 +92,8 @@ pub struct Principal {
     /// Unix seconds when the credential expires; `None` for credentials that do not.
     pub expires_at: Option<u64>,
     /// The token's `info` claim (empty: none): the member's presence info, set by whoever
-    /// issued the token, in every room keeping presence (a Join's `presence_info` cannot
-    /// replace it).
+    /// issued the token, in every room keeping presence that the session joins (a Join's
+    /// `presence_info` cannot replace it; a Refresh's token applies to later Joins).
     pub info: bytes::Bytes,
 }
 

@@ -201,23 +201,14 @@ pub(super) async fn wt_read_loop(
     // The node finished its stream (or the connection broke): finish ours, then the node closes
     // the connection with the session's close code.
     writer.finish().await;
-    // The QUIC connection's own close carries the code (the node sends no
-    // CLOSE_WEBTRANSPORT_SESSION capsule). Best effort: should web-transport-quinn's
-    // CONNECT-stream watcher see that stream end before the connection's close, it closes the
-    // connection locally and quinn then reports LocallyClosed instead of the node's code (the
-    // node closes the connection before its end of the CONNECT stream is finished).
-    let conn: &quinn::Connection = &session;
-    let closed = tokio::time::timeout(Duration::from_secs(3), conn.closed()).await;
-    let (code, reason) = match closed {
-        Ok(quinn::ConnectionError::ApplicationClosed(close)) => {
-            match web_transport_quinn::proto::error_from_http3(close.error_code.into_inner()) {
-                Some(code) => (
-                    u16::try_from(code).ok(),
-                    String::from_utf8_lossy(&close.reason).into_owned(),
-                ),
-                None => (code, reason),
-            }
-        }
+    // The node sends a CLOSE_WEBTRANSPORT_SESSION capsule with its code and reason, then closes
+    // the connection with the code mapped into the HTTP/3 space: either way the session's close
+    // error carries the code.
+    let (code, reason) = match tokio::time::timeout(Duration::from_secs(3), session.closed()).await
+    {
+        Ok(web_transport_quinn::SessionError::WebTransportError(
+            web_transport_quinn::WebTransportError::Closed(code, why),
+        )) => (u16::try_from(code).ok(), why),
         _ => (code, reason),
     };
     dispatcher.closed(code, reason).await;

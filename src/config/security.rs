@@ -187,7 +187,8 @@ pub struct WebTransportConfig {
     /// `[[tls.services]]` as on the WebSocket listener.
     pub client_auth: ClientAuth,
     /// WebTransport sessions per QUIC connection (browsers open one per `new WebTransport()`).
-    /// Only 1 is supported: a second CONNECT on the same connection is refused with 429.
+    /// Only 1 is supported: a second CONNECT on the same connection is not answered (its
+    /// stream is dropped).
     pub max_sessions_per_connection: u64,
     /// Bidirectional streams the peer may have open at once. HTTP/3 needs one for the CONNECT
     /// request, the session one more; a few spare let a browser reconnect its stream. Extra

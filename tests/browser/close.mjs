@@ -5,7 +5,8 @@
 // capsule and FIN on the CONNECT stream and leaves the QUIC connection to the server. The member
 // must be gone within LEAVE_MS, not at the QUIC idle timeout. A watcher on the same page (over
 // WebSocket, keeping the room's presence) sees the closing user come (with no presence info)
-// and, once the node's grace period is over, leave.
+// and, once the node's grace period is over, leave. Then a session the node ends (the operator's
+// disconnect) reports the node's close code to the page.
 // Usage: node tests/browser/close.mjs http://127.0.0.1:PORT API_KEY [LEAVE_MS [PRESENCE_LEAVE_MS]]
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -118,6 +119,32 @@ try {
     `unexpected presence events: ${JSON.stringify(events)}`,
   );
   await page.evaluate(() => window.watcher.close());
+
+  // The node's close code reaches the page over WebTransport (a CLOSE_WEBTRANSPORT_SESSION
+  // capsule, read as WebTransport.closed's closeCode): the operator's disconnect is 4005.
+  await page.evaluate(async () => {
+    const { RoomwireClient } = await import('/client/roomwire.js');
+    const client = new RoomwireClient({ token: 'kicked', transport: 'webtransport', storage: null, deviceId: null });
+    window.kicked = client;
+    window.kickedStatus = [];
+    client.onStatus((s) => window.kickedStatus.push({ state: s.state, transport: s.transport, detail: s.detail }));
+    await client.connect();
+  });
+  const kick = await fetch(`${base}/api/v1/users/kicked/disconnect`, {
+    method: 'POST',
+    headers: { Authorization: `Bearer ${apiKey}` },
+  });
+  check(kick.ok, `disconnect: HTTP ${kick.status}`);
+  await page.waitForFunction(() => window.kickedStatus.some((s) => s.state === 'reconnecting'), null, {
+    timeout: TIMEOUT,
+    polling: 20,
+  });
+  const lost = await page.evaluate(() => window.kickedStatus.find((s) => s.state === 'reconnecting'));
+  console.log(`kicked: ${JSON.stringify(lost)}`);
+  const up = await page.evaluate(() => window.kickedStatus.find((s) => s.state === 'connected'));
+  check(up?.transport === 'webtransport', `kicked was on ${up?.transport}`);
+  check(lost.detail?.code === 4005, `the page saw close code ${JSON.stringify(lost.detail)}, not 4005`);
+  await page.evaluate(() => window.kicked.close());
 
   check(pageErrors.length === 0, `errors in the page: ${JSON.stringify(pageErrors)}`);
   console.log('CLOSE TEST PASSED');

@@ -117,7 +117,7 @@ impl Drop for CountGuard {
     }
 }
 
-pub(super) fn varint(value: u64) -> VarInt {
+fn varint(value: u64) -> VarInt {
     VarInt::from_u64(value).unwrap_or(VarInt::MAX)
 }
 

@@ -12,7 +12,7 @@ use rustls_pki_types::CertificateDer;
 use web_transport_quinn::proto::{ConnectError as ProtoConnectError, ConnectRequest};
 use web_transport_quinn::{ConnectError, Request, ServerError, Session};
 
-use super::endpoint::{CountGuard, varint};
+use super::endpoint::CountGuard;
 use super::stream::{DatagramPath, WtSink, WtSource};
 use crate::auth::Principal;
 use crate::context::NodeContext;
@@ -106,6 +106,10 @@ async fn check_request(
     }
 }
 
+/// Longest the connection task waits for a closed session's connection to end (the library's
+/// own bound is a few round trips, at least 100 ms).
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
+
 /// Longest a refusal response may take to write, and then to be read: the connection is closed
 /// once the client has closed it or after this.
 const RESPOND_TIMEOUT: Duration = Duration::from_secs(2);
@@ -140,16 +144,15 @@ pub(super) fn connection(
                 .expect("close lock poisoned")
                 .take()
                 .unwrap_or((1000, String::new()));
-            // The QUIC close carries the code (no CLOSE_WEBTRANSPORT_SESSION capsule): clients
-            // read it there. Closed before the session is dropped, which would finish the
-            // CONNECT stream, so the client sees the code and not a session closed without one.
-            // A no-op when the client closed the session first (web-transport-quinn closed the
-            // connection then).
-            quinn::Connection::close(
-                &session,
-                varint(web_transport_quinn::proto::error_to_http3(u32::from(code))),
-                reason.as_bytes(),
-            );
+            // A CLOSE_WEBTRANSPORT_SESSION capsule with the code and reason (what a browser's
+            // `WebTransport.closed` reports), then the QUIC connection is closed with the code
+            // mapped into the HTTP/3 space once the client has closed it or after a few round
+            // trips. A no-op when the client closed the session first. web-transport-quinn's
+            // tasks (this close, and the CONNECT-stream reader) are spawned on the runtime
+            // outside the node's tracker; both end with the connection, which the drain's
+            // closing of the endpoints ends at the latest.
+            session.close(u32::from(code), reason.as_bytes());
+            let _ = tokio::time::timeout(CLOSE_WAIT, session.closed()).await;
         },
         span,
     )
@@ -200,7 +203,8 @@ async fn establish(
     })
 }
 
-/// The steps of establishing a session, each under the connection's one handshake deadline.
+/// The steps of establishing a session, each under the connection's one handshake deadline
+/// (a refusal's answer, once the request was checked, has its own bound: `RESPOND_TIMEOUT`).
 /// A step that fails has counted the refusal (`roomwire_connections_refused_total{reason}`),
 /// answered or closed what it could, and returns `None`.
 struct Steps<'a> {
@@ -292,6 +296,14 @@ impl Steps<'_> {
                 H3_SETTINGS_ERROR,
                 b"WebTransport and datagrams are not enabled in SETTINGS",
             ),
+            // The connection broke during the exchange: the peer went away.
+            ServerError::SettingsError(e)
+                if ["ConnectionError", "ReadError", "WriteError"]
+                    .iter()
+                    .any(|gone| format!("{e:?}").starts_with(gone)) =>
+            {
+                return None;
+            }
             ServerError::SettingsError(_) => {
                 ("h3_setup", H3_MISSING_SETTINGS, b"no valid SETTINGS")
             }

@@ -12,9 +12,10 @@
 //! datagrams of the session and may be dropped.
 //!
 //! Closing: the node writes its last frames, finishes its stream, waits (linger) for the client to
-//! finish its own, then closes the QUIC connection with the session's close code mapped into the
-//! HTTP/3 application error space (the WebTransport draft's mapping), so a client that reads the
-//! connection's close learns the same code a WebSocket client gets in its close frame. A client
+//! finish its own, then closes the session with its close code: a CLOSE_WEBTRANSPORT_SESSION
+//! capsule (what a browser's `WebTransport.closed` reports), then the QUIC connection with the
+//! code mapped into the HTTP/3 application error space (the WebTransport draft's mapping), so a
+//! client learns the same code a WebSocket client gets in its close frame. A client
 //! that closes the session (a browser's `WebTransport.close()`: a CLOSE_WEBTRANSPORT_SESSION
 //! capsule and FIN on the CONNECT stream) is seen at once: web-transport-quinn reads the CONNECT
 //! stream and closes the connection, which ends the session.
