@@ -13,6 +13,8 @@
 //!   (`WebTransport.close()`) leaves its room within 2 s, not at the QUIC idle timeout; a
 //!   watcher's presence shows it come (with no presence info) and, after the grace, leave; a
 //!   session the node ends (the operator's disconnect) reports close code 4005 to the page.
+//! - `tests/browser/backoff.mjs`: the client's reconnect backoff (in Node): uniform in
+//!   [d/2, d], d doubling up to the cap.
 //! - `tests/browser/package.mjs`: the npm package (`web/`) packed, installed, type-checked with
 //!   tsc, and used by a page on another origin (CORS).
 //!
@@ -204,6 +206,12 @@ async fn the_packed_npm_package_chats_from_another_origin_in_chromium() {
     assert!(node.metric(r#"roomwire_sessions_opened_total{transport="webtransport"}"#) >= 1.0);
     assert!(node.metric(r#"roomwire_sessions_opened_total{transport="ws"}"#) >= 1.0);
     node.shutdown().await;
+}
+
+/// The reconnect backoff's distribution (Node only, no page): exponential, capped, spread.
+#[tokio::test]
+async fn the_browser_clients_reconnect_backoff_is_capped_and_spread() {
+    run_node_script("tests/browser/backoff.mjs", &[], "BACKOFF TEST PASSED").await;
 }
 
 #[test]

@@ -971,7 +971,10 @@ export class RoomwireClient {
     });
   }
 
-  /** Exponential backoff with full jitter: uniform in [d/2, d], d doubling up to the maximum. */
+  /**
+   * Exponential backoff with jitter ("equal jitter"): uniform in [d/2, d], d doubling from
+   * initialBackoffMs up to maxBackoffMs (tests/browser/backoff.mjs checks the distribution).
+   */
   backoff() {
     const ceiling = Math.min(this.maxBackoffMs, this.initialBackoffMs * 2 ** this.attempt);
     this.attempt += 1;
