@@ -191,7 +191,8 @@ const REPLAY_WARNING_EVERY_MS: u64 = 10_000;
 #[derive(Clone)]
 pub struct PeerIdentity(pub Principal);
 
-/// A connection's share of `server.max_connections` and of its address's limit; released when
-/// the last holder (the HTTP connection task, or the WebSocket session it upgraded into) drops it.
+/// A connection's share of `server.max_connections` and of its address's limit (none for a
+/// trusted proxy's connection: its upgrades take their clients' places); released when the last
+/// holder (the HTTP connection task, or the WebSocket session it upgraded into) drops it.
 #[derive(Clone)]
-pub struct ConnPermit(#[allow(dead_code)] pub(crate) Arc<(OwnedSemaphorePermit, IpSlot)>);
+pub struct ConnPermit(#[allow(dead_code)] pub(crate) Arc<(OwnedSemaphorePermit, Option<IpSlot>)>);

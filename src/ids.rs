@@ -1,5 +1,5 @@
 //! The rules for every name and id the node accepts or makes: name segments (room names, user
-//! ids, node ids, regions), client message ids, and random ids. Pure; the lowest layer, so that
+//! ids, node ids, regions), client message ids, random ids, and address blocks. Pure; the lowest layer, so that
 //! tokens, certificates, rooms and the mesh all check names the same way.
 
 /// Longest user id, in bytes (it becomes part of the room name `$user.<id>`).
@@ -96,9 +96,79 @@ pub fn truncate_utf8(mut s: String, max: usize) -> String {
     s
 }
 
+/// An address or a CIDR block (`10.0.0.0/8`, `fd00::/8`, `127.0.0.1`): the trusted proxies of
+/// `limits.trusted_proxies`. IPv4-mapped IPv6 addresses are taken as the IPv4 address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpBlock {
+    addr: std::net::IpAddr,
+    len: u8,
+}
+
+impl IpBlock {
+    pub fn parse(s: &str) -> Result<IpBlock, String> {
+        let (addr, len) = match s.split_once('/') {
+            Some((addr, len)) => (addr, Some(len)),
+            None => (s, None),
+        };
+        let addr: std::net::IpAddr = addr
+            .trim()
+            .parse()
+            .map_err(|_| format!("{s:?} is not an address or an address/prefix block"))?;
+        let addr = addr.to_canonical();
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let len = match len {
+            None => max,
+            Some(len) => len
+                .trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|&l| l <= max)
+                .ok_or_else(|| format!("{s:?}: the prefix length must be 0..={max}"))?,
+        };
+        Ok(IpBlock { addr, len })
+    }
+
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        let bits = |ip: std::net::IpAddr| match ip {
+            std::net::IpAddr::V4(v4) => (u128::from(u32::from(v4)) << 96, 32),
+            std::net::IpAddr::V6(v6) => (u128::from(v6), 128),
+        };
+        let ((block, width), (ip, ip_width)) = (bits(self.addr), bits(ip.to_canonical()));
+        if width != ip_width {
+            return false;
+        }
+        let mask = if self.len == 0 {
+            0
+        } else {
+            u128::MAX << (128 - u32::from(self.len))
+        };
+        block & mask == ip & mask
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn address_blocks_contain_what_their_prefix_covers() {
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        let block = |s: &str| IpBlock::parse(s).unwrap();
+        assert!(block("10.0.0.0/8").contains(ip("10.200.1.2")));
+        assert!(!block("10.0.0.0/8").contains(ip("11.0.0.1")));
+        assert!(block("127.0.0.1").contains(ip("127.0.0.1")));
+        assert!(!block("127.0.0.1").contains(ip("127.0.0.2")));
+        assert!(
+            block("127.0.0.1").contains(ip("::ffff:127.0.0.1")),
+            "mapped IPv4"
+        );
+        assert!(block("fd00::/8").contains(ip("fd12::1")));
+        assert!(!block("fd00::/8").contains(ip("10.0.0.1")), "other family");
+        assert!(block("0.0.0.0/0").contains(ip("203.0.113.9")));
+        for bad in ["10.0.0.0/33", "nope", "10.0.0.0/x", "::/129", ""] {
+            assert!(IpBlock::parse(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn user_ids_are_one_name_segment_of_at_most_64_bytes() {

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
 
 use crate::config::LimitsConfig;
+use crate::ids::IpBlock;
 
 /// Breaches are counted per window of this length.
 const BREACH_WINDOW: Duration = Duration::from_secs(10);
@@ -40,6 +41,8 @@ pub struct IpGate {
     rate: DefaultKeyedRateLimiter<IpAddr>,
     open: Mutex<HashMap<IpAddr, u32>>,
     max_open: u32,
+    /// `limits.trusted_proxies`: load balancers whose `X-Forwarded-For` names the client.
+    trusted: Vec<IpBlock>,
 }
 
 /// One open connection's place at its address; released on drop.
@@ -56,7 +59,40 @@ impl IpGate {
             rate: RateLimiter::keyed(quota),
             open: Mutex::new(HashMap::new()),
             max_open: config.max_connections_per_ip,
+            // Validated with the configuration.
+            trusted: config
+                .trusted_proxies
+                .iter()
+                .filter_map(|b| IpBlock::parse(b).ok())
+                .collect(),
         })
+    }
+
+    /// Whether `ip` is a trusted proxy: its connections are limited by the client address it
+    /// forwards, not by its own.
+    pub fn trusts(&self, ip: IpAddr) -> bool {
+        self.trusted.iter().any(|b| b.contains(ip))
+    }
+
+    /// The client behind a connection from `peer`: `peer` itself unless it is a trusted proxy;
+    /// then the rightmost address of `forwarded_for` (`X-Forwarded-For`, every header line
+    /// joined by commas) that is not a trusted proxy, or the last one parsed before an entry
+    /// that is not an address.
+    pub fn client_address(&self, peer: IpAddr, forwarded_for: Option<&str>) -> IpAddr {
+        let mut client = peer;
+        if !self.trusts(peer) {
+            return client;
+        }
+        for entry in forwarded_for.unwrap_or("").rsplit(',') {
+            let Ok(ip) = entry.trim().parse::<IpAddr>() else {
+                break;
+            };
+            client = ip;
+            if !self.trusts(ip) {
+                break;
+            }
+        }
+        client
     }
 
     /// Admits a new connection from `ip`, or says why not.
@@ -186,6 +222,36 @@ mod tests {
         assert!(gate.admit(b).is_ok());
         drop(first);
         assert!(gate.admit(a).is_ok());
+    }
+
+    #[test]
+    fn only_a_trusted_proxy_names_the_client_and_only_the_untrusted_hop_counts() {
+        let config = LimitsConfig {
+            trusted_proxies: vec!["10.0.0.0/8".into(), "127.0.0.1".into()],
+            ..LimitsConfig::default()
+        };
+        let gate = IpGate::new(&config);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let client = |peer: &str, xff: Option<&str>| gate.client_address(ip(peer), xff);
+        // A client that is no proxy cannot name another address.
+        assert_eq!(
+            client("198.51.100.1", Some("203.0.113.7")),
+            ip("198.51.100.1")
+        );
+        // Through the proxy: the rightmost hop that is not a trusted proxy; what the client
+        // wrote itself (to the left of it) is not believed.
+        assert_eq!(client("127.0.0.1", Some("203.0.113.7")), ip("203.0.113.7"));
+        assert_eq!(
+            client("127.0.0.1", Some("6.6.6.6, 203.0.113.7, 10.1.2.3")),
+            ip("203.0.113.7")
+        );
+        // No header, or garbage in it: the last address known.
+        assert_eq!(client("127.0.0.1", None), ip("127.0.0.1"));
+        assert_eq!(
+            client("127.0.0.1", Some("10.9.9.9, not-an-ip")),
+            ip("127.0.0.1")
+        );
+        assert!(gate.trusts(ip("10.3.3.3")) && !gate.trusts(ip("11.0.0.1")));
     }
 
     #[test]

@@ -305,11 +305,17 @@ async fn accept_loop(
                 .inc();
             tracing::debug!(%peer, reason, "connection refused at accept");
         };
-        let slot = match ctx.ip_gate.admit(peer.ip()) {
-            Ok(slot) => slot,
-            Err(refusal) => {
-                refuse(refusal.label());
-                continue;
+        // A trusted proxy's connections carry many clients: each upgrade is limited by its
+        // client's address instead (transport::ws).
+        let slot = if ctx.ip_gate.trusts(peer.ip()) {
+            None
+        } else {
+            match ctx.ip_gate.admit(peer.ip()) {
+                Ok(slot) => Some(slot),
+                Err(refusal) => {
+                    refuse(refusal.label());
+                    continue;
+                }
             }
         };
         let Ok(permit) = limit.clone().try_acquire_owned() else {

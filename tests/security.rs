@@ -387,11 +387,27 @@ async fn a_retried_publish_is_acknowledged_with_its_first_sequence_and_delivered
 
 /// A raw WebSocket session from a chosen source address, Connect sent and Connected read.
 async fn connect_from(node: &TestNode, source: &str) -> Result<RawWs, String> {
+    connect_via(node, source, None).await
+}
+
+/// [`connect_from`], the upgrade carrying `X-Forwarded-For: forwarded` (as a proxy's would).
+async fn connect_via(
+    node: &TestNode,
+    source: &str,
+    forwarded: Option<&str>,
+) -> Result<RawWs, String> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
     let socket = TcpSocket::new_v4().unwrap();
     socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
     let stream = socket.connect(node.addr).await.map_err(|e| e.to_string())?;
     let stream = tokio_tungstenite::MaybeTlsStream::Plain(stream);
-    let (mut ws, _) = tokio_tungstenite::client_async(node.ws_url(), stream)
+    let mut request = node.ws_url().into_client_request().unwrap();
+    if let Some(forwarded) = forwarded {
+        request
+            .headers_mut()
+            .insert("x-forwarded-for", forwarded.parse().unwrap());
+    }
+    let (mut ws, _) = tokio_tungstenite::client_async(request, stream)
         .await
         .map_err(|e| e.to_string())?;
     send_frame(
@@ -437,6 +453,73 @@ async fn a_connection_flood_from_one_address_is_limited_while_another_still_conn
     connect_from(&node, "127.0.0.2")
         .await
         .expect("another address still connects");
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_each_client_is_limited_and_a_forged_header_is_ignored() {
+    // 127.0.0.1 is the load balancer: the clients are the addresses it forwards.
+    let node = TestNode::start_with(|c| {
+        c.limits.max_connections_per_ip = 2;
+        c.limits.trusted_proxies = vec!["127.0.0.1".into()];
+    })
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        held.push(
+            connect_via(&node, "127.0.0.1", Some("203.0.113.7"))
+                .await
+                .expect("client a, under its limit"),
+        );
+    }
+    let refused = connect_via(&node, "127.0.0.1", Some("203.0.113.7")).await;
+    assert!(
+        refused.as_ref().is_err_and(|e| e.contains("429")),
+        "{:?}",
+        refused.map(|_| ())
+    );
+    // An address the client wrote itself, left of what the proxy appended, is not believed.
+    assert!(
+        connect_via(&node, "127.0.0.1", Some("198.51.100.9, 203.0.113.7"))
+            .await
+            .is_err()
+    );
+    // Other clients behind the same proxy have limits of their own.
+    for _ in 0..2 {
+        held.push(
+            connect_via(&node, "127.0.0.1", Some("203.0.113.8"))
+                .await
+                .expect("client b, under its limit"),
+        );
+    }
+    assert_eq!(
+        node.metric(r#"roomwire_connections_refused_total{reason="ip_max_connections"}"#),
+        2.0
+    );
+    drop(held);
+    node.shutdown().await;
+
+    // Without trusted proxies the same header is a forgery, and buys no extra connections.
+    let node = TestNode::start_with(|c| c.limits.max_connections_per_ip = 2).await;
+    let mut held = Vec::new();
+    for forged in ["203.0.113.1", "203.0.113.2"] {
+        held.push(
+            connect_via(&node, "127.0.0.1", Some(forged))
+                .await
+                .expect("under the limit"),
+        );
+    }
+    assert!(
+        connect_via(&node, "127.0.0.1", Some("203.0.113.3"))
+            .await
+            .is_err(),
+        "a forged X-Forwarded-For must not lift the limit"
+    );
+    assert_eq!(
+        node.metric(r#"roomwire_connections_refused_total{reason="ip_max_connections"}"#),
+        1.0
+    );
+    drop(held);
     node.shutdown().await;
 }
 

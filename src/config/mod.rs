@@ -182,6 +182,11 @@ impl Config {
             return bad("node.region must be non-empty and hold only letters, digits and _-:@=");
         }
         let l = &self.limits;
+        for block in &l.trusted_proxies {
+            if let Err(why) = crate::ids::IpBlock::parse(block) {
+                return bad(&format!("limits.trusted_proxies: {why}"));
+            }
+        }
         if l.connections_per_ip_per_second == 0
             || l.connection_burst_per_ip == 0
             || l.max_connections_per_ip == 0

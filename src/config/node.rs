@@ -318,6 +318,11 @@ pub struct LimitsConfig {
     /// Rate-limit breaches within 10 seconds that close the session (4007); fewer are answered
     /// with RATE_LIMITED errors and the frame is dropped.
     pub max_rate_breaches: u32,
+    /// Load balancers in front of the node (addresses or CIDR blocks, e.g. `10.0.0.0/8`): their
+    /// connections are not limited by their own address; a WebSocket upgrade through them is
+    /// limited, and its session known, by the client address in `X-Forwarded-For` (the
+    /// rightmost one that is not a trusted proxy). Anyone else's `X-Forwarded-For` is ignored.
+    pub trusted_proxies: Vec<String>,
 }
 
 impl Default for LimitsConfig {
@@ -331,6 +336,7 @@ impl Default for LimitsConfig {
             session_bytes_per_second: 1024 * 1024,
             session_byte_burst: 2 * 1024 * 1024,
             max_rate_breaches: 20,
+            trusted_proxies: Vec::new(),
         }
     }
 }

@@ -60,6 +60,32 @@ pub async fn upgrade(State(ctx): State<Arc<NodeContext>>, mut req: Request) -> R
             "node is draining\n",
         );
     }
+    // Through a trusted proxy (limits.trusted_proxies) the client's own address is limited, as
+    // a direct client's is at accept, and is the session's peer; anyone else's header is ignored.
+    let mut client_slot = None;
+    let mut peer = req.extensions().get::<PeerAddr>().map(|p| p.0);
+    if let Some(proxy) = peer.filter(|p| ctx.ip_gate.trusts(p.ip())) {
+        let forwarded: Vec<&str> = req
+            .headers()
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        let client = ctx
+            .ip_gate
+            .client_address(proxy.ip(), Some(&forwarded.join(",")));
+        match ctx.ip_gate.admit(client) {
+            Ok(slot) => client_slot = Some(slot),
+            Err(refusal) => {
+                return refuse(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    refusal.label(),
+                    "too many connections from this address\n",
+                );
+            }
+        }
+        peer = Some(SocketAddr::new(client, 0));
+    }
     let headers = req.headers();
     let has_token = |name: header::HeaderName, token: &str| {
         headers.get_all(name).iter().any(|v| {
@@ -125,7 +151,6 @@ pub async fn upgrade(State(ctx): State<Arc<NodeContext>>, mut req: Request) -> R
         },
     };
 
-    let peer = req.extensions().get::<PeerAddr>().map(|p| p.0);
     // The session holds the connection's permit from here on; the HTTP task that upgraded ends.
     let permit = req.extensions().get::<ConnPermit>().cloned();
     let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
@@ -161,7 +186,9 @@ pub async fn upgrade(State(ctx): State<Arc<NodeContext>>, mut req: Request) -> R
         );
         // A task of its own, so what the upgrade needed is not kept for the session's life
         // (and `map`, not an `async` block, which would hold the session's future twice).
-        task_ctx.tracker.spawn(session.map(move |()| drop(permit)));
+        task_ctx
+            .tracker
+            .spawn(session.map(move |()| drop((permit, client_slot))));
     });
 
     let mut response = Response::new(Body::empty());
