@@ -17,11 +17,12 @@ cargo fmt --all -- --check
 step "cargo clippy -D warnings"
 cargo clippy --all-targets --locked -- -D warnings
 
-step "browser test prerequisites: chromium, playwright-core and typescript"
+step "browser and proxy test prerequisites: chromium, nginx, playwright-core and typescript"
 # The browser test (tests/browser.rs) drives Debian's chromium with playwright-core; no browser is
-# downloaded. Both are installed only when missing.
+# downloaded. tests/nginx.rs runs Debian's nginx in front of two nodes. Installed only when missing.
 MISSING=""
 [ -x /usr/bin/chromium ] || MISSING="$MISSING chromium"
+[ -x /usr/sbin/nginx ] || MISSING="$MISSING nginx-light"
 command -v node >/dev/null 2>&1 || MISSING="$MISSING nodejs"
 command -v npm >/dev/null 2>&1 || MISSING="$MISSING npm"
 if [ -n "$MISSING" ]; then
