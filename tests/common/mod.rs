@@ -5,12 +5,14 @@
 //! members and publishers. The failure tests add [`traffic`] (paced publishers that record
 //! every attempt), [`audit`] (the delivery contract, checked), [`proxy`] (a TCP proxy that can
 //! blackhole a node's NATS connection) and [`faketime`] (a node's wall clock, moved).
-//! [`browser_wt`] opens and closes a WebTransport session the way Chromium does.
+//! [`browser_wt`] opens and closes a WebTransport session the way Chromium does; [`impair`] is a
+//! lossy, slow UDP path between a QUIC client and a node.
 #![allow(dead_code)]
 
 pub mod audit;
 pub mod browser_wt;
 pub mod faketime;
+pub mod impair;
 pub mod mesh;
 pub mod nats;
 pub mod node_process;

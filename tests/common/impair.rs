@@ -1,0 +1,150 @@
+//! A user-space impairment proxy for UDP (QUIC) between one client and a node: every datagram,
+//! in either direction, is dropped with probability `loss` or else delayed by `delay` plus up to
+//! `jitter` (jitter reorders). The kernel here has no `netem`, so the bad network is made here.
+//! Deterministic under a seed: the drop and delay of the n-th datagram of a direction depend only
+//! on the seed and n. The client is the first address that sends to the proxy.
+//!
+//! Like [`super::proxy::TcpProxy`], it runs on its own thread and runtime, so it keeps moving
+//! datagrams whatever the test's runtime is doing; dropping it stops it.
+
+use std::net::{SocketAddr, UdpSocket as StdUdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use proptest::prelude::RngCore;
+use proptest::test_runner::{RngAlgorithm, TestRng};
+use tokio::net::UdpSocket;
+use tokio_util::sync::CancellationToken;
+
+/// What happens to the datagrams of each direction.
+#[derive(Debug, Clone, Copy)]
+pub struct Impairment {
+    /// Share of datagrams dropped, 0.0..=1.0.
+    pub loss: f64,
+    pub delay: Duration,
+    /// Up to this much more delay, uniformly drawn per datagram.
+    pub jitter: Duration,
+    pub seed: u8,
+}
+
+/// Datagrams carried and dropped, per direction (0: client to node, 1: node to client).
+#[derive(Debug, Default)]
+pub struct Counts {
+    pub forwarded: [AtomicU64; 2],
+    pub dropped: [AtomicU64; 2],
+}
+
+impl Counts {
+    /// The share dropped in `direction`.
+    pub fn loss(&self, direction: usize) -> f64 {
+        let dropped = self.dropped[direction].load(Ordering::Relaxed) as f64;
+        let all = dropped + self.forwarded[direction].load(Ordering::Relaxed) as f64;
+        if all == 0.0 { 0.0 } else { dropped / all }
+    }
+}
+
+pub struct UdpImpair {
+    /// Where the client sends (in place of the node's address).
+    pub addr: SocketAddr,
+    pub counts: Arc<Counts>,
+    cancel: CancellationToken,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl UdpImpair {
+    /// Starts the proxy in front of `target` (a UDP address).
+    pub fn start(target: SocketAddr, impairment: Impairment) -> UdpImpair {
+        let front = StdUdpSocket::bind("127.0.0.1:0").unwrap();
+        let back = StdUdpSocket::bind("127.0.0.1:0").unwrap();
+        back.connect(target).unwrap();
+        front.set_nonblocking(true).unwrap();
+        back.set_nonblocking(true).unwrap();
+        let addr = front.local_addr().unwrap();
+        let counts = Arc::new(Counts::default());
+        let cancel = CancellationToken::new();
+        let (task_counts, task_cancel) = (counts.clone(), cancel.clone());
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let front = Arc::new(UdpSocket::from_std(front).unwrap());
+                let back = Arc::new(UdpSocket::from_std(back).unwrap());
+                let rng = |direction: u8| {
+                    let mut seed = [impairment.seed; 32];
+                    seed[0] = direction;
+                    TestRng::from_seed(RngAlgorithm::ChaCha, &seed)
+                };
+                let (mut up_rng, mut down_rng) = (rng(0), rng(1));
+                let client: Arc<std::sync::Mutex<Option<SocketAddr>>> = Arc::default();
+                let mut up = vec![0u8; 65_536];
+                let mut down = vec![0u8; 65_536];
+                loop {
+                    tokio::select! {
+                        _ = task_cancel.cancelled() => return,
+                        received = front.recv_from(&mut up) => {
+                            let Ok((n, from)) = received else { continue };
+                            client.lock().unwrap().get_or_insert(from);
+                            let back = back.clone();
+                            let datagram = up[..n].to_vec();
+                            pass(&mut up_rng, impairment, &task_counts, 0, async move {
+                                let _ = back.send(&datagram).await;
+                            });
+                        }
+                        received = back.recv(&mut down) => {
+                            let Ok(n) = received else { continue };
+                            let Some(to) = *client.lock().unwrap() else { continue };
+                            let front = front.clone();
+                            let datagram = down[..n].to_vec();
+                            pass(&mut down_rng, impairment, &task_counts, 1, async move {
+                                let _ = front.send_to(&datagram, to).await;
+                            });
+                        }
+                    }
+                }
+            });
+        });
+        UdpImpair {
+            addr,
+            counts,
+            cancel,
+            thread: Some(thread),
+        }
+    }
+}
+
+/// Drops the datagram, or sends it (`send`) after its delay.
+fn pass(
+    rng: &mut TestRng,
+    impairment: Impairment,
+    counts: &Counts,
+    direction: usize,
+    send: impl Future<Output = ()> + Send + 'static,
+) {
+    let draw = |rng: &mut TestRng| f64::from(rng.next_u32()) / f64::from(u32::MAX);
+    if draw(rng) < impairment.loss {
+        counts.dropped[direction].fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    counts.forwarded[direction].fetch_add(1, Ordering::Relaxed);
+    let delay = impairment.delay + impairment.jitter.mul_f64(draw(rng));
+    if delay.is_zero() {
+        tokio::spawn(send);
+    } else {
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            send.await;
+        });
+    }
+}
+
+impl Drop for UdpImpair {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}

@@ -1,0 +1,184 @@
+//! Network faults on a real path: a WebTransport session through a user-space impairment proxy
+//! ([`common::impair`]) — 30 % of datagrams lost each way, or 500 ms of delay each way — stays
+//! up and receives every acknowledged message of its room, in order, once. The proxy itself is
+//! checked first: it must measurably drop 30 % and delay by 500 ms.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::TestNode;
+use common::impair::{Impairment, UdpImpair};
+use roomwire::client::{Client, Event};
+
+/// Loss and delay as asked, measured through the proxy against a UDP echo.
+#[tokio::test]
+async fn the_impairment_proxy_drops_and_delays_as_configured() {
+    let echo = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let echo_addr = echo.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 2048];
+        while let Ok((n, from)) = echo.recv_from(&mut buf).await {
+            let _ = echo.send_to(&buf[..n], from).await;
+        }
+    });
+    let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+
+    let lossy = UdpImpair::start(
+        echo_addr,
+        Impairment {
+            loss: 0.3,
+            delay: Duration::ZERO,
+            jitter: Duration::ZERO,
+            seed: 7,
+        },
+    );
+    client.connect(lossy.addr).await.unwrap();
+    let client = std::sync::Arc::new(client);
+    // Read while sending, so no echo is lost in this socket's own buffer.
+    let reader = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 16];
+            let mut back = 0;
+            // Everything sent has been decided once the echoes stop coming.
+            while tokio::time::timeout(Duration::from_millis(1000), client.recv(&mut buf))
+                .await
+                .is_ok()
+            {
+                back += 1;
+            }
+            back
+        })
+    };
+    for i in 0..2000u32 {
+        client.send(&i.to_be_bytes()).await.unwrap();
+        if i % 50 == 49 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+    let back = reader.await.unwrap();
+    let mut buf = [0u8; 16];
+    let up = lossy.counts.loss(0);
+    let down = lossy.counts.loss(1);
+    eprintln!("loss up {up:.3}, down {down:.3}, {back} of 2000 came back");
+    // Each share is over ~2,000 and ~1,400 seeded draws: 0.3 ± 0.05 is about four standard
+    // deviations either side.
+    assert!((0.25..=0.35).contains(&up), "up {up}");
+    assert!((0.25..=0.35).contains(&down), "down {down}");
+    assert!(
+        (840..=1120).contains(&back),
+        "{back} of 2000 echoed (0.7² expected)"
+    );
+    drop(lossy);
+
+    let slow = UdpImpair::start(
+        echo_addr,
+        Impairment {
+            loss: 0.0,
+            delay: Duration::from_millis(500),
+            jitter: Duration::ZERO,
+            seed: 7,
+        },
+    );
+    let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    client.connect(slow.addr).await.unwrap();
+    let sent = Instant::now();
+    client.send(b"ping").await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), client.recv(&mut buf))
+        .await
+        .expect("the echo comes back")
+        .unwrap();
+    let rtt = sent.elapsed();
+    eprintln!("round trip through 500 ms each way: {rtt:?}");
+    assert!(rtt >= Duration::from_millis(1000), "{rtt:?}");
+    assert!(rtt < Duration::from_millis(2500), "{rtt:?}");
+}
+
+/// A WebTransport member behind `impairment` gets every acknowledged message of its room, in
+/// order, once, and its session stays up.
+async fn a_member_behind(impairment: Impairment, messages: u64) {
+    let node = TestNode::start().await;
+    let proxy = UdpImpair::start(node.wt_addr.unwrap(), impairment);
+    let url = format!("https://{}/wt", proxy.addr);
+    let started = Instant::now();
+    let mut member = Client::connect(&url, node.wt_options("far"))
+        .await
+        .expect("connects through the impaired path");
+    member.join("faults").await.expect("joins");
+    let connected = started.elapsed();
+    let publisher = node.client("near").await;
+    for i in 1..=messages {
+        publisher
+            .publish("faults", format!("m{i}"), &format!("f-{i}"))
+            .await
+            .expect("acknowledged");
+    }
+    let mut seqs = Vec::new();
+    while (seqs.len() as u64) < messages {
+        let message =
+            tokio::time::timeout(Duration::from_secs(60), next_message_or_end(&mut member))
+                .await
+                .unwrap_or_else(|_| panic!("{} of {messages} arrived", seqs.len()));
+        assert_eq!(
+            &message.payload[..],
+            format!("m{}", seqs.len() + 1).as_bytes(),
+            "in order, once"
+        );
+        seqs.push(message.seq);
+    }
+    eprintln!(
+        "{impairment:?}: connected and joined in {connected:?}, {messages} messages in {:?}; \
+         datagrams lost up {:.2} down {:.2}",
+        started.elapsed(),
+        proxy.counts.loss(0),
+        proxy.counts.loss(1)
+    );
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+    // Still the same session: a round trip on it is answered.
+    member
+        .presence_stats("faults")
+        .await
+        .expect("the session is still up");
+    node.shutdown().await;
+}
+
+/// The next message; panics if the session ends first.
+async fn next_message_or_end(client: &mut Client) -> roomwire::proto::Message {
+    loop {
+        match client.next_event().await {
+            Some(Event::Message(m)) => return m,
+            Some(Event::Closed { code, reason }) => panic!("session closed: {code:?} {reason}"),
+            None => panic!("session ended"),
+            Some(_) => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webtransport_session_survives_30_percent_loss_each_way() {
+    a_member_behind(
+        Impairment {
+            loss: 0.3,
+            delay: Duration::ZERO,
+            jitter: Duration::ZERO,
+            seed: 11,
+        },
+        200,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webtransport_session_survives_500_ms_delay_each_way() {
+    a_member_behind(
+        Impairment {
+            loss: 0.0,
+            delay: Duration::from_millis(500),
+            jitter: Duration::ZERO,
+            seed: 11,
+        },
+        50,
+    )
+    .await;
+}
