@@ -1,7 +1,9 @@
 //! Network faults on a real path: a WebTransport session through a user-space impairment proxy
 //! ([`common::impair`]) — 30 % of datagrams lost each way, or 500 ms of delay each way — stays
 //! up and receives every acknowledged message of its room, in order, once. The proxy itself is
-//! checked first: it must measurably drop 30 % and delay by 500 ms.
+//! checked first: it must measurably drop 30 % and delay by 500 ms. A 10 s blackout (WebSocket
+//! through [`common::proxy`], WebTransport through the impairment proxy) ends with the same
+//! session getting everything acknowledged meanwhile.
 
 mod common;
 
@@ -9,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::TestNode;
 use common::impair::{Impairment, UdpImpair};
+use common::proxy::TcpProxy;
 use roomwire::client::{Client, Event};
 
 /// Loss and delay as asked, measured through the proxy against a UDP echo.
@@ -181,4 +184,88 @@ async fn a_webtransport_session_survives_500_ms_delay_each_way() {
         50,
     )
     .await;
+}
+
+const BLACKOUT: Duration = Duration::from_secs(10);
+
+/// `member` (in room "dark") gets the messages published during a blackout that `heal` ends,
+/// in order, once, on the same session.
+async fn through_a_blackout(
+    node: &TestNode,
+    mut member: Client,
+    dark: impl FnOnce(),
+    heal: impl FnOnce(),
+) {
+    member.join("dark").await.expect("joins");
+    let publisher = node.client("near").await;
+    dark();
+    let started = Instant::now();
+    for i in 1..=20u64 {
+        publisher
+            .publish("dark", format!("d{i}"), &format!("d-{i}"))
+            .await
+            .expect("acknowledged during the blackout");
+    }
+    tokio::time::sleep(BLACKOUT.saturating_sub(started.elapsed())).await;
+    heal();
+    let healed = Instant::now();
+    for i in 1..=20u64 {
+        let message =
+            tokio::time::timeout(Duration::from_secs(60), next_message_or_end(&mut member))
+                .await
+                .unwrap_or_else(|_| panic!("message {i} never arrived after the blackout"));
+        assert_eq!(
+            &message.payload[..],
+            format!("d{i}").as_bytes(),
+            "in order, once"
+        );
+    }
+    eprintln!(
+        "all 20 delivered {:?} after the blackout ended",
+        healed.elapsed()
+    );
+    member
+        .presence_stats("dark")
+        .await
+        .expect("the same session is still up");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_session_survives_a_ten_second_blackout() {
+    let node = TestNode::start().await;
+    let proxy = TcpProxy::start(node.addr);
+    let member = Client::connect(
+        &format!("ws://{}/ws", proxy.addr),
+        roomwire::client::ClientOptions::user("far"),
+    )
+    .await
+    .expect("connects through the proxy");
+    through_a_blackout(&node, member, || proxy.blackhole(), || proxy.forward()).await;
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webtransport_session_survives_a_ten_second_blackout() {
+    let node = TestNode::start().await;
+    let clear = Impairment {
+        loss: 0.0,
+        delay: Duration::ZERO,
+        jitter: Duration::ZERO,
+        seed: 3,
+    };
+    let proxy = UdpImpair::start(node.wt_addr.unwrap(), clear);
+    let member = Client::connect(
+        &format!("https://{}/wt", proxy.addr),
+        node.wt_options("far"),
+    )
+    .await
+    .expect("connects through the impairment proxy");
+    through_a_blackout(
+        &node,
+        member,
+        || proxy.set(Impairment { loss: 1.0, ..clear }),
+        || proxy.set(clear),
+    )
+    .await;
+    node.shutdown().await;
 }

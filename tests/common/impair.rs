@@ -1,6 +1,7 @@
 //! A user-space impairment proxy for UDP (QUIC) between one client and a node: every datagram,
 //! in either direction, is dropped with probability `loss` or else delayed by `delay` plus up to
-//! `jitter` (jitter reorders). The kernel here has no `netem`, so the bad network is made here.
+//! `jitter` (jitter reorders), and the impairment can change while it runs (a blackout). The
+//! kernel here has no `netem`, so the bad network is made here.
 //! Deterministic under a seed: the drop and delay of the n-th datagram of a direction depend only
 //! on the seed and n. The client is the first address that sends to the proxy.
 //!
@@ -48,6 +49,8 @@ pub struct UdpImpair {
     /// Where the client sends (in place of the node's address).
     pub addr: SocketAddr,
     pub counts: Arc<Counts>,
+    /// What happens to datagrams from now on (see [`UdpImpair::set`]).
+    current: Arc<std::sync::Mutex<Impairment>>,
     cancel: CancellationToken,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -63,7 +66,9 @@ impl UdpImpair {
         let addr = front.local_addr().unwrap();
         let counts = Arc::new(Counts::default());
         let cancel = CancellationToken::new();
+        let current = Arc::new(std::sync::Mutex::new(impairment));
         let (task_counts, task_cancel) = (counts.clone(), cancel.clone());
+        let task_current = current.clone();
         let thread = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -89,7 +94,8 @@ impl UdpImpair {
                             client.lock().unwrap().get_or_insert(from);
                             let back = back.clone();
                             let datagram = up[..n].to_vec();
-                            pass(&mut up_rng, impairment, &task_counts, 0, async move {
+                            let now = *task_current.lock().unwrap();
+                            pass(&mut up_rng, now, &task_counts, 0, async move {
                                 let _ = back.send(&datagram).await;
                             });
                         }
@@ -98,7 +104,8 @@ impl UdpImpair {
                             let Some(to) = *client.lock().unwrap() else { continue };
                             let front = front.clone();
                             let datagram = down[..n].to_vec();
-                            pass(&mut down_rng, impairment, &task_counts, 1, async move {
+                            let now = *task_current.lock().unwrap();
+                            pass(&mut down_rng, now, &task_counts, 1, async move {
                                 let _ = front.send_to(&datagram, to).await;
                             });
                         }
@@ -109,9 +116,18 @@ impl UdpImpair {
         UdpImpair {
             addr,
             counts,
+            current,
             cancel,
             thread: Some(thread),
         }
+    }
+}
+
+impl UdpImpair {
+    /// Changes what happens to the datagrams that arrive from now on (a blackout: `loss: 1.0`;
+    /// its end: the previous impairment again). The seeded draws go on where they were.
+    pub fn set(&self, impairment: Impairment) {
+        *self.current.lock().unwrap() = impairment;
     }
 }
 
