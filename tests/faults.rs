@@ -31,9 +31,7 @@ async fn the_impairment_proxy_drops_and_delays_as_configured() {
         echo_addr,
         Impairment {
             loss: 0.3,
-            delay: Duration::ZERO,
-            jitter: Duration::ZERO,
-            seed: 7,
+            ..Impairment::clear(7)
         },
     );
     client.connect(lossy.addr).await.unwrap();
@@ -78,10 +76,8 @@ async fn the_impairment_proxy_drops_and_delays_as_configured() {
     let slow = UdpImpair::start(
         echo_addr,
         Impairment {
-            loss: 0.0,
             delay: Duration::from_millis(500),
-            jitter: Duration::ZERO,
-            seed: 7,
+            ..Impairment::clear(7)
         },
     );
     let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
@@ -163,9 +159,7 @@ async fn a_webtransport_session_survives_30_percent_loss_each_way() {
     a_member_behind(
         Impairment {
             loss: 0.3,
-            delay: Duration::ZERO,
-            jitter: Duration::ZERO,
-            seed: 11,
+            ..Impairment::clear(11)
         },
         200,
     )
@@ -176,10 +170,8 @@ async fn a_webtransport_session_survives_30_percent_loss_each_way() {
 async fn a_webtransport_session_survives_500_ms_delay_each_way() {
     a_member_behind(
         Impairment {
-            loss: 0.0,
             delay: Duration::from_millis(500),
-            jitter: Duration::ZERO,
-            seed: 11,
+            ..Impairment::clear(11)
         },
         50,
     )
@@ -247,12 +239,7 @@ async fn a_websocket_session_survives_a_ten_second_blackout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_webtransport_session_survives_a_ten_second_blackout() {
     let node = TestNode::start().await;
-    let clear = Impairment {
-        loss: 0.0,
-        delay: Duration::ZERO,
-        jitter: Duration::ZERO,
-        seed: 3,
-    };
+    let clear = Impairment::clear(3);
     let proxy = UdpImpair::start(node.wt_addr.unwrap(), clear);
     let member = Client::connect(
         &format!("https://{}/wt", proxy.addr),

@@ -94,9 +94,9 @@ impl Drop for Nginx {
     }
 }
 
-/// A WebSocket upgrade through nginx from source address `source`: `Ok` on 101, else the error
-/// (an HTTP status shows in it).
-async fn upgrade_from(nginx: &Nginx, source: &str) -> Result<(), String> {
+/// A WebSocket upgrade through nginx from source address `source`: the open connection on 101
+/// (the sessions held are what the limit counts), else the error (an HTTP status shows in it).
+async fn upgrade_from(nginx: &Nginx, source: &str) -> Result<common::RawWs, String> {
     let socket = TcpSocket::new_v4().unwrap();
     socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
     let stream = socket
@@ -104,12 +104,11 @@ async fn upgrade_from(nginx: &Nginx, source: &str) -> Result<(), String> {
         .await
         .map_err(|e| e.to_string())?;
     let request = nginx.ws_url().into_client_request().unwrap();
+    let stream = tokio_tungstenite::MaybeTlsStream::Plain(stream);
     let (ws, _) = tokio_tungstenite::client_async(request, stream)
         .await
         .map_err(|e| e.to_string())?;
-    // Held open until the test ends: the sessions are what the limit counts.
-    std::mem::forget(ws);
-    Ok(())
+    Ok(ws)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -152,25 +151,29 @@ async fn clients_chat_through_nginx_are_limited_by_their_own_address_and_leave_a
     // The nodes see each client's own address: 127.0.0.5 may hold six sessions on each node
     // (the limit is per node), then it is refused 429 whichever node nginx picks, while
     // 127.0.0.6, behind the same nginx, still connects.
-    let mut accepted = 0;
+    let mut held = Vec::new();
     let refused = loop {
         match upgrade_from(&nginx, "127.0.0.5").await {
-            Ok(()) => accepted += 1,
+            Ok(ws) => held.push(ws),
             Err(error) => break error,
         }
+        let accepted = held.len();
         assert!(
             accepted <= 12,
             "more than 6 sessions per node from one client"
         );
     };
+    let accepted = held.len();
     assert!(refused.contains("429"), "{refused}");
     assert!(
         accepted >= 6,
         "refused after {accepted} sessions: {refused}"
     );
-    upgrade_from(&nginx, "127.0.0.6")
-        .await
-        .expect("another client behind the same nginx");
+    held.push(
+        upgrade_from(&nginx, "127.0.0.6")
+            .await
+            .expect("another client behind the same nginx"),
+    );
 
     // b drains: it answers new upgrades 503 and nginx sends them to a; once b is gone every
     // connection through nginx lands on a.

@@ -29,6 +29,18 @@ pub struct Impairment {
     pub seed: u8,
 }
 
+impl Impairment {
+    /// No loss, no delay: a clear path (change fields with `..Impairment::clear(seed)`).
+    pub fn clear(seed: u8) -> Impairment {
+        Impairment {
+            loss: 0.0,
+            delay: Duration::ZERO,
+            jitter: Duration::ZERO,
+            seed,
+        }
+    }
+}
+
 /// Datagrams carried and dropped, per direction (0: client to node, 1: node to client).
 #[derive(Debug, Default)]
 pub struct Counts {

@@ -288,25 +288,29 @@ impl Steps<'_> {
                 }
             };
         tracing::debug!(%error, detail = ?error, "no WebTransport request");
+        // web-transport-quinn does not export its settings error type: the variant's name (read
+        // once, here) tells a peer without WebTransport from a broken SETTINGS or a peer gone.
+        let settings_variant = match &error {
+            ServerError::SettingsError(e) => {
+                let name = format!("{e:?}");
+                name.split(['(', ' '])
+                    .next()
+                    .unwrap_or_default()
+                    .to_string()
+            }
+            _ => String::new(),
+        };
         let (reason, code, why): (_, _, &[u8]) = match &error {
-            // web-transport-quinn does not export its settings error type: its variant's name
-            // tells a peer without WebTransport from a broken or missing SETTINGS.
-            ServerError::SettingsError(e) if format!("{e:?}") == "WebTransportUnsupported" => (
-                "wt_no_webtransport_settings",
-                H3_SETTINGS_ERROR,
-                b"WebTransport and datagrams are not enabled in SETTINGS",
-            ),
-            // The connection broke during the exchange: the peer went away.
-            ServerError::SettingsError(e)
-                if ["ConnectionError", "ReadError", "WriteError"]
-                    .iter()
-                    .any(|gone| format!("{e:?}").starts_with(gone)) =>
-            {
-                return None;
-            }
-            ServerError::SettingsError(_) => {
-                ("h3_setup", H3_MISSING_SETTINGS, b"no valid SETTINGS")
-            }
+            ServerError::SettingsError(_) => match settings_variant.as_str() {
+                "WebTransportUnsupported" => (
+                    "wt_no_webtransport_settings",
+                    H3_SETTINGS_ERROR,
+                    b"WebTransport and datagrams are not enabled in SETTINGS",
+                ),
+                // The connection broke during the exchange: the peer went away.
+                "ConnectionError" | "ReadError" | "WriteError" => return None,
+                _ => ("h3_setup", H3_MISSING_SETTINGS, b"no valid SETTINGS"),
+            },
             // The request stream ended or broke before a whole request: the peer went away.
             ServerError::ConnectError(ConnectError::ProtoError(
                 ProtoConnectError::UnexpectedEnd | ProtoConnectError::Io(_),
