@@ -650,6 +650,69 @@ mod mesh {
         assert_eq!(oldest, (kept[30].0, kept[30].1), "the last 50 are kept");
     }
 
+    /// A durable room's appends overlap (several in flight to JetStream at once), yet every
+    /// member gets every acknowledged message once, in sequence order, and the stream holds
+    /// exactly those, in that order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn overlapping_appends_keep_a_durable_room_in_order_everywhere() {
+        const EACH: usize = 400;
+        let nats = NatsServer::start().await;
+        let urls = [nats.url()];
+        let n1 = NodeProcess::mesh_with("n1", "eu", &urls, &[DURABLE]).await;
+        let n2 = NodeProcess::mesh_with("n2", "eu", &urls, &[DURABLE]).await;
+        wait_converged(&[&n1, &n2]).await;
+        let room = &rooms_owned_by(&["n1", "n2"], "n2", 1, "chat.overlap")[0];
+        let mut near = n2.client("near").await;
+        let mut far = n1.client("far").await;
+        let epoch = near.join(room).await.unwrap().epoch;
+        far.join(room).await.unwrap();
+        // Two publishers of eight tasks each, one on the owner and one forwarding to it.
+        let local = Arc::new(n2.client("local").await);
+        let forwarded = Arc::new(n1.client("forwarded").await);
+        let (a, b) = tokio::join!(
+            publish_many(&local, room, "local-", EACH),
+            publish_many(&forwarded, room, "forwarded-", EACH),
+        );
+        let mut acked = a;
+        acked.extend(b);
+        acked.sort();
+        let seqs: Vec<u64> = acked.iter().map(|(seq, _)| *seq).collect();
+        assert_eq!(
+            seqs,
+            (1..=2 * EACH as u64).collect::<Vec<_>>(),
+            "every acknowledged message has its own position, none skipped"
+        );
+        assert_eq!(messages(&mut near, 2 * EACH).await, acked, "on the owner");
+        assert_eq!(
+            messages(&mut far, 2 * EACH).await,
+            acked,
+            "on the other node"
+        );
+
+        let mut stored = Vec::new();
+        let mut after = Some((epoch, 0));
+        loop {
+            let page = far.history(room, after, None, 100).await.unwrap();
+            stored.extend(
+                page.messages
+                    .iter()
+                    .map(|m| (m.seq, String::from_utf8(m.payload.to_vec()).unwrap())),
+            );
+            let Some(last) = page.messages.last() else {
+                break;
+            };
+            after = Some((last.epoch, last.seq));
+            if !page.more {
+                break;
+            }
+        }
+        assert_eq!(stored, acked, "the stream holds them in the same order");
+        let appends = n2
+            .metric("roomwire_history_appends_total{outcome=\"stored\"}")
+            .await;
+        assert!(appends >= 2.0 * EACH as f64, "{appends} appends stored");
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn without_jetstream_nothing_is_acknowledged_and_history_survives_its_restart() {
         let mut nats = NatsServer::start().await;

@@ -23,22 +23,79 @@ pub struct Held {
     /// The sequence of this node's fence record in the room's durable history stream, once
     /// taken (mesh, durable rooms): appends are accepted only while it is the fence's last.
     pub fence: Option<u64>,
+    /// How far the state's messages have gone out to the members, in sequence order.
+    pub sent: Arc<SentThrough>,
 }
 
 impl Held {
     pub fn new(room: OwnedRoom, generation: u64) -> Self {
+        let sent = Arc::new(SentThrough::new(room.position().1));
         Self {
             room,
             moved: false,
             generation,
             fence: None,
+            sent,
         }
     }
 }
 
-/// A room's state behind its lock. Sequencing and the fan-out that follows happen under it, so
-/// every member receives a room's messages in sequence order. An async lock: the mesh publishes
-/// to NATS while holding it.
+/// How far a room's messages have gone out to its members (mesh). A durable room's appends run
+/// several at a time, outside the room's lock; each message goes out only once it is stored and
+/// every earlier one is out, so the room's position (taken under the lock) may be ahead of what
+/// went out. Whatever reads the position to promise something about it (a join marker, a
+/// hand-off, a page of history) first waits until everything up to it is out
+/// ([`Self::reached`]). A message that fails stops every later one: they are never sent, and
+/// the state is retired.
+#[derive(Debug)]
+pub struct SentThrough(tokio::sync::watch::Sender<Progress>);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Progress {
+    /// Every message up to this sequence is out.
+    through: u64,
+    /// A message after `through` failed: nothing more goes out.
+    failed: bool,
+}
+
+impl SentThrough {
+    fn new(seq: u64) -> Self {
+        Self(tokio::sync::watch::Sender::new(Progress {
+            through: seq,
+            failed: false,
+        }))
+    }
+
+    /// Whether every message up to `seq` is out, waiting at most `bound` for it (`false` at
+    /// once when a message up to it failed).
+    pub async fn reached(&self, seq: u64, bound: std::time::Duration) -> bool {
+        let mut progress = self.0.subscribe();
+        let out =
+            tokio::time::timeout(bound, progress.wait_for(|p| p.through >= seq || p.failed)).await;
+        matches!(out, Ok(Ok(p)) if p.through >= seq)
+    }
+
+    /// Message `seq` is out (right after `seq - 1`).
+    pub fn advance(&self, seq: u64) {
+        self.0.send_if_modified(|p| {
+            let next = !p.failed && p.through + 1 == seq;
+            if next {
+                p.through = seq;
+            }
+            next
+        });
+    }
+
+    /// A message failed: no later one goes out.
+    pub fn fail(&self) {
+        self.0.send_modify(|p| p.failed = true);
+    }
+}
+
+/// A room's state behind its lock. Sequencing happens under it, so a room's messages take their
+/// positions one at a time; the fan-out follows in sequence order (under the lock standalone and
+/// for rooms without durable history in the mesh; see [`SentThrough`] for durable ones). An
+/// async lock: the mesh sends to NATS while holding it.
 pub type Cell = Arc<tokio::sync::Mutex<Held>>;
 
 /// What [`Owners::install`] did.
@@ -188,6 +245,34 @@ mod tests {
 
     fn room(name: &str) -> RoomName {
         RoomName::parse_client(name, 128).unwrap()
+    }
+
+    #[tokio::test]
+    async fn messages_go_out_in_order_and_a_failure_stops_the_later_ones() {
+        let bound = std::time::Duration::from_millis(200);
+        let sent = Arc::new(SentThrough::new(4));
+        assert!(sent.reached(4, bound).await, "out when the state was made");
+        // Message 6 is stored first: it waits for 5.
+        let waiting = tokio::spawn({
+            let sent = sent.clone();
+            async move { sent.reached(5, std::time::Duration::from_secs(10)).await }
+        });
+        sent.advance(6);
+        assert!(!sent.reached(6, bound).await, "6 cannot go out before 5");
+        sent.advance(5);
+        assert!(waiting.await.unwrap(), "5 is out");
+        sent.advance(6);
+        assert!(sent.reached(6, bound).await);
+        sent.fail();
+        assert!(
+            sent.reached(6, bound).await,
+            "what went out before stays out"
+        );
+        sent.advance(7);
+        assert!(
+            !sent.reached(7, bound).await,
+            "nothing goes out after a failure"
+        );
     }
 
     #[test]

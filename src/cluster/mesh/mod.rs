@@ -52,6 +52,7 @@ mod presence;
 mod recovery;
 mod replay;
 mod routing;
+mod sequencing;
 mod store;
 mod wire;
 

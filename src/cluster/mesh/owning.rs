@@ -1,6 +1,6 @@
 //! Owning rooms: taking a room over (pulling its state from the previous holder, or starting a
-//! new epoch), releasing it, installing pushed hand-offs, sequencing under the room's lock, and
-//! handing every room over when draining. The decisions themselves are
+//! new epoch), releasing it, installing pushed hand-offs, and handing every room over when
+//! draining (sequencing is [`super::sequencing`]). The decisions themselves are
 //! [`crate::cluster::ownership`]; this module gathers the facts and does the IO.
 
 use std::sync::Arc;
@@ -12,8 +12,8 @@ use tokio::sync::OwnedMutexGuard;
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::link::RequestFailure;
-use super::store::{self, StoreError};
-use super::wire::{self as room_wire, HEADER, KIND_MESSAGE, Step};
+use super::store;
+use super::wire::{self as room_wire, Step};
 use super::{DRAIN_PUSHES_AT_ONCE, Inner, MOVED_MAX, MOVED_TTL_MS};
 use crate::clock::{mono_ms, wall_ms};
 use crate::cluster::BusError;
@@ -21,7 +21,7 @@ use crate::cluster::membership::{NodeState, RingView};
 use crate::cluster::owners::{Cell, Held, Installed, Owners};
 use crate::cluster::ownership::{self, Facts, HandoffFacts, Pull, PullReply, Pulled, Release, Use};
 use crate::proto::mesh::{self as wire, reply, request};
-use crate::room::{OwnedRoom, Publication, RoomName, Sequenced, Sequencing};
+use crate::room::{OwnedRoom, RoomName};
 
 impl Inner {
     /// This node is `room`'s owner now, in its own view: it is connected to NATS, holds the
@@ -236,6 +236,10 @@ impl Inner {
                 "{} still owns {room} in its view of the ring",
                 self.node_id
             )),
+            // Messages still on their way to the store would be missing from the state given.
+            Release::Give if !self.all_out(&held).await => {
+                reply::Kind::Unavailable(format!("{room} has messages on their way to the store"))
+            }
             Release::Give => {
                 held.moved = true;
                 self.owned.forget(room, &cell);
@@ -348,187 +352,6 @@ impl Inner {
         }
     }
 
-    /// Sequences a publication as the room's owner: under the room's lock, delivered to the
-    /// local members and published once to the room's subject for the other nodes.
-    pub(super) async fn sequence_here(self: &Arc<Self>, p: &Publication) -> Step<Sequenced> {
-        let mut held = match self.lock_owned(&p.room).await {
-            Step::Done(held) => held,
-            Step::Retry(r) => return Step::Retry(r),
-            Step::Fail(e) => return Step::Fail(e),
-        };
-        let stream = match self.store.stream(&self.classes.of(&p.room)) {
-            None => None,
-            Some(Ok(stream)) => Some(stream),
-            Some(Err(error)) => return Step::Fail(error.into()),
-        };
-        if let Some(stream) = &stream
-            && held.fence.is_none()
-        {
-            match self.store.fence(stream, &p.room, &self.node_id).await {
-                // The stream never holds more than the state it was pulled or pushed with.
-                Ok(fenced) if fenced.last.is_none_or(|last| last <= held.room.position()) => {
-                    held.fence = Some(fenced.fence);
-                }
-                Ok(_) | Err(StoreError::Fenced) => {
-                    self.retire(held, &p.room);
-                    return Step::Retry(format!("the state of {} is stale", p.room));
-                }
-                Err(error) => return Step::Fail(error.into()),
-            }
-        }
-        // What cannot be published to the other nodes is refused before it takes a sequence.
-        let fits = || {
-            let size = HEADER
-                + 64
-                + p.payload.len()
-                + p.room.as_str().len()
-                + p.publisher.len()
-                + p.client_msg_id.len();
-            let max = self.nats.server_info().max_payload;
-            if max > 0 && size > max {
-                return Err(BusError::TooLarge(
-                    max.saturating_sub(size - p.payload.len()),
-                ));
-            }
-            Ok(())
-        };
-        let outcome = match self
-            .owned
-            .sequence(&mut held, p, mono_ms(), wall_ms(), fits)
-        {
-            Ok(outcome) => outcome,
-            Err(error) => return Step::Fail(error),
-        };
-        let generation = held.generation;
-        let (epoch, seq, bytes) = match outcome {
-            Sequencing::Duplicate { epoch, seq } => (epoch, seq, None),
-            Sequencing::New { epoch, seq, frame } => {
-                let bytes = frame.encode_after(&room_wire::header(KIND_MESSAGE, epoch, seq));
-                if let (Some(stream), Some(fence)) = (&stream, held.fence) {
-                    // Acknowledged, and sent to the members, only once stored.
-                    let stored = self
-                        .store
-                        .append(
-                            self,
-                            (stream, fence),
-                            &p.room,
-                            (epoch, seq),
-                            bytes.slice(HEADER..),
-                        )
-                        .await;
-                    if let Err(error) = stored {
-                        self.retire(held, &p.room);
-                        self.abandon(&p.room, epoch, seq);
-                        return Step::Fail(error.into());
-                    }
-                    // Stored, but the lease may have ended while JetStream answered (a stall):
-                    // a new owner may be sequencing already, so the message is not sent to the
-                    // members (they are past this epoch); it stays in the history, and the
-                    // publisher's retry goes to the new owner.
-                    if held.generation != self.generation() || !self.lease_valid() {
-                        self.retire(held, &p.room);
-                        self.abandon(&p.room, epoch, seq);
-                        return Step::Fail(BusError::Unavailable(format!(
-                            "{} lost its ownership lease while storing in {}; retry",
-                            self.node_id, p.room
-                        )));
-                    }
-                }
-                held.room.keep(seq, &bytes.slice(HEADER..), mono_ms());
-                (epoch, seq, Some(bytes))
-            }
-        };
-        if let Some(bytes) = &bytes
-            && let Err(error) = self.send(self.subject_room(&p.room), bytes.clone()).await
-        {
-            // The message took a position but never reached the NATS client: this state can
-            // promise nothing any more (its dedupe memory names a message nobody will receive).
-            // It is dropped; the room is taken over afresh, and the client retries.
-            self.retire(held, &p.room);
-            self.abandon(&p.room, epoch, seq);
-            return Step::Fail(BusError::Unavailable(format!(
-                "mesh publish failed: {error}"
-            )));
-        }
-        let cell = OwnedMutexGuard::mutex(&held).clone();
-        drop(held);
-        let duplicate_answer = bytes.is_none();
-        // Acknowledged only once the NATS server has the message (so every node with members
-        // receives it) and the lease still held after that: a node that lost the room meanwhile
-        // (stalled, cut off) answers UNAVAILABLE, and the client's retry with the same id goes
-        // to the new owner. A retried publish answered from the dedupe memory waits the same way
-        // for its original.
-        if let Err(error) = self.confirm().await {
-            // Whether the others got the message is unknown: the state can promise nothing
-            // after it, and is retired (the room is taken over afresh).
-            cell.lock().await.moved = true;
-            self.owned.forget(&p.room, &cell);
-            // A durable room's message is stored, so it is the room's: its echo is delivered
-            // here like everywhere it arrives (dropped only by members already past its epoch).
-            if !duplicate_answer && stream.is_none() {
-                self.abandon(&p.room, epoch, seq);
-            }
-            return Step::Fail(BusError::Unavailable(format!(
-                "the NATS server did not confirm the message: {error}"
-            )));
-        }
-        if self.generation() != generation || !self.lease_valid() {
-            return Step::Fail(BusError::Unavailable(format!(
-                "{} lost its ownership lease while sequencing in {}; retry",
-                self.node_id, p.room
-            )));
-        }
-        // This node's own members get the message the way every other node's do: from the NATS
-        // server, in the order it delivers the room's subject, so members here and elsewhere
-        // never see different messages (even of one sequenced just before a stall or a cut).
-        let duplicate = bytes.is_none();
-        Step::Done(Sequenced {
-            epoch,
-            seq,
-            local_deliveries: if duplicate {
-                0
-            } else {
-                self.hub.member_count(&p.room)
-            },
-            duplicate,
-        })
-    }
-
-    /// Drops a state that can promise nothing any more: the room is taken over afresh.
-    fn retire(&self, mut held: OwnedMutexGuard<Held>, room: &RoomName) {
-        held.moved = true;
-        let cell = OwnedMutexGuard::mutex(&held).clone();
-        drop(held);
-        self.owned.forget(room, &cell);
-    }
-
-    /// Remembers that this node's messages of `room` in `epoch` from `seq` on were never
-    /// confirmed: their echo is dropped here (see `Inner::abandoned`).
-    fn abandon(&self, room: &RoomName, epoch: u64, seq: u64) {
-        tracing::debug!(%room, epoch, seq, "mesh: message not confirmed; the room's state is retired");
-        let now = mono_ms();
-        let mut abandoned = self.abandoned.lock().expect("abandoned lock poisoned");
-        abandoned.retain(|_, (_, _, at)| now.saturating_sub(*at) < MOVED_TTL_MS);
-        if abandoned.len() >= MOVED_MAX {
-            return;
-        }
-        let entry = abandoned.entry(room.clone()).or_insert((epoch, seq, now));
-        if entry.0 == epoch {
-            entry.1 = entry.1.min(seq);
-        } else {
-            *entry = (epoch, seq, now);
-        }
-    }
-
-    /// Whether `(epoch, seq)` of `room` is one of this node's abandoned messages.
-    pub(super) fn is_abandoned(&self, room: &RoomName, epoch: u64, seq: u64) -> bool {
-        self.abandoned
-            .lock()
-            .expect("abandoned lock poisoned")
-            .get(room)
-            .is_some_and(|(e, from, _)| *e == epoch && seq >= *from)
-    }
-
     /// Publishes a join marker (`marker`) at the room's current position for a joining node.
     pub(super) async fn sync_here(self: &Arc<Self>, room: &RoomName, marker: u64) -> Step<()> {
         let held = match self.lock_owned(room).await {
@@ -536,6 +359,10 @@ impl Inner {
             Step::Retry(r) => return Step::Retry(r),
             Step::Fail(e) => return Step::Fail(e),
         };
+        // The marker goes after every message up to the position it names.
+        if !self.all_out(&held).await {
+            return Step::Retry(format!("{room} has messages on their way to the store"));
+        }
         let (epoch, seq) = held.room.position();
         match self
             .send(
@@ -605,7 +432,7 @@ impl Inner {
             return false;
         };
         let mut held = cell.lock().await;
-        if held.moved || held.generation != self.generation() {
+        if held.moved || held.generation != self.generation() || !self.all_out(&held).await {
             return false;
         }
         let timeout = Duration::from_millis(self.config.request_timeout_ms / 2);

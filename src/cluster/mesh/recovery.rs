@@ -249,6 +249,9 @@ impl Inner {
         limit: usize,
     ) -> Step<HistoryPage> {
         match self.lock_owned(room).await {
+            Step::Done(held) if !self.all_out(&held).await => {
+                Step::Retry(format!("{room} has messages on their way to the store"))
+            }
             Step::Done(mut held) => Step::Done(held.room.history(query, limit, mono_ms())),
             Step::Retry(reason) => Step::Retry(reason),
             Step::Fail(error) => Step::Fail(error),

@@ -79,24 +79,40 @@ impl Inner {
         match kind {
             request::Kind::Forward(f) => self.serve_forward(f).await,
             request::Kind::ForwardBatch(batch) => {
-                // In order. A publish that must be re-routed ends the batch (its reply is the
-                // last), and so does half a request's time spent here: the sender gives up on a
-                // request after `request_timeout_ms` and sends it again, and a re-sent batch
-                // must not find this one still sequencing.
+                // In order, overlapping (see `sequence_run_here`). A publish that must be
+                // re-routed ends the batch (its reply is the last), and so does half a
+                // request's time spent here: the sender gives up on a request after
+                // `request_timeout_ms` and sends it again, and a re-sent batch must not find
+                // this one still sequencing.
                 let budget = Duration::from_millis(self.config.request_timeout_ms / 2);
-                let started = Instant::now();
-                let mut replies = Vec::with_capacity(batch.publishes.len());
+                let mut run = Vec::with_capacity(batch.publishes.len());
+                let mut invalid = None;
                 for f in batch.publishes {
-                    if started.elapsed() > budget {
-                        break;
+                    match self.forwarded(f) {
+                        Ok(p) => run.push(p),
+                        Err(reply) => {
+                            invalid = Some(reply);
+                            break;
+                        }
                     }
-                    let kind = self.serve_forward(f).await;
-                    let last =
-                        matches!(kind, reply::Kind::NotOwner(_) | reply::Kind::Unavailable(_));
+                }
+                let mut replies: Vec<_> = self
+                    .sequence_run_here(&run, budget)
+                    .await
+                    .into_iter()
+                    .map(|step| wire::Reply {
+                        kind: Some(forward_reply(step)),
+                    })
+                    .collect();
+                let complete = replies.len() == run.len()
+                    && replies.last().is_none_or(|r| {
+                        !matches!(
+                            r.kind,
+                            Some(reply::Kind::NotOwner(_) | reply::Kind::Unavailable(_))
+                        )
+                    });
+                if let Some(kind) = invalid.filter(|_| complete) {
                     replies.push(wire::Reply { kind: Some(kind) });
-                    if last {
-                        break;
-                    }
                 }
                 reply::Kind::Batch(wire::BatchReply { replies })
             }
@@ -126,25 +142,23 @@ impl Inner {
     }
 
     async fn serve_forward(self: &Arc<Self>, f: wire::Forward) -> reply::Kind {
+        match self.forwarded(f) {
+            Ok(publication) => forward_reply(self.sequence_here(&publication).await),
+            Err(reply) => reply,
+        }
+    }
+
+    /// The publication a forward carries, or the reply that refuses it.
+    fn forwarded(&self, f: wire::Forward) -> Result<Publication, reply::Kind> {
         let Ok(room) = RoomName::parse_any(&f.room, self.rooms.max_name_bytes) else {
-            return reply::Kind::Unavailable("invalid room name".into());
+            return Err(reply::Kind::Unavailable("invalid room name".into()));
         };
-        let publication = Publication {
+        Ok(Publication {
             room,
             payload: f.payload,
             publisher: Arc::from(f.publisher.as_str()),
             client_msg_id: f.client_msg_id,
-        };
-        match self.sequence_here(&publication).await {
-            Step::Done(s) => reply::Kind::Sequenced(wire::Sequenced {
-                epoch: s.epoch,
-                seq: s.seq,
-                duplicate: s.duplicate,
-            }),
-            Step::Retry(reason) => reply::Kind::NotOwner(reason),
-            Step::Fail(BusError::TooLarge(max)) => reply::Kind::TooLarge(max as u64),
-            Step::Fail(error) => reply::Kind::Unavailable(error.to_string()),
-        }
+        })
     }
 
     /// The owner in this node's view, once settled.
@@ -212,18 +226,17 @@ impl Inner {
                 Ok(()) => match self.owner_of(&rest[0].room) {
                     None => Step::Retry("the mesh is settling".to_string()),
                     Some(owner) if owner == self.node_id => {
-                        match self.sequence_here(&rest[0]).await {
-                            Step::Done(sequenced) => {
-                                results.push(Ok(sequenced));
-                                Step::Done(())
+                        // Each failed publication is its own answer (too large, say); one to
+                        // re-route ends the run's steps.
+                        let mut next = Step::Done(());
+                        for step in self.sequence_run_here(rest, Duration::MAX).await {
+                            match step {
+                                Step::Done(sequenced) => results.push(Ok(sequenced)),
+                                Step::Fail(error) => results.push(Err(error)),
+                                Step::Retry(reason) => next = Step::Retry(reason),
                             }
-                            // Refused for good (too large): that publication's answer.
-                            Step::Fail(error) => {
-                                results.push(Err(error));
-                                Step::Done(())
-                            }
-                            Step::Retry(reason) => Step::Retry(reason),
                         }
+                        next
                     }
                     Some(owner) => {
                         let (done, retry) = self.forward(&owner, rest).await;
@@ -347,5 +360,19 @@ impl Inner {
             }
         }
         report
+    }
+}
+
+/// A forwarded publication's reply for how sequencing it went.
+fn forward_reply(step: Step<Sequenced>) -> reply::Kind {
+    match step {
+        Step::Done(s) => reply::Kind::Sequenced(wire::Sequenced {
+            epoch: s.epoch,
+            seq: s.seq,
+            duplicate: s.duplicate,
+        }),
+        Step::Retry(reason) => reply::Kind::NotOwner(reason),
+        Step::Fail(BusError::TooLarge(max)) => reply::Kind::TooLarge(max as u64),
+        Step::Fail(error) => reply::Kind::Unavailable(error.to_string()),
     }
 }

@@ -154,6 +154,41 @@ enum Located {
     Empty,
 }
 
+/// An append sent to JetStream and not yet acknowledged (see [`Store::start_append`]).
+pub(super) struct PendingAppend {
+    ack: jetstream::context::PublishAckFuture,
+    started: Instant,
+    room: RoomName,
+    position: (u64, u64),
+}
+
+impl PendingAppend {
+    /// Waits until JetStream has the record (or refused it).
+    pub(super) async fn stored(self, store: &Store, inner: &Inner) -> Result<(), StoreError> {
+        let result = self.ack.await;
+        inner
+            .metrics
+            .history_append_seconds
+            .observe(self.started.elapsed().as_secs_f64());
+        match result {
+            Ok(ack) => {
+                inner
+                    .metrics
+                    .history_appends
+                    .get_or_create(&[("outcome", "stored")])
+                    .inc();
+                store.index.lock().expect("index lock poisoned").remember(
+                    &self.room,
+                    self.position,
+                    ack.sequence,
+                );
+                Ok(())
+            }
+            Err(e) => Err(store.append_failed(inner, e)),
+        }
+    }
+}
+
 /// The durable history streams.
 pub(super) struct Store {
     js: jetstream::Context,
@@ -277,56 +312,64 @@ impl Store {
         inner: &Inner,
         (stream, fence): (&ClassStream, u64),
         room: &RoomName,
-        (epoch, seq): (u64, u64),
+        position: (u64, u64),
         frame: Bytes,
     ) -> Result<(), StoreError> {
+        self.start_append(inner, (stream, fence), room, position, frame)
+            .await?
+            .stored(self, inner)
+            .await
+    }
+
+    /// Sends one record of `room` to JetStream under `fence`; [`PendingAppend::stored`] waits
+    /// for JetStream to have it. Appends started one after the other reach the stream in that
+    /// order (one connection), so a room's appends may be in flight several at a time: they all
+    /// expect the same fence record, which none of them changes.
+    pub(super) async fn start_append(
+        &self,
+        inner: &Inner,
+        (stream, fence): (&ClassStream, u64),
+        room: &RoomName,
+        (epoch, seq): (u64, u64),
+        frame: Bytes,
+    ) -> Result<PendingAppend, StoreError> {
         let started = Instant::now();
         let mut headers = HeaderMap::new();
         headers.insert(EXPECT_LAST, fence.to_string().as_str());
         headers.insert(EXPECT_LAST_SUBJECT, stream.fence(room).as_str());
         headers.insert(EPOCH, epoch.to_string().as_str());
         headers.insert(SEQ, seq.to_string().as_str());
-        let result = match self
+        match self
             .js
             .publish_with_headers(stream.messages(room), headers, frame)
             .await
         {
-            Ok(ack) => ack.await,
-            Err(e) => Err(e),
-        };
-        let metrics = &inner.metrics;
-        metrics
-            .history_append_seconds
-            .observe(started.elapsed().as_secs_f64());
-        match result {
-            Ok(ack) => {
-                metrics
-                    .history_appends
-                    .get_or_create(&[("outcome", "stored")])
-                    .inc();
-                self.index.lock().expect("index lock poisoned").remember(
-                    room,
-                    (epoch, seq),
-                    ack.sequence,
-                );
-                Ok(())
-            }
-            Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
-                metrics
-                    .history_appends
-                    .get_or_create(&[("outcome", "fenced")])
-                    .inc();
-                Err(StoreError::Fenced)
-            }
-            Err(e) => {
-                metrics
-                    .history_appends
-                    .get_or_create(&[("outcome", "failed")])
-                    .inc();
-                self.reopen_if_gone(&e.to_string());
-                Err(self.unavailable(e))
-            }
+            Ok(ack) => Ok(PendingAppend {
+                ack,
+                started,
+                room: room.clone(),
+                position: (epoch, seq),
+            }),
+            Err(e) => Err(self.append_failed(inner, e)),
         }
+    }
+
+    fn append_failed(&self, inner: &Inner, e: jetstream::context::PublishError) -> StoreError {
+        let outcome = if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence {
+            "fenced"
+        } else {
+            "failed"
+        };
+        inner
+            .metrics
+            .history_appends
+            .get_or_create(&[("outcome", outcome)])
+            .inc();
+        if outcome == "fenced" {
+            return StoreError::Fenced;
+        }
+        self.reopen_if_gone(&e.to_string());
+        self.unavailable(e)
     }
 
     fn reopen_if_gone(&self, error: &str) {
