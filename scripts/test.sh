@@ -59,6 +59,13 @@ ROOMWIRE_NATS_SERVER="$(scripts/nats-server.sh)"
 export ROOMWIRE_NATS_SERVER
 "$ROOMWIRE_NATS_SERVER" --version
 
+step "kubernetes-validate for the Kubernetes manifests"
+# tests/k8s.rs validates deploy/k8s/ against the Kubernetes API's schemas (bundled, offline);
+# scripts/kubernetes-validate.sh installs the PyPI package into .venv-k8s/ once.
+ROOMWIRE_K8S_VALIDATE="$(scripts/kubernetes-validate.sh)"
+export ROOMWIRE_K8S_VALIDATE
+echo "kubernetes-validate $("$ROOMWIRE_K8S_VALIDATE" --version)"
+
 step "cargo test"
 # Integration tests start their own nodes on port 0; two test threads keep the 2-core box honest.
 cargo test --locked -- --test-threads=2
