@@ -471,7 +471,7 @@ async fn prometheus_scrapes_a_node_and_the_dashboard_queries_it() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     eprintln!(
-        "prometheus {} scraped the node",
+        "{} scraped the node",
         String::from_utf8_lossy(
             &Command::new(PROMETHEUS)
                 .arg("--version")
