@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs every check and test of roomwire on a fresh machine: formatting, clippy, unit and
 # integration tests (real sockets on 127.0.0.1, real node processes). It installs what the tests
-# need itself (chromium, playwright-core, nats-server); the Rust toolchain and python3 are the
-# only prerequisites.
+# need itself (chromium, nginx, prometheus, playwright-core, nats-server, kubernetes-validate);
+# the Rust toolchain and python3 are the only prerequisites.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,12 +17,15 @@ cargo fmt --all -- --check
 step "cargo clippy -D warnings"
 cargo clippy --all-targets --locked -- -D warnings
 
-step "browser and proxy test prerequisites: chromium, nginx, playwright-core and typescript"
+step "browser, proxy and metrics test prerequisites: chromium, nginx, prometheus, playwright-core and typescript"
 # The browser test (tests/browser.rs) drives Debian's chromium with playwright-core; no browser is
-# downloaded. tests/nginx.rs runs Debian's nginx in front of two nodes. Installed only when missing.
+# downloaded. tests/nginx.rs runs Debian's nginx in front of two nodes; tests/prometheus.rs runs
+# Debian's prometheus against a node (its own instance on a free port: the package's service, if
+# the machine starts it, is not used). Installed only when missing.
 MISSING=""
 [ -x /usr/bin/chromium ] || MISSING="$MISSING chromium"
 [ -x /usr/sbin/nginx ] || MISSING="$MISSING nginx-light"
+[ -x /usr/bin/prometheus ] || MISSING="$MISSING prometheus"
 command -v node >/dev/null 2>&1 || MISSING="$MISSING nodejs"
 command -v npm >/dev/null 2>&1 || MISSING="$MISSING npm"
 if [ -n "$MISSING" ]; then
@@ -58,6 +61,13 @@ step "nats-server for the mesh tests"
 ROOMWIRE_NATS_SERVER="$(scripts/nats-server.sh)"
 export ROOMWIRE_NATS_SERVER
 "$ROOMWIRE_NATS_SERVER" --version
+
+step "kubernetes-validate for the Kubernetes manifests"
+# tests/k8s.rs validates deploy/k8s/ against the Kubernetes API's schemas (bundled, offline);
+# scripts/kubernetes-validate.sh installs the PyPI package into .venv-k8s/ once.
+ROOMWIRE_K8S_VALIDATE="$(scripts/kubernetes-validate.sh)"
+export ROOMWIRE_K8S_VALIDATE
+echo "kubernetes-validate $("$ROOMWIRE_K8S_VALIDATE" --version)"
 
 step "cargo test"
 # Integration tests start their own nodes on port 0; two test threads keep the 2-core box honest.
