@@ -53,7 +53,8 @@ mod recovery;
 mod replay;
 mod routing;
 mod store;
-mod wire;
+// pub(crate) only so that the crate root can re-export its parser for fuzzing.
+pub(crate) mod wire;
 
 pub use replay::TokenClaim;
 
