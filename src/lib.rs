@@ -55,3 +55,19 @@ pub use ids::random_hex;
 pub use member::{Member, Transport};
 pub use node::Node;
 pub use room::RoomName;
+
+/// The pure parsers and state machines the fuzz targets in `fuzz/` drive (see README, Fuzzing):
+/// not an API, hidden from the docs, and with no promise of stability.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::cluster::mesh::wire::{
+        HEADER, KIND_EPOCH, KIND_MESSAGE, KIND_SYNC, KIND_UNRELIABLE, RoomMessage, epoch_marker,
+        header, join_marker,
+    };
+    pub use crate::cluster::order::{Effect, HOLD_MAX, Output, RoomOrder};
+    pub use crate::ids::{
+        IpBlock, is_name_segment, is_room_pattern, is_subject_token, is_valid_device_id,
+        is_valid_user_id,
+    };
+    pub use crate::room::{RoomNameError, RoomPattern};
+}

@@ -54,7 +54,8 @@ mod replay;
 mod routing;
 mod sequencing;
 mod store;
-mod wire;
+// pub(crate) only so that the crate root can re-export its parser for fuzzing.
+pub(crate) mod wire;
 
 pub use replay::TokenClaim;
 

@@ -1,6 +1,9 @@
 //! The mesh's own wire formats, pure and tested: the header of a message on a room's subject, and
 //! a room's state as a hand-off carries it. The node-to-node requests themselves are Protobuf
 //! (`proto/roomwire/mesh/v1/mesh.proto`).
+//!
+//! The room-subject format is `pub` (in this private module) only so that `crate::fuzzing` can
+//! re-export it to the fuzz targets.
 
 use std::sync::Arc;
 
@@ -12,22 +15,22 @@ use crate::room::{OwnedRoom, Remembered, RoomName};
 
 /// First byte of a room-subject message: a sequenced message, then epoch and seq (u64 big
 /// endian), then the encoded `ServerFrame` exactly as members receive it.
-pub(super) const KIND_MESSAGE: u8 = 1;
+pub const KIND_MESSAGE: u8 = 1;
 /// An unreliable message: the encoded `ServerFrame` follows the kind byte.
-pub(super) const KIND_UNRELIABLE: u8 = 2;
+pub const KIND_UNRELIABLE: u8 = 2;
 /// A join marker at (epoch, seq), then its 8-byte id.
-pub(super) const KIND_SYNC: u8 = 3;
+pub const KIND_SYNC: u8 = 3;
 /// A new epoch starts here: (epoch, 0).
-pub(super) const KIND_EPOCH: u8 = 4;
+pub const KIND_EPOCH: u8 = 4;
 /// Kind, epoch, seq.
-pub(super) const HEADER: usize = 17;
+pub const HEADER: usize = 17;
 /// NATS header naming the node that sent an unreliable message: it delivered the message to its
 /// own members when it sent it, and skips it when NATS echoes it back. (Sequenced messages reach
 /// the owner's members through NATS like everyone else's.)
 pub(super) const ORIGIN_HEADER: &str = "Roomwire-Origin";
 
 /// The header of an ordered room-subject message.
-pub(super) fn header(kind: u8, epoch: u64, seq: u64) -> [u8; HEADER] {
+pub fn header(kind: u8, epoch: u64, seq: u64) -> [u8; HEADER] {
     let mut h = [0u8; HEADER];
     h[0] = kind;
     h[1..9].copy_from_slice(&epoch.to_be_bytes());
@@ -36,20 +39,20 @@ pub(super) fn header(kind: u8, epoch: u64, seq: u64) -> [u8; HEADER] {
 }
 
 /// A join marker: the owner's position and the marker's id.
-pub(super) fn join_marker(epoch: u64, seq: u64, marker: u64) -> Bytes {
+pub fn join_marker(epoch: u64, seq: u64, marker: u64) -> Bytes {
     let mut bytes = header(KIND_SYNC, epoch, seq).to_vec();
     bytes.extend_from_slice(&marker.to_be_bytes());
     Bytes::from(bytes)
 }
 
 /// The marker that opens a new epoch.
-pub(super) fn epoch_marker(epoch: u64) -> Bytes {
+pub fn epoch_marker(epoch: u64) -> Bytes {
     Bytes::copy_from_slice(&header(KIND_EPOCH, epoch, 0))
 }
 
 /// A message received on a room's subject.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) enum RoomMessage {
+pub enum RoomMessage {
     /// An unreliable frame, to fan out as it is.
     Unreliable(Bytes),
     /// A sequenced message (`frame`), a join marker (`marker` non-zero) or an epoch's start, at
@@ -64,7 +67,7 @@ pub(super) enum RoomMessage {
 
 impl RoomMessage {
     /// Parses a room-subject payload; `None` for anything malformed (ignored and logged).
-    pub(super) fn parse(payload: &Bytes) -> Option<RoomMessage> {
+    pub fn parse(payload: &Bytes) -> Option<RoomMessage> {
         let kind = *payload.first()?;
         if kind == KIND_UNRELIABLE {
             return Some(RoomMessage::Unreliable(payload.slice(1..)));
