@@ -3,9 +3,11 @@
 //! `ExportTraceServiceRequest`. A publish from a client on the node that does not own the room
 //! is one trace on both nodes (`room.publish` → `mesh.forward` → `room.sequence` → one
 //! `room.deliver` per node), carried by `traceparent` headers on the NATS messages between
-//! them; publishes batched into one forward request each stay a trace of their own. With
-//! telemetry off, not one span reaches a collector, even one the standard OTLP environment
-//! variables name, and no NATS message carries trace context.
+//! them; publishes batched into one forward request each stay a trace of their own. A
+//! standalone node (in this process) records the same chain, and its HTTP API continues the
+//! trace of a backend that sends a `traceparent`. With telemetry off, not one span reaches a
+//! collector, even one the standard OTLP environment variables name, and no NATS message
+//! carries trace context.
 
 mod common;
 
@@ -27,7 +29,8 @@ use roomwire::proto::mesh::{Request, request};
 use common::mesh::{Member, rooms_owned_by};
 use common::nats::NatsServer;
 use common::node_process::{NodeProcess, wait_converged};
-use common::{DEADLINE, eventually};
+use common::{DEADLINE, TestNode, eventually};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// One span as the receiver got it: hex ids, the node that sent it (`service.instance.id`).
 #[derive(Debug, Clone)]
@@ -477,4 +480,99 @@ async fn with_telemetry_off_nothing_is_exported_and_no_context_crosses_nats() {
         "spans exported with telemetry off: {:?}",
         receiver.spans()
     );
+}
+
+/// `POST /api/v1/publish` with a `traceparent` header, as a backend that traces its own call
+/// sends it; returns the status line.
+async fn publish_over_http_with(node: &TestNode, traceparent: &str, body: &str) -> String {
+    let mut stream = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+    let request = format!(
+        "POST /api/v1/publish HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\
+         Authorization: Bearer {}\r\nContent-Type: application/json\r\n\
+         traceparent: {traceparent}\r\nContent-Length: {}\r\n\r\n{body}",
+        common::API_KEY,
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    tokio::time::timeout(DEADLINE, stream.read_to_string(&mut response))
+        .await
+        .expect("an answer in time")
+        .unwrap();
+    response.lines().next().unwrap_or_default().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standalone_a_publish_is_one_trace_and_the_api_continues_a_callers_trace() {
+    let receiver = Receiver::start().await;
+    let endpoint = receiver.endpoint();
+    let node = TestNode::start_with(|config| {
+        config.telemetry.otlp_endpoint = endpoint;
+        config.telemetry.batch_delay_ms = 100;
+    })
+    .await;
+    let mut bob = node.client("bob").await;
+    bob.join("lobby").await.unwrap();
+    let alice = node.client("alice").await;
+    let ack = alice.publish("lobby", "hi", "m1").await.unwrap();
+    common::next_message(&mut bob).await;
+
+    let node_id = "test-node";
+    let publish_of = |seq: u64| {
+        let seq = seq.to_string();
+        receiver.spans().into_iter().find(|s| {
+            s.name == "room.publish"
+                && s.attr("roomwire.room") == Some("lobby")
+                && s.attr("roomwire.seq") == Some(seq.as_str())
+        })
+    };
+    eventually("the publish's trace is exported", || async {
+        publish_of(ack.seq).is_some_and(|p| {
+            receiver.one(node_id, "room.sequence", &p.trace).is_some()
+                && receiver.one(node_id, "room.deliver", &p.trace).is_some()
+        })
+    })
+    .await;
+    let publish = publish_of(ack.seq).unwrap();
+    let sequence = receiver
+        .one(node_id, "room.sequence", &publish.trace)
+        .unwrap();
+    let delivery = receiver
+        .one(node_id, "room.deliver", &publish.trace)
+        .unwrap();
+    assert_eq!(publish.node, node_id);
+    assert_eq!(sequence.parent, publish.id);
+    assert_eq!(delivery.parent, sequence.id);
+    assert_eq!(delivery.attr("roomwire.deliveries"), Some("1"));
+
+    // A backend's own trace continues through the HTTP API.
+    let caller_trace = "0af7651916cd43dd8448eb211c80319c";
+    let caller_span = "b7ad6b7169203331";
+    let status = publish_over_http_with(
+        &node,
+        &format!("00-{caller_trace}-{caller_span}-01"),
+        r#"{"room":"lobby","data":"from the backend"}"#,
+    )
+    .await;
+    assert!(status.contains(" 200 "), "{status}");
+    eventually(
+        "the API's publish is exported in the caller's trace",
+        || async {
+            receiver
+                .one(node_id, "room.deliver", caller_trace)
+                .is_some()
+        },
+    )
+    .await;
+    let api = receiver.one(node_id, "room.publish", caller_trace).unwrap();
+    assert_eq!(api.parent, caller_span);
+    assert_eq!(api.attr("enduser.id"), Some("$server"));
+    assert_eq!(
+        receiver
+            .one(node_id, "room.sequence", caller_trace)
+            .unwrap()
+            .parent,
+        api.id
+    );
+    node.shutdown().await;
 }
