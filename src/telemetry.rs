@@ -274,7 +274,7 @@ impl Trace {
     pub fn from_nats(headers: Option<&async_nats::HeaderMap>) -> Trace {
         match headers {
             Some(headers) if headers.get(TRACEPARENT).is_some() => {
-                Trace::extract(&NatsHeaders(headers.clone()))
+                Trace::extract(&NatsHeadersRead(headers))
             }
             _ => Trace::default(),
         }
@@ -319,7 +319,10 @@ impl Injector for NatsHeaders {
     }
 }
 
-impl Extractor for NatsHeaders {
+/// Trace context read from NATS headers.
+struct NatsHeadersRead<'a>(&'a async_nats::HeaderMap);
+
+impl Extractor for NatsHeadersRead<'_> {
     fn get(&self, key: &str) -> Option<&str> {
         self.0.get(key).map(|v| v.as_str())
     }
