@@ -20,6 +20,7 @@ use crate::fanout::Hub;
 use crate::limits::{IpGate, IpSlot};
 use crate::member::{Identity, Member, MemberLimits, Transport};
 use crate::metrics::Metrics;
+use crate::telemetry::Telemetry;
 use crate::tls::TlsState;
 
 /// State shared by every task of the node.
@@ -29,6 +30,8 @@ pub struct NodeContext {
     pub metrics: Arc<Metrics>,
     pub hub: Arc<Hub>,
     pub bus: Bus,
+    /// OpenTelemetry spans (off unless `telemetry.otlp_endpoint` is set).
+    pub telemetry: Arc<Telemetry>,
     /// Every connection and session task, so shutdown can wait for them.
     pub tracker: TaskTracker,
     /// Cancelled when the node starts shutting down.

@@ -18,6 +18,7 @@ use crate::cluster::{BusError, ClusterStatus, REPLAY_PAGE};
 use crate::context::NodeContext;
 use crate::member::CloseReason;
 use crate::room::{HistoryQuery, Publication, PublishError, RoomName};
+use crate::telemetry::{KeyValue, SpanKind, Trace, attr, position};
 use crate::transport::ws;
 
 /// Publisher id of messages sent through the HTTP API.
@@ -200,6 +201,7 @@ pub struct PublishResponse {
 async fn publish(
     State(ctx): State<Arc<NodeContext>>,
     _key: ApiKey,
+    headers: axum::http::HeaderMap,
     body: Result<Json<PublishRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<PublishResponse>, ApiError> {
     // The rejection knows its status: 413 over max_body_bytes, 415 without a JSON content
@@ -228,7 +230,7 @@ async fn publish(
             .map_err(|e| bad(format!("data_base64: {e}")))?,
         _ => return Err(bad("give exactly one of data, data_base64".into())),
     };
-    let publication = Publication::checked(
+    let mut publication = Publication::checked(
         room.clone(),
         payload,
         SERVER_PUBLISHER.into(),
@@ -243,6 +245,21 @@ async fn publish(
         ),
         PublishError::ClientMsgIdTooLong => bad(e.to_string()),
     })?;
+    // Traced, the publish continues the caller's trace when it sent a `traceparent`.
+    let parent = match ctx.telemetry.is_on() {
+        true => Trace::from_http(&headers),
+        false => Trace::default(),
+    };
+    let mut span = ctx
+        .telemetry
+        .span("room.publish", SpanKind::Server, &parent, || {
+            [
+                KeyValue::new(attr::ROOM, room.to_string()),
+                KeyValue::new(attr::USER, SERVER_PUBLISHER),
+                KeyValue::new(attr::PAYLOAD_BYTES, publication.payload.len() as i64),
+            ]
+        });
+    publication.trace = span.trace();
     // In its own task: a client that hangs up must not cut a publish off between its sequencing
     // and its fan-out.
     let publishing = tokio::spawn({
@@ -252,6 +269,10 @@ async fn publish(
     let published = publishing
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+    match &published {
+        Ok(s) => span.record(|| position(s.epoch, s.seq, s.duplicate)),
+        Err(error) => span.fail(error),
+    }
     let sequenced = published.map_err(|e| match e {
         BusError::TooLarge(_) => ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,

@@ -9,7 +9,8 @@
 //!   `clock` (monotonic time for deadlines, wall time for the wire), `metrics`.
 //! - domain: [`config`] (one struct, validated before anything is bound), `room` (names, what a
 //!   publish carries, the owner's state of a room: the one place a message is deduped and
-//!   numbered), `auth` (tokens, client-certificate identity, API keys), `limits`, `tls`, `certs`.
+//!   numbered), `auth` (tokens, client-certificate identity, API keys), `limits`, `tls`, `certs`,
+//!   `telemetry` (OpenTelemetry spans and the trace context a publish carries across the mesh).
 //! - `member`: the face a session shows the rest of the node (bounded send queue, close reason).
 //! - `fanout` (who is a member where on this node, encode-once delivery) and `cluster` (the bus to
 //!   each room's owner: standalone, or the NATS mesh with its pure ring, membership, order and
@@ -42,6 +43,7 @@ mod node;
 pub mod proto;
 mod room;
 mod session;
+mod telemetry;
 mod tls;
 mod transport;
 mod web;

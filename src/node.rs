@@ -33,6 +33,7 @@ use crate::ids::random_hex;
 use crate::limits::IpGate;
 use crate::metrics::Metrics;
 use crate::room::RoomName;
+use crate::telemetry::Telemetry;
 use crate::tls::TlsState;
 use crate::transport::webtransport;
 use crate::transport::ws::PeerAddr;
@@ -100,18 +101,29 @@ impl Node {
                 ("region", config.node.region.clone()),
             ])
             .set(1);
+        let telemetry = Arc::new(
+            Telemetry::start(&config.telemetry, &node_id, &config.node.region)
+                .map_err(|e| invalid(e.context("telemetry")))?,
+        );
         let bus = if config.mesh.nats_urls.is_empty() {
             Bus::Standalone(LocalBus::new(
                 node_id.clone(),
                 hub.clone(),
                 metrics.clone(),
                 &config.rooms,
+                telemetry.clone(),
             ))
         } else {
             Bus::Mesh(
-                MeshBus::start(&config, node_id.clone(), hub.clone(), metrics.clone())
-                    .await
-                    .context("joining the mesh")?,
+                MeshBus::start(
+                    &config,
+                    node_id.clone(),
+                    hub.clone(),
+                    metrics.clone(),
+                    telemetry.clone(),
+                )
+                .await
+                .context("joining the mesh")?,
             )
         };
         let ctx = Arc::new(NodeContext {
@@ -120,6 +132,7 @@ impl Node {
             metrics,
             hub,
             bus,
+            telemetry,
             tracker: TaskTracker::new(),
             shutdown: CancellationToken::new(),
             api_keys: ApiKeys::new(api_keys),
@@ -246,6 +259,9 @@ impl Node {
         for endpoint in &quic_endpoints {
             let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
         }
+        // The last spans (the drain's) go to the collector; the exporter's flush blocks.
+        let telemetry = ctx.telemetry.clone();
+        let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
         Ok(())
     }
 }

@@ -19,6 +19,7 @@ use crate::room::{
     Classes, EpochClock, HistoryPage, HistoryQuery, OwnedRoom, Publication, Recovery, RoomName,
     Sequenced, Sequencing,
 };
+use crate::telemetry::{KeyValue, Span, SpanKind, Telemetry, attr, position};
 
 pub struct LocalBus {
     /// This node's id: standalone, the owner of every room's presence.
@@ -29,6 +30,7 @@ pub struct LocalBus {
     epochs: EpochClock,
     classes: Classes,
     devices: LocalDevices,
+    telemetry: Arc<Telemetry>,
 }
 
 impl LocalBus {
@@ -37,6 +39,7 @@ impl LocalBus {
         hub: Arc<Hub>,
         metrics: Arc<Metrics>,
         config: &RoomsConfig,
+        telemetry: Arc<Telemetry>,
     ) -> Self {
         Self {
             node_id,
@@ -46,6 +49,7 @@ impl LocalBus {
             epochs: EpochClock::default(),
             classes: Classes::new(&config.classes),
             devices: LocalDevices::default(),
+            telemetry,
         }
     }
 
@@ -66,13 +70,29 @@ impl LocalBus {
         }
     }
 
+    /// Sequences `p` and delivers it to the room's members, in a `room.sequence` span (with a
+    /// `room.deliver` child for the fan-out) when telemetry is on.
     pub async fn publish(&self, p: Publication) -> Result<Sequenced, BusError> {
+        let mut span = self
+            .telemetry
+            .span("room.sequence", SpanKind::Internal, &p.trace, || {
+                [KeyValue::new(attr::ROOM, p.room.to_string())]
+            });
+        let result = self.sequence(&p, &span).await;
+        match &result {
+            Ok(s) => span.record(|| position(s.epoch, s.seq, s.duplicate)),
+            Err(error) => span.fail(error),
+        }
+        result
+    }
+
+    async fn sequence(&self, p: &Publication, span: &Span) -> Result<Sequenced, BusError> {
         let cell = self.owned(&p.room)?;
         let mut held = cell.lock().await;
         let now = mono_ms();
         let outcome = self
             .owners
-            .sequence(&mut held, &p, now, wall_ms(), || Ok::<(), BusError>(()))?;
+            .sequence(&mut held, p, now, wall_ms(), || Ok::<(), BusError>(()))?;
         Ok(match outcome {
             Sequencing::Duplicate { epoch, seq } => Sequenced {
                 epoch,
@@ -83,10 +103,17 @@ impl LocalBus {
             Sequencing::New { epoch, seq, frame } => {
                 let bytes = frame.encode_shared();
                 held.room.keep(seq, &bytes, now);
+                let mut delivery =
+                    self.telemetry
+                        .span("room.deliver", SpanKind::Internal, &span.trace(), || {
+                            position(epoch, seq, false)
+                        });
+                let local_deliveries = self.hub.deliver(&p.room, &bytes);
+                delivery.record(|| [KeyValue::new(attr::DELIVERIES, local_deliveries as i64)]);
                 Sequenced {
                     epoch,
                     seq,
-                    local_deliveries: self.hub.deliver(&p.room, &bytes),
+                    local_deliveries,
                     duplicate: false,
                 }
             }

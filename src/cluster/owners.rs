@@ -326,6 +326,7 @@ mod tests {
             payload: Bytes::from_static(b"x"),
             publisher: "alice".into(),
             client_msg_id: "m".into(),
+            trace: Default::default(),
         };
         for _ in 0..2 {
             owners

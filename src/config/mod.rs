@@ -14,10 +14,12 @@ use serde::{Deserialize, Serialize};
 mod mesh;
 mod node;
 mod security;
+mod telemetry;
 
 pub use mesh::*;
 pub use node::*;
 pub use security::*;
+pub use telemetry::*;
 
 /// Prefix of environment variables that override configuration keys; `__` separates sections.
 pub const ENV_PREFIX: &str = "ROOMWIRE__";
@@ -37,6 +39,7 @@ pub struct Config {
     pub log: LogConfig,
     pub webtransport: WebTransportConfig,
     pub mesh: MeshConfig,
+    pub telemetry: TelemetryConfig,
 }
 
 /// A configuration that cannot be used; the node exits with code 64 before binding anything.
@@ -238,6 +241,7 @@ impl Config {
             return bad("api.keys must each be at least 16 characters");
         }
         self.webtransport.validate()?;
+        self.telemetry.validate()?;
         self.mesh.validate(&self.node.id)
     }
 

@@ -430,6 +430,7 @@ mod tests {
             payload: Bytes::from_static(b"hi"),
             publisher: "alice".into(),
             client_msg_id: id.into(),
+            trace: Default::default(),
         }
     }
 

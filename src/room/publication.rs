@@ -8,6 +8,7 @@ use bytes::Bytes;
 use super::RoomName;
 use crate::ids::MAX_CLIENT_MSG_ID_BYTES;
 use crate::proto::{self, ErrorCode, ServerFrame, server_frame};
+use crate::telemetry::Trace;
 
 /// A message to be sequenced into a room.
 #[derive(Debug, Clone)]
@@ -17,6 +18,9 @@ pub struct Publication {
     /// User id of the publisher (`$server` for the HTTP API).
     pub publisher: Arc<str>,
     pub client_msg_id: String,
+    /// Where the publish belongs in a trace (its `room.publish` span, or the span that
+    /// forwarded it here); empty when telemetry is off.
+    pub trace: Trace,
 }
 
 /// Why a publication was refused before it reached the owner.
@@ -60,6 +64,7 @@ impl Publication {
             payload,
             publisher,
             client_msg_id,
+            trace: Trace::default(),
         })
     }
 

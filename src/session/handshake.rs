@@ -16,6 +16,7 @@ use crate::context::NodeContext;
 use crate::limits::SessionBudget;
 use crate::member::{CloseReason, Transport};
 use crate::proto::{self, ClientFrame, ErrorCode, ServerFrame, client_frame, server_frame};
+use crate::telemetry::{KeyValue, Span, SpanKind, Trace, attr};
 
 /// Time allowed for the last writes of a refusal (the Error frame, the close frame).
 const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -23,7 +24,9 @@ const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
 /// Waits for the Connect frame and authenticates it. On success the session exists: its handle
-/// is registered nowhere yet, and `Connected` is already queued.
+/// is registered nowhere yet, and `Connected` is already queued. With telemetry on, what
+/// follows the Connect frame is a `session.connect` span, returned open: the session ends it
+/// once `Connected` goes out (after its implicit joins).
 pub(super) async fn handshake<S: FrameSource, K: FrameSink>(
     ctx: &Arc<NodeContext>,
     transport: Transport,
@@ -31,7 +34,7 @@ pub(super) async fn handshake<S: FrameSource, K: FrameSink>(
     authenticated: Option<Principal>,
     source: &mut S,
     sink: &mut K,
-) -> Option<Session> {
+) -> Option<(Session, Span)> {
     let deadline = tokio::time::Instant::now() + ctx.config.handshake_timeout();
     let (request_id, connect) = loop {
         let inbound = tokio::select! {
@@ -70,7 +73,19 @@ pub(super) async fn handshake<S: FrameSource, K: FrameSink>(
         return None;
     };
 
+    let mut span = ctx.telemetry.span(
+        "session.connect",
+        SpanKind::Server,
+        &Trace::default(),
+        || {
+            [
+                KeyValue::new(attr::TRANSPORT, transport.label()),
+                KeyValue::new(attr::CLIENT_ADDRESS, peer.ip().to_string()),
+            ]
+        },
+    );
     if !connect.device_id.is_empty() && !crate::ids::is_valid_device_id(&connect.device_id) {
+        span.fail(&crate::ids::DEVICE_ID_RULE);
         let reason = CloseReason::ProtocolViolation;
         let error = Some((request_id, ErrorCode::BadFrame, crate::ids::DEVICE_ID_RULE));
         refuse(ctx, sink, reason, error).await;
@@ -84,6 +99,7 @@ pub(super) async fn handshake<S: FrameSource, K: FrameSink>(
         None => match ctx.authenticate(&connect.token).await {
             Ok(principal) => principal,
             Err(error) => {
+                span.fail(&error);
                 let reason = CloseReason::Unauthorized(error.to_string());
                 let message = error.to_string();
                 refuse(
@@ -100,6 +116,12 @@ pub(super) async fn handshake<S: FrameSource, K: FrameSink>(
 
     let user = principal.user.clone();
     let handle = ctx.new_member(key, user, transport, peer, connect.client_name);
+    span.record(|| {
+        [
+            KeyValue::new(attr::USER, handle.user.to_string()),
+            KeyValue::new(attr::SESSION, handle.id.to_string()),
+        ]
+    });
     if let Some(path) = sink.datagrams() {
         handle.set_datagrams(path);
     }
@@ -126,7 +148,7 @@ pub(super) async fn handshake<S: FrameSource, K: FrameSink>(
             token_expires_at_ms: principal.expires_at.map_or(0, |s| s.saturating_mul(1000)),
         }),
     ));
-    Some(Session {
+    let session = Session {
         ctx: ctx.clone(),
         budget: SessionBudget::new(&ctx.config.limits),
         handle,
@@ -145,7 +167,8 @@ pub(super) async fn handshake<S: FrameSource, K: FrameSink>(
         connect_request_id: request_id,
         device: (!connect.device_id.is_empty()).then_some(connect.device_id),
         user_room_since: None,
-    })
+    };
+    Some((session, span))
 }
 
 /// Refuses a connection that never became a session: an optional Error frame, then the close.

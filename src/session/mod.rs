@@ -20,6 +20,7 @@ use crate::context::NodeContext;
 use crate::member::{CloseReason, Transport};
 use crate::room::RoomName;
 
+mod errors;
 mod handshake;
 mod io;
 mod pipeline;
@@ -73,7 +74,7 @@ fn serve<S: FrameSource, K: FrameSink>(
         // of them (the mesh's join and publish futures are kilobytes).
         let handshake =
             handshake::handshake(&ctx, transport, peer, authenticated, &mut source, &mut sink);
-        let Some(mut session) = Box::pin(handshake).await else {
+        let Some((mut session, mut connecting)) = Box::pin(handshake).await else {
             Box::pin(handshake::linger(&mut source)).await;
             return;
         };
@@ -107,6 +108,7 @@ fn serve<S: FrameSource, K: FrameSink>(
             // user: it is told to reconnect (elsewhere) instead.
             if let Err(error) = Box::pin(ctx.bus.join(room, &handle, None, None)).await {
                 tracing::warn!(%error, %room, "implicit join failed; sending the session away");
+                connecting.fail(&error);
                 handle.go_away("this node cannot serve the session now; reconnect");
                 break;
             }
@@ -122,6 +124,7 @@ fn serve<S: FrameSource, K: FrameSink>(
         // NATS: a publish there in that moment found no member here and was lost to the session.)
         // What was delivered meanwhile waits in the bounded queue behind `Connected`.
         let writer = tokio::spawn(writer::write_loop(ctx.clone(), handle.clone(), sink));
+        drop(connecting);
         // The rooms a reconnecting client resumes are rejoined (their missed messages replayed)
         // before any other request is read; the replay waits on the writer, which runs now.
         Box::pin(session.resume()).await;

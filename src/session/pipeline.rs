@@ -9,6 +9,7 @@ use futures_util::FutureExt;
 use crate::cluster::BusError;
 use crate::context::NodeContext;
 use crate::room::{Publication, RoomName, Sequenced};
+use crate::telemetry::Span;
 
 /// Publishes a session may have accepted and not yet had sequenced, in count and payload bytes;
 /// past either, the session stops reading until the bus catches up (TCP pushes back).
@@ -20,6 +21,8 @@ pub(super) struct Unacked {
     pub request_id: u64,
     pub room: RoomName,
     pub client_msg_id: String,
+    /// The publish's `room.publish` span, ended with its answer (nothing when telemetry is off).
+    pub span: Span,
 }
 
 type Sequencing = tokio::task::JoinHandle<Vec<Result<Sequenced, BusError>>>;
@@ -63,11 +66,12 @@ impl Pipeline {
         !self.running.is_empty()
     }
 
-    pub(super) fn enqueue(&mut self, request_id: u64, publication: Publication) {
+    pub(super) fn enqueue(&mut self, request_id: u64, publication: Publication, span: Span) {
         let unacked = Unacked {
             request_id,
             room: publication.room.clone(),
             client_msg_id: publication.client_msg_id.clone(),
+            span,
         };
         self.waiting_bytes += publication.payload.len();
         self.waiting.push((unacked, publication));

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+use super::errors::RequestError;
 use super::io::{FrameSource, Inbound};
 use super::pipeline::{Pipeline, Unacked};
 use crate::auth::{AuthError, Permissions};
@@ -18,63 +19,8 @@ use crate::context::NodeContext;
 use crate::limits::{Admit, SessionBudget};
 use crate::member::{CloseReason, Member, Waiter};
 use crate::proto::{self, ClientFrame, ErrorCode, ServerFrame, client_frame, server_frame};
-use crate::room::{
-    HistoryPage, HistoryQuery, Publication, PublishError, RoomName, RoomNameError, Sequenced,
-};
-
-/// A request refused; each variant is one wire error code.
-#[derive(Debug, thiserror::Error)]
-enum RequestError {
-    #[error(transparent)]
-    Room(#[from] RoomNameError),
-    #[error("a session may join at most {0} rooms")]
-    TooManyRooms(usize),
-    #[error("not a member of room {0}")]
-    NotMember(RoomName),
-    #[error(transparent)]
-    Publish(#[from] PublishError),
-    #[error("unreliable message larger than a receiver's datagram limit ({0} bytes)")]
-    DatagramTooLarge(usize),
-    #[error(transparent)]
-    Bus(#[from] BusError),
-    #[error("not allowed to {0} room {1}")]
-    Forbidden(&'static str, RoomName),
-    #[error(transparent)]
-    Auth(#[from] AuthError),
-    #[error("a History request names either after or before, not both")]
-    BothDirections,
-    #[error("seen needs a Connect.device_id and names the session's own user room")]
-    SeenWithoutDevice,
-    #[error("presence_info longer than {0} bytes")]
-    InfoTooLarge(usize),
-    #[error("the token's info claim is longer than {0} bytes (rooms.presence_info_max_bytes)")]
-    TokenInfoTooLarge(usize),
-    #[error("room {0} keeps no presence (its class has presence = false)")]
-    PresenceOff(RoomName),
-    #[error("room {0} has {1} users, more than its class lists: ask for PresenceStats")]
-    PresenceTooLarge(RoomName, u32),
-}
-
-impl RequestError {
-    fn code(&self) -> ErrorCode {
-        match self {
-            RequestError::Room(e) => e.code(),
-            RequestError::TooManyRooms(_) => ErrorCode::TooManyRooms,
-            RequestError::NotMember(_) => ErrorCode::NotMember,
-            RequestError::Publish(e) => e.code(),
-            RequestError::DatagramTooLarge(_) => ErrorCode::PayloadTooLarge,
-            RequestError::Bus(e) => e.code(),
-            RequestError::Forbidden(..) => ErrorCode::Forbidden,
-            RequestError::Auth(e) => e.code(),
-            RequestError::BothDirections | RequestError::SeenWithoutDevice => ErrorCode::BadFrame,
-            RequestError::InfoTooLarge(_) | RequestError::TokenInfoTooLarge(_) => {
-                ErrorCode::PayloadTooLarge
-            }
-            RequestError::PresenceOff(_) => ErrorCode::PresenceOff,
-            RequestError::PresenceTooLarge(..) => ErrorCode::PresenceTooLarge,
-        }
-    }
-}
+use crate::room::{HistoryPage, HistoryQuery, Publication, RoomName, Sequenced};
+use crate::telemetry::{KeyValue, SpanKind, Trace, attr, position};
 
 /// An inbound event after decoding.
 enum Decoded {
@@ -594,7 +540,27 @@ impl Session {
         }
     }
 
+    /// A Join, in a `room.join` span when telemetry is on (a trace of its own).
     async fn join(&mut self, request_id: u64, join: proto::Join) -> Result<(), RequestError> {
+        let mut span =
+            self.ctx
+                .telemetry
+                .span("room.join", SpanKind::Server, &Trace::default(), || {
+                    [
+                        KeyValue::new(attr::ROOM, join.room.clone()),
+                        KeyValue::new(attr::USER, self.handle.user.to_string()),
+                        KeyValue::new(attr::SESSION, self.handle.id.to_string()),
+                        KeyValue::new("roomwire.resume", join.since.is_some()),
+                    ]
+                });
+        let result = self.join_room(request_id, join).await;
+        if let Err(error) = &result {
+            span.fail(error);
+        }
+        result
+    }
+
+    async fn join_room(&mut self, request_id: u64, join: proto::Join) -> Result<(), RequestError> {
         let room = self.room_name(&join.room)?;
         let since = join.since.map(|p| (p.epoch, p.seq));
         if !self.permissions.may_join(&room) {
@@ -750,8 +716,23 @@ impl Session {
     }
 
     /// Queues a reliable publish for the bus; its ack (or error) follows once it is sequenced.
-    fn publish(&mut self, request_id: u64, publication: Publication) {
-        self.publishes.enqueue(request_id, publication);
+    /// Traced, it starts a trace: a `room.publish` span, which the publication carries to its
+    /// owner and which ends with the answer.
+    fn publish(&mut self, request_id: u64, mut publication: Publication) {
+        let span =
+            self.ctx
+                .telemetry
+                .span("room.publish", SpanKind::Server, &Trace::default(), || {
+                    [
+                        KeyValue::new(attr::ROOM, publication.room.to_string()),
+                        KeyValue::new(attr::USER, self.handle.user.to_string()),
+                        KeyValue::new(attr::SESSION, self.handle.id.to_string()),
+                        KeyValue::new(attr::CLIENT_MSG_ID, publication.client_msg_id.clone()),
+                        KeyValue::new(attr::PAYLOAD_BYTES, publication.payload.len() as i64),
+                    ]
+                });
+        publication.trace = span.trace();
+        self.publishes.enqueue(request_id, publication, span);
         if let Some(answers) = self.publishes.start(&self.ctx) {
             self.acknowledge(answers);
         }
@@ -759,7 +740,13 @@ impl Session {
 
     /// Answers sequenced publishes: an ack, or an error, each, in order.
     fn acknowledge(&self, answers: Vec<(Unacked, Result<Sequenced, BusError>)>) {
-        for (unacked, result) in answers {
+        for (mut unacked, result) in answers {
+            match &result {
+                Ok(s) => unacked
+                    .span
+                    .record(|| position(s.epoch, s.seq, s.duplicate)),
+                Err(error) => unacked.span.fail(error),
+            }
             match result {
                 Ok(sequenced) => {
                     self.handle.push_frame(&ServerFrame::reply(

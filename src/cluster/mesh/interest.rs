@@ -21,6 +21,7 @@ use crate::proto::mesh::{self as wire, reply, request};
 
 use crate::proto::{self, ServerFrame, server_frame};
 use crate::room::{Recovery, RoomName};
+use crate::telemetry::{KeyValue, Span, SpanKind, Trace, attr, position};
 
 /// A join waiting for the owner's sync marker to arrive on the room subject.
 struct PendingJoin {
@@ -156,12 +157,23 @@ impl Inner {
                 .and_then(|h| h.get(ORIGIN_HEADER))
                 .is_some_and(|origin| origin.as_str() == &*self.node_id);
             if !own {
-                self.on_room_message(&interest, message.payload);
+                // The owner's `room.sequence` context, on a sequenced message (telemetry on).
+                let trace = if self.telemetry.is_on() {
+                    Trace::from_nats(message.headers.as_ref())
+                } else {
+                    Trace::default()
+                };
+                self.on_room_message(&interest, message.payload, trace);
             }
         }
     }
 
-    fn on_room_message(&self, interest: &Interest, payload: Bytes) {
+    /// Delivers what the room's subject brought. A sequenced message with a trace context is
+    /// delivered in a `room.deliver` span (one per node and message, not per member), a child
+    /// of the owner's `room.sequence`: it covers handing the message to the room's order and
+    /// the fan-out that releases, and counts the sessions reached (those of messages the order
+    /// held back and releases now included).
+    fn on_room_message(&self, interest: &Interest, payload: Bytes, trace: Trace) {
         match RoomMessage::parse(&payload) {
             Some(RoomMessage::Unreliable(frame)) => {
                 self.hub.deliver_unreliable(&interest.room, &frame);
@@ -183,7 +195,21 @@ impl Inner {
                 frame,
                 marker,
             }) => {
-                self.deliver_in_order(interest, epoch, seq, frame, marker);
+                let mut span = match trace.is_some() {
+                    true => self
+                        .telemetry
+                        .span("room.deliver", SpanKind::Consumer, &trace, || {
+                            let [epoch, seq, _] = position(epoch, seq, false);
+                            [
+                                KeyValue::new(attr::ROOM, interest.room.to_string()),
+                                epoch,
+                                seq,
+                            ]
+                        }),
+                    false => Span::default(),
+                };
+                let delivered = self.deliver_in_order(interest, epoch, seq, frame, marker);
+                span.record(|| [KeyValue::new(attr::DELIVERIES, delivered as i64)]);
             }
             None => tracing::warn!(room = %interest.room, "mesh: malformed room message ignored"),
         }

@@ -13,6 +13,7 @@ use crate::clock::mono_ms;
 use crate::cluster::BusError;
 use crate::proto::mesh::{self as wire, reply, request};
 use crate::room::RoomName;
+use crate::telemetry::Trace;
 
 /// The node's standing on its NATS connection.
 #[derive(Default)]
@@ -90,8 +91,29 @@ impl Inner {
         subject: impl async_nats::subject::ToSubject,
         payload: Bytes,
     ) -> Result<(), String> {
+        self.send_traced(subject, payload, &Trace::default()).await
+    }
+
+    /// [`Inner::send`] with the message's trace context in its NATS headers (none when `trace`
+    /// is empty, as it always is with telemetry off).
+    pub(super) async fn send_traced(
+        &self,
+        subject: impl async_nats::subject::ToSubject,
+        payload: Bytes,
+        trace: &Trace,
+    ) -> Result<(), String> {
         let bound = Duration::from_millis(self.config.request_timeout_ms);
-        match tokio::time::timeout(bound, self.nats.publish(subject, payload)).await {
+        let publishing = async {
+            match trace.nats_headers() {
+                Some(headers) => {
+                    self.nats
+                        .publish_with_headers(subject, headers, payload)
+                        .await
+                }
+                None => self.nats.publish(subject, payload).await,
+            }
+        };
+        match tokio::time::timeout(bound, publishing).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(error)) => Err(error.to_string()),
             Err(_) => Err("the NATS client did not take the message in time".into()),
@@ -104,9 +126,20 @@ impl Inner {
         &self,
         subject: String,
         payload: Bytes,
+        trace: &Trace,
     ) -> Result<async_nats::Message, RequestFailure> {
         let bound = Duration::from_millis(self.config.request_timeout_ms + 100);
-        match tokio::time::timeout(bound, self.nats.request(subject, payload)).await {
+        let asking = async {
+            match trace.nats_headers() {
+                Some(headers) => {
+                    self.nats
+                        .request_with_headers(subject, headers, payload)
+                        .await
+                }
+                None => self.nats.request(subject, payload).await,
+            }
+        };
+        match tokio::time::timeout(bound, asking).await {
             Ok(Ok(message)) => Ok(message),
             Ok(Err(error)) if error.kind() == async_nats::RequestErrorKind::NoResponders => {
                 Err(RequestFailure::NoResponders)
@@ -121,9 +154,19 @@ impl Inner {
         node: &str,
         kind: request::Kind,
     ) -> Result<reply::Kind, RequestFailure> {
+        self.request_traced(node, kind, &Trace::default()).await
+    }
+
+    /// [`Inner::request`] with the request's trace context in its NATS headers.
+    pub(super) async fn request_traced(
+        &self,
+        node: &str,
+        kind: request::Kind,
+        trace: &Trace,
+    ) -> Result<reply::Kind, RequestFailure> {
         let payload = wire::Request { kind: Some(kind) }.encode_to_vec();
         let mut views = self.view_changes.subscribe();
-        let asking = self.nats_request(self.subject_requests(node), Bytes::from(payload));
+        let asking = self.nats_request(self.subject_requests(node), Bytes::from(payload), trace);
         tokio::pin!(asking);
         let message = loop {
             tokio::select! {

@@ -41,6 +41,7 @@ use crate::metrics::Metrics;
 use crate::room::{
     Classes, EpochClock, HistoryPage, HistoryQuery, Publication, RoomName, Sequenced,
 };
+use crate::telemetry::Telemetry;
 
 mod devices;
 mod interest;
@@ -91,6 +92,8 @@ struct Inner {
     store: Arc<store::Store>,
     hub: Arc<Hub>,
     metrics: Arc<Metrics>,
+    /// Spans of publishes crossing this node, and their context in NATS headers (when on).
+    telemetry: Arc<Telemetry>,
     link: Arc<Link>,
     stats: Arc<async_nats::Statistics>,
     membership: Mutex<Membership>,
@@ -129,6 +132,7 @@ impl MeshBus {
         node_id: Arc<str>,
         hub: Arc<Hub>,
         metrics: Arc<Metrics>,
+        telemetry: Arc<Telemetry>,
     ) -> anyhow::Result<MeshBus> {
         let mesh = config.mesh.clone();
         let link = Arc::new(Link::default());
@@ -212,6 +216,7 @@ impl MeshBus {
             store,
             hub,
             metrics,
+            telemetry,
             link,
             membership: Mutex::new(membership),
             view: RwLock::new(view),

@@ -19,6 +19,7 @@ use crate::config::MeshConfig;
 use crate::fanout::UnreliableReport;
 use crate::proto::mesh::{self as wire, reply, request};
 use crate::room::{Publication, RoomName, Sequenced};
+use crate::telemetry::{KeyValue, SpanKind, Trace, attr};
 
 /// Publications sent to an owner in one request at most.
 const MAX_FORWARD_BATCH: usize = 64;
@@ -62,8 +63,14 @@ impl Inner {
                 let Some(reply_to) = message.reply else {
                     return;
                 };
+                // Only a forwarded publish carries a trace context; off, nothing is looked up.
+                let trace = if inner.telemetry.is_on() {
+                    Trace::from_nats(message.headers.as_ref())
+                } else {
+                    Trace::default()
+                };
                 let kind = match wire::Request::decode(message.payload) {
-                    Ok(wire::Request { kind: Some(kind) }) => inner.serve(kind).await,
+                    Ok(wire::Request { kind: Some(kind) }) => inner.serve(kind, trace).await,
                     _ => reply::Kind::Unavailable("undecodable request".into()),
                 };
                 let reply = wire::Reply { kind: Some(kind) }.encode_to_vec();
@@ -74,10 +81,10 @@ impl Inner {
         }
     }
 
-    async fn serve(self: &Arc<Self>, kind: request::Kind) -> reply::Kind {
+    async fn serve(self: &Arc<Self>, kind: request::Kind, trace: Trace) -> reply::Kind {
         let parse = |room: &str| RoomName::parse_any(room, self.rooms.max_name_bytes);
         match kind {
-            request::Kind::Forward(f) => self.serve_forward(f).await,
+            request::Kind::Forward(f) => self.serve_forward(f, trace).await,
             request::Kind::ForwardBatch(batch) => {
                 // In order, overlapping (see `sequence_run_here`). A publish that must be
                 // re-routed ends the batch (its reply is the last), and so does half a
@@ -88,7 +95,7 @@ impl Inner {
                 let mut run = Vec::with_capacity(batch.publishes.len());
                 let mut invalid = None;
                 for f in batch.publishes {
-                    match self.forwarded(f) {
+                    match self.forwarded(f, &trace) {
                         Ok(p) => run.push(p),
                         Err(reply) => {
                             invalid = Some(reply);
@@ -141,23 +148,31 @@ impl Inner {
         }
     }
 
-    async fn serve_forward(self: &Arc<Self>, f: wire::Forward) -> reply::Kind {
-        match self.forwarded(f) {
+    async fn serve_forward(self: &Arc<Self>, f: wire::Forward, trace: Trace) -> reply::Kind {
+        match self.forwarded(f, &trace) {
             Ok(publication) => forward_reply(self.sequence_here(&publication).await),
             Err(reply) => reply,
         }
     }
 
-    /// The publication a forward carries, or the reply that refuses it.
-    fn forwarded(&self, f: wire::Forward) -> Result<Publication, reply::Kind> {
+    /// The publication a forward carries, or the reply that refuses it. It belongs to the
+    /// trace its own `traceparent` names (a batch's later publishes), else to the request's
+    /// (`trace`, from its NATS headers).
+    fn forwarded(&self, f: wire::Forward, trace: &Trace) -> Result<Publication, reply::Kind> {
         let Ok(room) = RoomName::parse_any(&f.room, self.rooms.max_name_bytes) else {
             return Err(reply::Kind::Unavailable("invalid room name".into()));
+        };
+        let trace = match f.traceparent.as_str() {
+            "" => trace.clone(),
+            own if self.telemetry.is_on() => Trace::from_traceparent(own, None),
+            _ => Trace::default(),
         };
         Ok(Publication {
             room,
             payload: f.payload,
             publisher: Arc::from(f.publisher.as_str()),
             client_msg_id: f.client_msg_id,
+            trace,
         })
     }
 
@@ -262,16 +277,30 @@ impl Inner {
     /// understands) to `owner`. Returns the results of those it settled, in order, and, when the
     /// rest must be re-routed after a pause, why. Fewer results and no reason: send the rest at
     /// once.
+    ///
+    /// Traced (telemetry on), the request is one `mesh.forward` span, a child of the first
+    /// publication's `room.publish` span, and its context travels in the request's NATS
+    /// headers: the owner's `room.sequence` of that publication is its child. Each publication
+    /// is a trace of its own, though, and a batch carries several: the later ones carry their
+    /// own context in their `Forward.traceparent`, so their sequencing joins their own trace,
+    /// and the forward span links to them. (One header for the whole request would put every
+    /// later publication's sequencing and delivery into the first one's trace.)
     pub(super) async fn forward(
         &self,
         owner: &str,
         rest: &[Publication],
     ) -> (Vec<Result<Sequenced, BusError>>, Option<String>) {
-        let wire_forward = |p: &Publication| wire::Forward {
+        let traced = self.telemetry.is_on();
+        let wire_forward = |(i, p): (usize, &Publication)| wire::Forward {
             room: p.room.to_string(),
             payload: p.payload.clone(),
             publisher: p.publisher.to_string(),
             client_msg_id: p.client_msg_id.clone(),
+            traceparent: if traced && i > 0 {
+                p.trace.traceparent()
+            } else {
+                String::new()
+            },
         };
         // Half the server's max_payload per request, so a batch never nears it; a publication
         // larger than that goes alone (the owner refuses what cannot cross the mesh).
@@ -298,16 +327,34 @@ impl Inner {
         self.metrics.mesh_forwarded_publishes.inc_by(sent as u64);
         self.metrics.mesh_forward_requests.inc();
         let request = if sent == 1 {
-            request::Kind::Forward(wire_forward(&rest[0]))
+            request::Kind::Forward(wire_forward((0, &rest[0])))
         } else {
             request::Kind::ForwardBatch(wire::ForwardBatch {
-                publishes: rest[..sent].iter().map(wire_forward).collect(),
+                publishes: rest[..sent].iter().enumerate().map(wire_forward).collect(),
             })
         };
-        let replies = match self.request(owner, request).await {
+        let links: Vec<&Trace> = match traced {
+            true => rest[1..sent].iter().map(|p| &p.trace).collect(),
+            false => Vec::new(),
+        };
+        let mut span = self.telemetry.span_linked(
+            "mesh.forward",
+            SpanKind::Client,
+            &rest[0].trace,
+            &links,
+            || {
+                [
+                    KeyValue::new(attr::ROOM, rest[0].room.to_string()),
+                    KeyValue::new(attr::OWNER, owner.to_string()),
+                    KeyValue::new(attr::PUBLISHES, sent as i64),
+                ]
+            },
+        );
+        let replies = match self.request_traced(owner, request, &span.trace()).await {
             Ok(reply::Kind::Batch(batch)) => batch.replies,
             Ok(single) => vec![wire::Reply { kind: Some(single) }],
             Err(reason) => {
+                span.fail(&reason);
                 self.metrics.mesh_unreachable.inc();
                 if let RequestFailure::NoResponders = reason {
                     self.peer_gone(owner).await;
@@ -332,9 +379,13 @@ impl Inner {
                 }
                 Some(reply::Kind::NotOwner(reason)) => {
                     self.metrics.mesh_not_owner.inc();
+                    span.fail(&reason);
                     return (done, Some(reason));
                 }
-                Some(reply::Kind::Unavailable(reason)) => return (done, Some(reason)),
+                Some(reply::Kind::Unavailable(reason)) => {
+                    span.fail(&reason);
+                    return (done, Some(reason));
+                }
                 _ => return (done, Some(format!("unexpected reply from {owner}"))),
             }
         }

@@ -20,6 +20,7 @@ use crate::clock::{mono_ms, wall_ms};
 use crate::cluster::BusError;
 use crate::cluster::owners::{Cell, Held, SentThrough};
 use crate::room::{Publication, RoomName, Sequenced, Sequencing};
+use crate::telemetry::{KeyValue, Span, SpanKind, Trace, attr, position};
 
 /// A publication that has its position; what is left to do for it.
 pub(super) struct Begun {
@@ -28,6 +29,9 @@ pub(super) struct Begun {
     epoch: u64,
     seq: u64,
     rest: Rest,
+    /// The publication's `room.sequence` span (nothing when telemetry is off), ended by
+    /// [`Inner::finish`].
+    span: Span,
 }
 
 enum Rest {
@@ -88,10 +92,44 @@ impl Inner {
         .await
     }
 
+    /// [`Inner::take_position`] in the publication's `room.sequence` span: a child of the span
+    /// it came with (`room.publish` here, `mesh.forward` from another node), with the room, its
+    /// epoch and seq; the message goes out to the members with this span's context in its NATS
+    /// headers. The span ends once the publication is finished.
+    async fn begin(self: &Arc<Self>, p: &Publication) -> Step<Begun> {
+        let kind = match p.trace.is_remote() {
+            true => SpanKind::Server,
+            false => SpanKind::Internal,
+        };
+        let mut span = self.telemetry.span("room.sequence", kind, &p.trace, || {
+            [KeyValue::new(attr::ROOM, p.room.to_string())]
+        });
+        match self.take_position(p, &span.trace()).await {
+            Step::Done(mut begun) => {
+                let duplicate = matches!(begun.rest, Rest::Duplicate(_));
+                let durable = matches!(begun.rest, Rest::Storing { .. });
+                span.record(|| {
+                    let [epoch, seq, duplicate] = position(begun.epoch, begun.seq, duplicate);
+                    [epoch, seq, duplicate, KeyValue::new(attr::DURABLE, durable)]
+                });
+                begun.span = span;
+                Step::Done(begun)
+            }
+            Step::Retry(reason) => {
+                span.fail(&reason);
+                Step::Retry(reason)
+            }
+            Step::Fail(error) => {
+                span.fail(&error);
+                Step::Fail(error)
+            }
+        }
+    }
+
     /// Takes the publication's position under the room's lock and starts what follows: a
     /// durable room's append is sent to JetStream; any other room's message is sent to the room's
-    /// subject.
-    async fn begin(self: &Arc<Self>, p: &Publication) -> Step<Begun> {
+    /// subject (with `trace` in its headers).
+    async fn take_position(self: &Arc<Self>, p: &Publication, trace: &Trace) -> Step<Begun> {
         let mut held = match self.lock_owned(&p.room).await {
             Step::Done(held) => held,
             Step::Retry(r) => return Step::Retry(r),
@@ -152,6 +190,7 @@ impl Inner {
                     epoch,
                     seq,
                     rest: Rest::Duplicate(sent),
+                    span: Span::default(),
                 });
             }
             Sequencing::New { epoch, seq, frame } => (epoch, seq, frame),
@@ -164,6 +203,7 @@ impl Inner {
             epoch,
             seq,
             rest,
+            span: Span::default(),
         };
         if let (Some(stream), Some(fence)) = (&stream, held.fence) {
             let append = self
@@ -190,7 +230,10 @@ impl Inner {
                 }
             };
         }
-        if let Err(error) = self.send(self.subject_room(&p.room), bytes).await {
+        if let Err(error) = self
+            .send_traced(self.subject_room(&p.room), bytes, trace)
+            .await
+        {
             // The message took a position but never reached the NATS client: this state can
             // promise nothing any more (its dedupe memory names a message nobody will receive).
             // It is dropped; the room is taken over afresh, and the client retries.
@@ -205,14 +248,26 @@ impl Inner {
     }
 
     /// Finishes a begun publication outside the room's lock: stored, out to the members in
-    /// sequence order, acknowledged.
-    async fn finish(&self, p: &Publication, begun: Begun) -> Step<Sequenced> {
+    /// sequence order, acknowledged. Ends its `room.sequence` span.
+    async fn finish(&self, p: &Publication, mut begun: Begun) -> Step<Sequenced> {
+        let mut span = std::mem::take(&mut begun.span);
+        let step = self.complete(p, begun, &span).await;
+        match &step {
+            Step::Done(_) => {}
+            Step::Retry(reason) => span.fail(reason),
+            Step::Fail(error) => span.fail(error),
+        }
+        step
+    }
+
+    async fn complete(&self, p: &Publication, begun: Begun, span: &Span) -> Step<Sequenced> {
         let Begun {
             cell,
             generation,
             epoch,
             seq,
             rest,
+            ..
         } = begun;
         match rest {
             Rest::Sent => {
@@ -238,7 +293,7 @@ impl Inner {
             } => {
                 let stored = append.stored(&self.store, self).await;
                 match self
-                    .send_stored(p, &sent, generation, seq, stored, bytes)
+                    .send_stored(p, &sent, (generation, seq), stored, (bytes, &span.trace()))
                     .await
                 {
                     Ok(()) => {
@@ -264,10 +319,9 @@ impl Inner {
         &self,
         p: &Publication,
         sent: &SentThrough,
-        generation: u64,
-        seq: u64,
+        (generation, seq): (u64, u64),
         stored: Result<(), StoreError>,
-        bytes: Bytes,
+        (bytes, trace): (Bytes, &Trace),
     ) -> Result<(), BusError> {
         stored?;
         if !sent.reached(seq - 1, self.bound()).await {
@@ -282,7 +336,10 @@ impl Inner {
                 self.node_id, p.room
             )));
         }
-        if let Err(error) = self.send(self.subject_room(&p.room), bytes).await {
+        if let Err(error) = self
+            .send_traced(self.subject_room(&p.room), bytes, trace)
+            .await
+        {
             return Err(BusError::Unavailable(format!(
                 "mesh publish failed: {error}"
             )));

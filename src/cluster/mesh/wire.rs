@@ -209,6 +209,7 @@ mod tests {
             payload: Bytes::from_static(b"x"),
             publisher: "alice".into(),
             client_msg_id: "m1".into(),
+            trace: Default::default(),
         };
         owned
             .sequence(&p, 100, 0, &rules, || Ok::<(), ()>(()))
