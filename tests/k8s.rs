@@ -906,27 +906,21 @@ async fn three_regions_from_the_manifests_mesh_chat_and_drain() {
     // A user in each region, in one room, through the gateways; tokens minted from the same
     // configuration (`roomwire token`).
     let token = |node: &PodNode, user: &str| {
-        let out = Command::new(BIN)
-            .args([
-                "token",
-                "--sub",
-                user,
-                "--join",
-                "lobby",
-                "--publish",
-                "lobby",
-            ])
-            .args(["--ttl", "1h"])
-            .env_clear()
-            .env("ROOMWIRE_CONFIG", &node.config)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
+        common::stdout_of(
+            Command::new(BIN)
+                .args([
+                    "token",
+                    "--sub",
+                    user,
+                    "--join",
+                    "lobby",
+                    "--publish",
+                    "lobby",
+                ])
+                .args(["--ttl", "1h"])
+                .env_clear()
+                .env("ROOMWIRE_CONFIG", &node.config),
+        )
     };
     let connect = |node: &PodNode, token: String| {
         let url = format!("wss://localhost:{}/ws", node.http.port());

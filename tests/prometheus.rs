@@ -156,28 +156,14 @@ async fn scrape(node: SocketAddr) -> String {
 
 /// A token for `user`, minted by `roomwire token` from the nodes' configuration.
 fn token(user: &str) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_roomwire"))
-        .args(["token", "--set", "auth.mode=jwt"])
-        .args(["--set", &format!("auth.jwt.secret={JWT_SECRET}")])
-        .args([
-            "--sub",
-            user,
-            "--join",
-            "room.>",
-            "--publish",
-            "room.>",
-            "--ttl",
-            "1h",
-        ])
-        .env_clear()
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
+    common::stdout_of(
+        Command::new(env!("CARGO_BIN_EXE_roomwire"))
+            .args(["token", "--set", "auth.mode=jwt"])
+            .args(["--set", &format!("auth.jwt.secret={JWT_SECRET}")])
+            .args(["--sub", user, "--join", "room.>", "--publish", "room.>"])
+            .args(["--ttl", "1h"])
+            .env_clear(),
+    )
 }
 
 impl BusyNode {

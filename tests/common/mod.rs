@@ -319,6 +319,18 @@ pub async fn close_code<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// The next Message event of a client, skipping nothing else silently: any other event fails.
+/// Runs `command` to completion: its standard output, trimmed (a panic with its standard error
+/// if it failed).
+pub fn stdout_of(command: &mut std::process::Command) -> String {
+    let out = command.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{command:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
 pub async fn next_message(client: &mut Client) -> proto::Message {
     match tokio::time::timeout(DEADLINE, client.next_event())
         .await
