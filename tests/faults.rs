@@ -3,7 +3,8 @@
 //! up and receives every acknowledged message of its room, in order, once. The proxy itself is
 //! checked first: it must measurably drop 30 % and delay by 500 ms. A 10 s blackout (WebSocket
 //! through [`common::proxy`], WebTransport through the impairment proxy) ends with the same
-//! session getting everything acknowledged meanwhile.
+//! session getting everything acknowledged meanwhile. A client whose address changes mid-session
+//! (the proxy rebinds, as a NAT would) keeps its WebTransport session (QUIC migration).
 
 mod common;
 
@@ -254,5 +255,63 @@ async fn a_webtransport_session_survives_a_ten_second_blackout() {
         || proxy.set(clear),
     )
     .await;
+    node.shutdown().await;
+}
+
+/// QUIC connection migration: the client's address changes mid-session (the proxy sends from a
+/// new port, as a NAT that rebinds the flow would), and the WebTransport session goes on over
+/// the new path without a reconnect. The old port is closed, so everything after the change
+/// reached the client over the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webtransport_session_survives_its_address_changing() {
+    let node = TestNode::start().await;
+    let proxy = UdpImpair::start(node.wt_addr.unwrap(), Impairment::clear(5));
+    let mut member = Client::connect(
+        &format!("https://{}/wt", proxy.addr),
+        node.wt_options("mover"),
+    )
+    .await
+    .expect("connects through the proxy");
+    member.join("moving").await.expect("joins");
+    let publisher = node.client("near").await;
+    let publish = async |from: u64, to: u64| {
+        for i in from..=to {
+            publisher
+                .publish("moving", format!("m{i}"), &format!("m-{i}"))
+                .await
+                .expect("acknowledged");
+        }
+    };
+    let receive = async |from: u64, to: u64, member: &mut Client| {
+        for i in from..=to {
+            let message =
+                tokio::time::timeout(Duration::from_secs(30), next_message_or_end(member))
+                    .await
+                    .unwrap_or_else(|_| panic!("m{i} never arrived"));
+            assert_eq!(
+                &message.payload[..],
+                format!("m{i}").as_bytes(),
+                "in order, once"
+            );
+        }
+    };
+    publish(1, 5).await;
+    receive(1, 5, &mut member).await;
+
+    let before = *proxy.node_side.lock().unwrap();
+    let after = proxy.rebind().await;
+    assert_ne!(before, after);
+    // The client's next request is its first packet from the new address.
+    member
+        .presence_stats("moving")
+        .await
+        .expect("answered on the same session, over the new path");
+    publish(6, 10).await;
+    receive(6, 10, &mut member).await;
+    assert_eq!(
+        node.metric(r#"roomwire_sessions_opened_total{transport="webtransport"}"#),
+        1.0,
+        "no second session: the connection migrated"
+    );
     node.shutdown().await;
 }

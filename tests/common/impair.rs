@@ -63,6 +63,10 @@ pub struct UdpImpair {
     pub counts: Arc<Counts>,
     /// What happens to datagrams from now on (see [`UdpImpair::set`]).
     current: Arc<std::sync::Mutex<Impairment>>,
+    /// Asks the proxy to send from a new port (see [`UdpImpair::rebind`]).
+    rebind: Arc<tokio::sync::Notify>,
+    /// The proxy's address towards the node: where the node sees the client.
+    pub node_side: Arc<std::sync::Mutex<SocketAddr>>,
     cancel: CancellationToken,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -76,6 +80,9 @@ impl UdpImpair {
         front.set_nonblocking(true).unwrap();
         back.set_nonblocking(true).unwrap();
         let addr = front.local_addr().unwrap();
+        let node_side = Arc::new(std::sync::Mutex::new(back.local_addr().unwrap()));
+        let rebind = Arc::new(tokio::sync::Notify::new());
+        let (task_rebind, task_node_side) = (rebind.clone(), node_side.clone());
         let counts = Arc::new(Counts::default());
         let cancel = CancellationToken::new();
         let current = Arc::new(std::sync::Mutex::new(impairment));
@@ -88,7 +95,7 @@ impl UdpImpair {
                 .unwrap();
             runtime.block_on(async move {
                 let front = Arc::new(UdpSocket::from_std(front).unwrap());
-                let back = Arc::new(UdpSocket::from_std(back).unwrap());
+                let mut back = Arc::new(UdpSocket::from_std(back).unwrap());
                 let rng = |direction: u8| {
                     let mut seed = [impairment.seed; 32];
                     seed[0] = direction;
@@ -101,6 +108,14 @@ impl UdpImpair {
                 loop {
                     tokio::select! {
                         _ = task_cancel.cancelled() => return,
+                        _ = task_rebind.notified() => {
+                            // A NAT that gives the flow a new port: the node sees the client
+                            // at a new address, and what it sends to the old one is lost.
+                            let fresh = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+                            fresh.connect(target).await.unwrap();
+                            *task_node_side.lock().unwrap() = fresh.local_addr().unwrap();
+                            back = Arc::new(fresh);
+                        }
                         received = front.recv_from(&mut up) => {
                             let Ok((n, from)) = received else { continue };
                             client.lock().unwrap().get_or_insert(from);
@@ -129,6 +144,8 @@ impl UdpImpair {
             addr,
             counts,
             current,
+            rebind,
+            node_side,
             cancel,
             thread: Some(thread),
         }
@@ -140,6 +157,25 @@ impl UdpImpair {
     /// its end: the previous impairment again). The seeded draws go on where they were.
     pub fn set(&self, impairment: Impairment) {
         *self.current.lock().unwrap() = impairment;
+    }
+
+    /// From now on the client's datagrams reach the node from a new address (NAT rebinding):
+    /// the address the node sees, once it changed.
+    pub async fn rebind(&self) -> SocketAddr {
+        let before = *self.node_side.lock().unwrap();
+        self.rebind.notify_one();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let now = *self.node_side.lock().unwrap();
+            if now != before {
+                return now;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the proxy did not rebind"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 }
 

@@ -149,6 +149,9 @@ fn server_config(
         .datagram_receive_buffer_size(Some(config.datagram_receive_buffer_bytes))
         .datagram_send_buffer_size(config.datagram_send_buffer_bytes);
     server.transport_config(Arc::new(transport));
+    // A client whose address changes (a NAT rebinding, Wi-Fi to cellular) keeps its session:
+    // quinn validates the new path and moves the connection to it (tests/faults.rs).
+    server.migration(true);
     Ok(server)
 }
 
