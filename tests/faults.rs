@@ -4,7 +4,8 @@
 //! checked first: it must measurably drop 30 % and delay by 500 ms. A 10 s blackout (WebSocket
 //! through [`common::proxy`], WebTransport through the impairment proxy) ends with the same
 //! session getting everything acknowledged meanwhile. A client whose address changes mid-session
-//! (the proxy rebinds, as a NAT would) keeps its WebTransport session (QUIC migration).
+//! (the proxy rebinds, as a NAT would) keeps its WebTransport session (QUIC migration), and a
+//! WebSocket session 500 ms away each way stays up (a TCP proxy that delays every chunk).
 
 mod common;
 
@@ -177,6 +178,55 @@ async fn a_webtransport_session_survives_500_ms_delay_each_way() {
         50,
     )
     .await;
+}
+
+/// A WebSocket member 500 ms away each way (a TCP proxy that holds every chunk) gets every
+/// acknowledged message of its room, in order, once, on the same session: the heartbeat and
+/// idle defaults do not cut a slow but healthy path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_session_survives_500_ms_delay_each_way() {
+    let node = TestNode::start().await;
+    let proxy = TcpProxy::start_delayed(node.addr, Duration::from_millis(500));
+    let started = Instant::now();
+    let mut member = Client::connect(
+        &format!("ws://{}/ws", proxy.addr),
+        roomwire::client::ClientOptions::user("far"),
+    )
+    .await
+    .expect("connects through the delayed path");
+    member.join("slow").await.expect("joins");
+    let joined = started.elapsed();
+    assert!(
+        joined >= Duration::from_secs(2),
+        "the path is delayed: upgrade, Connect and Join are three round trips ({joined:?})"
+    );
+    let publisher = node.client("near").await;
+    for i in 1..=50u64 {
+        publisher
+            .publish("slow", format!("s{i}"), &format!("s-{i}"))
+            .await
+            .expect("acknowledged");
+    }
+    for i in 1..=50u64 {
+        let message =
+            tokio::time::timeout(Duration::from_secs(30), next_message_or_end(&mut member))
+                .await
+                .unwrap_or_else(|_| panic!("s{i} never arrived"));
+        assert_eq!(
+            &message.payload[..],
+            format!("s{i}").as_bytes(),
+            "in order, once"
+        );
+    }
+    member
+        .presence_stats("slow")
+        .await
+        .expect("the same session is still up");
+    eprintln!(
+        "joined in {joined:?}; 50 messages in {:?}",
+        started.elapsed()
+    );
+    node.shutdown().await;
 }
 
 const BLACKOUT: Duration = Duration::from_secs(10);

@@ -8,6 +8,9 @@
 //! [`TcpProxy::cut`] closes the connections it carries at that moment (a network loss both sides
 //! see at once), for clients that must notice and reconnect.
 //!
+//! [`TcpProxy::start_delayed`] holds every chunk for a fixed time in each direction instead (a
+//! long path: what a WebSocket client behind 500 ms each way sees).
+//!
 //! The proxy runs on its own thread and runtime, so it keeps forwarding whatever the test's
 //! runtime is doing; dropping it closes every connection it carries.
 
@@ -19,6 +22,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tokio::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::nats::free_port;
@@ -46,6 +50,12 @@ pub struct TcpProxy {
 impl TcpProxy {
     /// Starts forwarding from a free port (see [`free_port`]) to `upstream`.
     pub fn start(upstream: SocketAddr) -> TcpProxy {
+        Self::start_delayed(upstream, Duration::ZERO)
+    }
+
+    /// Starts forwarding with every chunk held `delay` in each direction, in order (no
+    /// blackhole: the mode is not looked at).
+    pub fn start_delayed(upstream: SocketAddr, delay: Duration) -> TcpProxy {
         let listener = (0..10)
             .find_map(|_| StdListener::bind(("127.0.0.1", free_port())).ok())
             .expect("a free port for the proxy");
@@ -67,7 +77,7 @@ impl TcpProxy {
                     let listener = TcpListener::from_std(listener).expect("proxy listener");
                     tokio::select! {
                         _ = stopped.cancelled() => {}
-                        _ = accept_loop(listener, upstream, watching, count, cuts) => {}
+                        _ = accept_loop(listener, upstream, watching, count, cuts, delay) => {}
                     }
                 });
                 // Dropping the runtime drops every connection's tasks, closing their sockets.
@@ -131,6 +141,7 @@ async fn accept_loop(
     mode: watch::Receiver<Mode>,
     accepted: Arc<AtomicUsize>,
     cuts: Arc<Mutex<CancellationToken>>,
+    delay: Duration,
 ) {
     loop {
         let Ok((client, _)) = listener.accept().await else {
@@ -149,6 +160,13 @@ async fn accept_loop(
             let _ = server.set_nodelay(true);
             let (client_read, client_write) = client.into_split();
             let (server_read, server_write) = server.into_split();
+            if !delay.is_zero() {
+                tokio::join!(
+                    delayed(client_read, server_write, delay),
+                    delayed(server_read, client_write, delay),
+                );
+                return;
+            }
             tokio::join!(
                 pump(client_read, server_write, mode.clone()),
                 pump(server_read, client_write, mode),
@@ -183,6 +201,35 @@ async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, mut mode: watch::
             return;
         }
     }
+}
+
+/// Copies one direction, each chunk written `delay` after it was read (a bounded line: when it
+/// is full, reading stops and TCP pushes back); an end of stream follows the last chunk.
+async fn delayed(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, delay: Duration) {
+    let (line, mut out) = tokio::sync::mpsc::channel::<(Instant, Vec<u8>)>(1024);
+    let read = async move {
+        let mut buf = vec![0u8; 16 * 1024];
+        while let Ok(n) = from.read(&mut buf).await {
+            if n == 0
+                || line
+                    .send((Instant::now() + delay, buf[..n].to_vec()))
+                    .await
+                    .is_err()
+            {
+                return;
+            }
+        }
+    };
+    let write = async move {
+        while let Some((at, bytes)) = out.recv().await {
+            tokio::time::sleep_until(at).await;
+            if to.write_all(&bytes).await.is_err() {
+                return;
+            }
+        }
+        let _ = to.shutdown().await;
+    };
+    tokio::join!(read, write);
 }
 
 /// Waits until the mode is `want`; false when the proxy is gone.
