@@ -298,6 +298,14 @@ impl BusyNode {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_metric_the_dashboard_queries_is_exported() {
     let busy = BusyNode::start().await;
+    // The round trip to each region is a gauge per region, there once the node has measured it
+    // (every heartbeat interval).
+    eventually("the node measured its NATS round trip", || async {
+        busy.exposition()
+            .await
+            .contains("roomwire_mesh_nats_rtt_seconds{")
+    })
+    .await;
     let exported = stored_names(&busy.exposition().await);
     let dashboard = dashboard();
     let queries = panel_queries(&dashboard);
