@@ -6,6 +6,8 @@
 //! /healthz; and with the empty configuration the image ships, the node refuses to start open
 //! (insecure auth on a public address) with exit code 64 and says why.
 
+mod common;
+
 use std::collections::BTreeMap;
 
 use tokio::process::Command;
@@ -109,15 +111,10 @@ async fn the_container_image_matches_the_binary_it_ships() {
         String::from_utf8_lossy(&output.stderr)
     );
     let config: toml::Value = toml::from_str(&String::from_utf8_lossy(&output.stdout)).unwrap();
-    let listen = |section: &str| -> Vec<std::net::SocketAddr> {
-        config[section]["listen"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|a| a.as_str().unwrap().parse().unwrap())
-            .collect()
-    };
-    let (http, quic) = (listen("server"), listen("webtransport"));
+    let (http, quic) = (
+        common::listen_addrs(&config, "server"),
+        common::listen_addrs(&config, "webtransport"),
+    );
     assert!(
         http.iter().chain(&quic).all(|a| a.ip().is_unspecified()),
         "{http:?} {quic:?}"

@@ -227,15 +227,6 @@ fn print_config(env: &[(String, String)], file: &Path) -> toml::Value {
     toml::from_str(&String::from_utf8_lossy(&out.stdout)).unwrap()
 }
 
-fn listen_ports(config: &toml::Value, section: &str) -> Vec<SocketAddr> {
-    config[section]["listen"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| a.as_str().unwrap().parse().unwrap())
-        .collect()
-}
-
 #[test]
 fn every_manifest_passes_the_kubernetes_schemas() {
     let regions = all_regions();
@@ -317,8 +308,8 @@ fn each_region_runs_the_binary_as_configured_and_its_ports_agree() {
         );
 
         // Ports: the node's, the container's, the Services' and the probes'.
-        let http = listen_ports(&config, "server");
-        let quic = listen_ports(&config, "webtransport");
+        let http = common::listen_addrs(&config, "server");
+        let quic = common::listen_addrs(&config, "webtransport");
         assert!(
             http.iter().chain(&quic).all(|a| a.ip().is_unspecified()),
             "{r}: a pod listens on every interface: {http:?} {quic:?}"
@@ -710,37 +701,38 @@ async fn three_regions_from_the_manifests_mesh_chat_and_drain() {
             let pod = format!("nats-{i}");
             let base = dir.path().join(format!("{r}-{pod}"));
             std::fs::create_dir_all(&base).unwrap();
-            let mut conf = region.nats_conf().to_string();
-            conf = rewrite(
-                &conf,
-                "listen: 0.0.0.0:4222\n",
-                &format!("listen: 127.0.0.1:{}\n", own.client),
-            );
-            conf = rewrite(
-                &conf,
-                "http: 0.0.0.0:8222\n",
-                &format!("http: 127.0.0.1:{}\n", own.http),
-            );
-            conf = rewrite(
-                &conf,
-                "listen: 0.0.0.0:6222\n",
-                &format!("listen: 127.0.0.1:{}\n", own.cluster),
-            );
-            conf = rewrite(
-                &conf,
-                "listen: 0.0.0.0:7222\n",
-                &format!("listen: 127.0.0.1:{}\n", own.gateway),
-            );
-            conf = rewrite(
-                &conf,
-                "/var/run/nats/nats.pid",
-                &base.join("nats.pid").display().to_string(),
-            );
-            conf = rewrite(
-                &conf,
-                "/data/jetstream",
-                &base.join("jetstream").display().to_string(),
-            );
+            // The pod's addresses and paths, moved to this machine.
+            let moved = [
+                (
+                    "listen: 0.0.0.0:4222\n",
+                    format!("listen: 127.0.0.1:{}\n", own.client),
+                ),
+                (
+                    "http: 0.0.0.0:8222\n",
+                    format!("http: 127.0.0.1:{}\n", own.http),
+                ),
+                (
+                    "listen: 0.0.0.0:6222\n",
+                    format!("listen: 127.0.0.1:{}\n", own.cluster),
+                ),
+                (
+                    "listen: 0.0.0.0:7222\n",
+                    format!("listen: 127.0.0.1:{}\n", own.gateway),
+                ),
+                (
+                    "/var/run/nats/nats.pid",
+                    base.join("nats.pid").display().to_string(),
+                ),
+                (
+                    "/data/jetstream",
+                    base.join("jetstream").display().to_string(),
+                ),
+            ];
+            let mut conf = moved
+                .iter()
+                .fold(region.nats_conf().to_string(), |conf, (from, to)| {
+                    rewrite(&conf, from, to)
+                });
             for (j, peer) in ports[r].iter().enumerate() {
                 conf = rewrite(
                     &conf,

@@ -202,6 +202,26 @@ const DURABLE: &str = r#"{name="rooms",pattern=">",history="durable",max_message
 /// A member on each node joins `room` (owned by n2), the one on n1 publishes, and the publish
 /// is one trace: its spans on both nodes, their parents, and the `traceparent` headers of the
 /// forward request and of the room message on NATS. Returns the members (n1's, n2's).
+/// A client of `nats` that sees what crosses it for `room`: the requests to n2 (its owner in
+/// these tests) and the room's subject. Keep the client while reading.
+async fn watch_nats(
+    nats: &NatsServer,
+    room: &str,
+) -> (
+    async_nats::Client,
+    async_nats::Subscriber,
+    async_nats::Subscriber,
+) {
+    let watcher = async_nats::connect(nats.url()).await.unwrap();
+    let requests = watcher.subscribe("roomwire.req.n2").await.unwrap();
+    let room_subject = watcher
+        .subscribe(format!("roomwire.room.{room}"))
+        .await
+        .unwrap();
+    watcher.flush().await.unwrap();
+    (watcher, requests, room_subject)
+}
+
 async fn one_publish_is_one_trace(
     nats: &NatsServer,
     receiver: &Receiver,
@@ -210,13 +230,7 @@ async fn one_publish_is_one_trace(
 ) -> (Member, Member) {
     assert_eq!(n1.owner_of(room).await, "n2");
     // What crosses NATS: forwarded publishes to n2, messages on the room's subject.
-    let watcher = async_nats::connect(nats.url()).await.unwrap();
-    let mut requests = watcher.subscribe("roomwire.req.n2").await.unwrap();
-    let mut room_subject = watcher
-        .subscribe(format!("roomwire.room.{room}"))
-        .await
-        .unwrap();
-    watcher.flush().await.unwrap();
+    let (_watcher, mut requests, mut room_subject) = watch_nats(nats, room).await;
 
     let alice = Member::join(n1, "alice", room).await;
     let bob = Member::join(n2, "bob", room).await;
@@ -432,13 +446,7 @@ async fn with_telemetry_off_nothing_is_exported_and_no_context_crosses_nats() {
     let room = rooms_owned_by(&["n1", "n2"], "n2", 1, "untraced.").remove(0);
     assert_eq!(n1.owner_of(&room).await, "n2");
 
-    let watcher = async_nats::connect(nats.url()).await.unwrap();
-    let mut requests = watcher.subscribe("roomwire.req.n2").await.unwrap();
-    let mut room_subject = watcher
-        .subscribe(format!("roomwire.room.{room}"))
-        .await
-        .unwrap();
-    watcher.flush().await.unwrap();
+    let (_watcher, mut requests, mut room_subject) = watch_nats(&nats, &room).await;
 
     let alice = Member::join(&n1, "alice", &room).await;
     let bob = Member::join(&n2, "bob", &room).await;

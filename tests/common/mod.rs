@@ -331,6 +331,16 @@ pub fn stdout_of(command: &mut std::process::Command) -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
+/// The addresses `section.listen` names in a configuration as `--print-config` writes it.
+pub fn listen_addrs(config: &toml::Value, section: &str) -> Vec<std::net::SocketAddr> {
+    config[section]["listen"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().parse().unwrap())
+        .collect()
+}
+
 pub async fn next_message(client: &mut Client) -> proto::Message {
     match tokio::time::timeout(DEADLINE, client.next_event())
         .await
