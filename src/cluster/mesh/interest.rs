@@ -543,11 +543,7 @@ impl Inner {
                 None => Step::Retry("the mesh is settling".into()),
                 Some(owner) if owner == self.node_id => {
                     // This node sequences the room: its own position, as a local marker.
-                    match self.lock_owned(&interest.room).await {
-                        Step::Done(held) if !self.all_out(&held).await => Step::Retry(format!(
-                            "{} has messages on their way to the store",
-                            interest.room
-                        )),
+                    match self.lock_owned_out(&interest.room).await {
                         Step::Done(held) => {
                             let (epoch, seq) = held.room.position();
                             self.deliver_in_order(interest, epoch, seq, None, marker);

@@ -354,15 +354,12 @@ impl Inner {
 
     /// Publishes a join marker (`marker`) at the room's current position for a joining node.
     pub(super) async fn sync_here(self: &Arc<Self>, room: &RoomName, marker: u64) -> Step<()> {
-        let held = match self.lock_owned(room).await {
+        // The marker goes after every message up to the position it names.
+        let held = match self.lock_owned_out(room).await {
             Step::Done(held) => held,
             Step::Retry(r) => return Step::Retry(r),
             Step::Fail(e) => return Step::Fail(e),
         };
-        // The marker goes after every message up to the position it names.
-        if !self.all_out(&held).await {
-            return Step::Retry(format!("{room} has messages on their way to the store"));
-        }
         let (epoch, seq) = held.room.position();
         match self
             .send(

@@ -248,10 +248,7 @@ impl Inner {
         query: HistoryQuery,
         limit: usize,
     ) -> Step<HistoryPage> {
-        match self.lock_owned(room).await {
-            Step::Done(held) if !self.all_out(&held).await => {
-                Step::Retry(format!("{room} has messages on their way to the store"))
-            }
+        match self.lock_owned_out(room).await {
             Step::Done(mut held) => Step::Done(held.room.history(query, limit, mono_ms())),
             Step::Retry(reason) => Step::Retry(reason),
             Step::Fail(error) => Step::Fail(error),

@@ -111,14 +111,9 @@ impl Inner {
                         kind: Some(forward_reply(step)),
                     })
                     .collect();
-                let complete = replies.len() == run.len()
-                    && replies.last().is_none_or(|r| {
-                        !matches!(
-                            r.kind,
-                            Some(reply::Kind::NotOwner(_) | reply::Kind::Unavailable(_))
-                        )
-                    });
-                if let Some(kind) = invalid.filter(|_| complete) {
+                // The refusal of an invalid publish follows the run before it, when the run was
+                // not cut short (the sender reads up to the first refusal).
+                if let Some(kind) = invalid.filter(|_| replies.len() == run.len()) {
                     replies.push(wire::Reply { kind: Some(kind) });
                 }
                 reply::Kind::Batch(wire::BatchReply { replies })

@@ -404,6 +404,20 @@ impl Inner {
         Duration::from_millis(self.config.request_timeout_ms)
     }
 
+    /// [`Self::lock_owned`] for what promises the room's position to someone (a join marker, a
+    /// page of the owner's history): once everything sequenced up to it is out.
+    pub(super) async fn lock_owned_out(
+        self: &Arc<Self>,
+        room: &RoomName,
+    ) -> Step<OwnedMutexGuard<Held>> {
+        match self.lock_owned(room).await {
+            Step::Done(held) if !self.all_out(&held).await => {
+                Step::Retry(format!("{room} has messages on their way to the store"))
+            }
+            step => step,
+        }
+    }
+
     /// Whether everything sequenced in `held` has gone out (see [`SentThrough`]); `false` when
     /// a message failed or it did not happen in time (the state is then being retired).
     pub(super) async fn all_out(&self, held: &Held) -> bool {
